@@ -1,0 +1,402 @@
+"""Stage 2: build, save and load an emulator = (N_a, alpha, rank_keep_ratio).
+
+Layout of an emulator built from an ``L``-block model with ``N_a`` adapter blocks::
+
+    [adapter 0 .. N_a/2-1] [middle: original | compressed | harmonizer, or dropped] [adapter top]
+
+Strategies differ only in which middle blocks go and what stands in for them:
+
+* ``scaleot``: the ``alpha`` share of middle blocks with the lowest stage-1 scores are replaced by
+  their trained harmonizers; the rest get Selective Rank Compression.
+* ``importance-drop``: the same lowest-score blocks are removed outright (no harmonizers).
+* ``uniform-drop``: evenly spaced middle blocks are kept (Offsite-Tuning's emulator without
+  distillation); no stage-1 artifact needed.
+
+The saved folder is self-sufficient for a data owner (config, tokenizer, weights, manifest) and
+holds no full-rank copy of any replaced or compressed block.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from . import __version__
+from .arch import Architecture, architecture_by_name, architecture_of, get_layers, projection_weight, set_layers
+from .errors import ConfigError, IntegrityError, ScaleOTError
+from .harmonizer import Harmonizer
+from .layer_replace import LayerReplaceArtifact, middle_layers
+from .models import count_parameters, model_fingerprint
+from .src import CompressionRecord, LowRankLinear, rank_for_ratio, relative_frobenius_error
+
+STRATEGIES = ("scaleot", "importance-drop", "uniform-drop")
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+MANIFEST_FORMAT = "scaleot-fed/emulator"
+
+
+@dataclass
+class EmulatorConfig:
+    """What emulator to build.
+
+    Attributes
+    ----------
+    strategy:
+        ``scaleot``, ``importance-drop`` or ``uniform-drop``.
+    num_adapter_layers:
+        ``N_a``: trainable blocks, half at the bottom and half at the top; even, >= 2.
+    alpha:
+        Share of the middle blocks replaced (by harmonizers) or dropped, in [0, 1].
+    rank_keep_ratio:
+        Selective Rank Compression of the kept middle blocks' attention projections: the share of
+        each matrix's rank kept, in [0, 1] (1 = no compression; the kept rank is at least 1).
+    """
+
+    strategy: str = "scaleot"
+    num_adapter_layers: int = 4
+    alpha: float = 0.5
+    rank_keep_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown emulator strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= float(self.rank_keep_ratio) <= 1.0:
+            raise ConfigError(f"rank_keep_ratio must be in [0, 1], got {self.rank_keep_ratio}")
+        if int(self.num_adapter_layers) != self.num_adapter_layers or self.num_adapter_layers < 2 or self.num_adapter_layers % 2:
+            raise ConfigError(
+                f"the number of adapter blocks N_a must be a positive even number (half bottom, half top), "
+                f"got {self.num_adapter_layers}"
+            )
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.strategy in ("scaleot", "importance-drop")
+
+
+def plan_layout(
+    num_layers: int, config: EmulatorConfig, scores: dict[int, float] | None = None
+) -> list[dict]:
+    """Decide, per source block, what the emulator holds (pure function, no weights).
+
+    Returns
+    -------
+    list of dict
+        One entry per emulator position: ``{"source": i, "kind": k}`` with ``k`` in
+        ``adapter``, ``block``, ``compressed``, ``harmonizer``. Dropped blocks have no entry.
+    """
+    middle = middle_layers(num_layers, config.num_adapter_layers)
+    n_replace = int(round(config.alpha * len(middle)))
+    if config.strategy == "uniform-drop":
+        n_keep = len(middle) - n_replace
+        keep_pos = set(np.linspace(0, len(middle) - 1, n_keep).round().astype(int).tolist()) if n_keep else set()
+        replaced = {m for j, m in enumerate(middle) if j not in keep_pos}
+    else:
+        if scores is None:
+            raise ConfigError(f"strategy {config.strategy!r} needs importance scores (--importance DIR from layer-replace)")
+        missing = [m for m in middle if m not in scores]
+        if missing:
+            raise ConfigError(
+                f"the importance artifact has no score for blocks {missing}: it was made with more adapter blocks; "
+                f"build with a larger N_a or rerun layer-replace with --adapters {config.num_adapter_layers}"
+            )
+        replaced = set(sorted(middle, key=lambda m: (scores[m], m))[:n_replace])
+    compress = config.rank_keep_ratio < 1.0
+    layout = []
+    for i in range(num_layers):
+        if i not in middle:
+            layout.append({"source": i, "kind": "adapter"})
+        elif i in replaced:
+            if config.strategy == "scaleot":
+                layout.append({"source": i, "kind": "harmonizer"})
+        else:
+            layout.append({"source": i, "kind": "compressed" if compress else "block"})
+    return layout
+
+
+def _compress_block(block: nn.Module, arch: Architecture, source: int, ratio: float) -> list[CompressionRecord]:
+    """Replace the attention projections of ``block`` (in place) by rank-k LowRankLinear."""
+    records = []
+    for path in arch.attention_projections:
+        parent_path, _, attr = path.rpartition(".")
+        parent = block.get_submodule(parent_path)
+        original = getattr(parent, attr)
+        weight = projection_weight(original, arch)  # (out, in)
+        rank = rank_for_ratio(weight.shape[0], weight.shape[1], ratio)
+        low = LowRankLinear.from_weight(weight, getattr(original, "bias", None), rank)
+        records.append(
+            CompressionRecord(
+                block=source,
+                projection=path,
+                shape=(int(weight.shape[0]), int(weight.shape[1])),
+                rank=rank,
+                factored=low.factored,
+                relative_error=relative_frobenius_error(weight, low.dense_weight()),
+            )
+        )
+        setattr(parent, attr, low)
+    return records
+
+
+def _layer_types_for(config, layout: list[dict]) -> list[str] | None:
+    types = getattr(config, "layer_types", None)
+    return None if types is None else [types[e["source"]] for e in layout]
+
+
+@dataclass
+class Emulator:
+    """An emulator model with its manifest (and tokenizer when loaded from disk)."""
+
+    model: nn.Module
+    manifest: dict
+    tokenizer: object = None
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture_by_name(self.manifest["architecture"])
+
+    def adapter_positions(self) -> dict[int, int]:
+        """Emulator position -> source block index, for the adapter blocks."""
+        return {p: e["source"] for p, e in enumerate(self.manifest["layout"]) if e["kind"] == "adapter"}
+
+    def to_source_key(self, key: str) -> str:
+        """Rename an emulator state-dict key of an adapter block to the full model's numbering."""
+        prefix = self.arch.layers_path + "."
+        if not key.startswith(prefix):
+            raise ValueError(f"{key} is not a decoder-block parameter")
+        head, _, rest = key[len(prefix):].partition(".")
+        positions = self.adapter_positions()
+        if int(head) not in positions:
+            raise ValueError(f"{key} is not in an adapter block")
+        return f"{prefix}{positions[int(head)]}.{rest}"
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """All adapter-block weights, keyed in the full model's numbering (the exchange format)."""
+        prefix = self.arch.layers_path + "."
+        positions = self.adapter_positions()
+        state = {}
+        for key, tensor in self.model.state_dict().items():
+            if key.startswith(prefix) and int(key[len(prefix):].split(".", 1)[0]) in positions:
+                state[self.to_source_key(key)] = tensor.detach().clone()
+        return state
+
+    def summary(self) -> str:
+        """Human-readable description (what ``scaleot-fed info`` prints)."""
+        m = self.manifest
+        return manifest_summary(m)
+
+
+def manifest_summary(m: dict) -> str:
+    """Human-readable summary of an emulator manifest."""
+    ratio = m["num_params"] / m["source_num_params"]
+    lines = [
+        f"emulator of {m['source_model']} ({m['architecture']}, {m['num_layers']} blocks), strategy {m['strategy']}",
+        f"  N_a={len(m['adapter_layers'])} alpha={m['alpha']} rank_keep_ratio={m['rank_keep_ratio']}",
+        f"  adapter blocks    : {m['adapter_layers']}",
+        f"  kept middle blocks: {m['kept_layers']}",
+        f"  compressed (SRC)  : {m['compressed_layers']}",
+        f"  replaced          : {m['replaced_layers']} (harmonizers: {m['harmonizer_layers']})",
+        f"  parameters        : {m['num_params']:,} of {m['source_num_params']:,} ({ratio:.1%})",
+    ]
+    if m.get("compression"):
+        errors = [c["relative_error"] for c in m["compression"]]
+        lines.append(f"  SRC relative Frobenius error: mean {np.mean(errors):.3f}, max {np.max(errors):.3f}")
+    return "\n".join(lines)
+
+
+def build_emulator(
+    model: nn.Module,
+    config: EmulatorConfig,
+    importance: LayerReplaceArtifact | None = None,
+    source_model: str = "",
+) -> Emulator:
+    """Build an emulator from the full model (which is left unchanged).
+
+    Parameters
+    ----------
+    model:
+        The full causal LM.
+    config:
+        Strategy and ``(N_a, alpha, rank_keep_ratio)``.
+    importance:
+        Stage-1 artifact; required by ``scaleot`` and ``importance-drop``, checked to come from
+        this very model.
+    source_model:
+        Name recorded in the manifest.
+    """
+    arch = architecture_of(model)
+    num_layers = len(get_layers(model, arch))
+    middle_layers(num_layers, config.num_adapter_layers)  # validates N_a against the depth
+    if config.needs_importance:
+        if importance is None:
+            raise ConfigError(
+                f"strategy {config.strategy!r} needs a layer-replace artifact (--importance DIR); "
+                "make one with `scaleot-fed layer-replace`"
+            )
+        importance.check_matches(model)
+    scores = importance.scores if importance is not None else None
+    layout = plan_layout(num_layers, config, scores)
+
+    emulator_model = copy.deepcopy(model)
+    source_blocks = get_layers(emulator_model, arch)
+    blocks: list[nn.Module] = []
+    records: list[CompressionRecord] = []
+    for entry in layout:
+        src = entry["source"]
+        if entry["kind"] == "harmonizer":
+            blocks.append(copy.deepcopy(importance.harmonizers[src]))
+        else:
+            block = source_blocks[src]
+            if entry["kind"] == "compressed":
+                records.extend(_compress_block(block, arch, src, config.rank_keep_ratio))
+            blocks.append(block)
+    set_layers(emulator_model, blocks, _layer_types_for(model.config, layout))
+    emulator_model.eval()
+
+    kinds = {k: [e["source"] for e in layout if e["kind"] == k] for k in ("adapter", "block", "compressed", "harmonizer")}
+    present = {e["source"] for e in layout}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "scaleot_fed_version": __version__,
+        "source_model": source_model,
+        "source_fingerprint": model_fingerprint(model),
+        "architecture": arch.name,
+        "model_type": model.config.model_type,
+        "num_layers": num_layers,
+        "emulator_num_layers": len(layout),
+        "strategy": config.strategy,
+        "alpha": config.alpha,
+        "rank_keep_ratio": config.rank_keep_ratio,
+        "adapter_layers": kinds["adapter"],
+        "kept_layers": sorted(kinds["block"] + kinds["compressed"]),
+        "compressed_layers": kinds["compressed"],
+        "replaced_layers": [i for i in range(num_layers) if i not in present or i in kinds["harmonizer"]],
+        "harmonizer_layers": kinds["harmonizer"],
+        "dropped_layers": [i for i in range(num_layers) if i not in present],
+        "harmonizer_rank": importance.meta["harmonizer_rank"] if kinds["harmonizer"] else None,
+        "importance": (
+            {"path": str(importance.path), "ranking_least_important_first": importance.meta["ranking_least_important_first"]}
+            if importance is not None and config.needs_importance
+            else None
+        ),
+        "layout": layout,
+        "compression": [r.__dict__ | {"shape": list(r.shape)} for r in records],
+        "num_params": count_parameters(emulator_model),
+        "source_num_params": count_parameters(model),
+    }
+    return Emulator(model=emulator_model, manifest=manifest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json``, tokenizer files, ``model.safetensors`` and ``manifest.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emulator.model.config.save_pretrained(out)
+    tokenizer = tokenizer if tokenizer is not None else emulator.tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    # save_model drops the duplicate of tied tensors (input/output embeddings) that save_file rejects.
+    save_model(emulator.model, str(out / WEIGHTS), metadata={"format": MANIFEST_FORMAT})
+    emulator.manifest["weights_sha256"] = _sha256(out / WEIGHTS)
+    (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and sanity-check an emulator folder's manifest."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise IntegrityError(f"{path} is not an emulator folder (no {MANIFEST}); build one with `scaleot-fed build-emulator`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"{path / MANIFEST} is not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def load_emulator(path: str | Path, tokenizer: bool = True) -> Emulator:
+    """Load an emulator folder; never needs the full model.
+
+    Raises
+    ------
+    IntegrityError
+        Missing manifest or weights, or weights whose sha256 differs from the manifest's.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise IntegrityError(f"emulator weights {weights} are missing")
+    if _sha256(weights) != manifest.get("weights_sha256"):
+        raise IntegrityError(
+            f"emulator weights {weights} do not match the sha256 in {path / MANIFEST}: the file was "
+            "changed or corrupted; get the emulator again from the model owner"
+        )
+    config = AutoConfig.from_pretrained(path)
+    arch = architecture_of(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layers = get_layers(model, arch)
+    hidden = int(config.hidden_size)
+    by_block: dict[int, list[dict]] = {}
+    for record in manifest.get("compression", []):
+        by_block.setdefault(record["block"], []).append(record)
+    blocks = []
+    for position, entry in enumerate(manifest["layout"]):
+        if entry["kind"] == "harmonizer":
+            blocks.append(Harmonizer(hidden, int(manifest["harmonizer_rank"])))
+            continue
+        block = layers[position]
+        for record in by_block.get(entry["source"], []):
+            parent_path, _, attr = record["projection"].rpartition(".")
+            parent = block.get_submodule(parent_path)
+            out_f, in_f = record["shape"]
+            has_bias = getattr(getattr(parent, attr), "bias", None) is not None
+            setattr(parent, attr, LowRankLinear(in_f, out_f, record["rank"], bias=has_bias, factored=record["factored"]))
+        blocks.append(block)
+    set_layers(model, blocks, getattr(config, "layer_types", None))
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_model stores one name of tied tensors (input/output embeddings); the other name is
+    # reported missing although it shares the loaded storage.
+    untied = [k for k in missing if not _aliases(model, k) & state.keys()]
+    if untied or unexpected:
+        raise IntegrityError(
+            f"emulator weights in {weights} do not fit its manifest (missing {sorted(untied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    model.tie_weights()
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer and _has_tokenizer(path) else None
+    return Emulator(model=model, manifest=manifest, tokenizer=tok)
+
+
+def _aliases(model: nn.Module, key: str) -> set[str]:
+    """Other parameter names sharing the tensor named ``key`` (tied weights)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    target = named.get(key)
+    return {name for name, p in named.items() if target is not None and p is target and name != key}
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
