@@ -1,0 +1,218 @@
+"""``scaleot-fed`` command line.
+
+Each subcommand is a thin shell over the library: parse, call, print where it wrote what. User
+errors (:class:`~scaleot_fed.errors.ScaleOTError`) print one line and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+import os
+
+from .env import configure_environment
+
+_USER_SET_THREADS = "OMP_NUM_THREADS" in os.environ
+configure_environment()  # before torch / ray / flwr are imported anywhere below
+
+from .errors import ScaleOTError  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# ----------------------------------------------------------------------------- dataclass <-> argparse
+
+
+def _scalar_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` option per dataclass field (default: the dataclass's own default)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (also settable in a TOML --config)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"default: {f.default}")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None, where: str = ""):
+    """Build ``cls`` from TOML values (``base``) overridden by the options given on the command line."""
+    from .config import from_dict
+
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return from_dict(cls, values, where)
+
+
+def _toml_section(args: argparse.Namespace, section: str) -> dict:
+    if not getattr(args, "config", None):
+        return {}
+    from .config import load_toml
+
+    data = load_toml(args.config)
+    unknown = sorted(set(data) - {section})
+    if unknown:
+        raise ScaleOTError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads [{section}]")
+    return data.get(section, {})
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _use_all_cores() -> None:
+    """Single-process commands use every core unless the user pinned OMP_NUM_THREADS (the
+    one-thread default exists for many parallel client processes, not for one job)."""
+    if not _USER_SET_THREADS:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def cmd_layer_replace(args: argparse.Namespace) -> None:
+    from .layer_replace import LayerReplaceConfig, run_layer_replace, save_artifact
+    from .models import load_model
+    from .text import load_text_corpus, token_blocks
+
+    config = dataclass_from_args(LayerReplaceConfig, args, _toml_section(args, "layer_replace"), "layer_replace")
+    _use_all_cores()
+    loaded = load_model(args.model)
+    texts = load_text_corpus(args.data)
+    needed = config.max_train_blocks or int((config.steps * config.batch_size) / (1 - config.heldout_fraction)) + config.batch_size * (config.eval_batches + 1)
+    ids = token_blocks(loaded.tokenizer, texts, config.block_size, max_blocks=needed)
+    print(f"layer-replace: {args.model}, {len(ids)} blocks of {config.block_size} tokens from {args.data!r}, {config.steps} steps")
+    result = run_layer_replace(loaded.model, ids, config, source_model=args.model, progress=not args.no_progress)
+    out = save_artifact(result, args.out)
+    ev = result.evaluation
+    print(f"least important blocks first: {result.ranking()}")
+    print(
+        f"held-out loss: full {ev['heldout_loss_full']:.3f}, half the middle harmonized "
+        f"{ev['heldout_loss_half_harmonized']:.3f}, dropped {ev['heldout_loss_half_dropped']:.3f}"
+    )
+    print(f"{result.seconds:.1f} s ({result.seconds / config.steps:.2f} s/step)")
+    print(f"wrote {out / 'layer_replace.json'} and {out / 'harmonizers.safetensors'}")
+
+
+def cmd_build_emulator(args: argparse.Namespace) -> None:
+    from .emulator import EmulatorConfig, build_emulator, save_emulator
+    from .layer_replace import load_artifact
+    from .models import load_model
+
+    config = dataclass_from_args(
+        EmulatorConfig,
+        argparse.Namespace(
+            strategy=args.strategy, num_adapter_layers=args.adapters, alpha=args.alpha,
+            rank_keep_ratio=args.rank_keep_ratio,
+        ),
+    )
+    importance = load_artifact(args.importance) if args.importance else None
+    loaded = load_model(args.model)
+    emulator = build_emulator(loaded.model, config, importance, source_model=args.model)
+    out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
+    print(emulator.summary())
+    print(f"wrote emulator to {out} (manifest {out / 'manifest.json'}, weights {out / 'model.safetensors'})")
+
+
+def cmd_plug_in(args: argparse.Namespace) -> None:
+    from .emulator import read_manifest
+    from .models import load_model
+    from .plugin import plug_in_path
+
+    manifest = read_manifest(args.emulator)
+    loaded = load_model(args.model)
+    model = plug_in_path(loaded.model, manifest, args.trained)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
+    print(f"plugged {args.trained} into {args.model} (adapter blocks {manifest['adapter_layers']})")
+    print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .emulator import manifest_summary, read_manifest
+
+    manifest = read_manifest(args.dir)
+    print(json.dumps(manifest, indent=1) if args.json else manifest_summary(manifest))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .emulator import STRATEGIES, EmulatorConfig
+    from .layer_replace import LayerReplaceConfig
+
+    parser = argparse.ArgumentParser(prog="scaleot-fed", description="ScaleOT offsite-tuning across many data owners")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
+
+    p = sub.add_parser("layer-replace", help="stage 1: importance scores + harmonizers (Dynamic LayerReplace)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--data", default="lambada",
+                   help="owner's general text: 'lambada' (built in), a .txt/.jsonl file, a datasets folder or a hub dataset")
+    p.add_argument("--config", help="TOML file with a [layer_replace] table")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--adapters", dest="num_adapter_layers", type=int, help="alias of --num-adapter-layers")
+    add_dataclass_arguments(p, LayerReplaceConfig)
+    p.set_defaults(func=cmd_layer_replace)
+
+    p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--strategy", choices=STRATEGIES, default="scaleot")
+    p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a, even (default 4)")
+    p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha, help="share of middle blocks replaced (default 0.5)")
+    p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,
+                   help="SRC: share of attention rank kept in kept middle blocks (default 1 = off)")
+    p.add_argument("--importance", help="layer-replace artifact folder (scaleot, importance-drop)")
+    p.add_argument("--out", required=True, help="emulator folder to write")
+    p.set_defaults(func=cmd_build_emulator)
+
+    p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--emulator", required=True, help="emulator folder the state was trained on")
+    p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
+    p.add_argument("--out", required=True, help="folder for the plugged-in model")
+    p.set_defaults(func=cmd_plug_in)
+
+    p = sub.add_parser("info", help="summary of an emulator folder")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scaleot-fed`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ScaleOTError as exc:
+        print(f"scaleot-fed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scaleot-fed {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

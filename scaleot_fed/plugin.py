@@ -1,0 +1,132 @@
+"""Plug-in: put the data owners' trained adapter blocks back into the original full model.
+
+The exchange format for trained state is keyed in the *full model's* block numbering (an
+emulator's top adapter blocks sit at other positions than in the full model), so a state can be
+plugged without the emulator's weights, and a LoRA folder in that numbering loads on the original
+model with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import architecture_by_name, block_index_of_key
+from .errors import IntegrityError, ScaleOTError
+from .models import model_fingerprint
+
+STATE_FORMAT = "scaleot-fed/adapter-state"
+
+
+def check_source(model: nn.Module, manifest: dict) -> None:
+    """Refuse to plug into a model other than the one the emulator was built from."""
+    fp = model_fingerprint(model)
+    if manifest["source_fingerprint"] != fp:
+        raise IntegrityError(
+            f"the emulator was built from {manifest.get('source_model')!r} (fingerprint "
+            f"{manifest['source_fingerprint']}), not from this model (fingerprint {fp}); "
+            "plug into the model the emulator came from"
+        )
+
+
+def save_adapter_state(state: dict[str, torch.Tensor], path: str | Path, manifest: dict) -> Path:
+    """Write trained adapter-block weights (full-model numbering) as one safetensors file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": STATE_FORMAT, "key_space": "source", "source_fingerprint": manifest["source_fingerprint"]}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_adapter_state(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_adapter_state`, checking it belongs to ``manifest``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScaleOTError(f"trained state {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:
+        raise IntegrityError(f"trained state {path} is not a readable safetensors file: {exc}") from exc
+    if metadata.get("format") != STATE_FORMAT or metadata.get("key_space") != "source":
+        raise IntegrityError(f"{path} is not a scaleot-fed adapter state (missing or wrong metadata)")
+    if metadata.get("source_fingerprint") != manifest["source_fingerprint"]:
+        raise IntegrityError(f"trained state {path} was trained on an emulator of another model")
+    return state
+
+
+def plug_in(model: nn.Module, manifest: dict, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy adapter-block weights into ``model`` (in place).
+
+    Parameters
+    ----------
+    model:
+        The original full model the emulator was built from.
+    manifest:
+        The emulator's manifest (says which blocks are adapters).
+    state:
+        Weights keyed in the full model's numbering; every key must belong to an adapter block.
+
+    Returns
+    -------
+    list of str
+        The keys that were written.
+    """
+    check_source(model, manifest)
+    arch = architecture_by_name(manifest["architecture"])
+    adapters = set(manifest["adapter_layers"])
+    target = model.state_dict()
+    for key, tensor in state.items():
+        block = block_index_of_key(arch, key)
+        if block is None or block not in adapters:
+            raise IntegrityError(f"trained state key {key} is not in an adapter block {sorted(adapters)}")
+        if key not in target:
+            raise IntegrityError(f"trained state key {key} does not exist in the model")
+        if tuple(target[key].shape) != tuple(tensor.shape):
+            raise IntegrityError(f"trained state {key} has shape {tuple(tensor.shape)}, the model {tuple(target[key].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise IntegrityError(f"trained state {key} contains NaN or Inf")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            target[key].copy_(tensor.to(target[key].dtype))
+    return sorted(state)
+
+
+def plug_in_lora(model: nn.Module, manifest: dict, adapter_dir: str | Path) -> nn.Module:
+    """Merge a peft LoRA folder (full-model numbering) into ``model`` and return the merged model.
+
+    Refuses a LoRA that touches anything outside the adapter blocks.
+    """
+    from peft import PeftModel
+
+    check_source(model, manifest)
+    arch = architecture_by_name(manifest["architecture"])
+    adapters = set(manifest["adapter_layers"])
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    for name, _ in peft_model.named_modules():
+        if name.endswith("lora_A"):
+            inner = name.split("base_model.model.", 1)[-1]
+            block = block_index_of_key(arch, inner)
+            if block is None or block not in adapters:
+                raise IntegrityError(f"LoRA in {adapter_dir} touches {inner}, outside the adapter blocks {sorted(adapters)}")
+    return peft_model.merge_and_unload()
+
+
+def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Module:
+    """Plug either a safetensors adapter state or a peft LoRA folder into ``model``."""
+    trained = Path(trained)
+    if trained.is_dir():
+        if not (trained / "adapter_config.json").is_file():
+            raise ScaleOTError(f"{trained} is a folder without adapter_config.json: not a peft adapter folder")
+        config = json.loads((trained / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise ScaleOTError(f"{trained} holds a {config.get('peft_type')} adapter; plug-in merges LoRA adapters")
+        return plug_in_lora(model, manifest, trained)
+    plug_in(model, manifest, load_adapter_state(trained, manifest))
+    return model

