@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scaleot-fed`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the command's own output
     try:
         args.func(args)
     except ScaleOTError as exc:

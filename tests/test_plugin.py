@@ -1,0 +1,104 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from scaleot_fed.arch import block_index_of_key
+from scaleot_fed.emulator import EmulatorConfig, build_emulator
+from scaleot_fed.errors import IntegrityError
+from scaleot_fed.plugin import load_adapter_state, plug_in, plug_in_path, save_adapter_state
+
+from .conftest import tiny_model
+
+
+@torch.no_grad()
+def _logits(model, tokens):
+    return model(input_ids=tokens[:3]).logits
+
+
+def _emulator(model, family_adapters=4):
+    return build_emulator(model, EmulatorConfig("uniform-drop", family_adapters, alpha=0.5, rank_keep_ratio=0.5))
+
+
+def test_plug_in_of_untouched_adapters_reproduces_the_model(family, tokens, tmp_path):
+    model = tiny_model(family)
+    expected = _logits(model, tokens)
+    emulator = _emulator(model)
+    state = emulator.adapter_state_dict()
+    assert {block_index_of_key(emulator.arch, k) for k in state} == {0, 1, 6, 7}
+    path = save_adapter_state(state, tmp_path / "state.safetensors", emulator.manifest)
+    plugged = plug_in_path(model, emulator.manifest, path)
+    assert torch.allclose(_logits(plugged, tokens), expected, atol=1e-6)
+
+
+def test_plug_in_changes_only_adapter_blocks_and_top_blocks_land_at_source_positions(family, tokens):
+    model = tiny_model(family)
+    emulator = _emulator(model)
+    with torch.no_grad():  # "train": perturb every adapter-block parameter of the emulator
+        for position in emulator.adapter_positions():
+            for p in emulator.model.get_submodule(emulator.arch.layers_path)[position].parameters():
+                p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    written = plug_in(model, emulator.manifest, emulator.adapter_state_dict())
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == set(written)
+    assert {block_index_of_key(emulator.arch, k) for k in changed} == {0, 1, 6, 7}
+    for key in changed:  # the top adapters (emulator positions 4,5) went to blocks 6,7
+        assert torch.allclose(after[key], before[key] + 1.0)
+
+
+def test_plug_in_refuses_non_adapter_keys_and_foreign_models(tokens):
+    model = tiny_model("llama")
+    emulator = _emulator(model)
+    bad = {"model.layers.3.mlp.up_proj.weight": model.state_dict()["model.layers.3.mlp.up_proj.weight"]}
+    with pytest.raises(IntegrityError, match="not in an adapter block"):
+        plug_in(model, emulator.manifest, bad)
+    nan_state = {k: torch.full_like(v, float("nan")) for k, v in emulator.adapter_state_dict().items()}
+    with pytest.raises(IntegrityError, match="NaN"):
+        plug_in(model, emulator.manifest, nan_state)
+    with pytest.raises(IntegrityError, match="not from this model"):
+        plug_in(tiny_model("llama", seed=5), emulator.manifest, emulator.adapter_state_dict())
+
+
+def test_state_file_of_another_model_is_refused(tmp_path):
+    a, b = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1)
+    ea, eb = _emulator(a), _emulator(b)
+    path = save_adapter_state(ea.adapter_state_dict(), tmp_path / "s.safetensors", ea.manifest)
+    with pytest.raises(IntegrityError, match="another model"):
+        load_adapter_state(path, eb.manifest)
+
+
+def test_lora_folder_merges_into_adapter_blocks_only(tokens, tmp_path):
+    model = tiny_model("llama")
+    emulator = _emulator(model)
+    # A LoRA in the full model's numbering on the adapter blocks, with non-zero B.
+    lora = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1, 6, 7]),
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lora.save_pretrained(tmp_path / "lora")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = plug_in_path(model, emulator.manifest, tmp_path / "lora")
+    after = merged.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(block_index_of_key(emulator.arch, k) in {0, 1, 6, 7} for k in changed)
+    assert all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+    outside = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[3]))
+    outside.save_pretrained(tmp_path / "outside")
+    with pytest.raises(IntegrityError, match="outside the adapter blocks"):
+        plug_in_path(tiny_model("llama"), emulator.manifest, tmp_path / "outside")
+
+
+def test_plugged_model_round_trips_through_save_pretrained(tokens, tmp_path):
+    model = tiny_model("opt")
+    emulator = _emulator(model)
+    plug_in(model, emulator.manifest, emulator.adapter_state_dict())
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.allclose(_logits(reloaded, tokens), _logits(model, tokens), atol=1e-6)

@@ -1,0 +1,76 @@
+"""End to end on the real SmolLM2-135M (offline GGUF, converted once), with small budgets."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleot_fed.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
+from scaleot_fed.layer_replace import LayerReplaceConfig, load_artifact, run_layer_replace, save_artifact
+from scaleot_fed.plugin import plug_in
+from scaleot_fed.text import lambada_passages, token_blocks
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2):
+    return token_blocks(smollm2.tokenizer, lambada_passages()[:60], block_size=32, max_blocks=24)
+
+
+@pytest.fixture(scope="module")
+def artifact(smollm2, ids, tmp_path_factory):
+    config = LayerReplaceConfig(steps=4, batch_size=2, block_size=32, harmonizer_rank=16, seed=0)
+    result = run_layer_replace(smollm2.model, ids, config, source_model="smollm2-135m", progress=False)
+    return load_artifact(save_artifact(result, tmp_path_factory.mktemp("importance")))
+
+
+def test_smollm2_is_the_expected_model(smollm2):
+    config = smollm2.model.config
+    assert config.model_type == "llama" and config.num_hidden_layers == 30
+    assert sum(p.numel() for p in smollm2.model.parameters()) == 134_515_008
+    assert smollm2.tokenizer("Hello world")["input_ids"] == [19556, 905]  # no BOS added
+
+
+def test_lambada_corpus_is_the_owner_text():
+    passages = lambada_passages()
+    assert len(passages) == 5153 and all(p.strip() for p in passages[:100])
+
+
+def test_layer_replace_changes_scores_on_smollm2(artifact):
+    scores = artifact.scores
+    assert sorted(scores) == list(range(2, 28))
+    assert len({round(s, 6) for s in scores.values()}) > 1  # moved away from the common init
+    assert artifact.meta["evaluation"]["heldout_loss_full"] < artifact.meta["evaluation"]["heldout_loss_half_dropped"]
+
+
+def test_alpha0_emulator_equals_smollm2(smollm2, ids, artifact):
+    emulator = build_emulator(smollm2.model, EmulatorConfig("scaleot", 4, 0.0, 1.0), artifact)
+    with torch.no_grad():
+        assert torch.allclose(emulator.model(ids[:2]).logits, smollm2.model(ids[:2]).logits, atol=1e-5)
+
+
+def test_scaleot_emulator_on_smollm2(smollm2, ids, artifact, tmp_path):
+    emulator = build_emulator(smollm2.model, EmulatorConfig("scaleot", 4, 0.5, 0.5), artifact, "smollm2-135m")
+    out = save_emulator(emulator, tmp_path / "emu", tokenizer=smollm2.tokenizer)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["replaced_layers"]) == 13 and len(manifest["compressed_layers"]) == 13
+    assert manifest["num_params"] < 0.85 * manifest["source_num_params"]
+
+    layers = smollm2.model.model.layers
+    saved = load_file(str(out / "model.safetensors"))
+    originals = [p for i in manifest["replaced_layers"] for p in layers[i].parameters() if p.dim() > 1]
+    originals += [layers[i].self_attn.get_submodule(n).weight for i in manifest["compressed_layers"]
+                  for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    for tensor in saved.values():
+        assert not any(tensor.shape == o.shape and torch.equal(tensor, o) for o in originals)
+
+    reloaded = load_emulator(out)
+    assert reloaded.tokenizer is not None
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model(ids[:2]).logits, emulator.model(ids[:2]).logits, atol=1e-5)
+    before = smollm2.model(ids[:2]).logits.detach()
+    plug_in(smollm2.model, reloaded.manifest, reloaded.adapter_state_dict())
+    with torch.no_grad():
+        assert torch.allclose(smollm2.model(ids[:2]).logits, before, atol=1e-5)
