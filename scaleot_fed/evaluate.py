@@ -1,0 +1,147 @@
+"""Zero-shot evaluation the way lm-evaluation-harness does it (see shared EVAL-NOTES).
+
+Each choice is the continuation ``" " + choice`` after the context; its score is the sum of the
+log-probabilities of its tokens. ``acc`` takes the best score, ``acc_norm`` the best score divided
+by the choice's length in characters.
+
+Truncation rule (lm-eval's): the model sees the last ``max_length`` tokens of
+context + continuation, i.e. a context too long for the window loses tokens on the left; a
+continuation that alone exceeds the window is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ScaleOTError
+from .tasks import MCItem
+
+TARGET_DELIMITER = " "
+
+
+def model_max_length(model: nn.Module, default: int = 2048) -> int:
+    """The context window of a model (``max_position_embeddings`` / ``n_positions``)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation; the
+    continuation's tokens are those of ``context + continuation`` after the context's length."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"] if context else []
+    if not ctx:  # an empty context is conditioned on the end-of-text token, as lm-eval does
+        ctx = [tokenizer.eos_token_id]
+        return ctx, whole
+    return ctx, whole[len(ctx):]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (context, continuation) log-likelihood request, already tokenised and truncated."""
+
+    input_ids: list[int]  # model input: (ctx + cont)[-(max_len + 1):][:-1]
+    cont_len: int
+
+
+def make_request(tokenizer, context: str, continuation: str, max_length: int) -> tuple[Request, list[int]]:
+    """Tokenise one request and apply the truncation rule; returns it with its target tokens."""
+    ctx, cont = encode_pair(tokenizer, context, continuation)
+    if not cont:
+        raise ScaleOTError(f"continuation {continuation!r} produced no tokens")
+    if len(cont) > max_length:
+        raise ScaleOTError(
+            f"a continuation of {len(cont)} tokens does not fit the model's {max_length}-token window"
+        )
+    full = (ctx + cont)[-(max_length + 1):]
+    return Request(input_ids=full[:-1], cont_len=len(cont)), full[-len(cont):]
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
+                   max_length: int | None = None) -> list[float]:
+    """Sum of continuation log-probabilities for each ``(context, continuation)`` pair.
+
+    Requests are batched longest first (right-padded), so padding is small and results do not
+    depend on the batch size beyond float rounding.
+    """
+    max_length = max_length or model_max_length(model)
+    built = [make_request(tokenizer, c, x, max_length) for c, x in pairs]
+    order = sorted(range(len(built)), key=lambda i: -len(built[i][0].input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    scores = [0.0] * len(built)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(built[i][0].input_ids) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = built[i][0].input_ids
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (batch, width, vocab)
+        for row, i in enumerate(chunk):
+            request, targets = built[i]
+            n = len(request.input_ids)
+            # positions n-cont_len .. n-1 predict the continuation's tokens
+            rows = logprobs[row, n - request.cont_len : n]  # (cont_len, vocab)
+            scores[i] = float(rows.gather(1, torch.tensor(targets, device=device)[:, None]).sum())
+    model.train(was_training)
+    return scores
+
+
+def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict[str, float]:
+    """``acc`` and ``acc_norm`` from per-choice log-likelihoods (lm-eval's definitions)."""
+    if not items:
+        raise ScaleOTError("no items to evaluate")
+    acc = acc_norm = 0
+    for item, item_scores in zip(items, scores):
+        acc += int(max(range(len(item_scores)), key=lambda j: item_scores[j]) == item.gold)
+        normed = [s / len(c) for s, c in zip(item_scores, item.choices)]
+        acc_norm += int(max(range(len(normed)), key=lambda j: normed[j]) == item.gold)
+    n = len(items)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
+def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
+                             max_length: int | None = None) -> dict[str, float]:
+    """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items``."""
+    pairs = [(item.context, TARGET_DELIMITER + choice) for item in items for choice in item.choices]
+    flat = loglikelihoods(model, tokenizer, pairs, batch_size, max_length)
+    scores, k = [], 0
+    for item in items:
+        scores.append(flat[k : k + len(item.choices)])
+        k += len(item.choices)
+    return accuracy_from_scores(items, scores)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted perplexity of ``(num_blocks, block_size)`` token blocks."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(token_ids), batch_size):
+        x = token_ids[start : start + batch_size]
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}

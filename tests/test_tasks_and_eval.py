@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+from scaleot_fed.errors import ScaleOTError
+from scaleot_fed.evaluate import (
+    accuracy_from_scores, encode_pair, evaluate_multiple_choice, loglikelihoods, make_request,
+)
+from scaleot_fed.tasks import TASKS, MCItem, load_mc_file, load_task
+
+from .conftest import tiny_model
+
+
+def test_acc_and_acc_norm_on_a_hand_computed_case():
+    items = [
+        MCItem("q1", ("a", "bbbb"), gold=1),  # scores -2, -4: acc picks a (wrong); norm -2/1 vs -4/4=-1 -> bbbb (right)
+        MCItem("q2", ("xx", "y", "zzz"), gold=0),  # -1, -3, -6: acc xx (right); norm -.5, -3, -2 -> xx (right)
+        MCItem("q3", ("p", "q"), gold=1),  # -5, -1: acc q (right); norm q (right)
+    ]
+    scores = [[-2.0, -4.0], [-1.0, -3.0, -6.0], [-5.0, -1.0]]
+    result = accuracy_from_scores(items, scores)
+    assert result == {"acc": 2 / 3, "acc_norm": 1.0, "n": 3}
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation(gpt2_tokenizer):
+    ctx, cont = encode_pair(gpt2_tokenizer, "Question: sky?\nAnswer: ", "blue")
+    assert gpt2_tokenizer.decode(ctx) == "Question: sky?\nAnswer:"
+    assert gpt2_tokenizer.decode(cont) == " blue"
+    assert ctx + cont == gpt2_tokenizer("Question: sky?\nAnswer: blue")["input_ids"]
+
+
+def test_long_context_is_truncated_on_the_left(gpt2_tokenizer):
+    context = " ".join(["word"] * 100)
+    request, targets = make_request(gpt2_tokenizer, context, " end", max_length=16)
+    assert len(request.input_ids) == 16 and request.cont_len == len(targets) == 1
+    with pytest.raises(ScaleOTError, match="does not fit"):
+        make_request(gpt2_tokenizer, "ctx", " " + " ".join(["long"] * 40), max_length=16)
+
+
+@torch.no_grad()
+def test_batched_loglikelihoods_match_one_at_a_time(gpt2_tokenizer):
+    model = tiny_model("gpt2", num_layers=2, vocab_size=len(gpt2_tokenizer))
+    pairs = [("The cat sat on the", " mat"), ("Hello", " world, friend"), ("A much longer context sentence here", " yes")]
+    batched = loglikelihoods(model, gpt2_tokenizer, pairs, batch_size=3)
+    for (ctx, cont), score in zip(pairs, batched):
+        c, x = encode_pair(gpt2_tokenizer, ctx, cont)
+        ids = torch.tensor([c + x])
+        logp = torch.log_softmax(model(ids).logits[0], -1)
+        expected = sum(float(logp[len(c) - 1 + k, t]) for k, t in enumerate(x))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_reports_acc_acc_norm_n(gpt2_tokenizer):
+    model = tiny_model("gpt2", num_layers=2, vocab_size=len(gpt2_tokenizer))
+    items = [MCItem("Question: 2+2?\nAnswer:", ("4", "5"), 0), MCItem("Sky is", ("blue", "green", "red"), 0)]
+    result = evaluate_multiple_choice(model, gpt2_tokenizer, items, batch_size=2)
+    assert set(result) == {"acc", "acc_norm", "n"} and result["n"] == 2
+    assert 0 <= result["acc"] <= 1
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(ScaleOTError) as info:
+        load_task("squad")
+    assert all(name in str(info.value) for name in TASKS)
+
+
+def test_user_files(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"context": "Q?", "choices": ["a", "b"], "gold": 1}) + "\n")
+    assert load_task(str(good)) == [MCItem("Q?", ("a", "b"), 1)]
+    csv_file = tmp_path / "good.csv"
+    csv_file.write_text('context,choices,gold\n"Q2?","[""x"", ""y"", ""z""]",2\n')
+    assert load_mc_file(csv_file) == [MCItem("Q2?", ("x", "y", "z"), 2)]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "Q?", "choices": ["a", "b"], "gold": 2}) + "\n")
+    with pytest.raises(ScaleOTError, match="gold index 2 is out of range"):
+        load_task(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ScaleOTError, match="no items"):
+        load_task(str(empty))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"context": "Q?", "gold": 0}) + "\n")
+    with pytest.raises(ScaleOTError, match="choices"):
+        load_task(str(missing))
+
+
+def test_sciq_has_no_train_split():
+    with pytest.raises(ScaleOTError, match="no train split"):
+        load_task("sciq", "train")
+
+
+@pytest.mark.parametrize(
+    "task,n_train,n_val",
+    [("piqa", 16113, 1838), ("arc_easy", 2251, 570), ("arc_challenge", 1119, 299), ("openbookqa", 4957, 500)],
+)
+def test_builtin_task_sizes_and_formats(task, n_train, n_val):
+    train, val = load_task(task, "train"), load_task(task, "validation")
+    assert (len(train), len(val)) == (n_train, n_val)
+    for item in train[:50] + val[:50]:
+        assert not item.context.endswith(" ")
+        if task in ("piqa", "arc_easy", "arc_challenge"):
+            assert item.context.startswith("Question: ") and item.context.endswith("\nAnswer:")
+        else:  # OpenBookQA: the bare stem, as lm-eval has it
+            assert "Answer:" not in item.context
+    assert load_task(task, "validation", limit=7) == val[:7]
+
+
+def test_hellaswag_and_sciq_validation():
+    hs = load_task("hellaswag", "validation", limit=20)
+    assert all(len(i.choices) == 4 and "[" not in i.context for i in hs)
+    sciq = load_task("sciq", "validation")
+    assert len(sciq) == 1000 and all(i.gold == 3 for i in sciq[:10])
