@@ -145,6 +145,35 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+def load_any_model(spec: str):
+    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer)."""
+    from .emulator import MANIFEST, load_emulator
+    from .models import load_model
+
+    if (Path(spec) / MANIFEST).is_file():
+        emulator = load_emulator(spec)
+        return emulator.model, emulator.tokenizer
+    loaded = load_model(spec)
+    return loaded.model, loaded.tokenizer
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_multiple_choice
+    from .tasks import load_task
+
+    items = load_task(args.task, args.split, args.limit)  # bad task names fail before the model loads
+    _use_all_cores()
+    model, tokenizer = load_any_model(args.model)
+    if tokenizer is None:
+        raise ScaleOTError(f"{args.model} has no tokenizer files; evaluation needs one")
+    result = evaluate_multiple_choice(model, tokenizer, items, batch_size=args.batch_size)
+    result = {"model": args.model, "task": args.task, "split": args.split} | result
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .emulator import manifest_summary, read_manifest
 
@@ -191,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
     p.add_argument("--out", required=True, help="folder for the plugged-in model")
     p.set_defaults(func=cmd_plug_in)
+
+    p = sub.add_parser("evaluate", help="zero-shot multiple-choice acc / acc_norm, lm-evaluation-harness style")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help + ", or an emulator folder")
+    p.add_argument("--task", required=True, help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
+    p.add_argument("--split", default="validation", choices=("train", "validation"))
+    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="summary of an emulator folder")
     p.add_argument("dir")

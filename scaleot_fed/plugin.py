@@ -8,6 +8,7 @@ model with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -130,3 +131,40 @@ def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Mo
         return plug_in_lora(model, manifest, trained)
     plug_in(model, manifest, load_adapter_state(trained, manifest))
     return model
+
+
+def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
+    """Export what a data owner trained on ``emulator`` in the full model's numbering.
+
+    A LoRA-wrapped model (peft) becomes a peft adapter folder that ``PeftModel.from_pretrained``
+    loads on the original model; otherwise the trainable tensors go to one safetensors file.
+
+    Parameters
+    ----------
+    model:
+        The emulator model after training (possibly a ``PeftModel`` around it).
+    emulator:
+        The :class:`~scaleot_fed.emulator.Emulator` it was trained from (gives the numbering).
+    out:
+        A folder for LoRA, a ``.safetensors`` path otherwise.
+    """
+    out = Path(out)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        prefix = "base_model.model."
+        config = copy.deepcopy(model.peft_config["default"])
+        state = get_peft_model_state_dict(model)
+        renamed = {prefix + emulator.to_source_key(k[len(prefix):]): v for k, v in state.items()}
+        config.target_modules = sorted(emulator.to_source_key(t + ".weight")[: -len(".weight")]
+                                       for t in config.target_modules)
+        config.base_model_name_or_path = emulator.manifest.get("source_model") or None
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(out))
+        save_file({k: v.detach().contiguous() for k, v in renamed.items()}, str(out / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        return out
+    state = {emulator.to_source_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not state:
+        raise ScaleOTError("the model has no trainable parameters to export")
+    return save_adapter_state(state, out, emulator.manifest)

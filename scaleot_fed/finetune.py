@@ -1,0 +1,249 @@
+"""Fine-tuning of adapter blocks on multiple-choice items: the data owner's local training.
+
+Modes (what becomes trainable, always inside the chosen blocks only):
+
+* ``full``: every parameter of the blocks;
+* ``lora``: peft LoRA on every linear projection of the blocks;
+* ``bitfit``: biases and normalisation weights of the blocks (Llama blocks have no biases, so
+  there it is the norms).
+
+Each training example is context + ``" " + gold choice``, tokenised exactly as in scoring, with
+the loss on the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import Architecture, architecture_of, get_layers
+from .errors import ConfigError, ScaleOTError
+from .evaluate import TARGET_DELIMITER, encode_pair
+from .tasks import MCItem
+
+MODES = ("full", "lora", "bitfit")
+SCHEDULES = ("cosine", "linear", "constant")
+IGNORE = -100
+
+
+@dataclass
+class FinetuneConfig:
+    """Local training knobs (one data owner)."""
+
+    mode: str = "lora"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"
+    max_length: int = 256
+    """Tokens per example; longer contexts lose tokens on the left (as in scoring)."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    eval_every: int = 25
+    eval_items: int = 64
+    """Validation items for the loss that picks the best checkpoint."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "lora_r", "eval_every", "eval_items"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def encode_example(tokenizer, item: MCItem, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of context + gold answer; labels are IGNORE outside the answer."""
+    ctx, cont = encode_pair(tokenizer, item.context, TARGET_DELIMITER + item.choices[item.gold])
+    if len(cont) > max_length:
+        raise ScaleOTError(f"the answer of item {item.context[:50]!r} alone exceeds max_length={max_length}")
+    ids = (ctx + cont)[-max_length:]
+    labels = [IGNORE] * (len(ids) - len(cont)) + cont
+    return ids, labels
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def _block_linear_names(model: nn.Module, arch: Architecture, positions: list[int]) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for p in positions:
+        prefix = f"{arch.layers_path}.{p}."
+        for name, module in get_layers(model, arch)[p].named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)):
+                names.append(prefix + name)
+    return names
+
+
+def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfig) -> nn.Module:
+    """Freeze everything, then open the chosen mode's parameters inside blocks ``positions``.
+
+    Returns the model to train (a ``PeftModel`` for LoRA, else ``model`` itself).
+    """
+    arch = architecture_of(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    blocks = get_layers(model, arch)
+    if config.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = _block_linear_names(model, arch, positions)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, fan_in_fan_out=arch.conv1d_projections)
+        return get_peft_model(model, lora)
+    for p in positions:
+        for name, param in blocks[p].named_parameters():
+            if config.mode == "full" or name.endswith("bias") or "norm" in name or "ln_" in name:
+                param.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ScaleOTError(f"mode {config.mode!r} leaves nothing trainable in blocks {positions}")
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors, detached copies (what a data owner sends back)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+@torch.no_grad()
+def answer_loss(model: nn.Module, tokenizer, items: list[MCItem], config: FinetuneConfig) -> float:
+    """Mean loss per answer token over ``items`` (the validation criterion)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total = count = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), config.batch_size):
+        batch = collate([encode_example(tokenizer, i, config.max_length) for i in items[start : start + config.batch_size]], pad)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(model(**batch, use_cache=False).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+@dataclass
+class FinetuneResult:
+    """What a local training run did."""
+
+    initial_val_loss: float
+    best_val_loss: float
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: list[MCItem],
+             config: FinetuneConfig, progress: bool = True) -> FinetuneResult:
+    """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
+
+    AdamW with warmup and schedule, gradient accumulation, seeded shuffling; validation loss on
+    the first ``eval_items`` of ``val_items`` every ``eval_every`` steps; the best state (by that
+    loss, the initial one included) is restored at the end.
+    """
+    from tqdm.auto import tqdm
+
+    if not train_items:
+        raise ScaleOTError("no training items")
+    if not val_items:
+        raise ScaleOTError("no validation items")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ScaleOTError("nothing to train: call make_trainable first")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [encode_example(tokenizer, item, config.max_length) for item in train_items]
+    val = val_items[: config.eval_items]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.steps, warmup, config.schedule)
+    )
+
+    initial = best = answer_loss(model, tokenizer, val, config)
+    best_state, best_step = trainable_state(model), 0
+    history = [{"step": 0, "val_loss": initial}]
+    order: list[int] = []
+    tokens, start = 0, time.perf_counter()
+    model.train()
+    bar = tqdm(range(1, config.steps + 1), desc=f"finetune[{config.mode}]", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            if len(order) < config.batch_size:
+                order += rng.sample(range(len(examples)), len(examples))
+            batch = collate([examples[order.pop()] for _ in range(min(config.batch_size, len(examples)))], pad)
+            loss = model(**batch, use_cache=False).loss / config.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}
+        if step % config.eval_every == 0 or step == config.steps:
+            record["val_loss"] = answer_loss(model, tokenizer, val, config)
+            if record["val_loss"] < best:
+                best, best_step, best_state = record["val_loss"], step, trainable_state(model)
+        history.append(record)
+        bar.set_postfix_str(f"loss={step_loss:.3f} best_val={best:.3f}")
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, tensor in best_state.items():
+            named[name].copy_(tensor)
+    model.eval()
+    return FinetuneResult(initial_val_loss=initial, best_val_loss=best, best_step=best_step, history=history,
+                          trainable_params=sum(p.numel() for p in params), tokens=tokens, seconds=seconds)
