@@ -30,6 +30,9 @@ class Architecture:
     attention_projections:
         Dotted paths, inside one block, of the attention projections that Selective Rank
         Compression factorises. MLPs are deliberately absent.
+    mlp_output:
+        Dotted path, inside one block, of the MLP's last projection (bottleneck adapters read
+        its output).
     conv1d_projections:
         True when the projections are GPT-2 ``Conv1D`` (weight stored as ``(in, out)``).
     """
@@ -38,6 +41,7 @@ class Architecture:
     model_types: tuple[str, ...]
     layers_path: str
     attention_projections: tuple[str, ...]
+    mlp_output: str
     conv1d_projections: bool = False
 
 
@@ -52,12 +56,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "self_attn.v_proj",
             "self_attn.o_proj",
         ),
+        mlp_output="mlp.down_proj",
     ),
     Architecture(
         name="gpt2",
         model_types=("gpt2",),
         layers_path="transformer.h",
         attention_projections=("attn.c_attn", "attn.c_proj"),
+        mlp_output="mlp.c_proj",
         conv1d_projections=True,
     ),
     Architecture(
@@ -70,6 +76,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "self_attn.v_proj",
             "self_attn.out_proj",
         ),
+        mlp_output="fc2",
     ),
 )
 

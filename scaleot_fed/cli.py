@@ -132,15 +132,13 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
 def cmd_plug_in(args: argparse.Namespace) -> None:
     from .emulator import read_manifest
     from .models import load_model
-    from .plugin import plug_in_path
+    from .plugin import plug_in_path, save_plugged
 
     manifest = read_manifest(args.emulator)
     loaded = load_model(args.model)
     model = plug_in_path(loaded.model, manifest, args.trained)
     out = Path(args.out)
-    model.save_pretrained(out)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out)
+    save_plugged(model, loaded.tokenizer, out)
     print(f"plugged {args.trained} into {args.model} (adapter blocks {manifest['adapter_layers']})")
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 

@@ -4,6 +4,7 @@ Modes (what becomes trainable, always inside the chosen blocks only):
 
 * ``full``: every parameter of the blocks;
 * ``lora``: peft LoRA on every linear projection of the blocks;
+* ``adapter``: bottleneck adapters after each block's MLP (:mod:`~scaleot_fed.bottleneck`);
 * ``bitfit``: biases and normalisation weights of the blocks (Llama blocks have no biases, so
   there it is the norms).
 
@@ -26,7 +27,7 @@ from .errors import ConfigError, ScaleOTError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .tasks import MCItem
 
-MODES = ("full", "lora", "bitfit")
+MODES = ("full", "lora", "adapter", "bitfit")
 SCHEDULES = ("cosine", "linear", "constant")
 IGNORE = -100
 
@@ -48,6 +49,8 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    adapter_size: int = 64
+    """Bottleneck width in ``adapter`` mode."""
     eval_every: int = 25
     eval_items: int = 64
     """Validation items for the loss that picks the best checkpoint."""
@@ -58,7 +61,7 @@ class FinetuneConfig:
             raise ConfigError(f"unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "lora_r", "eval_every", "eval_items"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "lora_r", "adapter_size", "eval_every", "eval_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -124,6 +127,13 @@ def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfi
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, fan_in_fan_out=arch.conv1d_projections)
         return get_peft_model(model, lora)
+    if config.mode == "adapter":
+        from .bottleneck import add_bottleneck_adapters
+
+        add_bottleneck_adapters(model, positions, config.adapter_size)
+        for name, param in model.named_parameters():
+            param.requires_grad_(".bottleneck." in name)
+        return model
     for p in positions:
         for name, param in blocks[p].named_parameters():
             if config.mode == "full" or name.endswith("bias") or "norm" in name or "ln_" in name:

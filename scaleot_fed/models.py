@@ -149,6 +149,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: bool = 
             f"could not load model {spec!r}: {first}. --model takes a local Hugging Face folder, "
             f"a hub id (needs network access), or one of the aliases: {', '.join(ALIASES)}"
         ) from exc
+    if Path(path).is_dir():
+        from .bottleneck import restore_bottleneck_adapters
+
+        restore_bottleneck_adapters(model, path)  # a plugged-in model trained in adapter mode
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, source=spec)
 

@@ -82,6 +82,11 @@ def plug_in(model: nn.Module, manifest: dict, state: dict[str, torch.Tensor]) ->
     check_source(model, manifest)
     arch = architecture_by_name(manifest["architecture"])
     adapters = set(manifest["adapter_layers"])
+    from .bottleneck import add_bottleneck_adapters, bottleneck_blocks
+
+    for block, size in bottleneck_blocks(state, arch.layers_path).items():
+        if block in adapters:  # bottleneck-adapter training: the full model needs the same modules
+            add_bottleneck_adapters(model, [block], size)
     target = model.state_dict()
     for key, tensor in state.items():
         block = block_index_of_key(arch, key)
@@ -168,3 +173,19 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
     if not state:
         raise ScaleOTError("the model has no trainable parameters to export")
     return save_adapter_state(state, out, emulator.manifest)
+
+
+def save_plugged(model: nn.Module, tokenizer, out: str | Path) -> Path:
+    """``save_pretrained`` the plugged-in model (and tokenizer); bottleneck adapters are recorded
+    beside it so :func:`scaleot_fed.models.load_model` restores them."""
+    from .arch import architecture_of
+    from .bottleneck import bottleneck_blocks, save_bottleneck_info
+
+    out = Path(out)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    blocks = bottleneck_blocks(model.state_dict(), architecture_of(model).layers_path)
+    if blocks:
+        save_bottleneck_info(out, blocks)
+    return out

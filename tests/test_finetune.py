@@ -40,7 +40,7 @@ def emulator_and_tokenizer(gpt2_tokenizer):
     return model, emulator, gpt2_tokenizer
 
 
-@pytest.mark.parametrize("mode", ["lora", "full", "bitfit"])
+@pytest.mark.parametrize("mode", ["lora", "full", "bitfit", "adapter"])
 def test_training_touches_only_adapter_blocks_and_lowers_val_loss(emulator_and_tokenizer, mode, tmp_path):
     model, emulator, tok = emulator_and_tokenizer
     config = FinetuneConfig(mode=mode, steps=12, batch_size=4, lr=3e-3 if mode != "full" else 1e-3, eval_every=4,
@@ -59,18 +59,29 @@ def test_training_touches_only_adapter_blocks_and_lowers_val_loss(emulator_and_t
             assert torch.equal(base.get(key, base.get(k)), value)
     else:
         after = emulator.model.state_dict()
-        changed = {k for k in after if not torch.equal(after[k], before[k])}
+        changed = {k for k in after if k not in before or not torch.equal(after[k], before[k])}
         assert changed
         assert all(int(k.split(".")[2]) in emulator.adapter_positions() for k in changed)
+        if mode == "adapter":
+            assert all(".bottleneck." in k for k in changed)
 
     # export and plug in: only the adapter blocks of the full model change
     out = export_trained(trained, emulator, tmp_path / ("lora" if mode == "lora" else "state.safetensors"))
     full_before = {k: v.clone() for k, v in model.state_dict().items()}
     plugged = plug_in_path(model, emulator.manifest, out)
     after = plugged.state_dict()
-    changed = {k for k in after if not torch.equal(after[k], full_before[k])}
+    changed = {k for k in after if k not in full_before or not torch.equal(after[k], full_before[k])}
     assert changed and {block_index_of_key(emulator.arch, k) for k in changed} <= {0, 1, 4, 5}
     assert any(block_index_of_key(emulator.arch, k) in {4, 5} for k in changed)  # top adapters renumbered
+    # the plugged model saves and loads back with what was trained (adapters included)
+    from scaleot_fed.models import load_model
+    from scaleot_fed.plugin import save_plugged
+
+    save_plugged(plugged, tok, tmp_path / "plugged")
+    reloaded = load_model(str(tmp_path / "plugged")).model
+    x = torch.tensor([tok("Question: item red?\nAnswer: red")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, plugged(x).logits, atol=1e-5)
 
 
 def test_exported_lora_loads_on_the_original_model(emulator_and_tokenizer, tmp_path):
