@@ -172,6 +172,54 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .emulator import MANIFEST, load_emulator
+    from .finetune import FinetuneConfig, finetune, make_trainable
+    from .models import load_model
+    from .plugin import export_trained, save_plugged
+    from .tasks import load_task
+
+    config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune"), "finetune")
+    items = load_task(args.task, "train", args.train_limit)
+    if len(items) <= args.dev_items:
+        raise ScaleOTError(f"{len(items)} training items; need more than --dev-items {args.dev_items}")
+    train, dev = items[: -args.dev_items], items[-args.dev_items :]
+    config.eval_items = len(dev)
+    _use_all_cores()
+    if (Path(args.model) / MANIFEST).is_file():
+        emulator = load_emulator(args.model)
+        model, tokenizer, positions = emulator.model, emulator.tokenizer, list(emulator.adapter_positions())
+    else:
+        emulator = None
+        loaded = load_model(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        positions = list(range(model.config.num_hidden_layers))
+    trained = make_trainable(model, positions, config)
+    result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress)
+    print(f"dev loss {result.initial_val_loss:.4f} -> {result.best_val_loss:.4f} (best at step {result.best_step}); "
+          f"{result.trainable_params:,} trainable parameters, {result.tokens_per_second:.0f} tokens/s")
+    if emulator is not None:
+        out = export_trained(trained, emulator, args.out)
+        print(f"wrote the trained adapter state to {out} (plug in with `scaleot-fed plug-in --trained {out}`)")
+    else:
+        merged = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
+        out = save_plugged(merged, tokenizer, args.out)
+        print(f"wrote the fine-tuned full model to {out}")
+
+
+def cmd_offsite(args: argparse.Namespace) -> None:
+    from .offsite import load_offsite_config, markdown_table, run_offsite
+
+    overrides = {"out": args.out} if args.out else {}
+    config = load_offsite_config(args.config, overrides)
+    _use_all_cores()
+    results = run_offsite(config, progress=not args.no_progress)
+    print()
+    print(markdown_table(results))
+    out = Path(config.run.out)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .emulator import manifest_summary, read_manifest
 
@@ -227,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
+
+    from .finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="train adapter blocks of an emulator (or a full model) on a task")
+    p.add_argument("--model", required=True, help="emulator folder (adapter blocks train) or full model (all blocks)")
+    p.add_argument("--task", required=True, help="built-in task name or a .jsonl/.csv file")
+    p.add_argument("--train-limit", type=int, help="first N training items")
+    p.add_argument("--dev-items", type=int, default=64, help="items cut from the end of the training items for checkpoint selection")
+    p.add_argument("--config", help="TOML file with a [finetune] table")
+    p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write")
+    p.add_argument("--no-progress", action="store_true")
+    add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("offsite", help="the one-data-owner pipeline: five rows and the privacy gap")
+    p.add_argument("--config", required=True, help="TOML: [run], [finetune], [layer_replace], [[emulator]]")
+    p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_offsite)
 
     p = sub.add_parser("info", help="summary of an emulator folder")
     p.add_argument("dir")

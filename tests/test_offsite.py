@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from scaleot_fed.cli import main
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.offsite import load_offsite_config
+
+from .conftest import tiny_model
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def _write_items(path, n, seed):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for i in range(n):
+            a, b = rng.sample(WORDS, 2)
+            handle.write(json.dumps({"context": f"Question: say {a}\nAnswer:", "choices": [b, a], "gold": 1}) + "\n")
+
+
+@pytest.fixture
+def setup(tmp_path, gpt2_tokenizer):
+    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    _write_items(tmp_path / "train.jsonl", 48, 0)
+    _write_items(tmp_path / "eval.jsonl", 12, 1)
+    config = f"""
+[run]
+out = "{tmp_path / 'run'}"
+model = "{tmp_path / 'model'}"
+task = "{tmp_path / 'train.jsonl'}"
+eval_task = "{tmp_path / 'eval.jsonl'}"
+dev_items = 8
+eval_batch_size = 4
+
+[finetune]
+mode = "lora"
+steps = 6
+batch_size = 4
+lr = 5e-3
+eval_every = 3
+
+[layer_replace]
+steps = 2
+batch_size = 2
+block_size = 16
+harmonizer_rank = 4
+
+[[emulator]]
+name = "scaleot"
+strategy = "scaleot"
+num_adapter_layers = 2
+alpha = 0.5
+rank_keep_ratio = 0.5
+
+[[emulator]]
+name = "uniform"
+strategy = "uniform-drop"
+num_adapter_layers = 2
+alpha = 0.5
+"""
+    (tmp_path / "offsite.toml").write_text(config)
+    return tmp_path
+
+
+def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
+    assert main(["offsite", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "computing full_finetune" in out and "Gap" in out
+    results = json.loads((setup / "run" / "results.json").read_text())
+    for name in ("scaleot", "uniform"):
+        e = results["emulators"][name]
+        assert set(e["rows"]) == {"full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in"}
+        assert e["gap"] == pytest.approx(e["rows"]["plug_in"]["acc"] - e["rows"]["emulator_finetune"]["acc"])
+        assert all(r["n"] == 12 for r in e["rows"].values())
+    assert (setup / "run" / "results.png").stat().st_size > 1000
+    assert "| Plug-in |" in (setup / "run" / "results.md").read_text()
+    assert (setup / "run" / "importance" / "layer_replace.json").exists()  # stage 1 ran inline
+
+    # a second run reuses every row
+    assert main(["offsite", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
+    assert "computing" not in capsys.readouterr().out
+    assert json.loads((setup / "run" / "results.json").read_text()) == results
+
+
+def test_offsite_config_errors(setup, tmp_path):
+    text = (setup / "offsite.toml").read_text()
+    (tmp_path / "a.toml").write_text(text.replace("dev_items = 8", "dev_items = 8\nwarp_speed = 9"))
+    with pytest.raises(ConfigError, match="warp_speed"):
+        load_offsite_config(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text(text + "\n[extras]\nx = 1\n")
+    with pytest.raises(ConfigError, match="extras"):
+        load_offsite_config(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text(text.replace('mode = "lora"', 'mode = "magic"'))
+    with pytest.raises(ConfigError, match="unknown fine-tuning mode"):
+        load_offsite_config(tmp_path / "c.toml")
+
+
+def test_offsite_user_file_needs_an_eval_task(setup, capsys):
+    text = (setup / "offsite.toml").read_text()
+    bad = "\n".join(l for l in text.splitlines() if not l.startswith("eval_task"))
+    (setup / "bad.toml").write_text(bad)
+    assert main(["offsite", "--config", str(setup / "bad.toml"), "--no-progress"]) == 2
+    assert "eval_task" in capsys.readouterr().err
+
+
+def test_finetune_command_on_an_emulator(setup, capsys):
+    assert main(["build-emulator", "--model", str(setup / "model"), "--strategy", "uniform-drop", "--adapters", "2",
+                 "--out", str(setup / "emu")]) == 0
+    assert main(["finetune", "--model", str(setup / "emu"), "--task", str(setup / "train.jsonl"), "--mode", "full",
+                 "--steps", "3", "--batch-size", "4", "--dev-items", "8", "--no-progress",
+                 "--out", str(setup / "state.safetensors")]) == 0
+    assert "dev loss" in capsys.readouterr().out
+    assert main(["plug-in", "--model", str(setup / "model"), "--emulator", str(setup / "emu"),
+                 "--trained", str(setup / "state.safetensors"), "--out", str(setup / "plugged")]) == 0
+    assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 12 and {"acc", "acc_norm"} <= set(result)
