@@ -74,3 +74,17 @@ def test_scaleot_emulator_on_smollm2(smollm2, ids, artifact, tmp_path):
     plug_in(smollm2.model, reloaded.manifest, reloaded.adapter_state_dict())
     with torch.no_grad():
         assert torch.allclose(smollm2.model(ids[:2]).logits, before, atol=1e-5)
+
+
+def test_emulator_lora_finetuning_on_piqa_lowers_dev_loss(smollm2):
+    from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
+    from scaleot_fed.tasks import load_task
+
+    model = smollm2.model
+    emulator = build_emulator(model, EmulatorConfig("uniform-drop", 4, 0.5, 1.0))
+    items = load_task("piqa", "train", limit=200)
+    config = FinetuneConfig(mode="lora", steps=8, batch_size=8, lr=1e-3, eval_every=4, eval_items=16, warmup_ratio=0.0)
+    trained = make_trainable(emulator.model, list(emulator.adapter_positions()), config)
+    result = finetune(trained, smollm2.tokenizer, items[:-16], items[-16:], config, progress=False)
+    assert result.best_val_loss < result.initial_val_loss
+    assert result.trainable_params < 0.02 * sum(p.numel() for p in model.parameters())
