@@ -25,14 +25,12 @@ test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/scaleot-fed layer-replace --model smollm2-135m --steps 20 --batch-size 4 \
-		--block-size 64 --out runs/demo/importance
-	$(OFFLINE) $(VENV)/bin/scaleot-fed build-emulator --model smollm2-135m --strategy scaleot --adapters 4 \
-		--alpha 0.5 --rank-keep-ratio 0.5 --importance runs/demo/importance --out runs/demo/emulator
-	$(OFFLINE) $(VENV)/bin/scaleot-fed info runs/demo/emulator
+	$(OFFLINE) $(VENV)/bin/scaleot-fed offsite --config configs/demo.toml
+	$(OFFLINE) $(VENV)/bin/scaleot-fed info runs/demo/scaleot/emulator
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/emulator_core.py
+	$(OFFLINE) $(PY) benchmarks/finetune_cost.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

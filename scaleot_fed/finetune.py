@@ -54,6 +54,9 @@ class FinetuneConfig:
     eval_every: int = 25
     eval_items: int = 64
     """Validation items for the loss that picks the best checkpoint."""
+    select_best: bool = True
+    """Restore the state with the lowest validation loss at the end (federated clients return
+    their last state instead)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -194,12 +197,14 @@ class FinetuneResult:
 
 
 def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: list[MCItem],
-             config: FinetuneConfig, progress: bool = True) -> FinetuneResult:
+             config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
 
     AdamW with warmup and schedule, gradient accumulation, seeded shuffling; validation loss on
     the first ``eval_items`` of ``val_items`` every ``eval_every`` steps; the best state (by that
-    loss, the initial one included) is restored at the end.
+    loss, the initial one included) is restored at the end when ``config.select_best``.
+
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_start||^2`` over the trained parameters.
     """
     from tqdm.auto import tqdm
 
@@ -221,6 +226,7 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
         optimizer, lambda s: _lr_factor(s, config.steps, warmup, config.schedule)
     )
 
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     initial = best = answer_loss(model, tokenizer, val, config)
     best_state, best_step = trainable_state(model), 0
     history = [{"step": 0, "val_loss": initial}]
@@ -235,7 +241,10 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
             if len(order) < config.batch_size:
                 order += rng.sample(range(len(examples)), len(examples))
             batch = collate([examples[order.pop()] for _ in range(min(config.batch_size, len(examples)))], pad)
-            loss = model(**batch, use_cache=False).loss / config.grad_accum
+            loss = model(**batch, use_cache=False).loss
+            if anchor is not None:
+                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            loss = loss / config.grad_accum
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -250,10 +259,13 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
         history.append(record)
         bar.set_postfix_str(f"loss={step_loss:.3f} best_val={best:.3f}")
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        named = dict(model.named_parameters())
-        for name, tensor in best_state.items():
-            named[name].copy_(tensor)
+    if config.select_best:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, tensor in best_state.items():
+                named[name].copy_(tensor)
+    else:
+        best, best_step = history[-1].get("val_loss", best), config.steps
     model.eval()
     return FinetuneResult(initial_val_loss=initial, best_val_loss=best, best_step=best_step, history=history,
                           trainable_params=sum(p.numel() for p in params), tokens=tokens, seconds=seconds)

@@ -183,7 +183,7 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print) -> dict
     per_emulator = {}
     for section in config.emulators:
         edir = out / section.name
-        emulator = _emulator(section, full, loaded.tokenizer, config, out, log)
+        emulator = prepare_emulator(section, full, loaded.tokenizer, config.layer_replace, run.model, out, log)
         rows_e = {"emulator_zero_shot": cached(f"{section.name}/emulator_zero_shot", lambda: evaluate(emulator.model))}
         trained_path = edir / ("trained_lora" if ft.mode == "lora" else "trained.safetensors")
 
@@ -236,7 +236,10 @@ def _ft_stats(result) -> dict:
     }
 
 
-def _emulator(section: EmulatorSection, full, tokenizer, config: OffsiteConfig, out: Path, log):
+def prepare_emulator(section: EmulatorSection, full, tokenizer, layer_replace: LayerReplaceConfig,
+                     model_name: str, out: Path, log=print):
+    """The emulator of ``section`` in ``out/<name>/emulator``: loaded if already built, else built
+    (running stage 1 into ``out/importance`` when it needs one and names no artifact)."""
     edir = out / section.name / "emulator"
     if (edir / "manifest.json").exists():
         return load_emulator(edir)
@@ -247,16 +250,16 @@ def _emulator(section: EmulatorSection, full, tokenizer, config: OffsiteConfig, 
         else:
             path = out / "importance"
             if not (path / "layer_replace.json").exists():
-                lr = dataclasses.replace(config.layer_replace, num_adapter_layers=section.num_adapter_layers)
+                lr = dataclasses.replace(layer_replace, num_adapter_layers=section.num_adapter_layers)
                 log(f"  stage 1 (layer-replace, {lr.steps} steps) for {section.name} ...")
                 from .text import lambada_passages, token_blocks
 
                 needed = int(lr.steps * lr.batch_size / (1 - lr.heldout_fraction)) + lr.batch_size * (lr.eval_batches + 1)
                 ids = token_blocks(tokenizer, lambada_passages(), lr.block_size, max_blocks=needed)
-                save_artifact(run_layer_replace(full, ids, lr, config.run.model, progress=False), path)
+                save_artifact(run_layer_replace(full, ids, lr, model_name, progress=False), path)
             importance = load_artifact(path)
     base = EmulatorConfig(section.strategy, section.num_adapter_layers, section.alpha, section.rank_keep_ratio)
-    emulator = build_emulator(full, base, importance, source_model=config.run.model)
+    emulator = build_emulator(full, base, importance, source_model=model_name)
     save_emulator(emulator, edir, tokenizer=tokenizer)
     return load_emulator(edir)  # the saved artifact is what gets evaluated and trained
 
