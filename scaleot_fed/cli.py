@@ -220,6 +220,46 @@ def cmd_offsite(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
 
 
+def _parse_overrides(pairs: list[str]) -> dict:
+    import tomllib
+
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or "." not in key:
+            raise ScaleOTError(f"--set takes section.key=value, got {pair!r}")
+        try:
+            overrides[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = raw  # a bare string
+    return overrides
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from simulations.config import load_fed_config, with_run
+    from simulations.runner import load_run_config, simulate
+
+    if args.resume:
+        config = load_run_config(args.resume)
+        resume = True
+    else:
+        if not args.config:
+            raise ScaleOTError("give --config FILE.toml (or --resume RUN_DIR)")
+        config = load_fed_config(args.config, _parse_overrides(args.set))
+        if args.out:
+            config = with_run(config, out=args.out)
+        resume = False
+    out = simulate(config, resume=resume)
+    if (out / "results.md").exists():
+        print((out / "results.md").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"{len(metrics['rounds'])} rounds; bytes down {metrics['bytes_down_total'] / 1e6:.1f} MB "
+          f"(emulator {metrics['emulator_bytes'] / 1e6:.1f} MB once per data-owner machine), up "
+          f"{metrics['bytes_up_total'] / 1e6:.1f} MB; full model {metrics['full_model_bytes'] / 1e6:.1f} MB")
+    print(f"wrote the run to {out}: metrics.json, metrics.csv, rounds.png, partitions.png, checkpoint/, "
+          "results.json/.md/.png, plugged/")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .emulator import manifest_summary, read_manifest
 
@@ -294,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (overrides [run].out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_offsite)
+
+    p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
+    p.add_argument("--config", help="run file (TOML), e.g. simulations/configs/smoke.toml")
+    p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("info", help="summary of an emulator folder")
     p.add_argument("dir")

@@ -79,6 +79,8 @@ class EmulatorSection(EmulatorConfig):
     name: str = ""
     importance: str | None = None
     """Stage-1 artifact folder; when absent and needed, stage 1 runs with ``[layer_replace]``."""
+    path: str | None = None
+    """A ready emulator folder to use instead of building one (its manifest decides the rest)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -240,6 +242,10 @@ def prepare_emulator(section: EmulatorSection, full, tokenizer, layer_replace: L
                      model_name: str, out: Path, log=print):
     """The emulator of ``section`` in ``out/<name>/emulator``: loaded if already built, else built
     (running stage 1 into ``out/importance`` when it needs one and names no artifact)."""
+    if section.path:
+        if not (Path(section.path) / "manifest.json").is_file():
+            raise ConfigError(f"emulator path {section.path} is not an emulator folder (no manifest.json)")
+        return load_emulator(section.path)
     edir = out / section.name / "emulator"
     if (edir / "manifest.json").exists():
         return load_emulator(edir)

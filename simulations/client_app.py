@@ -1,0 +1,234 @@
+"""The data owner: a Flower ClientApp that fine-tunes the emulator's adapter blocks locally.
+
+Messages it answers:
+
+* ``query.emulator``: "do you hold emulator <sha256>?" and, when the server attaches the files,
+  the delivery itself. The emulator is written to the local cache (``$SCALEOT_FED_CACHE/emulators``,
+  verified against its sha256) and kept loaded once per process, never in the Flower ``Context``
+  (the Ray backend pickles the Context to and fro on every message).
+* ``train``: load the received trainable state, train on the local partition, send the state back.
+* ``evaluate``: the emulator-side validation loss of the received state on the local split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from scaleot_fed.env import configure_environment
+
+configure_environment()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator  # noqa: E402
+from scaleot_fed.errors import ScaleOTError  # noqa: E402
+from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
+from scaleot_fed.models import cache_dir  # noqa: E402
+
+from .config import FedConfig, fed_config_from_json  # noqa: E402
+from .partition import client_data  # noqa: E402
+
+app = ClientApp()
+
+# Per-process caches (a Ray actor runs many virtual clients in turn; these survive across them).
+_EMULATORS: dict[str, Emulator] = {}
+_TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
+
+
+def emulator_dir(sha: str) -> Path:
+    return cache_dir() / "emulators" / sha
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def holds_emulator(sha: str) -> bool:
+    """Loaded in this process, or verified on the local disk cache."""
+    if sha in _EMULATORS:
+        return True
+    path = emulator_dir(sha)
+    return (path / "manifest.json").is_file() and (path / WEIGHTS).is_file()
+
+
+def get_emulator(sha: str) -> Emulator:
+    """The emulator with weights ``sha``, loaded once per process (sha256 checked on load)."""
+    if sha not in _EMULATORS:
+        path = emulator_dir(sha)
+        if not (path / "manifest.json").is_file():
+            raise ScaleOTError(f"emulator {sha[:12]} was never delivered to this data owner")
+        emulator = load_emulator(path)
+        if emulator.manifest["weights_sha256"] != sha:
+            raise ScaleOTError(f"cached emulator in {path} does not carry the announced sha256")
+        _EMULATORS[sha] = emulator
+    return _EMULATORS[sha]
+
+
+def _store_delivery(sha: str, content: RecordDict) -> int:
+    """Write a delivered emulator into the cache atomically; returns the bytes received."""
+    weights = content.array_records["emulator"]["weights"].numpy().tobytes()
+    files = content.config_records["files"]
+    target = emulator_dir(sha)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=target.parent))
+    try:
+        (tmp / WEIGHTS).write_bytes(weights)
+        if _sha256_file(tmp / WEIGHTS) != sha:
+            raise ScaleOTError("delivered emulator weights do not match the announced sha256")
+        for name, data in files.items():
+            if "/" in name or name.startswith("."):
+                raise ScaleOTError(f"refusing delivered file name {name!r}")
+            (tmp / name).write_bytes(data)
+        if target.exists():  # another process of this machine got it first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(weights) + sum(len(v) for v in files.values())
+
+
+def trainable_model(sha: str, config: FinetuneConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """The emulator with this run's trainable parameters attached (cached per process), and the
+    names of the tensors that are exchanged with the server."""
+    key = (sha, config.mode, config.lora_r, config.lora_alpha, config.lora_dropout, config.adapter_size)
+    if key not in _TRAINABLE:
+        emulator = get_emulator(sha)
+        # The first configuration uses the loaded emulator in place; a second one gets a copy.
+        base = emulator.model if not any(k[0] == sha for k in _TRAINABLE) else copy.deepcopy(emulator.model)
+        model = make_trainable(base, list(emulator.adapter_positions()), config)
+        names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        _TRAINABLE[key] = (model, names)
+    return _TRAINABLE[key]
+
+
+def load_exchange_state(model: torch.nn.Module, names: tuple[str, ...], arrays: ArrayRecord) -> None:
+    """Copy the server's state into the trainable tensors; keys and shapes must match exactly."""
+    received = set(arrays.keys())
+    if received != set(names):
+        missing, extra = sorted(set(names) - received)[:3], sorted(received - set(names))[:3]
+        raise ScaleOTError(f"server state does not fit this emulator: missing {missing}, unexpected {extra}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            value = torch.from_numpy(np.array(arrays[name].numpy()))
+            if value.shape != params[name].shape:
+                raise ScaleOTError(f"server state {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def exchange_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, int, str]:
+    torch.set_num_threads(1)  # many client processes share the cores
+    cfg = msg.content["config"]
+    config = fed_config_from_json(str(cfg["fed-config"]))
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    return config, pid, num, str(cfg["sha256"])
+
+
+@app.query("emulator")
+def query_emulator(msg: Message, context: Context) -> Message:
+    """Report (and, if attached, receive) the emulator; also tells the server our partition id."""
+    sha = str(msg.content["config"]["sha256"])
+    received = 0
+    if "emulator" in msg.content.array_records and not holds_emulator(sha):
+        received = _store_delivery(sha, msg.content)
+    reply = ConfigRecord({
+        "has": holds_emulator(sha),
+        "partition-id": int(context.node_config["partition-id"]),
+        "received-bytes": received,
+    })
+    return Message(RecordDict({"emulator": reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, pid, num, sha = _setup(msg, context)
+    cfg = msg.content["config"]
+    round_ = int(cfg["round"])
+    failure = config.debug.fail.get(str(pid))
+    if failure == "raise":
+        raise RuntimeError(f"injected failure in client {pid}")
+    model, names = trainable_model(sha, config.finetune)
+    load_exchange_state(model, names, msg.content["arrays"])
+    train_items, val_items = client_data(config, pid, num)
+    local = dataclasses.replace(
+        config.finetune,
+        seed=hash((config.run.seed, round_, pid)) % (2**31),
+        eval_items=len(val_items),
+        eval_every=config.finetune.steps,
+        select_best=False,
+    )
+    frozen = []
+    if bool(cfg.get("freeze-lora-a", False)):  # FFA-LoRA: only B trains, so averaging B is exact
+        frozen = [p for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    try:
+        emulator = get_emulator(sha)
+        result = finetune(model, emulator.tokenizer, train_items, val_items, local, progress=False,
+                          proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    state = exchange_state(model, names)
+    if failure == "nan":
+        state[names[0]] = torch.full_like(state[names[0]], float("nan"))
+    if failure == "wrong-keys":
+        state = {k + ".bogus": v for k, v in state.items()}
+    metrics = MetricRecord({
+        "num-examples": len(train_items),
+        "train-loss": float(result.history[-1]["train_loss"]),
+        "client-val-loss": float(result.best_val_loss),
+        "client-val-loss-before": float(result.initial_val_loss),
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, pid, num, sha = _setup(msg, context)
+    model, names = trainable_model(sha, config.finetune)
+    load_exchange_state(model, names, msg.content["arrays"])
+    _, val_items = client_data(config, pid, num)
+    local = dataclasses.replace(config.finetune, eval_items=len(val_items))
+    loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
+    metrics = MetricRecord({"num-examples": len(val_items), "client-val-loss": float(loss)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def delivery_content(emulator_path: Path, sha: str) -> RecordDict:
+    """What the server sends to a data owner that lacks the emulator: the weights file bytes (so
+    the sha256 is checked end to end) and the small files beside it."""
+    weights = np.frombuffer((emulator_path / WEIGHTS).read_bytes(), dtype=np.uint8)
+    files = {p.name: p.read_bytes() for p in sorted(emulator_path.iterdir()) if p.is_file() and p.name != WEIGHTS}
+    return RecordDict({
+        "config": ConfigRecord({"sha256": sha}),
+        "emulator": _weights_record(weights),
+        "files": ConfigRecord(files),
+    })
+
+
+def _weights_record(weights: np.ndarray) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord(array_dict={"weights": Array(weights)})

@@ -1,0 +1,197 @@
+"""Federated run configuration: one dataclass per TOML table, unknown keys rejected.
+
+A run file has ``[run]``, ``[partition]``, ``[strategy]``, ``[finetune]``, ``[emulator]``,
+``[layer_replace]`` and (for tests and chaos drills) ``[debug]``. The resolved configuration is
+written into every run folder and sent to clients with each message, so the two ways to run
+(``scaleot-fed simulate`` and ``flwr run .``) behave the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaleot_fed.config import as_dict, from_dict, load_toml
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.finetune import FinetuneConfig
+from scaleot_fed.layer_replace import LayerReplaceConfig
+from scaleot_fed.offsite import EmulatorSection
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+FAILURE_KINDS = ("raise", "nan", "wrong-keys")
+
+
+@dataclass
+class RunConfig:
+    """``[run]``: the federation and its budget."""
+
+    out: str = "runs/federated"
+    model: str = "smollm2-135m"
+    task: str = "piqa"
+    eval_task: str | None = None
+    """Server-side evaluation items from another task or file (required when ``task`` is a user
+    file, which has a single split); default: the validation split of ``task``."""
+    seed: int = 0
+    num_rounds: int = 3
+    num_clients: int = 8
+    """Data owners (Flower SuperNodes); each gets one partition of the task's train split."""
+    clients_per_round: int = 4
+    min_successful_clients: int = 1
+    """A round with fewer successful clients stops the run with an error (weights are never
+    silently kept)."""
+    train_limit: int | None = 2000
+    """First N items of the train split, shared among the clients."""
+    client_val_fraction: float = 0.1
+    """Share of each client's partition held out as its local validation split."""
+    eval_limit: int | None = 200
+    """Server-side plug-in evaluation on the first N validation items (None: all)."""
+    eval_every: int = 1
+    eval_batch_size: int = 16
+    final_table: bool = True
+    """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""
+    centralised_full_finetune: bool = False
+    """Also fine-tune the full model centrally on the pooled client data (the Full FT row)."""
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    ray_address: str | None = None
+    """Attach to an existing Ray cluster instead of starting one on this machine."""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            raise ValueError(
+                f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
+            )
+        if not 1 <= self.min_successful_clients <= self.clients_per_round:
+            raise ValueError(
+                f"min_successful_clients must be between 1 and clients_per_round={self.clients_per_round}, "
+                f"got {self.min_successful_clients}"
+            )
+        if not 0.0 < self.client_val_fraction < 1.0:
+            raise ValueError(f"client_val_fraction must be in (0, 1), got {self.client_val_fraction}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.client_num_cpus <= 0:
+            raise ValueError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
+
+
+@dataclass
+class PartitionConfig:
+    """``[partition]``: how the task's train split is cut among the clients (Flower Datasets)."""
+
+    kind: str = "iid"
+    by: str = "gold"
+    """Column for label-skewed partitions (``gold`` = answer index, or any item column)."""
+    alpha: float = 0.5
+    """Dirichlet concentration (smaller = more skewed)."""
+    classes_per_client: int = 1
+    """Pathological split: distinct values of ``by`` per client."""
+    min_partition_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARTITIONERS:
+            raise ValueError(f"unknown partition kind {self.kind!r}; choose one of {', '.join(PARTITIONERS)}")
+        if self.alpha <= 0:
+            raise ValueError(f"partition alpha must be > 0, got {self.alpha}")
+        if self.classes_per_client < 1:
+            raise ValueError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
+
+
+@dataclass
+class StrategyConfig:
+    """``[strategy]``: aggregation by name plus the Flower strategy's own keyword arguments."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+    """E.g. ``proximal_mu`` (fedprox), ``eta``/``beta_1``/``tau`` (fedadam, fedyogi),
+    ``server_learning_rate``/``server_momentum`` (fedavgm), ``beta`` (fedtrimmedavg),
+    ``num_malicious_nodes`` (krum)."""
+
+    def __post_init__(self) -> None:
+        from strategies import STRATEGIES
+
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+
+
+@dataclass
+class DebugConfig:
+    """``[debug]``: make chosen clients misbehave, to exercise failure handling."""
+
+    fail: dict[str, str] = field(default_factory=dict)
+    """Partition id (as a string) -> ``raise``, ``nan`` or ``wrong-keys``."""
+    stop_after_round: int | None = None
+    """Stop the server (as if killed) right after this round's checkpoint."""
+
+    def __post_init__(self) -> None:
+        for pid, kind in self.fail.items():
+            if kind not in FAILURE_KINDS or not str(pid).isdigit():
+                raise ValueError(f"debug.fail entries map partition ids to one of {FAILURE_KINDS}, got {pid}={kind}")
+
+
+@dataclass
+class FedConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, select_best=False))
+    emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
+    layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(as_dict(self), sort_keys=True)
+
+
+_SECTIONS = {
+    "run": RunConfig,
+    "partition": PartitionConfig,
+    "strategy": StrategyConfig,
+    "finetune": FinetuneConfig,
+    "emulator": EmulatorSection,
+    "layer_replace": LayerReplaceConfig,
+    "debug": DebugConfig,
+}
+
+
+def fed_config_from_dict(data: dict, where: str = "config") -> FedConfig:
+    """Build a :class:`FedConfig` from nested tables (TOML or JSON)."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SECTIONS)}")
+    kwargs = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(data.get(name, {}))
+        if name == "finetune":
+            values.setdefault("select_best", False)  # clients send their last state, not a past one
+            values.setdefault("steps", 20)
+        if name == "emulator":
+            values.setdefault("name", "emulator")
+        kwargs[name] = from_dict(cls, values, name)
+    return FedConfig(**kwargs)
+
+
+def load_fed_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FedConfig:
+    """Read a run file; ``overrides`` maps ``section.key`` to a value (command-line overrides)."""
+    data = load_toml(path)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r} must look like section.key=value")
+        data.setdefault(section, {})[key] = value
+    return fed_config_from_dict(data, str(path))
+
+
+def fed_config_from_json(text: str) -> FedConfig:
+    return fed_config_from_dict(json.loads(text), "resolved config")
+
+
+def with_run(config: FedConfig, **changes) -> FedConfig:
+    """A copy with ``[run]`` fields changed (validated again)."""
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, **changes))

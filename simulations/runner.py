@@ -1,0 +1,94 @@
+"""Start a federated run on Flower's simulation engine (Ray), locally or on a Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from scaleot_fed.env import configure_environment
+
+configure_environment()
+
+from scaleot_fed.errors import ScaleOTError  # noqa: E402
+
+from .config import FedConfig, fed_config_from_dict  # noqa: E402
+
+
+def backend_config(config: FedConfig) -> dict:
+    """Ray options: resources per client and how Ray starts (or which cluster it joins)."""
+    run = config.run
+    init_args: dict = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    if run.ray_address:
+        init_args["address"] = run.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": run.client_num_cpus, "num_gpus": run.client_num_gpus},
+        "init_args": init_args,
+    }
+
+
+def validate(config: FedConfig) -> None:
+    """Checks that need no model: fail at start, before Ray and Flower spin up."""
+    from scaleot_fed.tasks import TASKS, load_task
+    from strategies import build_strategy
+
+    from .partition import partition_indices
+
+    run = config.run
+    if run.task not in TASKS and not Path(run.task).exists():
+        load_task(run.task)  # raises the error that lists the known tasks
+    if run.eval_task is None and run.task not in TASKS:
+        raise ScaleOTError(f"[run] task {run.task!r} is a user file with a single split: set eval_task to the evaluation file")
+    build_strategy(config.strategy.name, config.strategy.params)
+    if config.emulator.path and not (Path(config.emulator.path) / "manifest.json").is_file():
+        raise ScaleOTError(f"[emulator] path {config.emulator.path} is not an emulator folder (no manifest.json)")
+    if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
+        raise ScaleOTError("strategy ffa-lora needs [finetune] mode = \"lora\"")
+    sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
+    too_small = [i for i, n in enumerate(sizes) if n < 2]
+    if too_small:
+        raise ScaleOTError(f"clients {too_small} got fewer than 2 items from the {config.partition.kind} partition; "
+                           "use fewer clients, more train items or a milder partition")
+
+
+def simulate(config: FedConfig, resume: bool = False) -> Path:
+    """Run (or resume) a federated simulation; returns the run folder.
+
+    Raises
+    ------
+    ScaleOTError
+        When the server loop failed (too many failed clients, bad input, ...).
+    """
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import make_server_app
+
+    validate(config)
+    errors: list[BaseException] = []
+    os.environ.pop("RAY_ADDRESS", None) if not config.run.ray_address else None
+    run_simulation(
+        server_app=make_server_app(config, resume=resume, on_error=errors),
+        client_app=client_app,
+        num_supernodes=config.run.num_clients,
+        backend_config=backend_config(config),
+    )
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, ScaleOTError):
+            raise exc
+        raise ScaleOTError(f"the federated run failed: {type(exc).__name__}: {exc}") from exc
+    return Path(config.run.out)
+
+
+def load_run_config(run_dir: str | Path) -> FedConfig:
+    """The resolved configuration saved in a run folder (for ``--resume``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ScaleOTError(f"{run_dir} is not a run folder (no config.json)")
+    data = json.loads(path.read_text())
+    data.setdefault("debug", {})["stop_after_round"] = None  # a resumed run goes to the end
+    data["run"]["out"] = str(run_dir)
+    return fed_config_from_dict(data, str(path))
