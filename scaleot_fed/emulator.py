@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -296,6 +296,19 @@ def build_emulator(
     return Emulator(model=emulator_model, manifest=manifest)
 
 
+def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with one name per shared tensor (tied embeddings), chosen by name order so
+    that the same emulator always serialises to the same bytes (and the same sha256)."""
+    state, seen = {}, set()
+    for name, tensor in sorted(model.state_dict().items()):
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -312,8 +325,7 @@ def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Pa
     tokenizer = tokenizer if tokenizer is not None else emulator.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    # save_model drops the duplicate of tied tensors (input/output embeddings) that save_file rejects.
-    save_model(emulator.model, str(out / WEIGHTS), metadata={"format": MANIFEST_FORMAT})
+    save_file(_deduplicated_state(emulator.model), str(out / WEIGHTS), metadata={"format": MANIFEST_FORMAT})
     emulator.manifest["weights_sha256"] = _sha256(out / WEIGHTS)
     (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
     return out
@@ -377,7 +389,7 @@ def load_emulator(path: str | Path, tokenizer: bool = True) -> Emulator:
     set_layers(model, blocks, getattr(config, "layer_types", None))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # save_model stores one name of tied tensors (input/output embeddings); the other name is
+    # save_emulator stores one name of tied tensors (input/output embeddings); the other name is
     # reported missing although it shares the loaded storage.
     untied = [k for k in missing if not _aliases(model, k) & state.keys()]
     if untied or unexpected:

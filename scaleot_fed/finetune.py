@@ -77,10 +77,15 @@ class FinetuneConfig:
 
 
 def encode_example(tokenizer, item: MCItem, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels of context + gold answer; labels are IGNORE outside the answer."""
+    """Token ids and labels of context + gold answer; labels are IGNORE outside the answer.
+
+    Truncation rule: keep the last ``max_length`` tokens of context + answer (the context loses
+    tokens on the left, as in scoring); an answer that alone exceeds ``max_length`` keeps its
+    first ``max_length`` tokens and no context.
+    """
     ctx, cont = encode_pair(tokenizer, item.context, TARGET_DELIMITER + item.choices[item.gold])
-    if len(cont) > max_length:
-        raise ScaleOTError(f"the answer of item {item.context[:50]!r} alone exceeds max_length={max_length}")
+    if len(cont) >= max_length:
+        return cont[:max_length], cont[:max_length]
     ids = (ctx + cont)[-max_length:]
     labels = [IGNORE] * (len(ids) - len(cont)) + cont
     return ids, labels

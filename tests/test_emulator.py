@@ -154,3 +154,12 @@ def test_adapters_must_be_fewer_than_blocks():
 def test_importance_strategies_need_an_artifact():
     with pytest.raises(ConfigError, match="layer-replace"):
         build_emulator(tiny_model("opt"), EmulatorConfig("importance-drop", 2, alpha=0.5))
+
+
+def test_saving_is_deterministic(tmp_path):
+    model = tiny_model("gpt2")  # tied embeddings: one stored name, chosen the same way every time
+    shas = []
+    for i in range(2):
+        emulator = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.5))
+        shas.append(json.loads((save_emulator(emulator, tmp_path / str(i)) / "manifest.json").read_text())["weights_sha256"])
+    assert shas[0] == shas[1]

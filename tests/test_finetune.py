@@ -106,3 +106,10 @@ def test_exported_lora_loads_on_the_original_model(emulator_and_tokenizer, tmp_p
 def test_bad_finetune_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig(**kwargs)
+
+
+def test_an_answer_longer_than_the_window_keeps_its_start(gpt2_tokenizer):
+    item = MCItem("Q:", ("word " * 50, "x"), 0)
+    ids, labels = encode_example(gpt2_tokenizer, item, max_length=8)
+    assert len(ids) == 8 and labels == ids  # all answer tokens, loss on every one
+    assert gpt2_tokenizer.decode(ids).startswith(" word word")

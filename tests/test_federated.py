@@ -1,0 +1,128 @@
+"""Federated runs on Flower's simulation engine with real Ray actors, on a tiny GPT-2."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleot_fed.errors import ConfigError, ScaleOTError
+from simulations.config import fed_config_from_dict
+from simulations.runner import load_run_config, simulate, validate
+
+from .test_offsite import _write_items
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("fed")
+    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
+    model.save_pretrained(root / "model")
+    gpt2_tokenizer.save_pretrained(root / "model")
+    _write_items(root / "train.jsonl", 90, 0)
+    _write_items(root / "eval.jsonl", 8, 1)
+    old = os.environ.get("SCALEOT_FED_CACHE")
+    os.environ["SCALEOT_FED_CACHE"] = str(root / "cache")  # a fresh client-side emulator cache
+    yield root
+    if old is None:
+        os.environ.pop("SCALEOT_FED_CACHE", None)
+    else:
+        os.environ["SCALEOT_FED_CACHE"] = old
+
+
+def _config(root, out, **run):
+    data = {
+        "run": {"out": str(root / out), "model": str(root / "model"), "task": str(root / "train.jsonl"),
+                "eval_task": str(root / "eval.jsonl"), "num_rounds": 2, "num_clients": 3, "clients_per_round": 2,
+                "eval_batch_size": 8, "eval_every": 10, "final_table": False} | run,
+        "partition": {"kind": "iid"},
+        "strategy": {"name": "fedavg"},
+        "finetune": {"mode": "lora", "steps": 2, "batch_size": 4, "lr": 5e-3},
+        "emulator": {"strategy": "uniform-drop", "num_adapter_layers": 2, "alpha": 0.5},
+    }
+    return data
+
+
+def _aggregate(path):
+    return load_file(str(path / "aggregate.safetensors"))
+
+
+def test_simulation_delivers_the_emulator_once_and_reports(fed):
+    out = simulate(fed_config_from_dict(_config(fed, "a", final_table=True)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["successful"] == 2 for r in rounds)
+    folder = sum(p.stat().st_size for p in (out / "emulator" / "emulator").iterdir())
+    # one delivery for the whole (single-machine) federation, none in later rounds
+    assert folder <= rounds[0]["emulator_bytes_down"] < folder + 4096
+    assert rounds[1]["emulator_bytes_down"] == 0
+    # only trainable state travels per round: each train message carries it, and far less than the model
+    assert rounds[1]["bytes_up"] == 2 * metrics["trainable_bytes"]
+    assert metrics["trainable_bytes"] < 0.05 * metrics["full_model_bytes"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["emulators"]["federated-fedavg"]["rows"]
+    assert set(rows) == {"full_zero_shot", "emulator_zero_shot", "emulator_finetune", "plug_in"}
+    for name in ("metrics.csv", "rounds.png", "partitions.png", "results.md", "plugged/config.json", "DONE"):
+        assert (out / name).exists(), name
+
+
+def test_same_seed_same_result_and_no_second_delivery(fed):
+    first = fed / "a"
+    if not (first / "aggregate.safetensors").exists():
+        simulate(fed_config_from_dict(_config(fed, "a")))
+    out = simulate(fed_config_from_dict(_config(fed, "b")))
+    a, b = _aggregate(first), _aggregate(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "metrics.json").read_text())["rounds"][0]["emulator_bytes_down"] == 0  # cached
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(fed):
+    config = _config(fed, "c")
+    config["debug"] = {"stop_after_round": 1}
+    out = simulate(fed_config_from_dict(config))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 1
+    assert not (out / "DONE").exists()
+    simulate(load_run_config(out), resume=True)
+    a, c = _aggregate(fed / "a"), _aggregate(out)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [1, 2]
+
+
+def test_a_bad_update_is_rejected_and_the_round_continues(fed, caplog):
+    config = _config(fed, "d", num_rounds=1, clients_per_round=3, min_successful_clients=2)
+    config["debug"] = {"fail": {"0": "nan"}}
+    with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
+        out = simulate(fed_config_from_dict(config))
+    row = json.loads((out / "metrics.json").read_text())["rounds"][0]
+    assert row["successful"] == 2 and row["failed"] == [0]
+    assert any("client 0" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
+
+
+def test_too_many_failures_stop_the_run_with_a_clear_error(fed, caplog):
+    config = _config(fed, "e", num_rounds=1, clients_per_round=3, min_successful_clients=2)
+    config["debug"] = {"fail": {"0": "raise", "1": "wrong-keys"}}
+    with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
+        with pytest.raises(ScaleOTError, match="only 1 of 3 clients"):
+            simulate(fed_config_from_dict(config))
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "client 0" in messages and "client 1" in messages and "wrong keys" in messages
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"strategy": {"name": "fedmagic"}}, "unknown strategy"),
+    ({"run": {"clients_per_round": 5}}, "clients_per_round"),
+    ({"run": {"client_val_fraction": 1.5}}, "client_val_fraction"),
+    ({"run": {"min_successful_clients": 3, "clients_per_round": 2}}, "min_successful_clients"),
+    ({"emulator": {"path": "/nonexistent/emulator"}}, "not an emulator folder"),
+    ({"run": {"task": "squad"}}, "unknown task"),
+    ({"partition": {"kind": "random"}}, "unknown partition kind"),
+])
+def test_bad_config_fails_at_start(fed, change, match):
+    config = _config(fed, "x")
+    for section, values in change.items():
+        config[section] = config.get(section, {}) | values
+    with pytest.raises((ConfigError, ScaleOTError), match=match):
+        validate(fed_config_from_dict(config))
