@@ -236,8 +236,16 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    import logging
+
     from simulations.config import load_fed_config, with_run
     from simulations.runner import load_run_config, simulate
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s scaleot-fed: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("scaleot_fed")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
     if args.resume:
         config = load_run_config(args.resume)
