@@ -309,7 +309,8 @@ def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -326,7 +327,7 @@ def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Pa
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     save_file(_deduplicated_state(emulator.model), str(out / WEIGHTS), metadata={"format": MANIFEST_FORMAT})
-    emulator.manifest["weights_sha256"] = _sha256(out / WEIGHTS)
+    emulator.manifest["weights_sha256"] = sha256_file(out / WEIGHTS)
     (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
     return out
 
@@ -360,7 +361,7 @@ def load_emulator(path: str | Path, tokenizer: bool = True) -> Emulator:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise IntegrityError(f"emulator weights {weights} are missing")
-    if _sha256(weights) != manifest.get("weights_sha256"):
+    if sha256_file(weights) != manifest.get("weights_sha256"):
         raise IntegrityError(
             f"emulator weights {weights} do not match the sha256 in {path / MANIFEST}: the file was "
             "changed or corrupted; get the emulator again from the model owner"

@@ -81,6 +81,13 @@ class LayerReplaceConfig:
         if self.rl_lr < 0 or self.harmonizer_lr <= 0:
             raise ConfigError("rl_lr must be >= 0 and harmonizer_lr > 0")
 
+    def blocks_needed(self) -> int:
+        """Token blocks to read from the corpus: enough that training batches rarely repeat, plus
+        the held-out share and the final evaluation."""
+        if self.max_train_blocks:
+            return self.max_train_blocks
+        return int(self.steps * self.batch_size / (1 - self.heldout_fraction)) + self.batch_size * (self.eval_batches + 1)
+
 
 def middle_layers(num_layers: int, num_adapter_layers: int) -> list[int]:
     """Indices of the non-adapter blocks for ``num_adapter_layers`` split bottom/top."""

@@ -260,8 +260,7 @@ def prepare_emulator(section: EmulatorSection, full, tokenizer, layer_replace: L
                 log(f"  stage 1 (layer-replace, {lr.steps} steps) for {section.name} ...")
                 from .text import lambada_passages, token_blocks
 
-                needed = int(lr.steps * lr.batch_size / (1 - lr.heldout_fraction)) + lr.batch_size * (lr.eval_batches + 1)
-                ids = token_blocks(tokenizer, lambada_passages(), lr.block_size, max_blocks=needed)
+                ids = token_blocks(tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
                 save_artifact(run_layer_replace(full, ids, lr, model_name, progress=False), path)
             importance = load_artifact(path)
     base = EmulatorConfig(section.strategy, section.num_adapter_layers, section.alpha, section.rank_keep_ratio)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator  # noqa: E402
+from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator, sha256_file  # noqa: E402
 from scaleot_fed.errors import ScaleOTError  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
@@ -47,14 +46,6 @@ _TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
 
 def emulator_dir(sha: str) -> Path:
     return cache_dir() / "emulators" / sha
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def holds_emulator(sha: str) -> bool:
@@ -87,7 +78,7 @@ def _store_delivery(sha: str, content: RecordDict) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=target.parent))
     try:
         (tmp / WEIGHTS).write_bytes(weights)
-        if _sha256_file(tmp / WEIGHTS) != sha:
+        if sha256_file(tmp / WEIGHTS) != sha:
             raise ScaleOTError("delivered emulator weights do not match the announced sha256")
         for name, data in files.items():
             if "/" in name or name.startswith("."):

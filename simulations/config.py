@@ -39,6 +39,8 @@ class RunConfig:
     num_clients: int = 8
     """Data owners (Flower SuperNodes); each gets one partition of the task's train split."""
     clients_per_round: int = 4
+    fraction_per_round: float | None = None
+    """When set, overrides ``clients_per_round`` with ``max(1, round(fraction * num_clients))``."""
     min_successful_clients: int = 1
     """A round with fewer successful clients stops the run with an error (weights are never
     silently kept)."""
@@ -64,6 +66,10 @@ class RunConfig:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.fraction_per_round is not None:
+            if not 0.0 < self.fraction_per_round <= 1.0:
+                raise ValueError(f"fraction_per_round must be in (0, 1], got {self.fraction_per_round}")
+            self.clients_per_round = max(1, round(self.fraction_per_round * self.num_clients))
         if not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"

@@ -114,6 +114,7 @@ def test_too_many_failures_stop_the_run_with_a_clear_error(fed, caplog):
 @pytest.mark.parametrize("change,match", [
     ({"strategy": {"name": "fedmagic"}}, "unknown strategy"),
     ({"run": {"clients_per_round": 5}}, "clients_per_round"),
+    ({"run": {"fraction_per_round": 1.5}}, "fraction_per_round"),
     ({"run": {"client_val_fraction": 1.5}}, "client_val_fraction"),
     ({"run": {"min_successful_clients": 3, "clients_per_round": 2}}, "min_successful_clients"),
     ({"emulator": {"path": "/nonexistent/emulator"}}, "not an emulator folder"),
