@@ -324,6 +324,10 @@ class FederatedRun:
         acc = [(r["round"], 100 * r["plug_in_acc"]) for r in self.metrics if "plug_in_acc" in r]
         if acc:
             a1.plot(*zip(*acc), marker="o", label="plug-in acc")
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (a1, a2):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         a1.set_xlabel("round")
         a1.set_ylabel("accuracy (%)")
         a1.set_title("server-side plug-in accuracy")
