@@ -155,20 +155,29 @@ def load_any_model(spec: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_multiple_choice
+    from .evaluate import evaluate_multiple_choice, perplexity
     from .tasks import load_task
+    from .text import load_text_corpus, token_blocks
 
-    items = load_task(args.task, args.split, args.limit)  # bad task names fail before the model loads
+    if (args.task is None) == (args.text is None):
+        raise ScaleOTError("give exactly one of --task (multiple choice) or --text (perplexity)")
+    # bad task names or missing files fail before the model loads
+    items = load_task(args.task, args.split, args.limit) if args.task else None
+    texts = load_text_corpus(args.text) if args.text else None
     _use_all_cores()
     model, tokenizer = load_any_model(args.model)
     if tokenizer is None:
         raise ScaleOTError(f"{args.model} has no tokenizer files; evaluation needs one")
-    result = evaluate_multiple_choice(model, tokenizer, items, batch_size=args.batch_size)
-    result = {"model": args.model, "task": args.task, "split": args.split} | result
-    if args.json:
-        print(json.dumps(result))
+    if items is not None:
+        result = {"model": args.model, "task": args.task, "split": args.split} | evaluate_multiple_choice(
+            model, tokenizer, items, batch_size=args.batch_size)
+        line = f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}"
     else:
-        print(f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+        ids = token_blocks(tokenizer, texts, args.block_size, max_blocks=args.limit)
+        result = {"model": args.model, "text": args.text, "block_size": args.block_size} | perplexity(
+            model, ids, batch_size=args.batch_size)
+        line = f"{args.text}: perplexity {result['perplexity']:.2f} over {result['tokens']} tokens"
+    print(json.dumps(result) if args.json else line)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -316,9 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="zero-shot multiple-choice acc / acc_norm, lm-evaluation-harness style")
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help + ", or an emulator folder")
-    p.add_argument("--task", required=True, help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
+    p.add_argument("--task", help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
+    p.add_argument("--text", help="perplexity instead: 'lambada', a .txt/.jsonl file or a datasets folder")
     p.add_argument("--split", default="validation", choices=("train", "validation"))
-    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--limit", type=int, help="first N items (or N token blocks with --text) only")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per block for --text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)

@@ -120,3 +120,12 @@ def test_finetune_command_on_an_emulator(setup, capsys):
     assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 12 and {"acc", "acc_norm"} <= set(result)
+
+
+def test_evaluate_perplexity_on_a_text_file(setup, capsys, tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"The {w} is here and there, number {i}." for i, w in enumerate(WORDS * 5)))
+    assert main(["evaluate", "--model", str(setup / "model"), "--text", str(tmp_path / "corpus.txt"),
+                 "--block-size", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["perplexity"] > 1 and result["tokens"] > 0
+    assert main(["evaluate", "--model", str(setup / "model")]) == 2
