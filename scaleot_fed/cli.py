@@ -276,6 +276,19 @@ def cmd_simulate(args: argparse.Namespace) -> None:
           "results.json/.md/.png, plugged/")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from .study import load_study_config, run_study
+
+    config = load_study_config(args.config)
+    if args.out:
+        config.study.out = args.out
+    _use_all_cores()
+    summary = run_study(config, progress=not args.no_progress)
+    out = Path(config.study.out)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'frontier.png'} ({len(summary['cells'])} cells)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .emulator import manifest_summary, read_manifest
 
@@ -352,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (overrides [run].out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_offsite)
+
+    p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
+    p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")
+    p.add_argument("--out", help="study folder (overrides [study].out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
     p.add_argument("--config", help="run file (TOML), e.g. simulations/configs/smoke.toml")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import as_dict, from_dict, load_toml
+from .distill import DistillConfig
 from .emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
 from .errors import ConfigError, ScaleOTError
 from .evaluate import evaluate_multiple_choice
@@ -81,9 +82,13 @@ class EmulatorSection(EmulatorConfig):
     """Stage-1 artifact folder; when absent and needed, stage 1 runs with ``[layer_replace]``."""
     path: str | None = None
     """A ready emulator folder to use instead of building one (its manifest decides the rest)."""
+    distill: bool = False
+    """Offsite-Tuning's baseline: train the kept middle blocks by distillation (uniform-drop only)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.distill and self.strategy != "uniform-drop":
+            raise ConfigError("distill = true is Offsite-Tuning's emulator: it needs strategy = \"uniform-drop\"")
         if not self.name:
             self.name = f"{self.strategy}-a{self.alpha}-r{self.rank_keep_ratio}"
 
@@ -93,13 +98,14 @@ class OffsiteConfig:
     run: RunSection = field(default_factory=RunSection)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
 
 
 def load_offsite_config(path: str | Path, overrides: dict | None = None) -> OffsiteConfig:
     """Read an offsite TOML file: ``[run]``, ``[finetune]``, ``[layer_replace]``, ``[[emulator]]``."""
     data = load_toml(path)
-    known = {"run", "finetune", "layer_replace", "emulator"}
+    known = {"run", "finetune", "layer_replace", "distill", "emulator"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -111,6 +117,7 @@ def load_offsite_config(path: str | Path, overrides: dict | None = None) -> Offs
         run=from_dict(RunSection, run, "run"),
         finetune=from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
         layer_replace=from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
+        distill=from_dict(DistillConfig, data.get("distill", {}), "distill"),
         emulators=[from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
     )
     names = [e.name for e in config.emulators]
@@ -185,7 +192,8 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print) -> dict
     per_emulator = {}
     for section in config.emulators:
         edir = out / section.name
-        emulator = prepare_emulator(section, full, loaded.tokenizer, config.layer_replace, run.model, out, log)
+        emulator = prepare_emulator(section, full, loaded.tokenizer, config.layer_replace, run.model, out, log,
+                                    config.distill)
         rows_e = {"emulator_zero_shot": cached(f"{section.name}/emulator_zero_shot", lambda: evaluate(emulator.model))}
         trained_path = edir / ("trained_lora" if ft.mode == "lora" else "trained.safetensors")
 
@@ -211,6 +219,7 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print) -> dict
             "gap_acc_norm": rows_e["plug_in"]["acc_norm"] - rows_e["emulator_finetune"]["acc_norm"],
             "num_params": emulator.manifest["num_params"],
             "source_num_params": emulator.manifest["source_num_params"],
+            "build_cost": emulator.manifest.get("build_cost"),
         }
 
     results = {
@@ -239,9 +248,10 @@ def _ft_stats(result) -> dict:
 
 
 def prepare_emulator(section: EmulatorSection, full, tokenizer, layer_replace: LayerReplaceConfig,
-                     model_name: str, out: Path, log=print):
+                     model_name: str, out: Path, log=print, distill: DistillConfig | None = None):
     """The emulator of ``section`` in ``out/<name>/emulator``: loaded if already built, else built
-    (running stage 1 into ``out/importance`` when it needs one and names no artifact)."""
+    (running stage 1 into ``out/importance`` when it needs one and names no artifact, and the
+    distillation when the section asks for it). What building cost goes into the manifest."""
     if section.path:
         if not (Path(section.path) / "manifest.json").is_file():
             raise ConfigError(f"emulator path {section.path} is not an emulator folder (no manifest.json)")
@@ -265,6 +275,20 @@ def prepare_emulator(section: EmulatorSection, full, tokenizer, layer_replace: L
             importance = load_artifact(path)
     base = EmulatorConfig(section.strategy, section.num_adapter_layers, section.alpha, section.rank_keep_ratio)
     emulator = build_emulator(full, base, importance, source_model=model_name)
+    if importance is not None:
+        emulator.manifest["build_cost"] = {"kind": "layer-replace"} | importance.meta["cost"]
+    if section.distill:
+        from .distill import distill_emulator
+        from .text import lambada_passages, token_blocks
+
+        distill = distill or DistillConfig()
+        log(f"  distillation ({distill.steps} steps) for {section.name} ...")
+        ids = token_blocks(tokenizer, lambada_passages(), distill.block_size,
+                           max_blocks=distill.steps * distill.batch_size + distill.batch_size)
+        record = distill_emulator(full, emulator, ids, distill)
+        emulator.manifest["build_cost"] = {"kind": "distillation"} | {k: v for k, v in record.items() if k != "history"}
+        emulator.manifest["distillation"] = {"config": as_dict(distill), "kd_loss_first_last": [
+            record["history"]["kd_loss"][0], record["history"]["kd_loss"][-1]]}
     save_emulator(emulator, edir, tokenizer=tokenizer)
     return load_emulator(edir)  # the saved artifact is what gets evaluated and trained
 

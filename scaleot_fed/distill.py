@@ -1,0 +1,124 @@
+"""Offsite-Tuning's distilled emulator: the baseline ScaleOT's cost claim is measured against.
+
+Uniform layer drop, then the kept middle blocks are trained on the owner's text with the LM loss
+plus ``kd_weight`` times an RMS-normalised MSE between the emulator's middle-stack output and the
+full model's (same input, i.e. the bottom adapters' output), as in Offsite-Tuning (weight 30).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import get_layers
+from .errors import ConfigError
+
+
+@dataclass
+class DistillConfig:
+    """Knobs of the distillation (same budget rules as stage 1: steps x batch x block tokens)."""
+
+    steps: int = 150
+    batch_size: int = 8
+    block_size: int = 128
+    lr: float = 1e-4
+    kd_weight: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.kd_weight < 0:
+            raise ConfigError("distill lr must be > 0 and kd_weight >= 0")
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: the MSE in units of the teacher's mean square."""
+    return ((student - teacher) ** 2).mean() / (teacher**2).mean().clamp_min(1e-12)
+
+
+class _Capture:
+    """Forward hook keeping a block's output."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.output: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.output = output[0] if isinstance(output, tuple) else output
+
+
+def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config: DistillConfig) -> dict:
+    """Train the emulator's kept middle blocks in place; returns the cost and loss record.
+
+    Parameters
+    ----------
+    full:
+        The full model (teacher, frozen).
+    emulator:
+        An :class:`~scaleot_fed.emulator.Emulator` built with ``uniform-drop`` (no harmonizers).
+    token_ids:
+        ``(num_blocks, block_size)`` owner text.
+    """
+    layout = emulator.manifest["layout"]
+    if any(e["kind"] == "harmonizer" for e in layout):
+        raise ConfigError("distillation is the Offsite-Tuning baseline: build it from a uniform-drop emulator")
+    middle_positions = [p for p, e in enumerate(layout) if e["kind"] != "adapter"]
+    if not middle_positions:
+        raise ConfigError("the emulator keeps no middle block to distil (alpha = 1)")
+    # Both middle stacks end right before the top adapters: the teacher's at its last non-adapter
+    # block, the student's at its last kept middle block.
+    adapters = set(emulator.manifest["adapter_layers"])
+    teacher_end = max(i for i in range(emulator.manifest["num_layers"]) if i not in adapters)
+    student_model = emulator.model
+    for p in student_model.parameters():
+        p.requires_grad_(False)
+    blocks = get_layers(student_model)
+    params = [p for pos in middle_positions for p in blocks[pos].parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    teacher_hook = _Capture(get_layers(full)[teacher_end])
+    student_hook = _Capture(blocks[max(middle_positions)])
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = {"lm_loss": [], "kd_loss": []}
+    tokens_fb = tokens_f = 0
+    start = time.perf_counter()
+    student_model.train()
+    full.eval()
+    try:
+        for _ in range(config.steps):
+            x = token_ids[torch.randint(len(token_ids), (min(config.batch_size, len(token_ids)),), generator=generator)]
+            with torch.no_grad():
+                full(input_ids=x, use_cache=False)
+            lm = student_model(input_ids=x, labels=x, use_cache=False).loss
+            kd = normalised_mse(student_hook.output, teacher_hook.output)
+            loss = lm + config.kd_weight * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tokens_fb += x.numel()
+            tokens_f += x.numel()
+            history["lm_loss"].append(lm.item())
+            history["kd_loss"].append(kd.item())
+    finally:
+        teacher_hook.handle.remove()
+        student_hook.handle.remove()
+        for p in params:
+            p.requires_grad_(False)
+        student_model.eval()
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "seconds_per_step": seconds / config.steps,
+        "tokens_forward_backward": tokens_fb,
+        "tokens_forward_only": tokens_f,
+        "history": history,
+        "teacher_block": teacher_end,
+    }

@@ -1,0 +1,174 @@
+"""A study: the offsite pipeline over a grid of emulators x tasks x fine-tuning modes.
+
+Every emulator is built once (stage 1 and distillation once, their cost recorded); every
+(task, mode) is one offsite run whose rows are cached, so a stopped study continues where it
+was. The summary holds one cell per (task, mode, emulator): five rows, the gap, the build cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import as_dict, from_dict, load_toml
+from .distill import DistillConfig
+from .errors import ConfigError
+from .finetune import MODES, FinetuneConfig
+from .layer_replace import LayerReplaceConfig
+from .models import load_model
+from .offsite import EmulatorSection, OffsiteConfig, RunSection, prepare_emulator, run_offsite
+
+
+@dataclass
+class StudySection:
+    """``[study]``: the grid's fixed part."""
+
+    out: str = "runs/study"
+    model: str = "smollm2-135m"
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "openbookqa", "hellaswag"])
+    modes: list[str] = field(default_factory=lambda: ["lora"])
+    train_limit: int | None = 2000
+    dev_items: int = 64
+    eval_limit: int | None = 200
+    eval_batch_size: int = 16
+    full_finetune: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("study.tasks is empty")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"study.modes must be a non-empty list of {', '.join(MODES)}; got {self.modes}")
+
+
+@dataclass
+class StudyConfig:
+    study: StudySection = field(default_factory=StudySection)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    emulators: list[EmulatorSection] = field(default_factory=list)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    data = load_toml(path)
+    known = {"study", "finetune", "layer_replace", "distill", "emulator"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    emulators = data.get("emulator", [])
+    if not isinstance(emulators, list) or not emulators:
+        raise ConfigError(f"{path}: give at least one [[emulator]]")
+    config = StudyConfig(
+        study=from_dict(StudySection, data.get("study", {}), "study"),
+        finetune=from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
+        layer_replace=from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
+        distill=from_dict(DistillConfig, data.get("distill", {}), "distill"),
+        emulators=[from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
+    )
+    names = [e.name for e in config.emulators]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: emulator names must be unique, got {names}")
+    return config
+
+
+def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
+    """Run (or resume) the grid; writes ``summary.json``, ``summary.md`` and ``frontier.png``."""
+    study = config.study
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(as_dict(config), indent=1))
+
+    built: list[EmulatorSection] = []
+    loaded = load_model(study.model)
+    for section in config.emulators:
+        if section.path:
+            built.append(section)
+            continue
+        prepare_emulator(section, loaded.model, loaded.tokenizer, config.layer_replace, study.model,
+                         out / "emulators", log, config.distill)
+        built.append(dataclasses.replace(section, path=str(out / "emulators" / section.name / "emulator")))
+    del loaded
+
+    cells = []
+    for task in study.tasks:
+        for mode in study.modes:
+            log(f"study: {task}, mode {mode}")
+            run = RunSection(out=str(out / task / mode), model=study.model, task=task, train_limit=study.train_limit,
+                             dev_items=study.dev_items, eval_limit=study.eval_limit,
+                             eval_batch_size=study.eval_batch_size, full_finetune=study.full_finetune)
+            results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
+                                                layer_replace=config.layer_replace, distill=config.distill,
+                                                emulators=built), progress=progress, log=log)
+            for name, entry in results["emulators"].items():
+                cells.append({"task": task, "mode": mode, "emulator": name} | entry)
+    summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes, "n_eval": study.eval_limit,
+               "finetune": as_dict(config.finetune), "cells": cells}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    plot_frontier(summary, out / "frontier.png")
+    return summary
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary_markdown(summary: dict) -> str:
+    """Plug-in accuracy, emulator-FT accuracy and gap per (emulator, mode), per task and averaged."""
+    tasks = summary["tasks"]
+    lines = [f"# Study: {summary['model']}", "",
+             "Per task: plug-in / emulator fine-tuned / gap, accuracy in %. Full rows are shared.", "",
+             "| emulator | mode | " + " | ".join(tasks) + " | average | build cost |",
+             "|---|---|" + "---|" * (len(tasks) + 2)]
+    keys = sorted({(c["emulator"], c["mode"]) for c in summary["cells"]}, key=lambda k: (k[1], k[0]))
+    for name, mode in keys:
+        cells = {c["task"]: c for c in summary["cells"] if c["emulator"] == name and c["mode"] == mode}
+        parts = []
+        for task in tasks:
+            c = cells.get(task)
+            parts.append("n/a" if c is None else
+                         f"{100 * c['rows']['plug_in']['acc']:.1f} / {100 * c['rows']['emulator_finetune']['acc']:.1f} / {100 * c['gap']:+.1f}")
+        avg = (f"{100 * _mean([c['rows']['plug_in']['acc'] for c in cells.values()]):.1f} / "
+               f"{100 * _mean([c['rows']['emulator_finetune']['acc'] for c in cells.values()]):.1f} / "
+               f"{100 * _mean([c['gap'] for c in cells.values()]):+.1f}")
+        cost = next((c.get("build_cost") for c in cells.values() if c.get("build_cost")), None)
+        cost_text = "none" if not cost else f"{cost['kind']}: {cost['seconds']:.0f} s, {cost['tokens_forward_backward']:,} fb tokens"
+        lines.append(f"| {name} | {mode} | " + " | ".join(parts) + f" | {avg} | {cost_text} |")
+    for row in ("full_zero_shot", "full_finetune"):
+        values = []
+        for task in tasks:
+            c = next((c for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
+            values.append("n/a" if c is None else f"{100 * c['rows'][row]['acc']:.1f}")
+        lines.append(f"| *{row.replace('_', ' ')}* | | " + " | ".join(values) + " | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(summary: dict, path: Path) -> None:
+    """Privacy-utility frontier: average plug-in accuracy vs average gap, one point per emulator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    keys = sorted({(c["emulator"], c["mode"]) for c in summary["cells"]})
+    for name, mode in keys:
+        cells = [c for c in summary["cells"] if c["emulator"] == name and c["mode"] == mode]
+        x = 100 * _mean([c["gap"] for c in cells])
+        y = 100 * _mean([c["rows"]["plug_in"]["acc"] for c in cells])
+        ax.scatter(x, y)
+        ax.annotate(f"{name} ({mode})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    full = [c["rows"]["full_finetune"]["acc"] for c in summary["cells"] if "full_finetune" in c["rows"]]
+    if full:
+        ax.axhline(100 * _mean(full), linestyle="--", color="grey", label="full fine-tuning")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("gap: plug-in - emulator fine-tuned (accuracy points; more = more privacy)")
+    ax.set_ylabel("plug-in accuracy (%)")
+    ax.set_title(f"{summary['model']}: average over {', '.join(summary['tasks'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
