@@ -109,17 +109,14 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
+    from .config import from_dict
     from .emulator import EmulatorConfig, build_emulator, save_emulator
     from .layer_replace import load_artifact
     from .models import load_model
 
-    config = dataclass_from_args(
-        EmulatorConfig,
-        argparse.Namespace(
-            strategy=args.strategy, num_adapter_layers=args.adapters, alpha=args.alpha,
-            rank_keep_ratio=args.rank_keep_ratio,
-        ),
-    )
+    # Validated before anything heavy is loaded.
+    config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
+                                        "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio})
     importance = load_artifact(args.importance) if args.importance else None
     loaded = load_model(args.model)
     emulator = build_emulator(loaded.model, config, importance, source_model=args.model)

@@ -191,8 +191,7 @@ class Emulator:
 
     def summary(self) -> str:
         """Human-readable description (what ``scaleot-fed info`` prints)."""
-        m = self.manifest
-        return manifest_summary(m)
+        return manifest_summary(self.manifest)
 
 
 def manifest_summary(m: dict) -> str:
