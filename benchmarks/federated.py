@@ -139,7 +139,7 @@ def main() -> None:
         emulator = build_emulator(loaded.model, EmulatorConfig("uniform-drop", 4, 0.5, 0.5))
         emulator_path = save_emulator(emulator, Path(tmp) / "emulator", tokenizer=loaded.tokenizer)
         del loaded, emulator
-        os.environ["SCALEOT_FED_CACHE"] = str(Path(tmp) / "cache")  # clients start without the emulator
+        os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(Path(tmp) / "client-cache")  # clients start without it
 
         # 1. overhead: a small federation, simulated vs sequential
         small = base_config(str(Path(tmp) / "overhead"), 4, 2, args.rounds, args.steps, str(emulator_path))

@@ -3,7 +3,7 @@
 Messages it answers:
 
 * ``query.emulator``: "do you hold emulator <sha256>?" and, when the server attaches the files,
-  the delivery itself. The emulator is written to the local cache (``$SCALEOT_FED_CACHE/emulators``,
+  the delivery itself. The emulator is written to the local cache (``$SCALEOT_FED_EMULATOR_CACHE``,
   verified against its sha256) and kept loaded once per process, never in the Flower ``Context``
   (the Ray backend pickles the Context to and fro on every message).
 * ``train``: load the received trainable state, train on the local partition, send the state back.
@@ -44,8 +44,14 @@ _EMULATORS: dict[str, Emulator] = {}
 _TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
 
 
+EMULATOR_CACHE_ENV = "SCALEOT_FED_EMULATOR_CACHE"
+
+
 def emulator_dir(sha: str) -> Path:
-    return cache_dir() / "emulators" / sha
+    """Where a data owner keeps delivered emulators (``$SCALEOT_FED_EMULATOR_CACHE``, default
+    ``<cache>/emulators``)."""
+    root = os.environ.get(EMULATOR_CACHE_ENV)
+    return (Path(root) if root else cache_dir() / "emulators") / sha
 
 
 def holds_emulator(sha: str) -> bool:
