@@ -51,6 +51,9 @@ class RunConfig:
     eval_limit: int | None = 200
     """Server-side plug-in evaluation on the first N validation items (None: all)."""
     eval_every: int = 1
+    client_eval: bool = True
+    """Send the new aggregate to the round's clients for an emulator-side validation loss (doubles
+    the bytes sent down); off: report the clients' own post-training validation loss instead."""
     eval_batch_size: int = 16
     final_table: bool = True
     """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""

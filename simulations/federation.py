@@ -208,11 +208,13 @@ class FederatedRun:
             raise RoundFailed(f"round {round_}: the strategy produced no aggregate")
         self.arrays = new_arrays
 
-        eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
-        bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
-        eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
-        eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
-        eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
+        eval_metrics = train_metrics  # the clients' own validation loss after local training
+        if self.config.run.client_eval:
+            eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
+            bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
+            eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
+            eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
+            eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
 
         row = {
             "round": round_,
