@@ -89,8 +89,9 @@ class FederatedRun:
         self.emulator_path = Path(self.config.emulator.path or self.out / self.config.emulator.name / "emulator")
         self.sha = self.emulator.manifest["weights_sha256"]
         torch.manual_seed(run.seed)  # LoRA's initial A comes from here: same seed, same start
-        server_copy = copy.deepcopy(self.emulator.model)
-        self.trainable = make_trainable(server_copy, list(self.emulator.adapter_positions()), self.config.finetune)
+        # The server's emulator becomes the holder of the aggregate (the pristine one is on disk).
+        self.trainable = make_trainable(self.emulator.model, list(self.emulator.adapter_positions()),
+                                        self.config.finetune)
         self.names = tuple(n for n, p in self.trainable.named_parameters() if p.requires_grad)
         self.arrays = ArrayRecord(torch_state_dict={n: p.detach().clone() for n, p in self.trainable.named_parameters()
                                                     if n in self.names})
