@@ -81,34 +81,35 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(as_dict(config), indent=1))
 
-    built: list[EmulatorSection] = []
-    loaded = load_model(study.model)
+    cells: list[dict] = []
+    summary: dict = {}
+    # Emulator by emulator (each built once, right before its cells), so that a long study has
+    # complete, summarised cells early; every (task, mode) folder caches its rows, the full-model
+    # rows included, so nothing is computed twice.
     for section in config.emulators:
-        if section.path:
-            built.append(section)
-            continue
-        prepare_emulator(section, loaded.model, loaded.tokenizer, config.layer_replace, study.model,
-                         out / "emulators", log, config.distill)
-        built.append(dataclasses.replace(section, path=str(out / "emulators" / section.name / "emulator")))
-    del loaded
-
-    cells = []
-    for task in study.tasks:
-        for mode in study.modes:
-            log(f"study: {task}, mode {mode}")
-            run = RunSection(out=str(out / task / mode), model=study.model, task=task, train_limit=study.train_limit,
-                             dev_items=study.dev_items, eval_limit=study.eval_limit,
-                             eval_batch_size=study.eval_batch_size, full_finetune=study.full_finetune)
-            results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
-                                                layer_replace=config.layer_replace, distill=config.distill,
-                                                emulators=built), progress=progress, log=log)
-            for name, entry in results["emulators"].items():
-                cells.append({"task": task, "mode": mode, "emulator": name} | entry)
-    summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes, "n_eval": study.eval_limit,
-               "finetune": as_dict(config.finetune), "cells": cells}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_markdown(summary))
-    plot_frontier(summary, out / "frontier.png")
+        if not section.path:
+            loaded = load_model(study.model)
+            prepare_emulator(section, loaded.model, loaded.tokenizer, config.layer_replace, study.model,
+                             out / "emulators", log, config.distill)
+            del loaded
+            section = dataclasses.replace(section, path=str(out / "emulators" / section.name / "emulator"))
+        for task in study.tasks:
+            for mode in study.modes:
+                log(f"study: {section.name} on {task}, mode {mode}")
+                run = RunSection(out=str(out / task / mode), model=study.model, task=task,
+                                 train_limit=study.train_limit, dev_items=study.dev_items,
+                                 eval_limit=study.eval_limit, eval_batch_size=study.eval_batch_size,
+                                 full_finetune=study.full_finetune)
+                results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
+                                                    layer_replace=config.layer_replace, distill=config.distill,
+                                                    emulators=[section]), progress=progress, log=log)
+                cells += [{"task": task, "mode": mode, "emulator": name} | entry
+                          for name, entry in results["emulators"].items()]
+        summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes, "n_eval": study.eval_limit,
+                   "finetune": as_dict(config.finetune), "cells": cells}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.md").write_text(summary_markdown(summary))
+        plot_frontier(summary, out / "frontier.png")
     return summary
 
 
