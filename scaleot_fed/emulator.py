@@ -31,7 +31,7 @@ from torch import nn
 
 from . import __version__
 from .arch import Architecture, architecture_by_name, architecture_of, get_layers, projection_weight, set_layers
-from .errors import ConfigError, IntegrityError, ScaleOTError
+from .errors import ConfigError, IntegrityError
 from .harmonizer import Harmonizer
 from .layer_replace import LayerReplaceArtifact, middle_layers
 from .models import count_parameters, model_fingerprint

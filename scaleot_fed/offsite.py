@@ -102,28 +102,35 @@ class OffsiteConfig:
     emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
 
 
-def load_offsite_config(path: str | Path, overrides: dict | None = None) -> OffsiteConfig:
-    """Read an offsite TOML file: ``[run]``, ``[finetune]``, ``[layer_replace]``, ``[[emulator]]``."""
+def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | None = None,
+                       default_emulator: bool = True) -> dict:
+    """The tables shared by ``offsite`` and ``study`` files: ``[<head>]``, ``[finetune]``,
+    ``[layer_replace]``, ``[distill]`` and ``[[emulator]]``, as keyword arguments of the config."""
     data = load_toml(path)
-    known = {"run", "finetune", "layer_replace", "distill", "emulator"}
+    known = {head, "finetune", "layer_replace", "distill", "emulator"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    run = dict(data.get("run", {})) | (overrides or {})
-    emulators = data.get("emulator", [{}])
+    emulators = data.get("emulator", [{}] if default_emulator else [])
     if not isinstance(emulators, list) or not emulators:
-        raise ConfigError(f"{path}: [[emulator]] must be an array of tables with at least one entry")
-    config = OffsiteConfig(
-        run=from_dict(RunSection, run, "run"),
-        finetune=from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
-        layer_replace=from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
-        distill=from_dict(DistillConfig, data.get("distill", {}), "distill"),
-        emulators=[from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
-    )
-    names = [e.name for e in config.emulators]
+        raise ConfigError(f"{path}: give at least one [[emulator]] table")
+    values = {
+        head: from_dict(head_cls, dict(data.get(head, {})) | (overrides or {}), head),
+        "finetune": from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
+        "layer_replace": from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
+        "distill": from_dict(DistillConfig, data.get("distill", {}), "distill"),
+        "emulators": [from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
+    }
+    names = [e.name for e in values["emulators"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: emulator names must be unique, got {names}")
-    return config
+    return values
+
+
+def load_offsite_config(path: str | Path, overrides: dict | None = None) -> OffsiteConfig:
+    """Read an offsite TOML file: ``[run]``, ``[finetune]``, ``[layer_replace]``, ``[distill]``,
+    ``[[emulator]]`` (``overrides`` replace ``[run]`` values)."""
+    return OffsiteConfig(**read_pipeline_toml(path, "run", RunSection, overrides))
 
 
 class _Rows:

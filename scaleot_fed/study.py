@@ -12,13 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import as_dict, from_dict, load_toml
+from .config import as_dict
 from .distill import DistillConfig
-from .errors import ConfigError
 from .finetune import MODES, FinetuneConfig
 from .layer_replace import LayerReplaceConfig
 from .models import load_model
-from .offsite import EmulatorSection, OffsiteConfig, RunSection, prepare_emulator, run_offsite
+from .offsite import EmulatorSection, OffsiteConfig, RunSection, prepare_emulator, read_pipeline_toml, run_offsite
 
 
 @dataclass
@@ -53,25 +52,8 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    data = load_toml(path)
-    known = {"study", "finetune", "layer_replace", "distill", "emulator"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    emulators = data.get("emulator", [])
-    if not isinstance(emulators, list) or not emulators:
-        raise ConfigError(f"{path}: give at least one [[emulator]]")
-    config = StudyConfig(
-        study=from_dict(StudySection, data.get("study", {}), "study"),
-        finetune=from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
-        layer_replace=from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
-        distill=from_dict(DistillConfig, data.get("distill", {}), "distill"),
-        emulators=[from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
-    )
-    names = [e.name for e in config.emulators]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: emulator names must be unique, got {names}")
-    return config
+    """Read a study TOML file: ``[study]`` plus the offsite tables, at least one ``[[emulator]]``."""
+    return StudyConfig(**read_pipeline_toml(path, "study", StudySection, default_emulator=False))
 
 
 def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:

@@ -67,7 +67,7 @@ def test_layer_replace_config_file_and_unknown_key(workspace, capsys, tmp_path):
 
 
 def _bad_cases(ws, tmp):
-    model, imp = str(ws / "model"), str(ws / "importance")
+    model = str(ws / "model")
     build = ["build-emulator", "--model", model, "--out", str(tmp / "e")]
     return {
         "alpha": (build + ["--strategy", "uniform-drop", "--alpha", "1.5"], "alpha must be in [0, 1]"),
