@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -269,8 +270,9 @@ class FederatedRun:
         state = {
             "round": round_,
             "sha256": self.sha,
-            "python_random": repr(random.getstate()),
-            "numpy_random": repr(np.random.get_state()[1].tolist()[:4]),
+            # Client sampling uses its own seeded Random per round; the global states are kept so a
+            # resumed server continues exactly where it stopped (Flower's sampling orders nodes with them).
+            "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
             "torch_random": torch.get_rng_state().tolist(),
             "bytes_down_total": self.bytes_down_total,
             "bytes_up_total": self.bytes_up_total,
@@ -281,8 +283,6 @@ class FederatedRun:
             old = self.out / ".checkpoint.old"
             ckpt.replace(old)
             tmp.replace(ckpt)
-            import shutil
-
             shutil.rmtree(old)
         else:
             tmp.replace(ckpt)
@@ -297,6 +297,8 @@ class FederatedRun:
         self.arrays = ArrayRecord(torch_state_dict=load_file(str(ckpt / "aggregate.safetensors")))
         self.strategy.__dict__.update(pickle.loads((ckpt / "strategy.pkl").read_bytes()))
         torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
+        version, internal, gauss = state["python_random"]
+        random.setstate((version, tuple(internal), gauss))
         self.metrics = json.loads((ckpt / "metrics.json").read_text())
         self.bytes_down_total, self.bytes_up_total = state["bytes_down_total"], state["bytes_up_total"]
         self.start_round = state["round"] + 1

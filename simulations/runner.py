@@ -68,7 +68,8 @@ def simulate(config: FedConfig, resume: bool = False) -> Path:
 
     validate(config)
     errors: list[BaseException] = []
-    os.environ.pop("RAY_ADDRESS", None) if not config.run.ray_address else None
+    if not config.run.ray_address:
+        os.environ.pop("RAY_ADDRESS", None)  # else ray.init attaches to whatever cluster it names
     run_simulation(
         server_app=make_server_app(config, resume=resume, on_error=errors),
         client_app=client_app,
