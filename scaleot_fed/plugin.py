@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -173,6 +174,14 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
     if not state:
         raise ScaleOTError("the model has no trainable parameters to export")
     return save_adapter_state(state, out, emulator.manifest)
+
+
+def plug_in_trained(full: nn.Module, model: nn.Module, emulator) -> nn.Module:
+    """A copy of ``full`` with what was trained on ``emulator`` (``model``) plugged in, going
+    through the same export a data owner sends, so nothing plugs in that could not be shipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        name = "lora" if hasattr(model, "peft_config") else "state.safetensors"
+        return plug_in_path(copy.deepcopy(full), emulator.manifest, export_trained(model, emulator, Path(tmp) / name))
 
 
 def save_plugged(model: nn.Module, tokenizer, out: str | Path) -> Path:

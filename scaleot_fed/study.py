@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import as_dict
+from .errors import ConfigError
 from .distill import DistillConfig
 from .finetune import MODES, FinetuneConfig
 from .layer_replace import LayerReplaceConfig
@@ -33,13 +34,20 @@ class StudySection:
     eval_limit: int | None = 200
     eval_batch_size: int = 16
     full_finetune: bool = True
+    variant_emulator: str | None = None
+    """The PEFT comparison: the ``[[emulator]]`` (by name) that is also trained with ``variant_modes``."""
+    variant_modes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("study.tasks is empty")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"study.modes must be a non-empty list of {', '.join(MODES)}; got {self.modes}")
+        for key in ("modes", "variant_modes"):
+            modes = getattr(self, key)
+            if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
+                raise ValueError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
+        if bool(self.variant_emulator) != bool(self.variant_modes):
+            raise ValueError("study.variant_emulator and study.variant_modes go together: name the emulator "
+                             "and the extra fine-tuning modes to train it with")
 
 
 @dataclass
@@ -53,7 +61,14 @@ class StudyConfig:
 
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read a study TOML file: ``[study]`` plus the offsite tables, at least one ``[[emulator]]``."""
-    return StudyConfig(**read_pipeline_toml(path, "study", StudySection, default_emulator=False))
+    config = StudyConfig(**read_pipeline_toml(path, "study", StudySection, default_emulator=False))
+    names = [e.name for e in config.emulators]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: emulator names must be unique (they name folders); got {names}")
+    if config.study.variant_emulator and config.study.variant_emulator not in names:
+        raise ConfigError(f"{path}: study.variant_emulator = {config.study.variant_emulator!r} is not one of "
+                          f"the [[emulator]] names {names}")
+    return config
 
 
 def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
@@ -63,35 +78,49 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(as_dict(config), indent=1))
 
-    cells: list[dict] = []
-    summary: dict = {}
-    # Emulator by emulator (each built once, right before its cells), so that a long study has
-    # complete, summarised cells early; every (task, mode) folder caches its rows, the full-model
-    # rows included, so nothing is computed twice.
-    for section in config.emulators:
-        if not section.path:
+    built: dict[str, EmulatorSection] = {}
+
+    def ready(section: EmulatorSection) -> EmulatorSection:
+        # Built once, on first use, and from then on read from disk (stage 1 and the distillation
+        # too: their folders are the cache).
+        if section.path:
+            return section
+        if section.name not in built:
             loaded = load_model(study.model)
             prepare_emulator(section, loaded.model, loaded.tokenizer, config.layer_replace, study.model,
                              out / "emulators", log, config.distill)
             del loaded
-            section = dataclasses.replace(section, path=str(out / "emulators" / section.name / "emulator"))
-        for task in study.tasks:
-            for mode in study.modes:
+            built[section.name] = dataclasses.replace(
+                section, path=str(out / "emulators" / section.name / "emulator"))
+        return built[section.name]
+
+    cells: list[dict] = []
+    summary: dict = {}
+    # Task by task, so a long study has complete comparisons (every method on one task) early;
+    # each (task, mode) folder caches its rows, the full-model rows included, so a stopped study
+    # continues where it was and nothing is computed twice.
+    for task in study.tasks:
+        for section in config.emulators:
+            modes = study.modes + ([m for m in study.variant_modes if m not in study.modes]
+                                   if section.name == study.variant_emulator else [])
+            for mode in modes:
                 log(f"study: {section.name} on {task}, mode {mode}")
                 run = RunSection(out=str(out / task / mode), model=study.model, task=task,
                                  train_limit=study.train_limit, dev_items=study.dev_items,
                                  eval_limit=study.eval_limit, eval_batch_size=study.eval_batch_size,
-                                 full_finetune=study.full_finetune)
+                                 # the full-model reference is trained in the study's main modes only
+                                 full_finetune=study.full_finetune and mode in study.modes)
                 results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
                                                     layer_replace=config.layer_replace, distill=config.distill,
-                                                    emulators=[section]), progress=progress, log=log)
+                                                    emulators=[ready(section)]), progress=progress, log=log)
                 cells += [{"task": task, "mode": mode, "emulator": name} | entry
                           for name, entry in results["emulators"].items()]
-        summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes, "n_eval": study.eval_limit,
-                   "finetune": as_dict(config.finetune), "cells": cells}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "summary.md").write_text(summary_markdown(summary))
-        plot_frontier(summary, out / "frontier.png")
+            summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes,
+                       "variant_emulator": study.variant_emulator, "variant_modes": study.variant_modes,
+                       "n_eval": study.eval_limit, "finetune": as_dict(config.finetune), "cells": cells}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            (out / "summary.md").write_text(summary_markdown(summary))
+            plot_frontier(summary, out / "frontier.png")
     return summary
 
 
@@ -105,8 +134,8 @@ def summary_markdown(summary: dict) -> str:
     tasks = summary["tasks"]
     lines = [f"# Study: {summary['model']}", "",
              "Per task: plug-in / emulator fine-tuned / gap, accuracy in %. Full rows are shared.", "",
-             "| emulator | mode | " + " | ".join(tasks) + " | average | build cost |",
-             "|---|---|" + "---|" * (len(tasks) + 2)]
+             "| emulator | mode | trainable | " + " | ".join(tasks) + " | average | build cost |",
+             "|---|---|---|" + "---|" * (len(tasks) + 2)]
     keys = sorted({(c["emulator"], c["mode"]) for c in summary["cells"]}, key=lambda k: (k[1], k[0]))
     for name, mode in keys:
         cells = {c["task"]: c for c in summary["cells"] if c["emulator"] == name and c["mode"] == mode}
@@ -120,13 +149,14 @@ def summary_markdown(summary: dict) -> str:
                f"{100 * _mean([c['gap'] for c in cells.values()]):+.1f}")
         cost = next((c.get("build_cost") for c in cells.values() if c.get("build_cost")), None)
         cost_text = "none" if not cost else f"{cost['kind']}: {cost['seconds']:.0f} s, {cost['tokens_forward_backward']:,} fb tokens"
-        lines.append(f"| {name} | {mode} | " + " | ".join(parts) + f" | {avg} | {cost_text} |")
+        trainable = next(iter(cells.values()))["rows"]["emulator_finetune"].get("trainable_params")
+        lines.append(f"| {name} | {mode} | {trainable or 0:,} | " + " | ".join(parts) + f" | {avg} | {cost_text} |")
     for row in ("full_zero_shot", "full_finetune"):
         values = []
         for task in tasks:
             c = next((c for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
             values.append("n/a" if c is None else f"{100 * c['rows'][row]['acc']:.1f}")
-        lines.append(f"| *{row.replace('_', ' ')}* | | " + " | ".join(values) + " | | |")
+        lines.append(f"| *{row.replace('_', ' ')}* | | | " + " | ".join(values) + " | | |")
     return "\n".join(lines) + "\n"
 
 

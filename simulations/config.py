@@ -59,6 +59,9 @@ class RunConfig:
     """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""
     centralised_full_finetune: bool = False
     """Also fine-tune the full model centrally on the pooled client data (the Full FT row)."""
+    centralised_offsite: bool = False
+    """Also fine-tune the emulator centrally on the pooled client data and plug that in: the same
+    data without federation, a second entry (``centralised``) in the final table."""
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     ray_address: str | None = None

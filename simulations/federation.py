@@ -16,7 +16,6 @@ import logging
 import pickle
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import finetune, make_trainable
 from scaleot_fed.models import load_model
 from scaleot_fed.offsite import ROWS, markdown_table, plot_results, prepare_emulator
-from scaleot_fed.plugin import export_trained, plug_in_path, save_plugged
+from scaleot_fed.plugin import plug_in_trained, save_plugged
 from scaleot_fed.tasks import load_task
 from strategies import build_strategy
 
@@ -247,10 +246,7 @@ class FederatedRun:
     def plugged_model(self):
         """The full model with the current aggregate plugged in."""
         self._load_into_trainable()
-        with tempfile.TemporaryDirectory() as tmp:
-            lora = self.config.finetune.mode == "lora"
-            path = export_trained(self.trainable, self.emulator, Path(tmp) / ("lora" if lora else "state.safetensors"))
-            return plug_in_path(copy.deepcopy(self.full), self.emulator.manifest, path)
+        return plug_in_trained(self.full, self.trainable, self.emulator)
 
     def _evaluate(self, model) -> dict:
         return evaluate_multiple_choice(model, self.tokenizer, self.eval_items, batch_size=self.config.run.eval_batch_size)
@@ -380,31 +376,49 @@ class FederatedRun:
 
         rows = {"full_zero_shot": self._evaluate(self.full),
                 "emulator_zero_shot": self._evaluate(load_emulator(self.emulator_path).model)}
-        if run.centralised_full_finetune:
-            pooled = [i for p in range(run.num_clients) for i in client_data(self.config, p, run.num_clients)[0]]
-            dev = [i for p in range(run.num_clients) for i in client_data(self.config, p, run.num_clients)[1]]
-            model = copy.deepcopy(self.full)
+        if run.centralised_full_finetune or run.centralised_offsite:
+            # The pooled client data, trained for as many examples as the whole federation saw.
+            parts = [client_data(self.config, p, run.num_clients) for p in range(run.num_clients)]
+            pooled = [i for train, _ in parts for i in train]
+            dev = [i for _, val in parts for i in val]
             ft = copy.deepcopy(self.config.finetune)
-            ft.steps, ft.eval_items, ft.eval_every = run.num_rounds * ft.steps, len(dev), max(1, ft.steps)
+            ft.steps = run.num_rounds * run.clients_per_round * ft.steps
+            ft.eval_items, ft.eval_every = len(dev), max(1, ft.steps // 4)
+        if run.centralised_full_finetune:
+            model = copy.deepcopy(self.full)
             trained = make_trainable(model, list(range(model.config.num_hidden_layers)), ft)
             finetune(trained, self.tokenizer, pooled, dev, ft, progress=False)
             rows["full_finetune"] = self._evaluate(trained)
+        central = None
+        if run.centralised_offsite:
+            emulator = load_emulator(self.emulator_path)
+            trained = make_trainable(emulator.model, list(emulator.adapter_positions()), ft)
+            finetune(trained, self.tokenizer, pooled, dev, ft, progress=False)
+            central = {"emulator_finetune": self._evaluate(trained),
+                       "plug_in": self._evaluate(plug_in_trained(self.full, trained, emulator)),
+                       "steps": ft.steps}
         self._load_into_trainable()
         rows["emulator_finetune"] = self._evaluate(self.trainable)
         plugged = self.plugged_model()
         save_plugged(plugged, self.tokenizer, self.out / "plugged")
         rows["plug_in"] = self._evaluate(plugged)
-        name = f"federated-{self.config.strategy.name}"
+        entry = {"config": as_dict(self.config.emulator),
+                 "num_params": self.emulator.manifest["num_params"],
+                 "source_num_params": self.emulator.manifest["source_num_params"]}
+
+        def result(own: dict) -> dict:
+            table = rows | own
+            return entry | {"rows": {k: table[k] for k in ROWS if k in table},
+                            "gap": table["plug_in"]["acc"] - table["emulator_finetune"]["acc"],
+                            "gap_acc_norm": table["plug_in"]["acc_norm"] - table["emulator_finetune"]["acc_norm"]}
+
+        emulators = {f"federated-{self.config.strategy.name}": result({})}
+        if central is not None:
+            emulators["centralised"] = result(central) | {"steps": central["steps"]}
         results = {
             "model": run.model, "task": run.task, "n_train": len(train_items(run.task, run.train_limit)),
             "n_eval": len(self.eval_items), "finetune": as_dict(self.config.finetune),
-            "emulators": {name: {
-                "config": as_dict(self.config.emulator), "rows": {k: rows[k] for k in ROWS if k in rows},
-                "gap": rows["plug_in"]["acc"] - rows["emulator_finetune"]["acc"],
-                "gap_acc_norm": rows["plug_in"]["acc_norm"] - rows["emulator_finetune"]["acc_norm"],
-                "num_params": self.emulator.manifest["num_params"],
-                "source_num_params": self.emulator.manifest["source_num_params"],
-            }},
+            "emulators": emulators,
             "federation": {"num_clients": run.num_clients, "clients_per_round": run.clients_per_round,
                            "num_rounds": run.num_rounds, "strategy": self.config.strategy.name,
                            "partition": as_dict(self.config.partition)},
