@@ -412,3 +412,26 @@ def _aliases(model: nn.Module, key: str) -> set[str]:
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def check_shippable(manifest: dict, private_blocks: list[int] | tuple[int, ...] = ()) -> None:
+    """Refuse an emulator that would give the model away: one that carries every block of the
+    full model unchanged, or any block the owner marked private (exactly or compressed).
+
+    Raises
+    ------
+    IntegrityError
+        Naming what would leak and what to change.
+    """
+    layout = manifest["layout"]
+    shipped = {e["source"]: e["kind"] for e in layout if e["kind"] in ("adapter", "block", "compressed")}
+    if len(shipped) == manifest["num_layers"] and all(k != "compressed" for k in shipped.values()):
+        raise IntegrityError(
+            "this emulator carries every block of the full model unchanged, i.e. the full model; "
+            "replace or compress some blocks (alpha > 0, or rank_keep_ratio < 1) before sending it")
+    leaked = sorted(b for b in private_blocks if b in shipped)
+    if leaked:
+        kinds = ", ".join(f"{b} ({shipped[b]})" for b in leaked)
+        raise IntegrityError(
+            f"blocks marked private would leave the model owner: {kinds}; build an emulator that replaces "
+            "them (importance-drop/scaleot ranking, or a larger alpha) or unmark them")

@@ -34,7 +34,8 @@ from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_tra
 from scaleot_fed.models import cache_dir  # noqa: E402
 
 from .config import FedConfig, fed_config_from_json  # noqa: E402
-from .partition import client_data  # noqa: E402
+from .partition import client_data, local_data  # noqa: E402
+from .privacy import UNIT_WEIGHT, dp_mod  # noqa: E402
 
 app = ClientApp()
 
@@ -132,13 +133,34 @@ def exchange_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, 
     return {n: params[n].detach().clone() for n in names}
 
 
-def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, int, str]:
+DATA_PATH_KEY = "data-path"
+
+
+def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, str, tuple[list, list]]:
+    """The run config the message carries, this owner's id, the emulator's sha256, and the
+    owner's (train, validation) items: its own file (node-config ``data-path``, a deployment)
+    or its partition of the shared task (``partition-id``, a simulation)."""
     torch.set_num_threads(1)  # many client processes share the cores
     cfg = msg.content["config"]
     config = fed_config_from_json(str(cfg["fed-config"]))
-    pid = int(context.node_config["partition-id"])
-    num = int(context.node_config["num-partitions"])
-    return config, pid, num, str(cfg["sha256"])
+    pid = owner_id(context)
+    if DATA_PATH_KEY in context.node_config:
+        data = local_data(config, str(context.node_config[DATA_PATH_KEY]))
+    elif "partition-id" in context.node_config:
+        data = client_data(config, pid, int(context.node_config["num-partitions"]))
+    else:
+        raise ScaleOTError(f"this SuperNode has no data: start it with --node-config \"{DATA_PATH_KEY}='FILE'\" "
+                           "(a .jsonl/.csv of multiple-choice items, see docs/deployment.md)")
+    return config, pid, str(cfg["sha256"]), data
+
+
+def owner_id(context: Context) -> int:
+    """The partition id in a simulation; -1 for a deployed owner (the server numbers those)."""
+    return int(context.node_config.get("partition-id", -1))
+
+
+def _privacy_of(msg: Message):
+    return fed_config_from_json(str(msg.content["config"]["fed-config"])).privacy
 
 
 @app.query("emulator")
@@ -150,15 +172,15 @@ def query_emulator(msg: Message, context: Context) -> Message:
         received = _store_delivery(sha, msg.content)
     reply = ConfigRecord({
         "has": holds_emulator(sha),
-        "partition-id": int(context.node_config["partition-id"]),
+        "partition-id": owner_id(context),
         "received-bytes": received,
     })
     return Message(RecordDict({"emulator": reply}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[dp_mod(_privacy_of)])  # DP on train only: Flower's DP mods break other messages
 def train(msg: Message, context: Context) -> Message:
-    config, pid, num, sha = _setup(msg, context)
+    config, pid, sha, (train_items, val_items) = _setup(msg, context)
     cfg = msg.content["config"]
     round_ = int(cfg["round"])
     failure = config.debug.fail.get(str(pid))
@@ -166,7 +188,6 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected failure in client {pid}")
     model, names = trainable_model(sha, config.finetune)
     load_exchange_state(model, names, msg.content["arrays"])
-    train_items, val_items = client_data(config, pid, num)
     local = dataclasses.replace(
         config.finetune,
         seed=hash((config.run.seed, round_, pid)) % (2**31),
@@ -193,6 +214,7 @@ def train(msg: Message, context: Context) -> Message:
         state = {k + ".bogus": v for k, v in state.items()}
     metrics = MetricRecord({
         "num-examples": len(train_items),
+        UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
@@ -202,13 +224,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, pid, num, sha = _setup(msg, context)
+    config, pid, sha, (_, val_items) = _setup(msg, context)
     model, names = trainable_model(sha, config.finetune)
     load_exchange_state(model, names, msg.content["arrays"])
-    _, val_items = client_data(config, pid, num)
     local = dataclasses.replace(config.finetune, eval_items=len(val_items))
     loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
-    metrics = MetricRecord({"num-examples": len(val_items), "client-val-loss": float(loss)})
+    metrics = MetricRecord({"num-examples": len(val_items), UNIT_WEIGHT: 1, "client-val-loss": float(loss)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -20,6 +20,8 @@ from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.offsite import EmulatorSection
 
+from .privacy import PrivacyConfig
+
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 FAILURE_KINDS = ("raise", "nan", "wrong-keys")
 
@@ -66,6 +68,9 @@ class RunConfig:
     client_num_gpus: float = 0.0
     ray_address: str | None = None
     """Attach to an existing Ray cluster instead of starting one on this machine."""
+    private_blocks: list[int] = field(default_factory=list)
+    """Blocks of the full model that must never leave the model owner, in any form (exact or
+    compressed): a run whose emulator would carry one is refused before anything is sent."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -91,6 +96,8 @@ class RunConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.client_num_cpus <= 0:
             raise ValueError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
+        if any(not isinstance(b, int) or b < 0 for b in self.private_blocks):
+            raise ValueError(f"private_blocks must be block indices (integers >= 0), got {self.private_blocks}")
 
 
 @dataclass
@@ -155,6 +162,7 @@ class FedConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, select_best=False))
     emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_json(self) -> str:
@@ -168,6 +176,7 @@ _SECTIONS = {
     "finetune": FinetuneConfig,
     "emulator": EmulatorSection,
     "layer_replace": LayerReplaceConfig,
+    "privacy": PrivacyConfig,
     "debug": DebugConfig,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import logging
 import pickle
@@ -23,27 +24,50 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from safetensors.torch import load_file, save_file
 
 from scaleot_fed.config import as_dict
-from scaleot_fed.errors import ScaleOTError
+from scaleot_fed.emulator import check_shippable
+from scaleot_fed.errors import ConfigError, ScaleOTError
 from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import finetune, make_trainable
 from scaleot_fed.models import load_model
 from scaleot_fed.offsite import ROWS, markdown_table, plot_results, prepare_emulator
 from scaleot_fed.plugin import plug_in_trained, save_plugged
 from scaleot_fed.tasks import load_task
-from strategies import build_strategy
+from strategies import STRATEGIES, build_strategy
 
 from .client_app import delivery_content
 from .config import FedConfig
 from .partition import client_data, partition_indices, train_items
+from .privacy import UNIT_WEIGHT, PrivacyLedger, wrap_strategy
 
 log = logging.getLogger("scaleot_fed.federation")
 
 
 class RoundFailed(ScaleOTError):
     """Too few clients of a round succeeded."""
+
+
+def make_strategy(config: FedConfig) -> tuple[Strategy, Strategy]:
+    """The run's strategy and what aggregates (the same, or Flower's DP wrapper around it).
+
+    Under differential privacy owners are averaged with equal weights (a weight from the data
+    size would change the average's sensitivity), so the strategy weighs by :data:`UNIT_WEIGHT`.
+    """
+    params = dict(config.strategy.params)
+    if config.privacy.enabled:
+        if params.get("weighted_by_key", UNIT_WEIGHT) != UNIT_WEIGHT:
+            raise ConfigError("[privacy] averages owners with equal weights; remove strategy.params.weighted_by_key")
+        if "weighted_by_key" in inspect.signature(STRATEGIES[config.strategy.name]).parameters:
+            params["weighted_by_key"] = UNIT_WEIGHT
+    base = build_strategy(config.strategy.name, params)
+    try:
+        return base, wrap_strategy(base, config.privacy, config.run.num_clients, config.run.clients_per_round)
+    except ValueError as exc:
+        raise ConfigError(f"[privacy] {exc}") from exc
 
 
 class _SelectedGrid:
@@ -88,6 +112,7 @@ class FederatedRun:
                                          run.model, self.out, log=log.info)
         self.emulator_path = Path(self.config.emulator.path or self.out / self.config.emulator.name / "emulator")
         self.sha = self.emulator.manifest["weights_sha256"]
+        check_shippable(self.emulator.manifest, run.private_blocks)  # before anything is sent
         torch.manual_seed(run.seed)  # LoRA's initial A comes from here: same seed, same start
         # The server's emulator becomes the holder of the aggregate (the pristine one is on disk).
         self.trainable = make_trainable(self.emulator.model, list(self.emulator.adapter_positions()),
@@ -95,12 +120,12 @@ class FederatedRun:
         self.names = tuple(n for n, p in self.trainable.named_parameters() if p.requires_grad)
         self.arrays = ArrayRecord(torch_state_dict={n: p.detach().clone() for n, p in self.trainable.named_parameters()
                                                     if n in self.names})
-        self.strategy = build_strategy(self.config.strategy.name, self.config.strategy.params)
+        self.base_strategy, self.strategy = make_strategy(self.config)
+        self.privacy = PrivacyLedger(self.config.privacy, run.num_clients)
         self.eval_items = load_task(run.eval_task or run.task, "validation", run.eval_limit)
         self.start_round = 1
         if self.resume:
             self._load_checkpoint()
-        self._plot_partitions()
 
     # ------------------------------------------------------------------ emulator delivery
 
@@ -140,6 +165,12 @@ class FederatedRun:
                 self.emulator_bytes_down += size
                 log.info("delivered the emulator (%.1f MB) to node %s", size / 1e6, node)
             self.node_to_partition[node] = int(record["partition-id"])
+        if any(p < 0 for p in self.node_to_partition.values()):
+            # Deployed owners hold their own data (no partition of ours): number them by node id.
+            self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
+            log.info("data owners (node id -> owner number): %s", self.node_to_partition)
+        else:
+            self._plot_partitions()
         self.partition_to_node = {p: n for n, p in self.node_to_partition.items()}
 
     def _send_one(self, grid: Grid, message: Message) -> Message:
@@ -206,7 +237,9 @@ class FederatedRun:
         bytes_up = sum(m.content.array_records["arrays"].count_bytes() for m in good)
         new_arrays, train_metrics = self.strategy.aggregate_train(round_, good)
         if new_arrays is None:
-            raise RoundFailed(f"round {round_}: the strategy produced no aggregate")
+            why = (" (differential privacy accounts for exactly clients_per_round updates per round: "
+                   "every sampled owner must succeed)" if self.config.privacy.enabled and failed else "")
+            raise RoundFailed(f"round {round_}: the strategy produced no aggregate{why}")
         self.arrays = new_arrays
 
         eval_metrics = train_metrics  # the clients' own validation loss after local training
@@ -227,7 +260,7 @@ class FederatedRun:
             "bytes_down": bytes_down + (self.emulator_bytes_down if round_ == self.start_round else 0),
             "bytes_up": bytes_up,
             "emulator_bytes_down": self.emulator_bytes_down if round_ == self.start_round else 0,
-        }
+        } | self.privacy.after_round(self.metrics, partitions)
         if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
             row |= {f"plug_in_{k}": v for k, v in self.plug_in_eval().items() if k != "n"}
         row["seconds"] = time.time() - start
@@ -261,8 +294,9 @@ class FederatedRun:
         tmp = self.out / ".checkpoint.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in _to_torch(self.arrays).items()}, str(tmp / "aggregate.safetensors"))
-        # Our own file, written and read by the server only (never from the network).
-        (tmp / "strategy.pkl").write_bytes(pickle.dumps(self.strategy.__dict__))
+        # Our own file, written and read by the server only (never from the network). A DP
+        # wrapper's accountant is not kept: it is rebuilt from the rounds done (see _load_checkpoint).
+        (tmp / "strategy.pkl").write_bytes(pickle.dumps(self.base_strategy.__dict__))
         state = {
             "round": round_,
             "sha256": self.sha,
@@ -291,7 +325,11 @@ class FederatedRun:
         if state["sha256"] != self.sha:
             raise ScaleOTError(f"the checkpoint in {ckpt} belongs to another emulator")
         self.arrays = ArrayRecord(torch_state_dict=load_file(str(ckpt / "aggregate.safetensors")))
-        self.strategy.__dict__.update(pickle.loads((ckpt / "strategy.pkl").read_bytes()))
+        self.base_strategy.__dict__.update(pickle.loads((ckpt / "strategy.pkl").read_bytes()))
+        accountant = getattr(self.strategy, "accountant", None)
+        if accountant is not None and state["round"] > 0:
+            accountant.compose(GaussianPrivacyEvent(self.config.privacy.noise_multiplier, self.config.run.clients_per_round,
+                                                    self.config.run.num_clients), state["round"])
         torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
         version, internal, gauss = state["python_random"]
         random.setstate((version, tuple(internal), gauss))
@@ -305,7 +343,8 @@ class FederatedRun:
             {"rounds": self.metrics, "bytes_down_total": self.bytes_down_total, "bytes_up_total": self.bytes_up_total,
              "emulator_bytes": (self.emulator_path / "model.safetensors").stat().st_size,
              "trainable_bytes": self.arrays.count_bytes(),
-             "full_model_bytes": sum(p.numel() * p.element_size() for p in self.full.parameters())}, indent=1))
+             "full_model_bytes": sum(p.numel() * p.element_size() for p in self.full.parameters())}
+            | ({"privacy": self.privacy.report(self.metrics)} if self.config.privacy.enabled else {}), indent=1))
         keys = sorted({k for row in self.metrics for k in row})
         with open(self.out / "metrics.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+from pathlib import Path
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.tasks import MCItem, load_task
@@ -66,12 +67,27 @@ def _partition_indices(task, train_limit, config_tuple, num_partitions, seed):
 
 
 def client_data(config: FedConfig, partition_id: int, num_partitions: int) -> tuple[list[MCItem], list[MCItem]]:
-    """One client's (train, validation) items: its partition, split by ``client_val_fraction``."""
+    """One simulated client's (train, validation) items: its partition of the task."""
     run = config.run
-    indices = list(partition_indices(run.task, run.train_limit, config.partition, num_partitions, run.seed)[partition_id])
+    indices = partition_indices(run.task, run.train_limit, config.partition, num_partitions, run.seed)[partition_id]
     items = train_items(run.task, run.train_limit)
-    random.Random(f"{run.seed}-split-{partition_id}").shuffle(indices)
-    n_val = max(1, round(len(indices) * run.client_val_fraction))
-    if len(indices) - n_val < 1:
-        raise ConfigError(f"client {partition_id} has {len(indices)} items: too few to hold out a validation split")
-    return [items[i] for i in indices[n_val:]], [items[i] for i in indices[:n_val]]
+    return _split([items[i] for i in indices], config, f"client {partition_id}", f"{run.seed}-split-{partition_id}")
+
+
+def local_data(config: FedConfig, path: str) -> tuple[list[MCItem], list[MCItem]]:
+    """A deployed data owner's (train, validation) items: its own file or folder (``data-path``),
+    capped at ``train_limit`` like the shared task in a simulation."""
+    if not Path(path).exists():
+        raise ConfigError(f"data-path {path} does not exist on this data owner's machine")
+    return _split(load_task(path, "train", config.run.train_limit), config, f"data owner file {path}",
+                  f"{config.run.seed}-split-{path}")
+
+
+def _split(items: list[MCItem], config: FedConfig, who: str, seed: str) -> tuple[list[MCItem], list[MCItem]]:
+    """Hold out ``client_val_fraction`` of an owner's items (a fixed shuffle per owner)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * config.run.client_val_fraction))
+    if len(order) - n_val < 1:
+        raise ConfigError(f"{who} has {len(order)} items: too few to hold out a validation split")
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]

@@ -32,8 +32,9 @@ def backend_config(config: FedConfig) -> dict:
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
     from scaleot_fed.tasks import TASKS, load_task
-    from strategies import build_strategy
+    from scaleot_fed.emulator import check_shippable, read_manifest
 
+    from .federation import make_strategy
     from .partition import partition_indices
 
     run = config.run
@@ -41,9 +42,11 @@ def validate(config: FedConfig) -> None:
         load_task(run.task)  # raises the error that lists the known tasks
     if run.eval_task is None and run.task not in TASKS:
         raise ScaleOTError(f"[run] task {run.task!r} is a user file with a single split: set eval_task to the evaluation file")
-    build_strategy(config.strategy.name, config.strategy.params)
-    if config.emulator.path and not (Path(config.emulator.path) / "manifest.json").is_file():
-        raise ScaleOTError(f"[emulator] path {config.emulator.path} is not an emulator folder (no manifest.json)")
+    make_strategy(config)
+    if config.emulator.path:
+        if not (Path(config.emulator.path) / "manifest.json").is_file():
+            raise ScaleOTError(f"[emulator] path {config.emulator.path} is not an emulator folder (no manifest.json)")
+        check_shippable(read_manifest(config.emulator.path), run.private_blocks)
     if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
         raise ScaleOTError("strategy ffa-lora needs [finetune] mode = \"lora\"")
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]

@@ -132,3 +132,62 @@ def test_bad_config_fails_at_start(fed, change, match):
         config[section] = config.get(section, {}) | values
     with pytest.raises((ConfigError, ScaleOTError), match=match):
         validate(fed_config_from_dict(config))
+
+
+def _plain(fed):
+    first = fed / "a"
+    if not (first / "aggregate.safetensors").exists():
+        simulate(fed_config_from_dict(_config(fed, "a")))
+    return _aggregate(first)
+
+
+def _rdp_epsilon(noise: float, releases: int, delta: float) -> float:
+    """The same question asked of Google's dp-accounting directly."""
+    from dp_accounting import dp_event, rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.GaussianDpEvent(noise), releases)
+    return accountant.get_epsilon(delta)
+
+
+def test_dp_without_noise_and_with_a_huge_clip_is_plain_fedavg(fed):
+    config = _config(fed, "dp0")
+    config["privacy"] = {"mode": "central", "noise_multiplier": 0.0, "clipping_norm": 1e9}
+    out = simulate(fed_config_from_dict(config))
+    plain, private = _plain(fed), _aggregate(out)
+    # equal partitions (90 items / 3 owners): equal weights average exactly like size weights
+    assert all(torch.allclose(plain[k], private[k], rtol=1e-5, atol=1e-7) for k in plain)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["privacy"]["mode"] == "central" and metrics["privacy"]["epsilon"] == float("inf")
+
+
+def test_dp_epsilon_grows_with_rounds_as_the_accountant_says(fed):
+    config = _config(fed, "dp1", num_rounds=3)
+    config["privacy"] = {"mode": "central", "noise_multiplier": 1.0, "clipping_norm": 0.5, "delta": 1e-3}
+    out = simulate(fed_config_from_dict(config))
+    metrics = json.loads((out / "metrics.json").read_text())
+    eps = [r["epsilon"] for r in metrics["rounds"]]
+    assert eps == pytest.approx([_rdp_epsilon(1.0, k, 1e-3) for k in (1, 2, 3)], rel=1e-9)
+    assert eps[0] < eps[1] < eps[2] and all(r["epsilon_round"] == pytest.approx(eps[0]) for r in metrics["rounds"])
+    assert metrics["privacy"]["epsilon"] == eps[-1]
+    plain = _plain(fed)
+    assert not all(torch.allclose(plain[k], v) for k, v in _aggregate(out).items())  # noise was added
+
+
+def test_local_dp_clips_every_update_before_it_leaves(fed):
+    from scaleot_fed.emulator import load_emulator
+    from scaleot_fed.finetune import make_trainable
+
+    config = _config(fed, "dp2", num_rounds=1)
+    config["privacy"] = {"mode": "local", "noise_multiplier": 0.0, "clipping_norm": 1e-3}
+    fed_config = fed_config_from_dict(config)
+    out = simulate(fed_config)
+    emulator = load_emulator(out / "emulator" / "emulator")
+    torch.manual_seed(fed_config.run.seed)  # the server's initial state, rebuilt
+    model = make_trainable(emulator.model, list(emulator.adapter_positions()), fed_config.finetune)
+    start = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    new = _aggregate(out)
+    change = torch.sqrt(sum(((new[k] - start[k]) ** 2).sum() for k in start))
+    # each owner's update was clipped to norm 1e-3, so their average moves at most that far
+    assert 0 < change <= 1e-3 * (1 + 1e-4)
+    assert json.loads((out / "metrics.json").read_text())["rounds"][0]["epsilon"] == float("inf")
