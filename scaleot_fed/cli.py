@@ -212,10 +212,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"wrote the fine-tuned full model to {out}")
 
 
-def cmd_offsite(args: argparse.Namespace) -> None:
+def cmd_offsite(args: argparse.Namespace, attack: bool = False) -> dict:
     from .offsite import load_offsite_config, markdown_table, run_offsite
 
-    overrides = {"out": args.out} if args.out else {}
+    overrides = ({"out": args.out} if args.out else {}) | ({"attack": True} if attack else {})
     config = load_offsite_config(args.config, overrides)
     _use_all_cores()
     results = run_offsite(config, progress=not args.no_progress)
@@ -223,6 +223,17 @@ def cmd_offsite(args: argparse.Namespace) -> None:
     print(markdown_table(results))
     out = Path(config.run.out)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
+    return results
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    """The offsite pipeline with the attack row (cached rows of an earlier run are reused)."""
+    results = cmd_offsite(args, attack=True)
+    for name, entry in results["emulators"].items():
+        rows = entry["rows"]
+        print(f"{name}: attacker (all {rows['emulator_attack']['trainable_params']:,} emulator weights trained) "
+              f"{100 * rows['emulator_attack']['acc']:.1f} vs plug-in {100 * rows['plug_in']['acc']:.1f} "
+              f"(attack gap {100 * entry['attack_gap']:+.1f}; honest emulator FT gap {100 * entry['gap']:+.1f})")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -362,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (overrides [run].out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_offsite)
+
+    p = sub.add_parser("attack", help="model-privacy report: a data owner fine-tunes every emulator weight; "
+                                      "how close does it get to the plug-in model?")
+    p.add_argument("--config", required=True, help="the offsite TOML ([attack] sets the attacker's training)")
+    p.add_argument("--out", help="run folder (overrides [run].out; rows already there are reused)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
     p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attack import AttackConfig, attack_emulator
 from .config import as_dict, from_dict, load_toml
 from .distill import DistillConfig
 from .emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
@@ -33,13 +34,14 @@ from .models import load_model
 from .plugin import export_trained, plug_in_path
 from .tasks import TASKS, load_task
 
-ROWS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in")
+ROWS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in", "emulator_attack")
 ROW_TITLES = {
     "full_zero_shot": "Full zero-shot",
     "emulator_zero_shot": "Emulator zero-shot",
     "full_finetune": "Full fine-tuning",
     "emulator_finetune": "Emulator fine-tuned",
     "plug_in": "Plug-in",
+    "emulator_attack": "Attack (all emulator weights FT)",
 }
 
 
@@ -63,6 +65,8 @@ class RunSection:
     eval_batch_size: int = 8
     full_finetune: bool = True
     """Compute the Full fine-tuning row (the most expensive one)."""
+    attack: bool = False
+    """Also the model-privacy row: a data owner fine-tunes every emulator weight (``[attack]``)."""
 
     def __post_init__(self) -> None:
         if self.dev_items < 1:
@@ -100,6 +104,7 @@ class OffsiteConfig:
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | None = None,
@@ -107,7 +112,7 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
     """The tables shared by ``offsite`` and ``study`` files: ``[<head>]``, ``[finetune]``,
     ``[layer_replace]``, ``[distill]`` and ``[[emulator]]``, as keyword arguments of the config."""
     data = load_toml(path)
-    known = {head, "finetune", "layer_replace", "distill", "emulator"}
+    known = {head, "finetune", "layer_replace", "distill", "emulator", "attack"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -119,6 +124,7 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
         "finetune": from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
         "layer_replace": from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
         "distill": from_dict(DistillConfig, data.get("distill", {}), "distill"),
+        "attack": from_dict(AttackConfig, data.get("attack", {}), "attack"),
         "emulators": [from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
     }
     names = [e.name for e in values["emulators"]]
@@ -219,7 +225,17 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print) -> dict
             return evaluate(plugged)
 
         rows_e["plug_in"] = cached(f"{section.name}/plug_in", plug)
-        per_emulator[section.name] = {
+        extra = {}
+        if run.attack:
+            def attack() -> dict:
+                attack_ft = dataclasses.replace(config.attack, eval_items=len(dev))
+                model, result = attack_emulator(section.path or out / section.name / "emulator", train, dev, attack_ft,
+                                                progress=progress)
+                return evaluate(model) | _ft_stats(result)
+
+            rows_e["emulator_attack"] = cached(f"{section.name}/emulator_attack", attack)
+            extra["attack_gap"] = rows_e["plug_in"]["acc"] - rows_e["emulator_attack"]["acc"]
+        per_emulator[section.name] = extra | {
             "config": as_dict(section),
             "rows": shared | rows_e,
             "gap": rows_e["plug_in"]["acc"] - rows_e["emulator_finetune"]["acc"],
@@ -314,6 +330,8 @@ def markdown_table(results: dict) -> str:
         "|---|" + "---|" * len(names),
     ]
     for row in ROWS:
+        if row == "emulator_attack" and not any(row in results["emulators"][n]["rows"] for n in names):
+            continue
         cells = []
         for name in names:
             r = results["emulators"][name]["rows"].get(row)
@@ -321,6 +339,10 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(cells) + " |")
     gaps = [f"{100 * results['emulators'][n]['gap']:+.1f} ({100 * results['emulators'][n]['gap_acc_norm']:+.1f})" for n in names]
     lines.append("| **Gap** (plug-in - emulator FT) | " + " | ".join(gaps) + " |")
+    if any("attack_gap" in results["emulators"][n] for n in names):
+        attack = [f"{100 * results['emulators'][n]['attack_gap']:+.1f}" if "attack_gap" in results["emulators"][n]
+                  else "n/a" for n in names]
+        lines.append("| **Attack gap** (plug-in - attack) | " + " | ".join(attack) + " |")
     sizes = [f"{results['emulators'][n]['num_params'] / results['emulators'][n]['source_num_params']:.0%}" for n in names]
     lines.append("| emulator size / full | " + " | ".join(sizes) + " |")
     return "\n".join(lines) + "\n"
@@ -334,11 +356,12 @@ def plot_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["emulators"])
-    width = 0.8 / len(ROWS)
+    rows = [r for r in ROWS if any(r in results["emulators"][n]["rows"] for n in names)]
+    width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(names), 4))
-    for k, row in enumerate(ROWS):
+    for k, row in enumerate(rows):
         values = [100 * results["emulators"][n]["rows"].get(row, {}).get("acc", float("nan")) for n in names]
-        ax.bar([i + (k - 2) * width for i in range(len(names))], values, width, label=ROW_TITLES[row])
+        ax.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(names))], values, width, label=ROW_TITLES[row])
     ax.set_xticks(range(len(names)), [f"{n}\ngap {100 * results['emulators'][n]['gap']:+.1f}" for n in names])
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{results['model']} on {results['task']} (n={results['n_eval']})")

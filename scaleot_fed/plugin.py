@@ -134,7 +134,13 @@ def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Mo
         config = json.loads((trained / "adapter_config.json").read_text())
         if config.get("peft_type") != "LORA":
             raise ScaleOTError(f"{trained} holds a {config.get('peft_type')} adapter; plug-in merges LoRA adapters")
+        if not (trained / "adapter_model.safetensors").is_file():
+            # peft would fall back to a pickled adapter_model.bin: weights are taken as safetensors only
+            raise IntegrityError(f"{trained} has no adapter_model.safetensors; trained states are accepted as "
+                                 "safetensors only (re-export with `scaleot-fed finetune` or save_pretrained)")
         return plug_in_lora(model, manifest, trained)
+    if trained.suffix != ".safetensors":
+        raise IntegrityError(f"{trained}: trained states are accepted as .safetensors files or peft LoRA folders only")
     plug_in(model, manifest, load_adapter_state(trained, manifest))
     return model
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attack import AttackConfig
 from .config import as_dict
 from .errors import ConfigError
 from .distill import DistillConfig
@@ -37,6 +38,8 @@ class StudySection:
     variant_emulator: str | None = None
     """The PEFT comparison: the ``[[emulator]]`` (by name) that is also trained with ``variant_modes``."""
     variant_modes: list[str] = field(default_factory=list)
+    attack: bool = False
+    """Add the model-privacy row (``[attack]``) to every cell of the main modes."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -57,6 +60,7 @@ class StudyConfig:
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     emulators: list[EmulatorSection] = field(default_factory=list)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
@@ -109,10 +113,11 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
                                  train_limit=study.train_limit, dev_items=study.dev_items,
                                  eval_limit=study.eval_limit, eval_batch_size=study.eval_batch_size,
                                  # the full-model reference is trained in the study's main modes only
-                                 full_finetune=study.full_finetune and mode in study.modes)
+                                 full_finetune=study.full_finetune and mode in study.modes,
+                                 attack=study.attack and mode in study.modes)
                 results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
                                                     layer_replace=config.layer_replace, distill=config.distill,
-                                                    emulators=[ready(section)]), progress=progress, log=log)
+                                                    emulators=[ready(section)], attack=config.attack), progress=progress, log=log)
                 cells += [{"task": task, "mode": mode, "emulator": name} | entry
                           for name, entry in results["emulators"].items()]
             summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes,

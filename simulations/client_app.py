@@ -45,6 +45,7 @@ _TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
 
 
 EMULATOR_CACHE_ENV = "SCALEOT_FED_EMULATOR_CACHE"
+DELIVERABLE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 
 
 def emulator_dir(sha: str) -> Path:
@@ -87,8 +88,10 @@ def _store_delivery(sha: str, content: RecordDict) -> int:
         if sha256_file(tmp / WEIGHTS) != sha:
             raise ScaleOTError("delivered emulator weights do not match the announced sha256")
         for name, data in files.items():
-            if "/" in name or name.startswith("."):
-                raise ScaleOTError(f"refusing delivered file name {name!r}")
+            # Data files only: nothing executable or pickled (.bin/.pt/.pkl/.py) is accepted.
+            if "/" in name or name.startswith(".") or not name.endswith(DELIVERABLE_SUFFIXES):
+                raise ScaleOTError(f"refusing delivered file {name!r}: an emulator folder holds only "
+                                   f"{', '.join(DELIVERABLE_SUFFIXES)} files besides {WEIGHTS}")
             (tmp / name).write_bytes(data)
         if target.exists():  # another process of this machine got it first
             shutil.rmtree(tmp)
@@ -233,10 +236,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def delivery_content(emulator_path: Path, sha: str) -> RecordDict:
+def delivery_content(emulator_path: Path, sha: str, weights: np.ndarray | None = None) -> RecordDict:
     """What the server sends to a data owner that lacks the emulator: the weights file bytes (so
     the sha256 is checked end to end) and the small files beside it."""
-    weights = np.frombuffer((emulator_path / WEIGHTS).read_bytes(), dtype=np.uint8)
+    if weights is None:
+        weights = np.frombuffer((emulator_path / WEIGHTS).read_bytes(), dtype=np.uint8)
     files = {p.name: p.read_bytes() for p in sorted(emulator_path.iterdir()) if p.is_file() and p.name != WEIGHTS}
     return RecordDict({
         "config": ConfigRecord({"sha256": sha}),

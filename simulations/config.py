@@ -147,6 +147,8 @@ class DebugConfig:
     """Partition id (as a string) -> ``raise``, ``nan`` or ``wrong-keys``."""
     stop_after_round: int | None = None
     """Stop the server (as if killed) right after this round's checkpoint."""
+    tamper_delivery: bool = False
+    """Flip one byte of the first emulator delivery (its receiver must refuse it)."""
 
     def __post_init__(self) -> None:
         for pid, kind in self.fail.items():

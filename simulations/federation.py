@@ -150,21 +150,36 @@ class FederatedRun:
         that lacks it, never per round.
         """
         self.node_to_partition: dict[int, int] = {}
+        tamper = self.config.debug.tamper_delivery
         for node in self._wait_for_nodes(grid):
-            query = RecordDict({"config": ConfigRecord({"sha256": self.sha})})
-            reply = self._send_one(grid, Message(query, dst_node_id=node, message_type="query.emulator"))
-            record = reply.content["emulator"]
-            if not bool(record["has"]):
-                content = delivery_content(self.emulator_path, self.sha)
-                size = content.array_records["emulator"].count_bytes() + sum(
-                    len(v) for v in content.config_records["files"].values())
-                reply = self._send_one(grid, Message(content, dst_node_id=node, message_type="query.emulator"))
-                record = reply.content["emulator"]
+            owner = "?"
+            try:
+                query = RecordDict({"config": ConfigRecord({"sha256": self.sha})})
+                record = self._send_one(grid, Message(query, dst_node_id=node, message_type="query.emulator")
+                                        ).content["emulator"]
+                owner = int(record["partition-id"])
                 if not bool(record["has"]):
-                    raise ScaleOTError(f"data owner {node} could not store the emulator")
-                self.emulator_bytes_down += size
-                log.info("delivered the emulator (%.1f MB) to node %s", size / 1e6, node)
-            self.node_to_partition[node] = int(record["partition-id"])
+                    content = delivery_content(self.emulator_path, self.sha)
+                    if tamper:  # debug: the receiver must notice
+                        weights = content.array_records["emulator"]["weights"].numpy().copy()
+                        weights[len(weights) // 2] ^= 0xFF
+                        content = delivery_content(self.emulator_path, self.sha, weights)
+                        tamper = False
+                    size = content.array_records["emulator"].count_bytes() + sum(
+                        len(v) for v in content.config_records["files"].values())
+                    record = self._send_one(grid, Message(content, dst_node_id=node, message_type="query.emulator")
+                                            ).content["emulator"]
+                    if not bool(record["has"]):
+                        raise ScaleOTError("it could not store the emulator")
+                    self.emulator_bytes_down += size
+                    log.info("delivered the emulator (%.1f MB) to node %s", size / 1e6, node)
+            except ScaleOTError as exc:
+                # One owner that cannot take the emulator does not stop the federation.
+                log.error("data owner %s (node %s) is left out of this run: %s", owner, node, exc)
+                continue
+            self.node_to_partition[node] = owner
+        if not self.node_to_partition:
+            raise ScaleOTError("no data owner could take the emulator (see the errors above)")
         if any(p < 0 for p in self.node_to_partition.values()):
             # Deployed owners hold their own data (no partition of ours): number them by node id.
             self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
@@ -211,7 +226,7 @@ class FederatedRun:
     def run_round(self, grid: Grid, round_: int) -> dict:
         start = time.time()
         partitions = self.sample_partitions(round_)
-        nodes = [self.partition_to_node[p] for p in partitions]
+        nodes = [self.partition_to_node[p] for p in partitions if p in self.partition_to_node]
         view = _SelectedGrid(grid, nodes)
         messages = list(self.strategy.configure_train(round_, self.arrays, self._train_config(round_), view))
         bytes_down = sum(m.content.array_records["arrays"].count_bytes() for m in messages)
@@ -226,7 +241,8 @@ class FederatedRun:
                             self.node_to_partition.get(node), node, reason)
             else:
                 good.append(msg)
-        failed += [p for p in partitions if self.partition_to_node[p] not in {m.metadata.src_node_id for m in replies}]
+        answered = {m.metadata.src_node_id for m in replies}
+        failed += [p for p in partitions if self.partition_to_node.get(p) not in answered]
         if len(good) < self.config.run.min_successful_clients:
             raise RoundFailed(
                 f"round {round_}: only {len(good)} of {len(partitions)} clients returned a usable update "

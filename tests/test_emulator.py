@@ -163,3 +163,19 @@ def test_saving_is_deterministic(tmp_path):
         emulator = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.5))
         shas.append(json.loads((save_emulator(emulator, tmp_path / str(i)) / "manifest.json").read_text())["weights_sha256"])
     assert shas[0] == shas[1]
+
+
+def test_emulators_that_would_give_the_model_away_are_refused():
+    from scaleot_fed.emulator import check_shippable
+
+    model = tiny_model("llama", num_layers=8)
+    whole = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.0, rank_keep_ratio=1.0))
+    with pytest.raises(IntegrityError, match="the full model"):
+        check_shippable(whole.manifest)
+    emulator = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.5))
+    check_shippable(emulator.manifest, emulator.manifest["dropped_layers"])  # dropped blocks never leave
+    kept = emulator.manifest["kept_layers"][0]
+    with pytest.raises(IntegrityError, match=f"blocks marked private would leave the model owner: {kept}"):
+        check_shippable(emulator.manifest, [kept])
+    with pytest.raises(IntegrityError, match="adapter"):
+        check_shippable(emulator.manifest, [emulator.manifest["adapter_layers"][0]])

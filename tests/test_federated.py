@@ -191,3 +191,22 @@ def test_local_dp_clips_every_update_before_it_leaves(fed):
     # each owner's update was clipped to norm 1e-3, so their average moves at most that far
     assert 0 < change <= 1e-3 * (1 + 1e-4)
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["epsilon"] == float("inf")
+
+
+def test_a_tampered_delivery_is_refused_and_the_others_carry_on(fed, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SCALEOT_FED_EMULATOR_CACHE", str(tmp_path / "owners"))  # nobody holds it yet
+    config = _config(fed, "t", num_rounds=1, clients_per_round=3, min_successful_clients=2)
+    config["debug"] = {"tamper_delivery": True}
+    with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
+        out = simulate(fed_config_from_dict(config))
+    row = json.loads((out / "metrics.json").read_text())["rounds"][0]
+    assert row["successful"] == 2 and len(row["failed"]) == 1
+    refused = [r.getMessage() for r in caplog.records if "left out of this run" in r.getMessage()]
+    assert len(refused) == 1 and "sha256" in refused[0] and f"data owner {row['failed'][0]} " in refused[0]
+
+
+def test_private_blocks_are_never_shipped(fed):
+    config = _config(fed, "p", private_blocks=[4])  # uniform-drop alpha 0.5 of 6 blocks keeps 1 and 4
+    with pytest.raises(ScaleOTError, match="blocks marked private"):
+        simulate(fed_config_from_dict(config))
+    assert not (fed / "p" / "metrics.json").exists()

@@ -86,6 +86,18 @@ def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
     assert "computing" not in capsys.readouterr().out
     assert json.loads((setup / "run" / "results.json").read_text()) == results
 
+    # the attack on the same run folder adds only its own row
+    assert main(["attack", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "computing scaleot/emulator_attack" in out and "computing full_finetune" not in out
+    assert "attack gap" in out and "| **Attack gap**" in (setup / "run" / "results.md").read_text()
+    attacked = json.loads((setup / "run" / "results.json").read_text())["emulators"]["scaleot"]
+    # every emulator weight trained: compressed blocks and harmonizers too, not just adapter blocks
+    assert attacked["rows"]["emulator_attack"]["trainable_params"] == attacked["num_params"]
+    assert attacked["attack_gap"] == pytest.approx(attacked["rows"]["plug_in"]["acc"]
+                                                   - attacked["rows"]["emulator_attack"]["acc"])
+    assert attacked["rows"]["plug_in"] == results["emulators"]["scaleot"]["rows"]["plug_in"]
+
 
 def test_offsite_config_errors(setup, tmp_path):
     text = (setup / "offsite.toml").read_text()
