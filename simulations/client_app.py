@@ -25,7 +25,7 @@ configure_environment()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator, sha256_file  # noqa: E402
@@ -36,6 +36,7 @@ from scaleot_fed.models import cache_dir  # noqa: E402
 from .config import FedConfig, fed_config_from_json  # noqa: E402
 from .partition import client_data, local_data  # noqa: E402
 from .privacy import UNIT_WEIGHT, dp_mod  # noqa: E402
+from .secure import is_secure, legacy_config, legacy_parameters, legacy_train_reply, secure_mod  # noqa: E402
 
 app = ClientApp()
 
@@ -139,12 +140,17 @@ def exchange_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, 
 DATA_PATH_KEY = "data-path"
 
 
+def _run_config(msg: Message) -> ConfigRecord:
+    """The server's config record (a SecAgg+ train message carries it in the legacy layout)."""
+    return legacy_config(msg) if is_secure(msg) else msg.content["config"]
+
+
 def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, str, tuple[list, list]]:
     """The run config the message carries, this owner's id, the emulator's sha256, and the
     owner's (train, validation) items: its own file (node-config ``data-path``, a deployment)
     or its partition of the shared task (``partition-id``, a simulation)."""
     torch.set_num_threads(1)  # many client processes share the cores
-    cfg = msg.content["config"]
+    cfg = _run_config(msg)
     config = fed_config_from_json(str(cfg["fed-config"]))
     pid = owner_id(context)
     if DATA_PATH_KEY in context.node_config:
@@ -163,7 +169,7 @@ def owner_id(context: Context) -> int:
 
 
 def _privacy_of(msg: Message):
-    return fed_config_from_json(str(msg.content["config"]["fed-config"])).privacy
+    return fed_config_from_json(str(_run_config(msg)["fed-config"])).privacy
 
 
 @app.query("emulator")
@@ -181,16 +187,21 @@ def query_emulator(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"emulator": reply}), reply_to=msg)
 
 
-@app.train(mods=[dp_mod(_privacy_of)])  # DP on train only: Flower's DP mods break other messages
+# Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
+@app.train(mods=[secure_mod, dp_mod(_privacy_of)])
 def train(msg: Message, context: Context) -> Message:
     config, pid, sha, (train_items, val_items) = _setup(msg, context)
-    cfg = msg.content["config"]
+    cfg = _run_config(msg)
     round_ = int(cfg["round"])
     failure = config.debug.fail.get(str(pid))
     if failure == "raise":
         raise RuntimeError(f"injected failure in client {pid}")
     model, names = trainable_model(sha, config.finetune)
-    load_exchange_state(model, names, msg.content["arrays"])
+    if is_secure(msg):  # the legacy layout carries a list in the exchange order
+        received = ArrayRecord(dict(zip(names, (Array(a) for a in legacy_parameters(msg)))))
+    else:
+        received = msg.content["arrays"]
+    load_exchange_state(model, names, received)
     local = dataclasses.replace(
         config.finetune,
         seed=hash((config.run.seed, round_, pid)) % (2**31),
@@ -215,13 +226,16 @@ def train(msg: Message, context: Context) -> Message:
         state[names[0]] = torch.full_like(state[names[0]], float("nan"))
     if failure == "wrong-keys":
         state = {k + ".bogus": v for k, v in state.items()}
-    metrics = MetricRecord({
+    metrics = {
         "num-examples": len(train_items),
         UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
-    })
+    }
+    if is_secure(msg):  # secaggplus_mod masks this reply before it leaves
+        return legacy_train_reply(msg, [state[n].numpy() for n in names], len(train_items), metrics)
+    metrics = MetricRecord(metrics)
     return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics}), reply_to=msg)
 
 
@@ -229,7 +243,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config, pid, sha, (_, val_items) = _setup(msg, context)
     model, names = trainable_model(sha, config.finetune)
-    load_exchange_state(model, names, msg.content["arrays"])
+    if is_secure(msg):  # the legacy layout carries a list in the exchange order
+        received = ArrayRecord(dict(zip(names, (Array(a) for a in legacy_parameters(msg)))))
+    else:
+        received = msg.content["arrays"]
+    load_exchange_state(model, names, received)
     local = dataclasses.replace(config.finetune, eval_items=len(val_items))
     loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
     metrics = MetricRecord({"num-examples": len(val_items), UNIT_WEIGHT: 1, "client-val-loss": float(loss)})
@@ -250,6 +268,4 @@ def delivery_content(emulator_path: Path, sha: str, weights: np.ndarray | None =
 
 
 def _weights_record(weights: np.ndarray) -> ArrayRecord:
-    from flwr.app import Array
-
     return ArrayRecord(array_dict={"weights": Array(weights)})

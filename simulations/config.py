@@ -21,6 +21,7 @@ from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.offsite import EmulatorSection
 
 from .privacy import PrivacyConfig
+from .secure import SecureAggregationConfig
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 FAILURE_KINDS = ("raise", "nan", "wrong-keys")
@@ -165,7 +166,18 @@ class FedConfig:
     emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        if self.secure_aggregation.enabled:
+            if self.strategy.name != "fedavg":
+                raise ConfigError(f"[secure_aggregation] averages with FedAvg (the server never sees single updates, "
+                                  f"so it cannot run {self.strategy.name!r}); set [strategy] name = \"fedavg\"")
+            if self.privacy.enabled:
+                raise ConfigError("[secure_aggregation] and [privacy] cannot be combined yet; choose one")
+            if self.run.clients_per_round < 2:
+                raise ConfigError("[secure_aggregation] needs clients_per_round >= 2 (a sum of one is that update)")
 
     def to_json(self) -> str:
         return json.dumps(as_dict(self), sort_keys=True)
@@ -179,6 +191,7 @@ _SECTIONS = {
     "emulator": EmulatorSection,
     "layer_replace": LayerReplaceConfig,
     "privacy": PrivacyConfig,
+    "secure_aggregation": SecureAggregationConfig,
     "debug": DebugConfig,
 }
 

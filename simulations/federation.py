@@ -43,6 +43,7 @@ from .client_app import delivery_content
 from .config import FedConfig
 from .partition import client_data, partition_indices, train_items
 from .privacy import UNIT_WEIGHT, PrivacyLedger, wrap_strategy
+from .secure import secure_round
 
 log = logging.getLogger("scaleot_fed.federation")
 
@@ -183,6 +184,7 @@ class FederatedRun:
         if any(p < 0 for p in self.node_to_partition.values()):
             # Deployed owners hold their own data (no partition of ours): number them by node id.
             self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
+            self._deployed = True
             log.info("data owners (node id -> owner number): %s", self.node_to_partition)
         else:
             self._plot_partitions()
@@ -228,6 +230,39 @@ class FederatedRun:
         partitions = self.sample_partitions(round_)
         nodes = [self.partition_to_node[p] for p in partitions if p in self.partition_to_node]
         view = _SelectedGrid(grid, nodes)
+        train = self._train_secure if self.config.secure_aggregation.enabled else self._train_plain
+        new_arrays, train_metrics, row = train(grid, view, nodes, partitions, round_)
+        self.arrays = new_arrays
+        bytes_down = row.pop("bytes_down")
+
+        eval_metrics = train_metrics  # the clients' own validation loss after local training
+        if self.config.run.client_eval:
+            eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
+            bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
+            eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
+            eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
+            eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
+
+        row = {
+            "round": round_,
+            "clients": partitions,
+            "successful": row.pop("successful"),
+            "failed": row.pop("failed"),
+            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "client_val_loss": float(eval_metrics["client-val-loss"]) if eval_metrics else None,
+            "bytes_down": bytes_down + (self.emulator_bytes_down if round_ == self.start_round else 0),
+            "bytes_up": row.pop("bytes_up"),
+            "emulator_bytes_down": self.emulator_bytes_down if round_ == self.start_round else 0,
+        } | row | self.privacy.after_round(self.metrics, partitions)
+        if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
+            row |= {f"plug_in_{k}": v for k, v in self.plug_in_eval().items() if k != "n"}
+        row["seconds"] = time.time() - start
+        self.bytes_down_total += row["bytes_down"]
+        self.bytes_up_total += row["bytes_up"]
+        return row
+
+    def _train_plain(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
+        """Train messages through the strategy; every update checked before it is averaged."""
         messages = list(self.strategy.configure_train(round_, self.arrays, self._train_config(round_), view))
         bytes_down = sum(m.content.array_records["arrays"].count_bytes() for m in messages)
         replies = list(grid.send_and_receive(messages, timeout=3600))
@@ -243,12 +278,7 @@ class FederatedRun:
                 good.append(msg)
         answered = {m.metadata.src_node_id for m in replies}
         failed += [p for p in partitions if self.partition_to_node.get(p) not in answered]
-        if len(good) < self.config.run.min_successful_clients:
-            raise RoundFailed(
-                f"round {round_}: only {len(good)} of {len(partitions)} clients returned a usable update "
-                f"(min_successful_clients={self.config.run.min_successful_clients}; failed clients {sorted(set(failed))}); "
-                f"the last good aggregate is in {self.out / 'checkpoint'}"
-            )
+        self._enough(round_, len(good), partitions, failed)
         good.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])  # fixed order: same sums
         bytes_up = sum(m.content.array_records["arrays"].count_bytes() for m in good)
         new_arrays, train_metrics = self.strategy.aggregate_train(round_, good)
@@ -256,33 +286,40 @@ class FederatedRun:
             why = (" (differential privacy accounts for exactly clients_per_round updates per round: "
                    "every sampled owner must succeed)" if self.config.privacy.enabled and failed else "")
             raise RoundFailed(f"round {round_}: the strategy produced no aggregate{why}")
-        self.arrays = new_arrays
+        return new_arrays, train_metrics, {"successful": len(good), "failed": sorted(set(failed)),
+                                           "bytes_down": bytes_down, "bytes_up": bytes_up}
 
-        eval_metrics = train_metrics  # the clients' own validation loss after local training
-        if self.config.run.client_eval:
-            eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
-            bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
-            eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
-            eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
-            eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
+    def _train_secure(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
+        """One SecAgg+ round: the server learns the average, never a single owner's update."""
+        new_arrays, stats = secure_round(grid, nodes, self.arrays, self._train_config(round_), round_,
+                                         self.config.secure_aggregation, self._max_examples())
+        summed = set(stats.pop("nodes"))
+        failed = [p for p in partitions if self.partition_to_node.get(p) not in summed]
+        if failed:
+            log.warning("round %d: clients %s are not in the secure sum (dropped out)", round_, failed)
+        self._enough(round_, len(summed), partitions, failed)
+        if new_arrays is None:
+            raise RoundFailed(f"round {round_}: secure aggregation halted (too few owners left to unmask the sum; "
+                              f"reconstruction_threshold={self.config.secure_aggregation.reconstruction_threshold})")
+        loss = stats.pop("train_loss")
+        return new_arrays, ({"train-loss": loss} if loss is not None else None), stats | {
+            "successful": len(summed), "failed": failed}
 
-        row = {
-            "round": round_,
-            "clients": partitions,
-            "successful": len(good),
-            "failed": sorted(set(failed)),
-            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
-            "client_val_loss": float(eval_metrics["client-val-loss"]) if eval_metrics else None,
-            "bytes_down": bytes_down + (self.emulator_bytes_down if round_ == self.start_round else 0),
-            "bytes_up": bytes_up,
-            "emulator_bytes_down": self.emulator_bytes_down if round_ == self.start_round else 0,
-        } | self.privacy.after_round(self.metrics, partitions)
-        if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
-            row |= {f"plug_in_{k}": v for k, v in self.plug_in_eval().items() if k != "n"}
-        row["seconds"] = time.time() - start
-        self.bytes_down_total += row["bytes_down"]
-        self.bytes_up_total += row["bytes_up"]
-        return row
+    def _max_examples(self) -> int:
+        """The largest owner's training-item count (SecAgg+ scales updates by count / this, so a
+        tight bound keeps precision); deployed owners' data is unknown here: 1000, Flower's default."""
+        if any(p < 0 for p in self.node_to_partition.values()) or getattr(self, "_deployed", False):
+            return 1000
+        run = self.config.run
+        return max(len(client_data(self.config, p, run.num_clients)[0]) for p in range(run.num_clients))
+
+    def _enough(self, round_: int, good: int, partitions: list[int], failed: list[int]) -> None:
+        if good < self.config.run.min_successful_clients:
+            raise RoundFailed(
+                f"round {round_}: only {good} of {len(partitions)} clients returned a usable update "
+                f"(min_successful_clients={self.config.run.min_successful_clients}; failed clients {sorted(set(failed))}); "
+                f"the last good aggregate is in {self.out / 'checkpoint'}"
+            )
 
     # ------------------------------------------------------------------ evaluation
 

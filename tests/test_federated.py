@@ -210,3 +210,29 @@ def test_private_blocks_are_never_shipped(fed):
     with pytest.raises(ScaleOTError, match="blocks marked private"):
         simulate(fed_config_from_dict(config))
     assert not (fed / "p" / "metrics.json").exists()
+
+
+def test_secure_aggregation_equals_fedavg_and_the_server_sees_no_update(fed):
+    plain = simulate(fed_config_from_dict(_config(fed, "sa-plain", clients_per_round=3, num_rounds=1)))
+    config = _config(fed, "sa", clients_per_round=3, num_rounds=1)
+    config["secure_aggregation"] = {"enabled": True}
+    out = simulate(fed_config_from_dict(config))
+    a, s = _aggregate(plain), _aggregate(out)
+    # quantisation: 2 x 8.0 / 2**24 ~ 1e-6 per value and owner (updates scaled by examples / largest owner)
+    assert all(torch.allclose(a[k], s[k], rtol=0, atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], s[k]) for k in a)  # it really went through quantisation
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert all(r["plaintext_arrays_seen"] == 0 and r["successful"] == 3 for r in rounds)
+    plain_rounds = json.loads((plain / "metrics.json").read_text())["rounds"]
+    assert rounds[0]["bytes_up"] > plain_rounds[0]["bytes_up"]  # masked vectors + key shares
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"strategy": {"name": "krum"}}, "averages with FedAvg"),
+    ({"privacy": {"mode": "local"}}, "cannot be combined"),
+])
+def test_secure_aggregation_config_errors(fed, change, match):
+    config = _config(fed, "x") | change
+    config["secure_aggregation"] = {"enabled": True}
+    with pytest.raises(ConfigError, match=match):
+        fed_config_from_dict(config)
