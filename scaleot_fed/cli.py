@@ -251,6 +251,19 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def cmd_certs(args: argparse.Namespace) -> None:
+    from simulations.deployment import make_certificates
+
+    out = Path(args.out)
+    if (out / "ca.key").exists() and not args.force:
+        raise ScaleOTError(f"{out} already holds a CA; use another --out or --force to replace it")
+    make_certificates(out, args.host or ["127.0.0.1", "localhost"], args.supernode or [])
+    print(f"wrote {out}/ca.crt (give it to every organisation), {out}/server.pem + server.key (the SuperLink's)")
+    for name in args.supernode or []:
+        print(f"  {out}/keys/{name} (private: stays with {name}), {out}/keys/{name}.pub (register it on the SuperLink)")
+    print("self-signed test certificates: use your organisation's CA in production (docs/deployment.md)")
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     import logging
 
@@ -393,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("certs", help="test TLS certificates for a SuperLink and key pairs for SuperNodes")
+    p.add_argument("--out", required=True, help="folder for ca.crt, server.pem/.key and keys/<name>[.pub]")
+    p.add_argument("--host", action="append", help="the SuperLink's DNS name or IP (repeatable; default 127.0.0.1, localhost)")
+    p.add_argument("--supernode", action="append", metavar="NAME", help="an organisation to make a key pair for (repeatable)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CA in --out")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("info", help="summary of an emulator folder")
     p.add_argument("dir")

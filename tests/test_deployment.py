@@ -92,3 +92,19 @@ def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
         assert node.wait(timeout=60) != 0
         assert "certificate has expired" in (fed.logs / "supernode-org.log").read_text()
     assert fed.processes() == []
+
+
+def test_certs_command_writes_a_ca_server_certificate_and_keys_and_never_overwrites(tmp_path, capsys):
+    from cryptography import x509
+
+    from scaleot_fed.cli import main
+
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out), "--host", "fl.example.org", "--host", "10.0.0.5",
+                 "--supernode", "hospital-a"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in names.get_values_for_type(x509.DNSName)
+    assert (out / "keys" / "hospital-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert oct((out / "keys" / "hospital-a").stat().st_mode)[-3:] == "600"
+    assert main(["certs", "--out", str(out)]) == 2 and "already holds a CA" in capsys.readouterr().err
