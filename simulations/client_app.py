@@ -222,6 +222,9 @@ def train(msg: Message, context: Context) -> Message:
         for p in frozen:
             p.requires_grad_(True)
     state = exchange_state(model, names)
+    # How far training moved the state (before any DP clipping): the scale clipping_norm must fit.
+    update_norm = float(torch.sqrt(sum(((state[n] - torch.from_numpy(np.array(received[n].numpy()))) ** 2).sum()
+                                       for n in names)))
     if failure == "nan":
         state[names[0]] = torch.full_like(state[names[0]], float("nan"))
     if failure == "wrong-keys":
@@ -232,6 +235,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": float(result.history[-1]["train_loss"]),
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
+        "update-norm": update_norm,
     }
     if is_secure(msg):  # secaggplus_mod masks this reply before it leaves
         return legacy_train_reply(msg, [state[n].numpy() for n in names], len(train_items), metrics)

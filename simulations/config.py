@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaleot_fed.attack import AttackConfig
 from scaleot_fed.config import as_dict, from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
@@ -62,6 +63,9 @@ class RunConfig:
     """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""
     centralised_full_finetune: bool = False
     """Also fine-tune the full model centrally on the pooled client data (the Full FT row)."""
+    attack: bool = False
+    """Add the model-privacy row to the final table: the owners' pooled data trains every
+    emulator weight (``[attack]``), compared with the plug-in model."""
     centralised_offsite: bool = False
     """Also fine-tune the emulator centrally on the pooled client data and plug that in: the same
     data without federation, a second entry (``centralised``) in the final table."""
@@ -167,6 +171,7 @@ class FedConfig:
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
@@ -192,6 +197,7 @@ _SECTIONS = {
     "layer_replace": LayerReplaceConfig,
     "privacy": PrivacyConfig,
     "secure_aggregation": SecureAggregationConfig,
+    "attack": AttackConfig,
     "debug": DebugConfig,
 }
 

@@ -256,14 +256,9 @@ class LoopbackFederation:
     def processes(self) -> list[str]:
         """Every live process this federation started (and their children), zombies excluded,
         as ``"pid command"``."""
-        groups = [p.pid for p in [self.superlink, *self.supernodes.values()] if p is not None] + self._superexec
-        alive = []
-        table = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
-        for line in table.splitlines():
-            pid, pgid, stat, args = line.split(None, 3)
-            if int(pgid) in groups and not stat.startswith("Z"):
-                alive.append(f"{pid} {args[:120]}")
-        return alive
+        groups = {p.pid for p in [self.superlink, *self.supernodes.values()] if p is not None} | set(self._superexec)
+        return [f"{pid} {_cmdline(pid)}" for pid, _, pgid, state in _process_table()
+                if pgid in groups and state != "Z"]
 
     def stop(self, grace: float = 10.0) -> None:
         """SuperNodes first (they leave the SuperLink cleanly), then the SuperLink; whatever is
@@ -299,9 +294,29 @@ class LoopbackFederation:
         self.stop()
 
 
+def _process_table() -> list[tuple[int, int, int, str]]:
+    """(pid, parent pid, process group, state) of every process, from /proc (no ``ps`` needed)."""
+    table = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                table.append((int(entry), int(fields[1]), int(fields[2]), fields[0]))
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return [p for p, parent, _, _ in _process_table() if parent == pid]
 
 
 def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import inspect
 import json
 import logging
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from safetensors.torch import load_file, save_file
 
+from scaleot_fed.attack import attack_emulator
 from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import check_shippable
 from scaleot_fed.errors import ConfigError, ScaleOTError
@@ -249,6 +251,7 @@ class FederatedRun:
             "successful": row.pop("successful"),
             "failed": row.pop("failed"),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "update_norm": float(train_metrics["update-norm"]) if train_metrics and "update-norm" in train_metrics else None,
             "client_val_loss": float(eval_metrics["client-val-loss"]) if eval_metrics else None,
             "bytes_down": bytes_down + (self.emulator_bytes_down if round_ == self.start_round else 0),
             "bytes_up": row.pop("bytes_up"),
@@ -468,7 +471,7 @@ class FederatedRun:
 
         rows = {"full_zero_shot": self._evaluate(self.full),
                 "emulator_zero_shot": self._evaluate(load_emulator(self.emulator_path).model)}
-        if run.centralised_full_finetune or run.centralised_offsite:
+        if run.centralised_full_finetune or run.centralised_offsite or run.attack:
             # The pooled client data, trained for as many examples as the whole federation saw.
             parts = [client_data(self.config, p, run.num_clients) for p in range(run.num_clients)]
             pooled = [i for train, _ in parts for i in train]
@@ -481,6 +484,11 @@ class FederatedRun:
             trained = make_trainable(model, list(range(model.config.num_hidden_layers)), ft)
             finetune(trained, self.tokenizer, pooled, dev, ft, progress=False)
             rows["full_finetune"] = self._evaluate(trained)
+        if run.attack:  # the owners' pooled data, every emulator weight, the attacker's own budget
+            attack_ft = dataclasses.replace(self.config.attack, eval_items=len(dev))
+            model, _ = attack_emulator(self.emulator_path, pooled, dev, attack_ft)
+            rows["emulator_attack"] = self._evaluate(model)
+            del model
         central = None
         if run.centralised_offsite:
             emulator = load_emulator(self.emulator_path)
@@ -500,9 +508,11 @@ class FederatedRun:
 
         def result(own: dict) -> dict:
             table = rows | own
-            return entry | {"rows": {k: table[k] for k in ROWS if k in table},
-                            "gap": table["plug_in"]["acc"] - table["emulator_finetune"]["acc"],
-                            "gap_acc_norm": table["plug_in"]["acc_norm"] - table["emulator_finetune"]["acc_norm"]}
+            attack = {"attack_gap": table["plug_in"]["acc"] - table["emulator_attack"]["acc"]} \
+                if "emulator_attack" in table else {}
+            return entry | attack | {"rows": {k: table[k] for k in ROWS if k in table},
+                                     "gap": table["plug_in"]["acc"] - table["emulator_finetune"]["acc"],
+                                     "gap_acc_norm": table["plug_in"]["acc_norm"] - table["emulator_finetune"]["acc_norm"]}
 
         emulators = {f"federated-{self.config.strategy.name}": result({})}
         if central is not None:

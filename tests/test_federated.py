@@ -52,7 +52,7 @@ def _aggregate(path):
 
 def test_simulation_delivers_the_emulator_once_and_reports(fed):
     out = simulate(fed_config_from_dict(_config(fed, "a", final_table=True, centralised_offsite=True,
-                                                 centralised_full_finetune=True)))
+                                                 centralised_full_finetune=True, attack=True)))
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["successful"] == 2 for r in rounds)
@@ -65,7 +65,11 @@ def test_simulation_delivers_the_emulator_once_and_reports(fed):
     assert metrics["trainable_bytes"] < 0.05 * metrics["full_model_bytes"]
     results = json.loads((out / "results.json").read_text())
     rows = results["emulators"]["federated-fedavg"]["rows"]
-    assert set(rows) == {"full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in"}
+    assert set(rows) == {"full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in",
+                         "emulator_attack"}
+    entry = results["emulators"]["federated-fedavg"]
+    assert entry["attack_gap"] == pytest.approx(rows["plug_in"]["acc"] - rows["emulator_attack"]["acc"])
+    assert "Attack gap" in (out / "results.md").read_text()
     # the same pooled data trained centrally, for as many examples as the federation saw (2 x 2 x 2 steps)
     central = results["emulators"]["centralised"]
     assert central["steps"] == 8 and central["rows"]["full_zero_shot"] == rows["full_zero_shot"]
