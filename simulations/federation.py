@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from safetensors.torch import load_file, save_file
@@ -102,6 +103,7 @@ class FederatedRun:
         self.bytes_down_total = 0
         self.bytes_up_total = 0
         self.emulator_bytes_down = 0
+        self.stopped: str | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -400,7 +402,8 @@ class FederatedRun:
              "emulator_bytes": (self.emulator_path / "model.safetensors").stat().st_size,
              "trainable_bytes": self.arrays.count_bytes(),
              "full_model_bytes": sum(p.numel() * p.element_size() for p in self.full.parameters())}
-            | ({"privacy": self.privacy.report(self.metrics)} if self.config.privacy.enabled else {}), indent=1))
+            | ({"privacy": self.privacy.report(self.metrics)} if self.config.privacy.enabled else {})
+            | ({"stopped_early": self.stopped} if self.stopped else {}), indent=1))
         keys = sorted({k for row in self.metrics for k in row})
         with open(self.out / "metrics.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys)
@@ -537,7 +540,13 @@ class FederatedRun:
         self.deliver(grid)
         stop_after = self.config.debug.stop_after_round
         for round_ in range(self.start_round, self.config.run.num_rounds + 1):
-            row = self.run_round(grid, round_)
+            try:
+                row = self.run_round(grid, round_)
+            except PrivacyBudgetExhausted as exc:  # raised before anything of the round was sent
+                log.warning("round %d not run: %s; finishing with the aggregate of round %d", round_, exc, round_ - 1)
+                self.stopped = f"privacy budget (max_epsilon={self.config.privacy.max_epsilon}) reached before round {round_}"
+                self.write_metrics()
+                break
             self.metrics.append(row)
             self.save_checkpoint(round_)
             self.write_metrics()

@@ -240,3 +240,15 @@ def test_secure_aggregation_config_errors(fed, change, match):
     config["secure_aggregation"] = {"enabled": True}
     with pytest.raises(ConfigError, match=match):
         fed_config_from_dict(config)
+
+
+def test_dp_budget_ends_the_run_cleanly_before_it_is_exceeded(fed):
+    one_round = _rdp_epsilon(1.0, 1, 1e-3)
+    config = _config(fed, "dp3", num_rounds=3)
+    config["privacy"] = {"mode": "central", "noise_multiplier": 1.0, "clipping_norm": 0.5, "delta": 1e-3,
+                         "max_epsilon": (one_round + _rdp_epsilon(1.0, 2, 1e-3)) / 2}  # room for one round only
+    out = simulate(fed_config_from_dict(config))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1] and "privacy budget" in metrics["stopped_early"]
+    assert metrics["privacy"]["epsilon"] <= config["privacy"]["max_epsilon"]
+    assert (out / "aggregate.safetensors").exists() and (out / "DONE").exists()
