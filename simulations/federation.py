@@ -104,6 +104,7 @@ class FederatedRun:
         self.bytes_up_total = 0
         self.emulator_bytes_down = 0
         self.stopped: str | None = None
+        self.deployed = False  # owners bring their own data (a deployment), not our partitions
 
     # ------------------------------------------------------------------ setup
 
@@ -188,7 +189,7 @@ class FederatedRun:
         if any(p < 0 for p in self.node_to_partition.values()):
             # Deployed owners hold their own data (no partition of ours): number them by node id.
             self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
-            self._deployed = True
+            self.deployed = True
             log.info("data owners (node id -> owner number): %s", self.node_to_partition)
         else:
             self._plot_partitions()
@@ -313,7 +314,7 @@ class FederatedRun:
     def _max_examples(self) -> int:
         """The largest owner's training-item count (SecAgg+ scales updates by count / this, so a
         tight bound keeps precision); deployed owners' data is unknown here: 1000, Flower's default."""
-        if any(p < 0 for p in self.node_to_partition.values()) or getattr(self, "_deployed", False):
+        if self.deployed:
             return 1000
         run = self.config.run
         return max(len(client_data(self.config, p, run.num_clients)[0]) for p in range(run.num_clients))
@@ -474,6 +475,9 @@ class FederatedRun:
 
         rows = {"full_zero_shot": self._evaluate(self.full),
                 "emulator_zero_shot": self._evaluate(load_emulator(self.emulator_path).model)}
+        if (run.centralised_full_finetune or run.centralised_offsite or run.attack) and self.deployed:
+            raise ScaleOTError("run.centralised_* and run.attack train on the owners' pooled data, which the model "
+                               "owner of a deployment does not have; they are simulation-only")
         if run.centralised_full_finetune or run.centralised_offsite or run.attack:
             # The pooled client data, trained for as many examples as the whole federation saw.
             parts = [client_data(self.config, p, run.num_clients) for p in range(run.num_clients)]
