@@ -191,6 +191,10 @@ class FederatedRun:
             self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
             self.deployed = True
             log.info("data owners (node id -> owner number): %s", self.node_to_partition)
+            run = self.config.run
+            if run.final_table and (run.centralised_full_finetune or run.centralised_offsite or run.attack):
+                raise ScaleOTError("run.centralised_* and run.attack train on the owners' pooled data, which the "
+                                   "model owner of a deployment does not have: they are simulation-only")
         else:
             self._plot_partitions()
         self.partition_to_node = {p: n for n, p in self.node_to_partition.items()}
@@ -475,9 +479,6 @@ class FederatedRun:
 
         rows = {"full_zero_shot": self._evaluate(self.full),
                 "emulator_zero_shot": self._evaluate(load_emulator(self.emulator_path).model)}
-        if (run.centralised_full_finetune or run.centralised_offsite or run.attack) and self.deployed:
-            raise ScaleOTError("run.centralised_* and run.attack train on the owners' pooled data, which the model "
-                               "owner of a deployment does not have; they are simulation-only")
         if run.centralised_full_finetune or run.centralised_offsite or run.attack:
             # The pooled client data, trained for as many examples as the whole federation saw.
             parts = [client_data(self.config, p, run.num_clients) for p in range(run.num_clients)]
