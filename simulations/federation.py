@@ -311,8 +311,7 @@ class FederatedRun:
         if new_arrays is None:
             raise RoundFailed(f"round {round_}: secure aggregation halted (too few owners left to unmask the sum; "
                               f"reconstruction_threshold={self.config.secure_aggregation.reconstruction_threshold})")
-        loss = stats.pop("train_loss")
-        return new_arrays, ({"train-loss": loss} if loss is not None else None), stats | {
+        return new_arrays, stats.pop("metrics"), stats | {
             "successful": len(summed), "failed": failed}
 
     def _max_examples(self) -> int:

@@ -110,11 +110,11 @@ def secure_round(grid, node_ids: list[int], arrays: ArrayRecord, train_config: C
     manager = SimpleClientManager()
     for node in node_ids:
         manager.register(GridClientProxy(node, recorder, grid.run.run_id))
-    seen: list[tuple[int, int, float]] = []  # (node, examples, train loss) of the owners in the sum
+    seen: list[tuple[int, int, dict]] = []  # (node, examples, metrics) of the owners in the sum
 
     class Capture(LegacyFedAvg):
         def aggregate_fit(self, server_round, results, failures):
-            seen.extend((proxy.node_id, res.num_examples, float(res.metrics["train-loss"])) for proxy, res in results)
+            seen.extend((proxy.node_id, res.num_examples, dict(res.metrics)) for proxy, res in results)
             return super().aggregate_fit(server_round, results, failures)
 
     strategy = Capture(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(node_ids),
@@ -128,9 +128,12 @@ def secure_round(grid, node_ids: list[int], arrays: ArrayRecord, train_config: C
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     result = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
     examples = sum(n for _, n, _ in seen)
+    keys = set.intersection(*(set(m) for _, _, m in seen)) if seen else set()
+    # the owners' metrics (not their updates) stay visible: averaged by examples, like FedAvg's
+    metrics = {k: sum(n * float(m[k]) for _, n, m in seen) / examples for k in sorted(keys)} if examples else None
     stats = {"bytes_down": recorder.bytes_down, "bytes_up": recorder.bytes_up,
              "plaintext_arrays_seen": recorder.plaintext_arrays, "nodes": [node for node, _, _ in seen],
-             "train_loss": sum(n * loss for _, n, loss in seen) / examples if examples else None}
+             "metrics": metrics}
     if not seen:  # the workflow halted before unmasking
         return None, stats
     return ArrayRecord({n: _array(v, arrays[n]) for n, v in zip(names, result)}), stats

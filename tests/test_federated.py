@@ -218,7 +218,7 @@ def test_private_blocks_are_never_shipped(fed):
 
 def test_secure_aggregation_equals_fedavg_and_the_server_sees_no_update(fed):
     plain = simulate(fed_config_from_dict(_config(fed, "sa-plain", clients_per_round=3, num_rounds=1)))
-    config = _config(fed, "sa", clients_per_round=3, num_rounds=1)
+    config = _config(fed, "sa", clients_per_round=3, num_rounds=1, client_eval=False)
     config["secure_aggregation"] = {"enabled": True}
     out = simulate(fed_config_from_dict(config))
     a, s = _aggregate(plain), _aggregate(out)
@@ -227,6 +227,7 @@ def test_secure_aggregation_equals_fedavg_and_the_server_sees_no_update(fed):
     assert any(not torch.equal(a[k], s[k]) for k in a)  # it really went through quantisation
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert all(r["plaintext_arrays_seen"] == 0 and r["successful"] == 3 for r in rounds)
+    assert rounds[0]["client_val_loss"] is not None and rounds[0]["update_norm"] > 0  # owners' metrics still arrive
     plain_rounds = json.loads((plain / "metrics.json").read_text())["rounds"]
     assert rounds[0]["bytes_up"] > plain_rounds[0]["bytes_up"]  # masked vectors + key shares
 
