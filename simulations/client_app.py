@@ -247,11 +247,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config, pid, sha, (_, val_items) = _setup(msg, context)
     model, names = trainable_model(sha, config.finetune)
-    if is_secure(msg):  # the legacy layout carries a list in the exchange order
-        received = ArrayRecord(dict(zip(names, (Array(a) for a in legacy_parameters(msg)))))
-    else:
-        received = msg.content["arrays"]
-    load_exchange_state(model, names, received)
+    load_exchange_state(model, names, msg.content["arrays"])  # evaluate messages are never SecAgg+
     local = dataclasses.replace(config.finetune, eval_items=len(val_items))
     loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
     metrics = MetricRecord({"num-examples": len(val_items), UNIT_WEIGHT: 1, "client-val-loss": float(loss)})
