@@ -22,6 +22,9 @@ from .models import load_model
 from .offsite import EmulatorSection, OffsiteConfig, RunSection, prepare_emulator, read_pipeline_toml, run_offsite
 
 
+METRICS = ("acc", "acc_norm")
+
+
 @dataclass
 class StudySection:
     """``[study]``: the grid's fixed part."""
@@ -40,6 +43,9 @@ class StudySection:
     variant_modes: list[str] = field(default_factory=list)
     attack: bool = False
     """Add the model-privacy row (``[attack]``) to every cell of the main modes."""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Summary metric per task, ``acc`` or ``acc_norm`` (unnamed tasks: ``acc``). Both are always
+    computed and kept in the cells; this picks what the table, averages and frontier show."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -48,6 +54,10 @@ class StudySection:
             modes = getattr(self, key)
             if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
                 raise ValueError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
+        bad = {t: m for t, m in self.metrics.items() if t not in self.tasks or m not in METRICS}
+        if bad:
+            raise ValueError(f"study.metrics maps a task of study.tasks to one of {', '.join(METRICS)}; "
+                             f"got {bad} with tasks {self.tasks}")
         if bool(self.variant_emulator) != bool(self.variant_modes):
             raise ValueError("study.variant_emulator and study.variant_modes go together: name the emulator "
                              "and the extra fine-tuning modes to train it with")
@@ -122,6 +132,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
                           for name, entry in results["emulators"].items()]
             summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes,
                        "variant_emulator": study.variant_emulator, "variant_modes": study.variant_modes,
+                       "metrics": {t: study.metrics.get(t, "acc") for t in study.tasks},
                        "n_eval": study.eval_limit, "finetune": as_dict(config.finetune), "cells": cells}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
             (out / "summary.md").write_text(summary_markdown(summary))
@@ -134,59 +145,93 @@ def _mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def _by_row(summary: dict) -> dict[tuple[str, str], dict[str, dict]]:
+    """``{(emulator, mode): {task: cell}}``, sorted by mode then emulator."""
+    table: dict[tuple[str, str], dict[str, dict]] = {}
+    for c in summary["cells"]:
+        table.setdefault((c["emulator"], c["mode"]), {})[c["task"]] = c
+    return dict(sorted(table.items(), key=lambda item: (item[0][1], item[0][0])))
+
+
+def common_tasks(summary: dict) -> list[str]:
+    """The tasks every (emulator, mode) row has a cell for: averages over anything else would
+    compare rows on different tasks."""
+    rows = _by_row(summary).values()
+    return [t for t in summary["tasks"] if rows and all(t in cells for cells in rows)]
+
+
+def cell_scores(cell: dict, metric: str = "acc") -> tuple[float, float, float]:
+    """``(plug-in, emulator fine-tuned, gap)`` of one cell, as fractions, in ``metric``."""
+    plug_in = cell["rows"]["plug_in"][metric]
+    emulator = cell["rows"]["emulator_finetune"][metric]
+    return plug_in, emulator, plug_in - emulator
+
+
 def summary_markdown(summary: dict) -> str:
-    """Plug-in accuracy, emulator-FT accuracy and gap per (emulator, mode), per task and averaged."""
+    """Plug-in accuracy, emulator-FT accuracy and gap per (emulator, mode), per task and averaged
+    over the tasks every row has."""
     tasks = summary["tasks"]
+    metrics = summary.get("metrics") or {}
+    common = common_tasks(summary)
+    n = summary.get("n_eval")
+    header = [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
     lines = [f"# Study: {summary['model']}", "",
-             "Per task: plug-in / emulator fine-tuned / gap, accuracy in %. Full rows are shared.", "",
-             "| emulator | mode | trainable | " + " | ".join(tasks) + " | average | build cost |",
+             "Per task: plug-in / emulator fine-tuned / gap, in % of the task's metric. Full rows are shared. "
+             f"Average: over {', '.join(common) or 'no task every row has'}.",
+             *([f"n = {n} items per task: one standard error of one accuracy near 50 % is "
+                f"{100 * (0.25 / n) ** 0.5:.1f} points."] if n else []), "",
+             "| emulator | mode | trainable | " + " | ".join(header) + " | average | build cost |",
              "|---|---|---|" + "---|" * (len(tasks) + 2)]
-    keys = sorted({(c["emulator"], c["mode"]) for c in summary["cells"]}, key=lambda k: (k[1], k[0]))
-    for name, mode in keys:
-        cells = {c["task"]: c for c in summary["cells"] if c["emulator"] == name and c["mode"] == mode}
-        parts = []
-        for task in tasks:
-            c = cells.get(task)
-            parts.append("n/a" if c is None else
-                         f"{100 * c['rows']['plug_in']['acc']:.1f} / {100 * c['rows']['emulator_finetune']['acc']:.1f} / {100 * c['gap']:+.1f}")
-        avg = (f"{100 * _mean([c['rows']['plug_in']['acc'] for c in cells.values()]):.1f} / "
-               f"{100 * _mean([c['rows']['emulator_finetune']['acc'] for c in cells.values()]):.1f} / "
-               f"{100 * _mean([c['gap'] for c in cells.values()]):+.1f}")
+    for (name, mode), cells in _by_row(summary).items():
+        scores = {t: cell_scores(c, metrics.get(t, "acc")) for t, c in cells.items()}
+        parts = ["n/a" if t not in scores else
+                 f"{100 * scores[t][0]:.1f} / {100 * scores[t][1]:.1f} / {100 * scores[t][2]:+.1f}" for t in tasks]
+        avg = [_mean([scores[t][i] for t in common]) for i in range(3)]
+        avg_text = f"{100 * avg[0]:.1f} / {100 * avg[1]:.1f} / {100 * avg[2]:+.1f}" if common else "n/a"
         cost = next((c.get("build_cost") for c in cells.values() if c.get("build_cost")), None)
         cost_text = "none" if not cost else f"{cost['kind']}: {cost['seconds']:.0f} s, {cost['tokens_forward_backward']:,} fb tokens"
         trainable = next(iter(cells.values()))["rows"]["emulator_finetune"].get("trainable_params")
-        lines.append(f"| {name} | {mode} | {trainable or 0:,} | " + " | ".join(parts) + f" | {avg} | {cost_text} |")
+        lines.append(f"| {name} | {mode} | {trainable or 0:,} | " + " | ".join(parts) + f" | {avg_text} | {cost_text} |")
     for row in ("full_zero_shot", "full_finetune"):
-        values = []
-        for task in tasks:
-            c = next((c for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
-            values.append("n/a" if c is None else f"{100 * c['rows'][row]['acc']:.1f}")
-        lines.append(f"| *{row.replace('_', ' ')}* | | | " + " | ".join(values) + " | | |")
+        values = {t: summary_row(summary, row, t) for t in tasks}
+        known = [values[t] for t in common]
+        avg_text = f"{100 * _mean(known):.1f}" if common and None not in known else ""
+        lines.append(f"| *{row.replace('_', ' ')}* | | | " + " | ".join(
+            "n/a" if v is None else f"{100 * v:.1f}" for v in values.values()) + f" | {avg_text} | |")
     return "\n".join(lines) + "\n"
 
 
+def summary_row(summary: dict, row: str, task: str) -> float | None:
+    """A shared full-model row (``full_zero_shot``/``full_finetune``) on one task, in its metric."""
+    metric = (summary.get("metrics") or {}).get(task, "acc")
+    return next((c["rows"][row][metric] for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
+
+
 def plot_frontier(summary: dict, path: Path) -> None:
-    """Privacy-utility frontier: average plug-in accuracy vs average gap, one point per emulator."""
+    """Privacy-utility frontier: average plug-in accuracy vs average gap, one point per emulator
+    and mode, averaged over the tasks every row has."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = summary.get("metrics") or {}
+    common = common_tasks(summary)
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    keys = sorted({(c["emulator"], c["mode"]) for c in summary["cells"]})
-    for name, mode in keys:
-        cells = [c for c in summary["cells"] if c["emulator"] == name and c["mode"] == mode]
-        x = 100 * _mean([c["gap"] for c in cells])
-        y = 100 * _mean([c["rows"]["plug_in"]["acc"] for c in cells])
+    for (name, mode), cells in _by_row(summary).items():
+        scores = [cell_scores(cells[t], metrics.get(t, "acc")) for t in common]
+        x = 100 * _mean([s[2] for s in scores])
+        y = 100 * _mean([s[0] for s in scores])
         ax.scatter(x, y)
         ax.annotate(f"{name} ({mode})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    full = [c["rows"]["full_finetune"]["acc"] for c in summary["cells"] if "full_finetune" in c["rows"]]
-    if full:
+    full = [summary_row(summary, "full_finetune", t) for t in common]
+    if common and None not in full:
         ax.axhline(100 * _mean(full), linestyle="--", color="grey", label="full fine-tuning")
         ax.legend(fontsize=7)
     ax.set_xlabel("gap: plug-in - emulator fine-tuned (accuracy points; more = more privacy)")
     ax.set_ylabel("plug-in accuracy (%)")
-    ax.set_title(f"{summary['model']}: average over {', '.join(summary['tasks'])}", fontsize=9)
+    names = ", ".join(f"{t} ({metrics.get(t, 'acc')})" for t in common) or "no common task"
+    ax.set_title(f"{summary['model']}: average over {names}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -81,3 +81,38 @@ def test_study_variant_emulator_must_exist(tmp_path):
                                      '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
     with pytest.raises(ConfigError, match="not one of"):
         load_study_config(tmp_path / "s.toml")
+
+
+def _cell(task, emulator, plug_in, emulator_ft, norm_shift=0.0):
+    rows = {"plug_in": {"acc": plug_in, "acc_norm": plug_in + norm_shift},
+            "emulator_finetune": {"acc": emulator_ft, "acc_norm": emulator_ft, "trainable_params": 10}}
+    return {"task": task, "mode": "lora", "emulator": emulator, "rows": rows}
+
+
+def test_summary_averages_only_tasks_every_row_has_in_each_tasks_metric(tmp_path):
+    from scaleot_fed.study import common_tasks, plot_frontier, summary_markdown
+
+    # "b" lacks task t2: its average, and everyone else's, must be over t1 only, in t1's metric.
+    summary = {"model": "m", "tasks": ["t1", "t2"], "metrics": {"t1": "acc_norm", "t2": "acc"}, "n_eval": 100,
+               "cells": [_cell("t1", "a", 0.6, 0.5, norm_shift=0.1), _cell("t2", "a", 0.2, 0.1),
+                         _cell("t1", "b", 0.4, 0.4)]}
+    assert common_tasks(summary) == ["t1"]
+    text = summary_markdown(summary)
+    assert "| a | lora | 10 | 70.0 / 50.0 / +20.0 | 20.0 / 10.0 / +10.0 | 70.0 / 50.0 / +20.0 |" in text
+    assert "| b | lora | 10 | 40.0 / 40.0 / +0.0 | n/a | 40.0 / 40.0 / +0.0 |" in text
+    assert "t1 (acc_norm)" in text and "5.0 points" in text
+    plot_frontier(summary, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
+    import pytest
+
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.study import load_study_config
+
+    for metrics in ('{ piqa = "f1" }', '{ hellaswag = "acc_norm" }'):
+        (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["piqa"]\nmetrics = {metrics}\n'
+                                         '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+        with pytest.raises(ConfigError, match="study.metrics"):
+            load_study_config(tmp_path / "s.toml")
