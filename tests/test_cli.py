@@ -123,3 +123,23 @@ def test_tampered_emulator_via_real_process(workspace, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scaleot_fed.cli", "build-emulator", "--strategy", "uniform-drop",
                            "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_shipped_config_loads():
+    # The configs users start from must stay valid as the dataclasses change (unknown keys fail).
+    from pathlib import Path
+
+    from scaleot_fed.offsite import load_offsite_config
+    from scaleot_fed.study import load_study_config
+    from simulations.config import load_fed_config
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = sorted((root / "configs").glob("*.toml")) + sorted((root / "simulations" / "configs").glob("*.toml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        if path.parent.name == "configs" and path.parent.parent.name == "simulations":
+            load_fed_config(path)
+        elif path.name.startswith("study-"):
+            load_study_config(path)
+        else:
+            load_offsite_config(path)
