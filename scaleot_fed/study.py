@@ -217,21 +217,28 @@ def plot_frontier(summary: dict, path: Path) -> None:
 
     metrics = summary.get("metrics") or {}
     common = common_tasks(summary)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     for (name, mode), cells in _by_row(summary).items():
         scores = [cell_scores(cells[t], metrics.get(t, "acc")) for t in common]
         x = 100 * _mean([s[2] for s in scores])
         y = 100 * _mean([s[0] for s in scores])
         ax.scatter(x, y)
         ax.annotate(f"{name} ({mode})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    full = [summary_row(summary, "full_finetune", t) for t in common]
-    if common and None not in full:
-        ax.axhline(100 * _mean(full), linestyle="--", color="grey", label="full fine-tuning")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("gap: plug-in - emulator fine-tuned (accuracy points; more = more privacy)")
+    for row, style, label in (("full_finetune", "--", "full fine-tuning"), ("full_zero_shot", ":", "full zero-shot")):
+        values = [summary_row(summary, row, t) for t in common]
+        if common and None not in values:
+            ax.axhline(100 * _mean(values), linestyle=style, color="grey", label=label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    n = summary.get("n_eval")
+    if n and common:
+        # one standard error of a task-averaged accuracy near 50 %, so readers see what is noise
+        ax.text(0.99, 0.99, f"n = {n} per task: 1 SE of an average = {100 * (0.25 / n / len(common)) ** 0.5:.1f} points",
+                transform=ax.transAxes, fontsize=7, ha="right", va="top", color="grey")
+    ax.set_xlabel("gap = plug-in - emulator fine-tuned (points; larger = more privacy)")
     ax.set_ylabel("plug-in accuracy (%)")
     names = ", ".join(f"{t} ({metrics.get(t, 'acc')})" for t in common) or "no common task"
-    ax.set_title(f"{summary['model']}: average over {names}", fontsize=8)
+    ax.set_title(f"{summary['model']}, average over\n{names}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
