@@ -132,7 +132,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
                           for name, entry in results["emulators"].items()]
             summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes,
                        "variant_emulator": study.variant_emulator, "variant_modes": study.variant_modes,
-                       "metrics": {t: study.metrics.get(t, "acc") for t in study.tasks},
+                       "metrics": {t: study.metrics.get(t, METRICS[0]) for t in study.tasks},
                        "n_eval": study.eval_limit, "finetune": as_dict(config.finetune), "cells": cells}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
             (out / "summary.md").write_text(summary_markdown(summary))
@@ -143,6 +143,18 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _metrics(summary: dict) -> dict[str, str]:
+    """Each task's summary metric (summaries written before ``[study] metrics`` existed: ``acc``)."""
+    given = summary.get("metrics") or {}
+    return {t: given.get(t, METRICS[0]) for t in summary["tasks"]}
+
+
+def _standard_error(n: int, tasks: int = 1) -> float:
+    """One standard error, in points, of an accuracy near 50 % averaged over ``tasks`` tasks of
+    ``n`` items each (the worst case of sqrt(p (1 - p) / n))."""
+    return 100 * (0.25 / n / tasks) ** 0.5
 
 
 def _by_row(summary: dict) -> dict[tuple[str, str], dict[str, dict]]:
@@ -171,19 +183,19 @@ def summary_markdown(summary: dict) -> str:
     """Plug-in accuracy, emulator-FT accuracy and gap per (emulator, mode), per task and averaged
     over the tasks every row has."""
     tasks = summary["tasks"]
-    metrics = summary.get("metrics") or {}
+    metrics = _metrics(summary)
     common = common_tasks(summary)
     n = summary.get("n_eval")
-    header = [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
+    header = [f"{t} ({metrics[t]})" for t in tasks]
     lines = [f"# Study: {summary['model']}", "",
              "Per task: plug-in / emulator fine-tuned / gap, in % of the task's metric. Full rows are shared. "
              f"Average: over {', '.join(common) or 'no task every row has'}.",
              *([f"n = {n} items per task: one standard error of one accuracy near 50 % is "
-                f"{100 * (0.25 / n) ** 0.5:.1f} points."] if n else []), "",
+                f"{_standard_error(n):.1f} points."] if n else []), "",
              "| emulator | mode | trainable | " + " | ".join(header) + " | average | build cost |",
              "|---|---|---|" + "---|" * (len(tasks) + 2)]
     for (name, mode), cells in _by_row(summary).items():
-        scores = {t: cell_scores(c, metrics.get(t, "acc")) for t, c in cells.items()}
+        scores = {t: cell_scores(c, metrics[t]) for t, c in cells.items()}
         parts = ["n/a" if t not in scores else
                  f"{100 * scores[t][0]:.1f} / {100 * scores[t][1]:.1f} / {100 * scores[t][2]:+.1f}" for t in tasks]
         avg = [_mean([scores[t][i] for t in common]) for i in range(3)]
@@ -203,7 +215,7 @@ def summary_markdown(summary: dict) -> str:
 
 def summary_row(summary: dict, row: str, task: str) -> float | None:
     """A shared full-model row (``full_zero_shot``/``full_finetune``) on one task, in its metric."""
-    metric = (summary.get("metrics") or {}).get(task, "acc")
+    metric = _metrics(summary)[task]
     return next((c["rows"][row][metric] for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
 
 
@@ -215,11 +227,11 @@ def plot_frontier(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = summary.get("metrics") or {}
+    metrics = _metrics(summary)
     common = common_tasks(summary)
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for (name, mode), cells in _by_row(summary).items():
-        scores = [cell_scores(cells[t], metrics.get(t, "acc")) for t in common]
+        scores = [cell_scores(cells[t], metrics[t]) for t in common]
         x = 100 * _mean([s[2] for s in scores])
         y = 100 * _mean([s[0] for s in scores])
         ax.scatter(x, y)
@@ -233,11 +245,11 @@ def plot_frontier(summary: dict, path: Path) -> None:
     n = summary.get("n_eval")
     if n and common:
         # one standard error of a task-averaged accuracy near 50 %, so readers see what is noise
-        ax.text(0.99, 0.99, f"n = {n} per task: 1 SE of an average = {100 * (0.25 / n / len(common)) ** 0.5:.1f} points",
+        ax.text(0.99, 0.99, f"n = {n} per task: 1 SE of an average = {_standard_error(n, len(common)):.1f} points",
                 transform=ax.transAxes, fontsize=7, ha="right", va="top", color="grey")
     ax.set_xlabel("gap = plug-in - emulator fine-tuned (points; larger = more privacy)")
     ax.set_ylabel("plug-in accuracy (%)")
-    names = ", ".join(f"{t} ({metrics.get(t, 'acc')})" for t in common) or "no common task"
+    names = ", ".join(f"{t} ({metrics[t]})" for t in common) or "no common task"
     ax.set_title(f"{summary['model']}, average over\n{names}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
