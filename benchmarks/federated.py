@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "federated.json"))
     args = parser.parse_args()
 
-    from scaleot_fed.emulator import EmulatorConfig, build_emulator, save_emulator
+    from scaleot_fed.emulator import EmulatorConfig, save_emulator
+    from scaleot_fed.emulator_build import build_emulator
     from scaleot_fed.models import count_parameters, load_model
     from simulations.runner import simulate
 

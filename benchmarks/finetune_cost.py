@@ -95,8 +95,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from scaleot_fed.emulator import EmulatorConfig, build_emulator, save_emulator
-    from scaleot_fed.layer_replace import load_artifact
+    from scaleot_fed.artifact import load_artifact
+    from scaleot_fed.emulator import EmulatorConfig, save_emulator
+    from scaleot_fed.emulator_build import build_emulator
     from scaleot_fed.models import load_model
 
     loaded = load_model(args.model)

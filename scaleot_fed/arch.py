@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ScaleOTError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def architecture_by_name(name: str) -> Architecture:
     for arch in ARCHITECTURES:
         if arch.name == name:
             return arch
-    raise ScaleOTError(f"unknown architecture family {name!r}; supported: {supported_families()}")
+    raise ConfigError(f"unknown architecture family {name!r}; supported: {supported_families()}")
 
 
 def architecture_of(model_or_config) -> Architecture:
@@ -102,12 +102,12 @@ def architecture_of(model_or_config) -> Architecture:
         if model_type in arch.model_types:
             if arch.name == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
                 # The attention scale depends on the block's position, which surgery changes.
-                raise ScaleOTError(
+                raise ConfigError(
                     "GPT-2 models with scale_attn_by_inverse_layer_idx=True are not supported: "
                     "their attention scale depends on the block position"
                 )
             return arch
-    raise ScaleOTError(
+    raise ConfigError(
         f"unsupported architecture model_type={model_type!r}; supported families: "
         f"{supported_families()}"
     )
@@ -117,11 +117,6 @@ def get_layers(model: nn.Module, arch: Architecture | None = None) -> nn.ModuleL
     """The ``nn.ModuleList`` of decoder blocks."""
     arch = arch or architecture_of(model)
     return model.get_submodule(arch.layers_path)
-
-
-def num_layers_of(config) -> int:
-    """Number of decoder blocks a config declares."""
-    return int(config.num_hidden_layers)
 
 
 def set_layers(model: nn.Module, blocks: list[nn.Module], layer_types: list[str] | None = None) -> None:
@@ -152,11 +147,6 @@ def set_layers(model: nn.Module, blocks: list[nn.Module], layer_types: list[str]
         if layer_types is None or len(layer_types) != len(blocks):
             raise ValueError("layer_types must list one entry per new block")
         model.config.layer_types = list(layer_types)
-
-
-def block_parameter_prefix(arch: Architecture, index: int) -> str:
-    """State-dict prefix of block ``index``, e.g. ``model.layers.3.``."""
-    return f"{arch.layers_path}.{index}."
 
 
 def block_index_of_key(arch: Architecture, key: str) -> int | None:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .arch import architecture_of, get_layers
+from .errors import ConfigError, IntegrityError
 
 BOTTLENECK_FILE = "bottleneck_adapters.json"
 
@@ -56,7 +57,7 @@ def add_bottleneck_adapters(model: nn.Module, positions: list[int], size: int) -
         State-dict prefixes of the new adapters.
     """
     if size < 1:
-        raise ValueError(f"adapter size must be >= 1, got {size}")
+        raise ConfigError(f"adapter size must be >= 1, got {size}")
     arch = architecture_of(model)
     layers = get_layers(model, arch)
     prefixes = []
@@ -103,6 +104,6 @@ def restore_bottleneck_adapters(model: nn.Module, model_dir: str | Path) -> bool
         state.update({k: v for k, v in load_file(str(file)).items() if ".bottleneck." in k})
     missing = [k for k in model.state_dict() if ".bottleneck." in k and k not in state]
     if missing:
-        raise ValueError(f"adapter weights missing from {model_dir}: {missing[:3]}")
+        raise IntegrityError(f"adapter weights missing from {model_dir}: {missing[:3]}")
     model.load_state_dict(state, strict=False)
     return True

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from .errors import ConfigError
 

@@ -52,6 +52,29 @@ class _Capture:
         self.output = output[0] if isinstance(output, tuple) else output
 
 
+def _distilled_positions(manifest: dict) -> tuple[list[int], int]:
+    """The student's middle block positions, and the teacher block its last one must match: both
+    middle stacks end right before the top adapters."""
+    layout = manifest["layout"]
+    if any(e["kind"] == "harmonizer" for e in layout):
+        raise ConfigError("distillation is the Offsite-Tuning baseline: build it from a uniform-drop emulator")
+    middle_positions = [p for p, e in enumerate(layout) if e["kind"] != "adapter"]
+    if not middle_positions:
+        raise ConfigError("the emulator keeps no middle block to distil (alpha = 1)")
+    adapters = set(manifest["adapter_layers"])
+    return middle_positions, max(i for i in range(manifest["num_layers"]) if i not in adapters)
+
+
+def _only_trainable(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Freeze ``model`` except ``modules``; returns their parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config: DistillConfig) -> dict:
     """Train the emulator's kept middle blocks in place; returns the cost and loss record.
 
@@ -64,23 +87,10 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
     token_ids:
         ``(num_blocks, block_size)`` owner text.
     """
-    layout = emulator.manifest["layout"]
-    if any(e["kind"] == "harmonizer" for e in layout):
-        raise ConfigError("distillation is the Offsite-Tuning baseline: build it from a uniform-drop emulator")
-    middle_positions = [p for p, e in enumerate(layout) if e["kind"] != "adapter"]
-    if not middle_positions:
-        raise ConfigError("the emulator keeps no middle block to distil (alpha = 1)")
-    # Both middle stacks end right before the top adapters: the teacher's at its last non-adapter
-    # block, the student's at its last kept middle block.
-    adapters = set(emulator.manifest["adapter_layers"])
-    teacher_end = max(i for i in range(emulator.manifest["num_layers"]) if i not in adapters)
+    middle_positions, teacher_end = _distilled_positions(emulator.manifest)
     student_model = emulator.model
-    for p in student_model.parameters():
-        p.requires_grad_(False)
     blocks = get_layers(student_model)
-    params = [p for pos in middle_positions for p in blocks[pos].parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = _only_trainable(student_model, [blocks[pos] for pos in middle_positions])
     for p in full.parameters():
         p.requires_grad_(False)
     teacher_hook = _Capture(get_layers(full)[teacher_end])

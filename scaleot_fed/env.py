@@ -5,6 +5,10 @@ Must run before torch, ray or flwr are imported: thread pools and telemetry read
 
 import os
 
+USER_SET_THREADS = "OMP_NUM_THREADS" in os.environ
+"""Whether the user pinned the thread count (read before :func:`configure_environment` sets its
+default): single-process commands then keep it instead of using every core."""
+
 _DEFAULTS = {
     # With torch's default thread count on 2 cores, parallel clients oversubscribe the CPU (a
     # 3 s simulation took up to 87 s); one thread per process is the fast setting here.

@@ -1,8 +1,10 @@
-"""User-facing errors.
+"""User-facing errors: one family.
 
-Anything raised as :class:`ScaleOTError` is a problem with the user's input or environment that
-the user can fix; the CLI prints its message on one line and exits non-zero, without a traceback.
-Everything else is a bug and keeps its traceback.
+Anything raised as :class:`ScaleOTError` is a problem the user can fix; the CLI prints its
+message on one line and exits with status 2, without a traceback. Bad input (a value, a file, a
+folder) is a :class:`ConfigError` wherever it is detected; a file that does not match what it
+promises is its subclass :class:`IntegrityError`. A run that fails on the way (too few owners
+answered) is a :class:`RunError`. Everything else is a bug and keeps its traceback.
 """
 
 
@@ -11,8 +13,12 @@ class ScaleOTError(Exception):
 
 
 class ConfigError(ScaleOTError, ValueError):
-    """A parameter or configuration value is invalid."""
+    """A parameter, configuration value, file or folder given by the user is invalid."""
 
 
-class IntegrityError(ScaleOTError):
+class IntegrityError(ConfigError):
     """A file on disk does not match what its manifest promises (missing, tampered, foreign)."""
+
+
+class RunError(ScaleOTError):
+    """A run stopped because the work could not go on (e.g. too few data owners answered)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ScaleOTError
+from .errors import ConfigError
 from .tasks import MCItem
 
 TARGET_DELIMITER = " "
@@ -60,9 +60,9 @@ def make_request(tokenizer, context: str, continuation: str, max_length: int) ->
     """Tokenise one request and apply the truncation rule; returns it with its target tokens."""
     ctx, cont = encode_pair(tokenizer, context, continuation)
     if not cont:
-        raise ScaleOTError(f"continuation {continuation!r} produced no tokens")
+        raise ConfigError(f"continuation {continuation!r} produced no tokens")
     if len(cont) > max_length:
-        raise ScaleOTError(
+        raise ConfigError(
             f"a continuation of {len(cont)} tokens does not fit the model's {max_length}-token window"
         )
     full = (ctx + cont)[-(max_length + 1):]
@@ -109,7 +109,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
 def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict[str, float]:
     """``acc`` and ``acc_norm`` from per-choice log-likelihoods (lm-eval's definitions)."""
     if not items:
-        raise ScaleOTError("no items to evaluate")
+        raise ConfigError("no items to evaluate")
     acc = acc_norm = 0
     for item, item_scores in zip(items, scores):
         acc += int(max(range(len(item_scores)), key=lambda j: item_scores[j]) == item.gold)

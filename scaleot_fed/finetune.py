@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers
-from .errors import ConfigError, ScaleOTError
+from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .tasks import MCItem
 
@@ -147,7 +147,7 @@ def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfi
             if config.mode == "full" or name.endswith("bias") or "norm" in name or "ln_" in name:
                 param.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ScaleOTError(f"mode {config.mode!r} leaves nothing trainable in blocks {positions}")
+        raise ConfigError(f"mode {config.mode!r} leaves nothing trainable in blocks {positions}")
     return model
 
 
@@ -201,6 +201,41 @@ class FinetuneResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def _trained_parameters(model: nn.Module, train_items: list[MCItem], val_items: list[MCItem]) -> list[nn.Parameter]:
+    """The parameters :func:`finetune` trains; what makes training impossible is an error here."""
+    if not train_items:
+        raise ConfigError("no training items")
+    if not val_items:
+        raise ConfigError("no validation items")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: call make_trainable first")
+    return params
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2 * sum ||w - w_start||^2`` (its gradient is ``mu * (w - w_start)``)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (a :func:`trainable_state`) back into ``model``'s parameters."""
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, tensor in state.items():
+            named[name].copy_(tensor)
+
+
+def _optimizer(params: list[nn.Parameter], config: FinetuneConfig):
+    """AdamW and its warmup + decay schedule."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.steps, warmup, config.schedule)
+    )
+    return optimizer, scheduler
+
+
 def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: list[MCItem],
              config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
@@ -213,23 +248,13 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
     """
     from tqdm.auto import tqdm
 
-    if not train_items:
-        raise ScaleOTError("no training items")
-    if not val_items:
-        raise ScaleOTError("no validation items")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ScaleOTError("nothing to train: call make_trainable first")
+    params = _trained_parameters(model, train_items, val_items)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = [encode_example(tokenizer, item, config.max_length) for item in train_items]
     val = val_items[: config.eval_items]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, config.steps, warmup, config.schedule)
-    )
+    optimizer, scheduler = _optimizer(params, config)
 
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     initial = best = answer_loss(model, tokenizer, val, config)
@@ -248,7 +273,7 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
             batch = collate([examples[order.pop()] for _ in range(min(config.batch_size, len(examples)))], pad)
             loss = model(**batch, use_cache=False).loss
             if anchor is not None:
-                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                loss = loss + proximal_term(params, anchor, proximal_mu)
             loss = loss / config.grad_accum
             loss.backward()
             step_loss += loss.item()
@@ -265,10 +290,7 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
         bar.set_postfix_str(f"loss={step_loss:.3f} best_val={best:.3f}")
     seconds = time.perf_counter() - start
     if config.select_best:
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for name, tensor in best_state.items():
-                named[name].copy_(tensor)
+        load_trainable_state(model, best_state)
     else:
         best, best_step = history[-1].get("val_loss", best), config.steps
     model.eval()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class Harmonizer(nn.Module):
     """``x + W_up · gelu(W_down · x)``: a drop-in replacement for one decoder block.
@@ -26,7 +28,7 @@ class Harmonizer(nn.Module):
     def __init__(self, hidden_size: int, rank: int = 64) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"harmonizer rank must be >= 1, got {rank}")
+            raise ConfigError(f"harmonizer rank must be >= 1, got {rank}")
         self.hidden_size = hidden_size
         self.rank = rank
         self.down = nn.Linear(hidden_size, rank)

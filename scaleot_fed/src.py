@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 def rank_for_ratio(out_features: int, in_features: int, rank_keep_ratio: float) -> int:
     """Rank kept for a ``out x in`` matrix: ``round(ratio * min(out, in))``, at least 1."""
     if not 0.0 <= rank_keep_ratio <= 1.0:
-        raise ValueError(f"rank_keep_ratio must be in [0, 1], got {rank_keep_ratio}")
+        raise ConfigError(f"rank_keep_ratio must be in [0, 1], got {rank_keep_ratio}")
     return max(1, round(rank_keep_ratio * min(out_features, in_features)))
 
 
@@ -37,7 +39,7 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     """
     out_features, in_features = weight.shape
     if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(f"rank must be in [1, {min(out_features, in_features)}], got {rank}")
+        raise ConfigError(f"rank must be in [1, {min(out_features, in_features)}], got {rank}")
     # float64 so a full-rank reconstruction is exact to float32 precision.
     u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
     root = s[:rank].sqrt()
@@ -91,7 +93,7 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_weight(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int
-    ) -> "LowRankLinear":
+    ) -> LowRankLinear:
         """Compress an ``(out, in)`` weight (``nn.Linear`` convention) to ``rank``."""
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, rank, bias=bias is not None)

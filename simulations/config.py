@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaleot_fed.attack import AttackConfig
+from recipes.attack import AttackConfig
+from recipes.single_owner import EmulatorSection, TaskRunSection
 from scaleot_fed.config import as_dict, from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
-from scaleot_fed.offsite import EmulatorSection
 
 from .privacy import PrivacyConfig
 from .secure import SecureAggregationConfig
@@ -29,15 +29,11 @@ FAILURE_KINDS = ("raise", "nan", "wrong-keys")
 
 
 @dataclass
-class RunConfig:
-    """``[run]``: the federation and its budget."""
+class RunConfig(TaskRunSection):
+    """``[run]``: the federation and its budget (model, task and item counts: :class:`TaskRunSection`)."""
 
     out: str = "runs/federated"
-    model: str = "smollm2-135m"
-    task: str = "piqa"
-    eval_task: str | None = None
-    """Server-side evaluation items from another task or file (required when ``task`` is a user
-    file, which has a single split); default: the validation split of ``task``."""
+    eval_batch_size: int = 16
     seed: int = 0
     num_rounds: int = 3
     num_clients: int = 8
@@ -48,17 +44,12 @@ class RunConfig:
     min_successful_clients: int = 1
     """A round with fewer successful clients stops the run with an error (weights are never
     silently kept)."""
-    train_limit: int | None = 2000
-    """First N items of the train split, shared among the clients."""
     client_val_fraction: float = 0.1
     """Share of each client's partition held out as its local validation split."""
-    eval_limit: int | None = 200
-    """Server-side plug-in evaluation on the first N validation items (None: all)."""
     eval_every: int = 1
     client_eval: bool = True
     """Send the new aggregate to the round's clients for an emulator-side validation loss (doubles
     the bytes sent down); off: report the clients' own post-training validation loss instead."""
-    eval_batch_size: int = 16
     final_table: bool = True
     """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""
     centralised_full_finetune: bool = False
@@ -78,31 +69,32 @@ class RunConfig:
     compressed): a run whose emulator would carry one is refused before anything is sent."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+            raise ConfigError(f"num_clients must be >= 1, got {self.num_clients}")
         if self.fraction_per_round is not None:
             if not 0.0 < self.fraction_per_round <= 1.0:
-                raise ValueError(f"fraction_per_round must be in (0, 1], got {self.fraction_per_round}")
+                raise ConfigError(f"fraction_per_round must be in (0, 1], got {self.fraction_per_round}")
             self.clients_per_round = max(1, round(self.fraction_per_round * self.num_clients))
         if not 1 <= self.clients_per_round <= self.num_clients:
-            raise ValueError(
+            raise ConfigError(
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
             )
         if not 1 <= self.min_successful_clients <= self.clients_per_round:
-            raise ValueError(
+            raise ConfigError(
                 f"min_successful_clients must be between 1 and clients_per_round={self.clients_per_round}, "
                 f"got {self.min_successful_clients}"
             )
         if not 0.0 < self.client_val_fraction < 1.0:
-            raise ValueError(f"client_val_fraction must be in (0, 1), got {self.client_val_fraction}")
+            raise ConfigError(f"client_val_fraction must be in (0, 1), got {self.client_val_fraction}")
         if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.client_num_cpus <= 0:
-            raise ValueError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
+            raise ConfigError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
         if any(not isinstance(b, int) or b < 0 for b in self.private_blocks):
-            raise ValueError(f"private_blocks must be block indices (integers >= 0), got {self.private_blocks}")
+            raise ConfigError(f"private_blocks must be block indices (integers >= 0), got {self.private_blocks}")
 
 
 @dataclass
@@ -120,11 +112,11 @@ class PartitionConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in PARTITIONERS:
-            raise ValueError(f"unknown partition kind {self.kind!r}; choose one of {', '.join(PARTITIONERS)}")
+            raise ConfigError(f"unknown partition kind {self.kind!r}; choose one of {', '.join(PARTITIONERS)}")
         if self.alpha <= 0:
-            raise ValueError(f"partition alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"partition alpha must be > 0, got {self.alpha}")
         if self.classes_per_client < 1:
-            raise ValueError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
+            raise ConfigError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
 
 
 @dataclass
@@ -141,7 +133,7 @@ class StrategyConfig:
         from strategies import STRATEGIES
 
         if self.name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+            raise ConfigError(f"unknown strategy {self.name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
 
 
 @dataclass
@@ -158,7 +150,7 @@ class DebugConfig:
     def __post_init__(self) -> None:
         for pid, kind in self.fail.items():
             if kind not in FAILURE_KINDS or not str(pid).isdigit():
-                raise ValueError(f"debug.fail entries map partition ids to one of {FAILURE_KINDS}, got {pid}={kind}")
+                raise ConfigError(f"debug.fail entries map partition ids to one of {FAILURE_KINDS}, got {pid}={kind}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaleot_fed.errors import ScaleOTError
+from scaleot_fed.errors import RunError
 
 # ----------------------------------------------------------------------------- certificates
 
@@ -190,13 +190,13 @@ class LoopbackFederation:
         deadline = time.time() + timeout
         while True:
             if self.superlink.poll() is not None:
-                raise ScaleOTError(f"the SuperLink exited ({self.superlink.returncode}); see {self.logs / 'superlink.log'}")
+                raise RunError(f"the SuperLink exited ({self.superlink.returncode}); see {self.logs / 'superlink.log'}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise ScaleOTError(f"the SuperLink did not listen on port {self.port} within {timeout:.0f} s")
+                    raise RunError(f"the SuperLink did not listen on port {self.port} within {timeout:.0f} s") from None
                 time.sleep(0.25)
         self._superexec = _children(self.superlink.pid)
 
@@ -204,7 +204,7 @@ class LoopbackFederation:
         """Admit a SuperNode: only registered keys may join (``--enable-supernode-auth``)."""
         done = self.flwr("supernode", "register", str(public_key), "local", "--name", name)
         if done.returncode != 0:
-            raise ScaleOTError(f"registering {public_key} failed: {done.stdout[-400:]}{done.stderr[-400:]}")
+            raise RunError(f"registering {public_key} failed: {done.stdout[-400:]}{done.stderr[-400:]}")
 
     def start_supernode(self, name: str, key: str | Path, data_path: str | Path, root_certificates: str | Path | None = None,
                         env: dict[str, str] | None = None, retries: int | None = None) -> subprocess.Popen:
@@ -229,7 +229,7 @@ class LoopbackFederation:
         deadline = time.time() + timeout
         while self.online() < count:
             if time.time() > deadline:
-                raise ScaleOTError(f"fewer than {count} SuperNodes online after {timeout:.0f} s; see {self.logs}")
+                raise RunError(f"fewer than {count} SuperNodes online after {timeout:.0f} s; see {self.logs}")
             time.sleep(1)
 
     def run(self, app_dir: str | Path, run_config: dict[str, str], timeout: float = 600) -> dict:
@@ -240,7 +240,7 @@ class LoopbackFederation:
         try:
             run_id = int(json.loads(started.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
-            raise ScaleOTError(f"flwr run did not start a run: {started.stdout[-600:]}{started.stderr[-600:]}")
+            raise RunError(f"flwr run did not start a run: {started.stdout[-600:]}{started.stderr[-600:]}") from None
         deadline = time.time() + timeout
         while time.time() < deadline:
             listed = self.flwr("ls", "local", "--run-id", str(run_id), "--format", "json")
@@ -287,7 +287,7 @@ class LoopbackFederation:
                 except subprocess.TimeoutExpired:
                     pass
 
-    def __enter__(self) -> "LoopbackFederation":
+    def __enter__(self) -> LoopbackFederation:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,55 +3,50 @@
 Per round: pick clients (deterministically, by partition id), let the strategy configure and
 aggregate, reject bad updates (errors, NaN/Inf, wrong keys or shapes) with a log line naming the
 client, stop with an error when fewer than ``min_successful_clients`` remain (never silently keep
-the old weights), evaluate, and checkpoint (aggregate, strategy state, round, RNG states,
-resolved config) so ``--resume`` continues a killed run to the same result.
+the old weights), evaluate, and checkpoint (:mod:`simulations.checkpoint`) so ``--resume``
+continues a killed run to the same result. Delivery of the emulator is in
+:mod:`simulations.delivery`, metrics files and the final table in :mod:`simulations.report`.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
-import dataclasses
 import inspect
-import json
 import logging
-import pickle
 import random
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-from safetensors.torch import load_file, save_file
 
-from scaleot_fed.attack import attack_emulator
+from recipes.rundir import open_run_dir
+from recipes.single_owner import prepare_emulator
 from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import check_shippable
-from scaleot_fed.errors import ConfigError, ScaleOTError
+from scaleot_fed.errors import ConfigError, RunError
 from scaleot_fed.evaluate import evaluate_multiple_choice
-from scaleot_fed.finetune import finetune, make_trainable
+from scaleot_fed.finetune import make_trainable
 from scaleot_fed.models import load_model
-from scaleot_fed.offsite import ROWS, markdown_table, plot_results, prepare_emulator
-from scaleot_fed.plugin import plug_in_trained, save_plugged
-from scaleot_fed.tasks import load_task
+from scaleot_fed.plugin import plug_in_trained
 from strategies import STRATEGIES, build_strategy
 
-from .client_app import delivery_content
+from .checkpoint import Checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
-from .partition import client_data, partition_indices, train_items
+from .delivery import deliver
+from .partition import client_data
 from .privacy import UNIT_WEIGHT, PrivacyLedger, wrap_strategy
+from .report import emulator_bytes, final_table, plot_partitions, write_metrics
 from .secure import secure_round
 
 log = logging.getLogger("scaleot_fed.federation")
 
 
-class RoundFailed(ScaleOTError):
+class RoundFailed(RunError):
     """Too few clients of a round succeeded."""
 
 
@@ -68,10 +63,7 @@ def make_strategy(config: FedConfig) -> tuple[Strategy, Strategy]:
         if "weighted_by_key" in inspect.signature(STRATEGIES[config.strategy.name]).parameters:
             params["weighted_by_key"] = UNIT_WEIGHT
     base = build_strategy(config.strategy.name, params)
-    try:
-        return base, wrap_strategy(base, config.privacy, config.run.num_clients, config.run.clients_per_round)
-    except ValueError as exc:
-        raise ConfigError(f"[privacy] {exc}") from exc
+    return base, wrap_strategy(base, config.privacy, config.run.num_clients, config.run.clients_per_round)
 
 
 class _SelectedGrid:
@@ -86,10 +78,6 @@ class _SelectedGrid:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
-
-
-def _to_torch(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
 
 
 class FederatedRun:
@@ -110,13 +98,12 @@ class FederatedRun:
 
     def setup(self) -> None:
         run = self.config.run
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(as_dict(self.config), indent=1))
+        self.out = open_run_dir(self.out, as_dict(self.config))
         loaded = load_model(run.model)
         self.full, self.tokenizer = loaded.model, loaded.tokenizer
         self.emulator = prepare_emulator(self.config.emulator, self.full, self.tokenizer, self.config.layer_replace,
                                          run.model, self.out, log=log.info)
-        self.emulator_path = Path(self.config.emulator.path or self.out / self.config.emulator.name / "emulator")
+        self.emulator_path = self.config.emulator.emulator_dir(self.out)
         self.sha = self.emulator.manifest["weights_sha256"]
         check_shippable(self.emulator.manifest, run.private_blocks)  # before anything is sent
         torch.manual_seed(run.seed)  # LoRA's initial A comes from here: same seed, same start
@@ -128,83 +115,24 @@ class FederatedRun:
                                                     if n in self.names})
         self.base_strategy, self.strategy = make_strategy(self.config)
         self.privacy = PrivacyLedger(self.config.privacy, run.num_clients)
-        self.eval_items = load_task(run.eval_task or run.task, "validation", run.eval_limit)
+        self.eval_items = run.evaluation_items()
         self.start_round = 1
         if self.resume:
-            self._load_checkpoint()
-
-    # ------------------------------------------------------------------ emulator delivery
-
-    def _wait_for_nodes(self, grid: Grid, timeout: float = 120.0) -> list[int]:
-        deadline = time.time() + timeout
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.config.run.num_clients:
-                return nodes
-            if time.time() > deadline:
-                raise ScaleOTError(
-                    f"only {len(nodes)} of num_clients={self.config.run.num_clients} data owners connected "
-                    f"within {timeout:.0f} s; start more SuperNodes or lower num_clients"
-                )
-            time.sleep(1.0)
+            self._resume()
 
     def deliver(self, grid: Grid) -> None:
-        """Ask every data owner for the emulator's hash; send it only to those that lack it.
-
-        One node at a time, so that owners sharing a machine (a simulation's actors) find it on
-        disk once the first has received it: the emulator crosses the wire once per process
-        that lacks it, never per round.
-        """
-        self.node_to_partition: dict[int, int] = {}
-        tamper = self.config.debug.tamper_delivery
-        for node in self._wait_for_nodes(grid):
-            owner = "?"
-            try:
-                query = RecordDict({"config": ConfigRecord({"sha256": self.sha})})
-                record = self._send_one(grid, Message(query, dst_node_id=node, message_type="query.emulator")
-                                        ).content["emulator"]
-                owner = int(record["partition-id"])
-                if not bool(record["has"]):
-                    content = delivery_content(self.emulator_path, self.sha)
-                    if tamper:  # debug: the receiver must notice
-                        weights = content.array_records["emulator"]["weights"].numpy().copy()
-                        weights[len(weights) // 2] ^= 0xFF
-                        content = delivery_content(self.emulator_path, self.sha, weights)
-                        tamper = False
-                    size = content.array_records["emulator"].count_bytes() + sum(
-                        len(v) for v in content.config_records["files"].values())
-                    record = self._send_one(grid, Message(content, dst_node_id=node, message_type="query.emulator")
-                                            ).content["emulator"]
-                    if not bool(record["has"]):
-                        raise ScaleOTError("it could not store the emulator")
-                    self.emulator_bytes_down += size
-                    log.info("delivered the emulator (%.1f MB) to node %s", size / 1e6, node)
-            except ScaleOTError as exc:
-                # One owner that cannot take the emulator does not stop the federation.
-                log.error("data owner %s (node %s) is left out of this run: %s", owner, node, exc)
-                continue
-            self.node_to_partition[node] = owner
-        if not self.node_to_partition:
-            raise ScaleOTError("no data owner could take the emulator (see the errors above)")
-        if any(p < 0 for p in self.node_to_partition.values()):
-            # Deployed owners hold their own data (no partition of ours): number them by node id.
-            self.node_to_partition = {n: i for i, n in enumerate(sorted(self.node_to_partition))}
-            self.deployed = True
-            log.info("data owners (node id -> owner number): %s", self.node_to_partition)
-            run = self.config.run
+        """Every data owner gets the emulator (once); the server learns who is who."""
+        run = self.config.run
+        done = deliver(grid, self.emulator_path, self.sha, run.num_clients, self.config.debug.tamper_delivery)
+        self.node_to_partition, self.emulator_bytes_down, self.deployed = (
+            done.node_to_partition, done.bytes_down, done.deployed)
+        if self.deployed:
             if run.final_table and (run.centralised_full_finetune or run.centralised_offsite or run.attack):
-                raise ScaleOTError("run.centralised_* and run.attack train on the owners' pooled data, which the "
+                raise ConfigError("run.centralised_* and run.attack train on the owners' pooled data, which the "
                                    "model owner of a deployment does not have: they are simulation-only")
         else:
-            self._plot_partitions()
+            plot_partitions(self.config, self.out)
         self.partition_to_node = {p: n for n, p in self.node_to_partition.items()}
-
-    def _send_one(self, grid: Grid, message: Message) -> Message:
-        replies = list(grid.send_and_receive([message], timeout=600))
-        if not replies or replies[0].has_error():
-            reason = replies[0].error.reason if replies else "no reply"
-            raise ScaleOTError(f"data owner {message.metadata.dst_node_id} failed the emulator query: {reason}")
-        return replies[0]
 
     # ------------------------------------------------------------------ rounds
 
@@ -335,7 +263,7 @@ class FederatedRun:
     def _load_into_trainable(self) -> None:
         params = dict(self.trainable.named_parameters())
         with torch.no_grad():
-            for name, value in _to_torch(self.arrays).items():
+            for name, value in to_torch(self.arrays).items():
                 params[name].copy_(value)
 
     def plugged_model(self):
@@ -352,190 +280,31 @@ class FederatedRun:
     # ------------------------------------------------------------------ checkpoints and reports
 
     def save_checkpoint(self, round_: int) -> None:
-        ckpt = self.out / "checkpoint"
-        tmp = self.out / ".checkpoint.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in _to_torch(self.arrays).items()}, str(tmp / "aggregate.safetensors"))
-        # Our own file, written and read by the server only (never from the network). A DP
-        # wrapper's accountant is not kept: it is rebuilt from the rounds done (see _load_checkpoint).
-        (tmp / "strategy.pkl").write_bytes(pickle.dumps(self.base_strategy.__dict__))
-        state = {
-            "round": round_,
-            "sha256": self.sha,
-            # Client sampling uses its own seeded Random per round; the global states are kept so a
-            # resumed server continues exactly where it stopped (Flower's sampling orders nodes with them).
-            "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "torch_random": torch.get_rng_state().tolist(),
-            "bytes_down_total": self.bytes_down_total,
-            "bytes_up_total": self.bytes_up_total,
-        }
-        (tmp / "state.json").write_text(json.dumps(state))
-        (tmp / "metrics.json").write_text(json.dumps(self.metrics))
-        if ckpt.exists():
-            old = self.out / ".checkpoint.old"
-            ckpt.replace(old)
-            tmp.replace(ckpt)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(ckpt)
+        save_checkpoint(self.out, Checkpoint(round_, self.arrays, self.base_strategy.__dict__, self.metrics,
+                                             self.bytes_down_total, self.bytes_up_total), self.sha)
 
-    def _load_checkpoint(self) -> None:
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "state.json").is_file():
-            raise ScaleOTError(f"{self.out} has no checkpoint to resume from")
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["sha256"] != self.sha:
-            raise ScaleOTError(f"the checkpoint in {ckpt} belongs to another emulator")
-        self.arrays = ArrayRecord(torch_state_dict=load_file(str(ckpt / "aggregate.safetensors")))
-        self.base_strategy.__dict__.update(pickle.loads((ckpt / "strategy.pkl").read_bytes()))
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.out, self.sha)
+        self.arrays = ckpt.arrays
+        self.base_strategy.__dict__.update(ckpt.strategy_state)
         accountant = getattr(self.strategy, "accountant", None)
-        if accountant is not None and state["round"] > 0:
-            accountant.compose(GaussianPrivacyEvent(self.config.privacy.noise_multiplier, self.config.run.clients_per_round,
-                                                    self.config.run.num_clients), state["round"])
-        torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
-        version, internal, gauss = state["python_random"]
-        random.setstate((version, tuple(internal), gauss))
-        self.metrics = json.loads((ckpt / "metrics.json").read_text())
-        self.bytes_down_total, self.bytes_up_total = state["bytes_down_total"], state["bytes_up_total"]
-        self.start_round = state["round"] + 1
-        log.info("resuming %s after round %d", self.out, state["round"])
+        if accountant is not None and ckpt.round > 0:
+            accountant.compose(GaussianPrivacyEvent(self.config.privacy.noise_multiplier,
+                                                    self.config.run.clients_per_round, self.config.run.num_clients),
+                               ckpt.round)
+        self.metrics = ckpt.metrics
+        self.bytes_down_total, self.bytes_up_total = ckpt.bytes_down_total, ckpt.bytes_up_total
+        self.start_round = ckpt.round + 1
+        log.info("resuming %s after round %d", self.out, ckpt.round)
 
     def write_metrics(self) -> None:
-        (self.out / "metrics.json").write_text(json.dumps(
-            {"rounds": self.metrics, "bytes_down_total": self.bytes_down_total, "bytes_up_total": self.bytes_up_total,
-             "emulator_bytes": (self.emulator_path / "model.safetensors").stat().st_size,
-             "trainable_bytes": self.arrays.count_bytes(),
-             "full_model_bytes": sum(p.numel() * p.element_size() for p in self.full.parameters())}
+        write_metrics(self.out, self.metrics, {
+            "bytes_down_total": self.bytes_down_total, "bytes_up_total": self.bytes_up_total,
+            "emulator_bytes": emulator_bytes(self.emulator_path),
+            "trainable_bytes": self.arrays.count_bytes(),
+            "full_model_bytes": sum(p.numel() * p.element_size() for p in self.full.parameters())}
             | ({"privacy": self.privacy.report(self.metrics)} if self.config.privacy.enabled else {})
-            | ({"stopped_early": self.stopped} if self.stopped else {}), indent=1))
-        keys = sorted({k for row in self.metrics for k in row})
-        with open(self.out / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            for row in self.metrics:
-                writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
-        self._plot_rounds()
-
-    def _plot_rounds(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [r["round"] for r in self.metrics]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        acc = [(r["round"], 100 * r["plug_in_acc"]) for r in self.metrics if "plug_in_acc" in r]
-        if acc:
-            a1.plot(*zip(*acc), marker="o", label="plug-in acc")
-        from matplotlib.ticker import MaxNLocator
-
-        for axis in (a1, a2):
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a1.set_xlabel("round")
-        a1.set_ylabel("accuracy (%)")
-        a1.set_title("server-side plug-in accuracy")
-        for key, label in (("train_loss", "client train loss"), ("client_val_loss", "client val loss (emulator)")):
-            values = [r.get(key) for r in self.metrics]
-            if any(v is not None for v in values):
-                a2.plot(rounds, values, marker="o", label=label)
-        a2.set_xlabel("round")
-        a2.set_title("losses")
-        a2.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.out / "rounds.png", dpi=110)
-        plt.close(fig)
-
-    def _plot_partitions(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        run = self.config.run
-        parts = partition_indices(run.task, run.train_limit, self.config.partition, run.num_clients, run.seed)
-        items = train_items(run.task, run.train_limit)
-        labels = sorted({i.gold for i in items})
-        counts = np.array([[sum(items[j].gold == lab for j in p) for lab in labels] for p in parts])
-        fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(parts) + 2), 3.2))
-        bottom = np.zeros(len(parts))
-        for k, lab in enumerate(labels):
-            ax.bar(range(len(parts)), counts[:, k], bottom=bottom, label=f"gold={lab}")
-            bottom += counts[:, k]
-        ax.set_xlabel("client (partition id)")
-        ax.set_ylabel("training items")
-        ax.set_title(f"{run.task}: {self.config.partition.kind} partition")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.out / "partitions.png", dpi=110)
-        plt.close(fig)
-        (self.out / "partitions.json").write_text(json.dumps(
-            {"sizes": [len(p) for p in parts], "label_counts": counts.tolist(), "labels": labels}))
-
-    def final_table(self) -> dict:
-        """The five rows after the last round (Full FT only when asked: it is centralised)."""
-        run = self.config.run
-        from scaleot_fed.emulator import load_emulator
-
-        rows = {"full_zero_shot": self._evaluate(self.full),
-                "emulator_zero_shot": self._evaluate(load_emulator(self.emulator_path).model)}
-        if run.centralised_full_finetune or run.centralised_offsite or run.attack:
-            # The pooled client data, trained for as many examples as the whole federation saw.
-            parts = [client_data(self.config, p, run.num_clients) for p in range(run.num_clients)]
-            pooled = [i for train, _ in parts for i in train]
-            dev = [i for _, val in parts for i in val]
-            ft = copy.deepcopy(self.config.finetune)
-            ft.steps = run.num_rounds * run.clients_per_round * ft.steps
-            ft.eval_items, ft.eval_every = len(dev), max(1, ft.steps // 4)
-        if run.centralised_full_finetune:
-            model = copy.deepcopy(self.full)
-            trained = make_trainable(model, list(range(model.config.num_hidden_layers)), ft)
-            finetune(trained, self.tokenizer, pooled, dev, ft, progress=False)
-            rows["full_finetune"] = self._evaluate(trained)
-        if run.attack:  # the owners' pooled data, every emulator weight, the attacker's own budget
-            attack_ft = dataclasses.replace(self.config.attack, eval_items=len(dev))
-            model, _ = attack_emulator(self.emulator_path, pooled, dev, attack_ft)
-            rows["emulator_attack"] = self._evaluate(model)
-            del model
-        central = None
-        if run.centralised_offsite:
-            emulator = load_emulator(self.emulator_path)
-            trained = make_trainable(emulator.model, list(emulator.adapter_positions()), ft)
-            finetune(trained, self.tokenizer, pooled, dev, ft, progress=False)
-            central = {"emulator_finetune": self._evaluate(trained),
-                       "plug_in": self._evaluate(plug_in_trained(self.full, trained, emulator)),
-                       "steps": ft.steps}
-        self._load_into_trainable()
-        rows["emulator_finetune"] = self._evaluate(self.trainable)
-        plugged = self.plugged_model()
-        save_plugged(plugged, self.tokenizer, self.out / "plugged")
-        rows["plug_in"] = self._evaluate(plugged)
-        entry = {"config": as_dict(self.config.emulator),
-                 "num_params": self.emulator.manifest["num_params"],
-                 "source_num_params": self.emulator.manifest["source_num_params"]}
-
-        def result(own: dict) -> dict:
-            table = rows | own
-            attack = {"attack_gap": table["plug_in"]["acc"] - table["emulator_attack"]["acc"]} \
-                if "emulator_attack" in table else {}
-            return entry | attack | {"rows": {k: table[k] for k in ROWS if k in table},
-                                     "gap": table["plug_in"]["acc"] - table["emulator_finetune"]["acc"],
-                                     "gap_acc_norm": table["plug_in"]["acc_norm"] - table["emulator_finetune"]["acc_norm"]}
-
-        emulators = {f"federated-{self.config.strategy.name}": result({})}
-        if central is not None:
-            emulators["centralised"] = result(central) | {"steps": central["steps"]}
-        results = {
-            "model": run.model, "task": run.task, "n_train": len(train_items(run.task, run.train_limit)),
-            "n_eval": len(self.eval_items), "finetune": as_dict(self.config.finetune),
-            "emulators": emulators,
-            "federation": {"num_clients": run.num_clients, "clients_per_round": run.clients_per_round,
-                           "num_rounds": run.num_rounds, "strategy": self.config.strategy.name,
-                           "partition": as_dict(self.config.partition)},
-        }
-        (self.out / "results.json").write_text(json.dumps(results, indent=1))
-        (self.out / "results.md").write_text(markdown_table(results))
-        plot_results(results, self.out / "results.png")
-        return results
+            | ({"stopped_early": self.stopped} if self.stopped else {}))
 
     # ------------------------------------------------------------------ the job
 
@@ -558,7 +327,7 @@ class FederatedRun:
             if stop_after is not None and round_ >= stop_after and round_ < self.config.run.num_rounds:
                 log.warning("debug.stop_after_round=%d: stopping as if killed", stop_after)
                 return
-        save_file({k: v.contiguous() for k, v in _to_torch(self.arrays).items()}, str(self.out / "aggregate.safetensors"))
+        save_aggregate(self.arrays, self.out / "aggregate.safetensors")
         if self.config.run.final_table:
-            self.final_table()
+            final_table(self)
         (self.out / "DONE").write_text("ok\n")

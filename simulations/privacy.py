@@ -25,6 +25,8 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting import PrivacyConfig as _AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from scaleot_fed.errors import ConfigError
+
 MODES = ("none", "central", "local")
 
 # Every owner reports this metric as 1: DP averaging must not weight owners by their (private)
@@ -51,15 +53,15 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"privacy.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            raise ConfigError(f"privacy.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+            raise ConfigError(f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
         if not self.clipping_norm > 0:
-            raise ValueError(f"privacy.clipping_norm must be > 0, got {self.clipping_norm}")
+            raise ConfigError(f"privacy.clipping_norm must be > 0, got {self.clipping_norm}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
         if self.max_epsilon is not None and self.max_epsilon <= 0:
-            raise ValueError(f"privacy.max_epsilon must be > 0, got {self.max_epsilon}")
+            raise ConfigError(f"privacy.max_epsilon must be > 0, got {self.max_epsilon}")
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +81,7 @@ def wrap_strategy(strategy: Strategy, config: PrivacyConfig, num_clients: int, c
     if config.mode != "central":
         return strategy
     if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
-        raise ValueError("privacy.mode = \"central\" needs a plain averaging strategy (fedavg, fedprox); "
+        raise ConfigError("[privacy] mode = \"central\" needs a plain averaging strategy (fedavg, fedprox); "
                          f"got {type(strategy).__name__}")
     accountant = _accountant(config, num_clients) if config.noise_multiplier > 0 else None
     return DifferentialPrivacyClientSideFixedClipping(strategy, config.noise_multiplier, config.clipping_norm,

@@ -10,7 +10,7 @@ from scaleot_fed.env import configure_environment
 
 configure_environment()
 
-from scaleot_fed.errors import ScaleOTError  # noqa: E402
+from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
 
 from .config import FedConfig, fed_config_from_dict  # noqa: E402
 
@@ -31,28 +31,22 @@ def backend_config(config: FedConfig) -> dict:
 
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
-    from scaleot_fed.tasks import TASKS, load_task
     from scaleot_fed.emulator import check_shippable, read_manifest
 
     from .federation import make_strategy
     from .partition import partition_indices
 
     run = config.run
-    if run.task not in TASKS and not Path(run.task).exists():
-        load_task(run.task)  # raises the error that lists the known tasks
-    if run.eval_task is None and run.task not in TASKS:
-        raise ScaleOTError(f"[run] task {run.task!r} is a user file with a single split: set eval_task to the evaluation file")
+    run.evaluation_items()  # unknown task, missing file, a user file without eval_task
     make_strategy(config)
     if config.emulator.path:
-        if not (Path(config.emulator.path) / "manifest.json").is_file():
-            raise ScaleOTError(f"[emulator] path {config.emulator.path} is not an emulator folder (no manifest.json)")
         check_shippable(read_manifest(config.emulator.path), run.private_blocks)
     if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
-        raise ScaleOTError("strategy ffa-lora needs [finetune] mode = \"lora\"")
+        raise ConfigError("strategy ffa-lora needs [finetune] mode = \"lora\"")
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
     too_small = [i for i, n in enumerate(sizes) if n < 2]
     if too_small:
-        raise ScaleOTError(f"clients {too_small} got fewer than 2 items from the {config.partition.kind} partition; "
+        raise ConfigError(f"clients {too_small} got fewer than 2 items from the {config.partition.kind} partition; "
                            "use fewer clients, more train items or a milder partition")
 
 
@@ -83,7 +77,7 @@ def simulate(config: FedConfig, resume: bool = False) -> Path:
         exc = errors[0]
         if isinstance(exc, ScaleOTError):
             raise exc
-        raise ScaleOTError(f"the federated run failed: {type(exc).__name__}: {exc}") from exc
+        raise RunError(f"the federated run failed: {type(exc).__name__}: {exc}") from exc
     return Path(config.run.out)
 
 
@@ -91,7 +85,7 @@ def load_run_config(run_dir: str | Path) -> FedConfig:
     """The resolved configuration saved in a run folder (for ``--resume``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise ScaleOTError(f"{run_dir} is not a run folder (no config.json)")
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
     data = json.loads(path.read_text())
     data.setdefault("debug", {})["stop_after_round"] = None  # a resumed run goes to the end
     data["run"]["out"] = str(run_dir)

@@ -21,6 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from scaleot_fed.errors import ConfigError
+
+
 @dataclass
 class SecureAggregationConfig:
     """``[secure_aggregation]``: SecAgg+ instead of plain averaging (FedAvg weights by examples)."""
@@ -44,12 +47,12 @@ class SecureAggregationConfig:
 
     def __post_init__(self) -> None:
         if self.num_shares <= 0 or (self.num_shares > 1 and self.num_shares <= 2):
-            raise ValueError(f"secure_aggregation.num_shares must be a fraction in (0, 1] or a count > 2, "
+            raise ConfigError(f"secure_aggregation.num_shares must be a fraction in (0, 1] or a count > 2, "
                              f"got {self.num_shares}")
         if self.reconstruction_threshold <= 0:
-            raise ValueError("secure_aggregation.reconstruction_threshold must be > 0")
+            raise ConfigError("secure_aggregation.reconstruction_threshold must be > 0")
         if self.clipping_range <= 0 or self.quantization_range < 2 or (self.max_weight is not None and self.max_weight <= 0):
-            raise ValueError("secure_aggregation.clipping_range, quantization_range and max_weight must be positive")
+            raise ConfigError("secure_aggregation.clipping_range, quantization_range and max_weight must be positive")
 
     def workflow(self, max_weight: float):
         """Flower's ``SecAggPlusWorkflow`` with these settings (a count stays an int)."""

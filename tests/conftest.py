@@ -71,6 +71,31 @@ def gpt2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
+    """A saved tiny GPT-2 (6 blocks, random weights, GPT-2's real tokenizer): the model folder
+    every end-to-end test runs the CLI, the offsite pipeline and federations on. Read-only: a
+    test that changes a model saves its own copy."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
+    model.save_pretrained(root)
+    gpt2_tokenizer.save_pretrained(root)
+    return root
+
+
+def write_items(path, n: int, seed: int) -> None:
+    """``n`` two-choice items ("say X" -> X) as a user task file: learnable by a tiny model."""
+    import json
+    import random
+
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            a, b = rng.sample(words, 2)
+            handle.write(json.dumps({"context": f"Question: say {a}\nAnswer:", "choices": [b, a], "gold": 1}) + "\n")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (converted from its GGUF once into the cache)."""
     from scaleot_fed.models import load_model

@@ -8,18 +8,16 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
-from scaleot_fed.cli import main
+from recipes.cli import main
 
 from .conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, gpt2_tokenizer):
+def workspace(tmp_path_factory, tiny_model_dir):
     """A tiny GPT-2 model folder (real GPT-2 tokenizer), a text corpus and a stage-1 artifact."""
     root = tmp_path_factory.mktemp("cli")
-    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
-    model.save_pretrained(root / "model")
-    gpt2_tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir)
     text = "\n\n".join(f"Passage {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(60))
     (root / "corpus.txt").write_text(text)
     rc = main(["layer-replace", "--model", str(root / "model"), "--data", str(root / "corpus.txt"), "--steps", "3",
@@ -110,17 +108,18 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
 
 def test_tampered_emulator_via_real_process(workspace, tmp_path):
     """The installed command exits non-zero with one line and no traceback."""
-    from scaleot_fed.emulator import EmulatorConfig, build_emulator, save_emulator
+    from scaleot_fed.emulator import EmulatorConfig, save_emulator
+    from scaleot_fed.emulator_build import build_emulator
 
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")
     out = save_emulator(build_emulator(model, EmulatorConfig("uniform-drop", 2, 0.5)), tmp_path / "emu")
     (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-8] + b"12345678")
-    code = ("import sys; from scaleot_fed.emulator import load_emulator; from scaleot_fed.cli import main; "
+    code = ("import sys; from scaleot_fed.emulator import load_emulator; from recipes.cli import main; "
             "from scaleot_fed.errors import ScaleOTError\n"
             "try:\n load_emulator(sys.argv[1])\nexcept ScaleOTError as e:\n print('error:', e, file=sys.stderr); sys.exit(2)")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=os.environ.copy())
     assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "scaleot_fed.cli", "build-emulator", "--strategy", "uniform-drop",
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "build-emulator", "--strategy", "uniform-drop",
                            "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -129,8 +128,8 @@ def test_every_shipped_config_loads():
     # The configs users start from must stay valid as the dataclasses change (unknown keys fail).
     from pathlib import Path
 
-    from scaleot_fed.offsite import load_offsite_config
-    from scaleot_fed.study import load_study_config
+    from recipes.offsite import load_offsite_config
+    from recipes.study import load_study_config
     from simulations.config import load_fed_config
 
     root = Path(__file__).resolve().parents[1]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from simulations.deployment import LoopbackFederation, make_ca, make_certificates, make_server_certificate
 
-from .conftest import tiny_model
-from .test_offsite import _write_items
+from .conftest import write_items
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +39,10 @@ alpha = 0.5
     return path
 
 
-def test_loopback_tls_federation_runs_a_round_and_turns_intruders_away(tmp_path, gpt2_tokenizer):
-    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+def test_loopback_tls_federation_runs_a_round_and_turns_intruders_away(tmp_path, tiny_model_dir):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
     for i, name in enumerate(("org-a", "org-b", "eval")):  # every organisation has its own file
-        _write_items(tmp_path / f"{name}.jsonl", 30, i)
+        write_items(tmp_path / f"{name}.jsonl", 30, i)
     run_file = _run_file(tmp_path, tmp_path / "model", tmp_path / "eval.jsonl")
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"], ["org-a", "org-b", "intruder"])
     make_ca(tmp_path / "other-ca", name="someone else's CA")
@@ -97,7 +94,7 @@ def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
 def test_certs_command_writes_a_ca_server_certificate_and_keys_and_never_overwrites(tmp_path, capsys):
     from cryptography import x509
 
-    from scaleot_fed.cli import main
+    from recipes.cli import main
 
     out = tmp_path / "certs"
     assert main(["certs", "--out", str(out), "--host", "fl.example.org", "--host", "10.0.0.5",

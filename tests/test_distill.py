@@ -3,7 +3,8 @@ import torch
 
 from scaleot_fed.arch import block_index_of_key
 from scaleot_fed.distill import DistillConfig, distill_emulator, normalised_mse
-from scaleot_fed.emulator import EmulatorConfig, build_emulator
+from scaleot_fed.emulator import EmulatorConfig
+from scaleot_fed.emulator_build import build_emulator
 from scaleot_fed.errors import ConfigError
 
 from .conftest import tiny_model
@@ -30,7 +31,8 @@ def test_distillation_trains_only_kept_middle_blocks_and_moves_towards_the_teach
 
 
 def test_distillation_refuses_harmonized_emulators(tokens, tmp_path):
-    from scaleot_fed.layer_replace import LayerReplaceConfig, load_artifact, run_layer_replace, save_artifact
+    from scaleot_fed.artifact import load_artifact, save_artifact
+    from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 
     full = tiny_model("llama")
     result = run_layer_replace(full, tokens, LayerReplaceConfig(num_adapter_layers=2, steps=1, batch_size=2,

@@ -5,9 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from scaleot_fed.arch import architecture_of, get_layers, projection_weight
-from scaleot_fed.emulator import EmulatorConfig, build_emulator, load_emulator, plan_layout, save_emulator
+from scaleot_fed.artifact import load_artifact, save_artifact
+from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
+from scaleot_fed.emulator_build import build_emulator, plan_layout
 from scaleot_fed.errors import ConfigError, IntegrityError
-from scaleot_fed.layer_replace import LayerReplaceConfig, load_artifact, run_layer_replace, save_artifact
+from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 
 from .conftest import tiny_model
 

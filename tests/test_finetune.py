@@ -3,7 +3,8 @@ import torch
 from peft import PeftModel
 
 from scaleot_fed.arch import block_index_of_key
-from scaleot_fed.emulator import EmulatorConfig, build_emulator
+from scaleot_fed.emulator import EmulatorConfig
+from scaleot_fed.emulator_build import build_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import IGNORE, FinetuneConfig, encode_example, finetune, make_trainable
 from scaleot_fed.plugin import export_trained, plug_in_path
@@ -28,7 +29,7 @@ def test_loss_is_on_the_answer_tokens_only(gpt2_tokenizer):
     answer = gpt2_tokenizer(" blue sky")["input_ids"]
     assert ids == gpt2_tokenizer("Question: sky colour?\nAnswer: blue sky")["input_ids"]
     assert labels[-len(answer):] == answer
-    assert all(l == IGNORE for l in labels[: -len(answer)])
+    assert all(label == IGNORE for label in labels[: -len(answer)])
     short_ids, short_labels = encode_example(gpt2_tokenizer, item, max_length=4)
     assert len(short_ids) == 4 and short_labels[-len(answer):] == answer  # left truncation keeps the answer
 

@@ -1,10 +1,9 @@
 import torch
 
 from scaleot_fed.arch import get_layers
-from scaleot_fed.layer_replace import (
-    LayerReplaceConfig, load_artifact, run_layer_replace, sample_candidate, save_artifact, swapped_blocks,
-)
+from scaleot_fed.artifact import load_artifact, save_artifact
 from scaleot_fed.harmonizer import Harmonizer
+from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace, sample_candidate, swapped_blocks
 
 from .conftest import tiny_model
 

@@ -2,36 +2,24 @@ import json
 
 import pytest
 
-from scaleot_fed.cli import main
+from recipes.cli import main
+from recipes.offsite import load_offsite_config
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.offsite import load_offsite_config
 
-from .conftest import tiny_model
+from .conftest import write_items
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 
 
-def _write_items(path, n, seed):
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for i in range(n):
-            a, b = rng.sample(WORDS, 2)
-            handle.write(json.dumps({"context": f"Question: say {a}\nAnswer:", "choices": [b, a], "gold": 1}) + "\n")
-
-
 @pytest.fixture
-def setup(tmp_path, gpt2_tokenizer):
-    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    gpt2_tokenizer.save_pretrained(tmp_path / "model")
-    _write_items(tmp_path / "train.jsonl", 48, 0)
-    _write_items(tmp_path / "eval.jsonl", 12, 1)
+def setup(tmp_path, tiny_model_dir):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    write_items(tmp_path / "train.jsonl", 48, 0)
+    write_items(tmp_path / "eval.jsonl", 12, 1)
     config = f"""
 [run]
 out = "{tmp_path / 'run'}"
-model = "{tmp_path / 'model'}"
+model = "{tiny_model_dir}"
 task = "{tmp_path / 'train.jsonl'}"
 eval_task = "{tmp_path / 'eval.jsonl'}"
 dev_items = 8
@@ -114,7 +102,7 @@ def test_offsite_config_errors(setup, tmp_path):
 
 def test_offsite_user_file_needs_an_eval_task(setup, capsys):
     text = (setup / "offsite.toml").read_text()
-    bad = "\n".join(l for l in text.splitlines() if not l.startswith("eval_task"))
+    bad = "\n".join(line for line in text.splitlines() if not line.startswith("eval_task"))
     (setup / "bad.toml").write_text(bad)
     assert main(["offsite", "--config", str(setup / "bad.toml"), "--no-progress"]) == 2
     assert "eval_task" in capsys.readouterr().err

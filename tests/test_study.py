@@ -1,14 +1,10 @@
 import json
 
-from scaleot_fed.cli import main
-
-from .conftest import tiny_model
+from recipes.cli import main
 
 
-def test_study_grid_with_distilled_baseline_resumes(tmp_path, gpt2_tokenizer, capsys):
-    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+def test_study_grid_with_distilled_baseline_resumes(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
     (tmp_path / "study.toml").write_text(f"""
 [study]
 out = "{tmp_path / 'study'}"
@@ -74,8 +70,8 @@ rank_keep_ratio = 0.5
 def test_study_variant_emulator_must_exist(tmp_path):
     import pytest
 
+    from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
-    from scaleot_fed.study import load_study_config
 
     (tmp_path / "s.toml").write_text('[study]\nvariant_emulator = "nope"\nvariant_modes = ["full"]\n'
                                      '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
@@ -90,7 +86,7 @@ def _cell(task, emulator, plug_in, emulator_ft, norm_shift=0.0):
 
 
 def test_summary_averages_only_tasks_every_row_has_in_each_tasks_metric(tmp_path):
-    from scaleot_fed.study import common_tasks, plot_frontier, summary_markdown
+    from recipes.study import common_tasks, plot_frontier, summary_markdown
 
     # "b" lacks task t2: its average, and everyone else's, must be over t1 only, in t1's metric.
     summary = {"model": "m", "tasks": ["t1", "t2"], "metrics": {"t1": "acc_norm", "t2": "acc"}, "n_eval": 100,
@@ -108,8 +104,8 @@ def test_summary_averages_only_tasks_every_row_has_in_each_tasks_metric(tmp_path
 def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
     import pytest
 
+    from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
-    from scaleot_fed.study import load_study_config
 
     for metrics in ('{ piqa = "f1" }', '{ hellaswag = "acc_norm" }'):
         (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["piqa"]\nmetrics = {metrics}\n'

@@ -8,19 +8,20 @@ was. The summary holds one cell per (task, mode, emulator): five rows, the gap, 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .attack import AttackConfig
-from .config import as_dict
-from .errors import ConfigError
-from .distill import DistillConfig
-from .finetune import MODES, FinetuneConfig
-from .layer_replace import LayerReplaceConfig
-from .models import load_model
-from .offsite import EmulatorSection, OffsiteConfig, RunSection, prepare_emulator, read_pipeline_toml, run_offsite
+from scaleot_fed.config import as_dict
+from scaleot_fed.distill import DistillConfig
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.finetune import MODES, FinetuneConfig
+from scaleot_fed.layer_replace import LayerReplaceConfig
+from scaleot_fed.models import load_model
 
+from .attack import AttackConfig
+from .offsite import OffsiteConfig, RunSection, read_pipeline_toml, run_offsite
+from .rundir import open_run_dir, write_json
+from .single_owner import EmulatorSection, prepare_emulator
 
 METRICS = ("acc", "acc_norm")
 
@@ -49,17 +50,17 @@ class StudySection:
 
     def __post_init__(self) -> None:
         if not self.tasks:
-            raise ValueError("study.tasks is empty")
+            raise ConfigError("study.tasks is empty")
         for key in ("modes", "variant_modes"):
             modes = getattr(self, key)
             if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
-                raise ValueError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
+                raise ConfigError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
         bad = {t: m for t, m in self.metrics.items() if t not in self.tasks or m not in METRICS}
         if bad:
-            raise ValueError(f"study.metrics maps a task of study.tasks to one of {', '.join(METRICS)}; "
+            raise ConfigError(f"study.metrics maps a task of study.tasks to one of {', '.join(METRICS)}; "
                              f"got {bad} with tasks {self.tasks}")
         if bool(self.variant_emulator) != bool(self.variant_modes):
-            raise ValueError("study.variant_emulator and study.variant_modes go together: name the emulator "
+            raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
                              "and the extra fine-tuning modes to train it with")
 
 
@@ -88,9 +89,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
 def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
     """Run (or resume) the grid; writes ``summary.json``, ``summary.md`` and ``frontier.png``."""
     study = config.study
-    out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(as_dict(config), indent=1))
+    out = open_run_dir(study.out, as_dict(config))
 
     built: dict[str, EmulatorSection] = {}
 
@@ -134,7 +133,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
                        "variant_emulator": study.variant_emulator, "variant_modes": study.variant_modes,
                        "metrics": {t: study.metrics.get(t, METRICS[0]) for t in study.tasks},
                        "n_eval": study.eval_limit, "finetune": as_dict(config.finetune), "cells": cells}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_json(out / "summary.json", summary)
             (out / "summary.md").write_text(summary_markdown(summary))
             plot_frontier(summary, out / "frontier.png")
     return summary

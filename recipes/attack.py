@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import ConfigError
-from .finetune import FinetuneConfig, FinetuneResult, finetune
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune
 
 
 @dataclass
@@ -44,7 +44,7 @@ def attack_emulator(emulator_path: str | Path, train_items: list, dev_items: lis
                     progress: bool = False) -> tuple[nn.Module, FinetuneResult]:
     """Fine-tune all weights of a freshly loaded emulator (harmonizers and compressed blocks
     included) on ``train_items``; returns the trained model and the training record."""
-    from .emulator import load_emulator
+    from scaleot_fed.emulator import load_emulator
 
     emulator = load_emulator(emulator_path)  # pristine: other rows may have wrapped their copy
     open_all_weights(emulator.model)

@@ -1,7 +1,6 @@
-"""``scaleot-fed`` command line.
-
-Each subcommand is a thin shell over the library: parse, call, print where it wrote what. User
-errors (:class:`~scaleot_fed.errors.ScaleOTError`) print one line and exit 2; no traceback.
+"""The ``scaleot-fed`` subcommands: each a thin shell over the library or a program. Parse,
+call, print where it wrote what. Heavy modules are imported inside each command so that
+``--help`` and bad input answer at once.
 """
 
 from __future__ import annotations
@@ -9,23 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import os
 import typing
 from pathlib import Path
 
-import os
-
-from .env import configure_environment
-
-_USER_SET_THREADS = "OMP_NUM_THREADS" in os.environ
-configure_environment()  # before torch / ray / flwr are imported anywhere below
-
-from .errors import ScaleOTError  # noqa: E402
+from scaleot_fed.env import USER_SET_THREADS
+from scaleot_fed.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-
-# ----------------------------------------------------------------------------- dataclass <-> argparse
 
 
 def _scalar_type(hint):
@@ -51,7 +42,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
 
 def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None, where: str = ""):
     """Build ``cls`` from TOML values (``base``) overridden by the options given on the command line."""
-    from .config import from_dict
+    from scaleot_fed.config import from_dict
 
     values = dict(base or {})
     for f in dataclasses.fields(cls):
@@ -64,31 +55,31 @@ def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None,
 def _toml_section(args: argparse.Namespace, section: str) -> dict:
     if not getattr(args, "config", None):
         return {}
-    from .config import load_toml
+    from scaleot_fed.config import load_toml
 
     data = load_toml(args.config)
     unknown = sorted(set(data) - {section})
     if unknown:
-        raise ScaleOTError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads [{section}]")
+        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads [{section}]")
     return data.get(section, {})
 
 
-# ----------------------------------------------------------------------------- commands
 
 
 def _use_all_cores() -> None:
     """Single-process commands use every core unless the user pinned OMP_NUM_THREADS (the
     one-thread default exists for many parallel client processes, not for one job)."""
-    if not _USER_SET_THREADS:
+    if not USER_SET_THREADS:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
 
 
 def cmd_layer_replace(args: argparse.Namespace) -> None:
-    from .layer_replace import LayerReplaceConfig, run_layer_replace, save_artifact
-    from .models import load_model
-    from .text import load_text_corpus, token_blocks
+    from scaleot_fed.artifact import save_artifact
+    from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
+    from scaleot_fed.models import load_model
+    from scaleot_fed.text import load_text_corpus, token_blocks
 
     config = dataclass_from_args(LayerReplaceConfig, args, _toml_section(args, "layer_replace"), "layer_replace")
     _use_all_cores()
@@ -109,10 +100,11 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
-    from .config import from_dict
-    from .emulator import EmulatorConfig, build_emulator, save_emulator
-    from .layer_replace import load_artifact
-    from .models import load_model
+    from scaleot_fed.artifact import load_artifact
+    from scaleot_fed.config import from_dict
+    from scaleot_fed.emulator import EmulatorConfig, save_emulator
+    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.models import load_model
 
     # Validated before anything heavy is loaded.
     config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
@@ -126,9 +118,9 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
 
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
-    from .emulator import read_manifest
-    from .models import load_model
-    from .plugin import plug_in_path, save_plugged
+    from scaleot_fed.emulator import read_manifest
+    from scaleot_fed.models import load_model
+    from scaleot_fed.plugin import plug_in_path, save_plugged
 
     manifest = read_manifest(args.emulator)
     loaded = load_model(args.model)
@@ -141,8 +133,8 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
 
 def load_any_model(spec: str):
     """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer)."""
-    from .emulator import MANIFEST, load_emulator
-    from .models import load_model
+    from scaleot_fed.emulator import MANIFEST, load_emulator
+    from scaleot_fed.models import load_model
 
     if (Path(spec) / MANIFEST).is_file():
         emulator = load_emulator(spec)
@@ -152,19 +144,19 @@ def load_any_model(spec: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_multiple_choice, perplexity
-    from .tasks import load_task
-    from .text import load_text_corpus, token_blocks
+    from scaleot_fed.evaluate import evaluate_multiple_choice, perplexity
+    from scaleot_fed.tasks import load_task
+    from scaleot_fed.text import load_text_corpus, token_blocks
 
     if (args.task is None) == (args.text is None):
-        raise ScaleOTError("give exactly one of --task (multiple choice) or --text (perplexity)")
+        raise ConfigError("give exactly one of --task (multiple choice) or --text (perplexity)")
     # bad task names or missing files fail before the model loads
     items = load_task(args.task, args.split, args.limit) if args.task else None
     texts = load_text_corpus(args.text) if args.text else None
     _use_all_cores()
     model, tokenizer = load_any_model(args.model)
     if tokenizer is None:
-        raise ScaleOTError(f"{args.model} has no tokenizer files; evaluation needs one")
+        raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
     if items is not None:
         result = {"model": args.model, "task": args.task, "split": args.split} | evaluate_multiple_choice(
             model, tokenizer, items, batch_size=args.batch_size)
@@ -178,16 +170,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .emulator import MANIFEST, load_emulator
-    from .finetune import FinetuneConfig, finetune, make_trainable
-    from .models import load_model
-    from .plugin import export_trained, save_plugged
-    from .tasks import load_task
+    from scaleot_fed.emulator import MANIFEST, load_emulator
+    from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
+    from scaleot_fed.models import load_model
+    from scaleot_fed.plugin import export_trained, save_plugged
+    from scaleot_fed.tasks import load_task
 
     config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune"), "finetune")
     items = load_task(args.task, "train", args.train_limit)
     if len(items) <= args.dev_items:
-        raise ScaleOTError(f"{len(items)} training items; need more than --dev-items {args.dev_items}")
+        raise ConfigError(f"{len(items)} training items; need more than --dev-items {args.dev_items}")
     train, dev = items[: -args.dev_items], items[-args.dev_items :]
     config.eval_items = len(dev)
     _use_all_cores()
@@ -213,7 +205,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_offsite(args: argparse.Namespace, attack: bool = False) -> dict:
-    from .offsite import load_offsite_config, markdown_table, run_offsite
+    from .offsite import load_offsite_config, run_offsite
+    from .report import markdown_table
 
     overrides = ({"out": args.out} if args.out else {}) | ({"attack": True} if attack else {})
     config = load_offsite_config(args.config, overrides)
@@ -243,7 +236,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or "." not in key:
-            raise ScaleOTError(f"--set takes section.key=value, got {pair!r}")
+            raise ConfigError(f"--set takes section.key=value, got {pair!r}")
         try:
             overrides[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -256,7 +249,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if (out / "ca.key").exists() and not args.force:
-        raise ScaleOTError(f"{out} already holds a CA; use another --out or --force to replace it")
+        raise ConfigError(f"{out} already holds a CA; use another --out or --force to replace it")
     make_certificates(out, args.host or ["127.0.0.1", "localhost"], args.supernode or [])
     print(f"wrote {out}/ca.crt (give it to every organisation), {out}/server.pem + server.key (the SuperLink's)")
     for name in args.supernode or []:
@@ -281,7 +274,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         resume = True
     else:
         if not args.config:
-            raise ScaleOTError("give --config FILE.toml (or --resume RUN_DIR)")
+            raise ConfigError("give --config FILE.toml (or --resume RUN_DIR)")
         config = load_fed_config(args.config, _parse_overrides(args.set))
         if args.out:
             config = with_run(config, out=args.out)
@@ -311,133 +304,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .emulator import manifest_summary, read_manifest
+    from scaleot_fed.emulator import manifest_summary, read_manifest
 
     manifest = read_manifest(args.dir)
     print(json.dumps(manifest, indent=1) if args.json else manifest_summary(manifest))
-
-
-# ----------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .emulator import STRATEGIES, EmulatorConfig
-    from .layer_replace import LayerReplaceConfig
-
-    parser = argparse.ArgumentParser(prog="scaleot-fed", description="ScaleOT offsite-tuning across many data owners")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
-
-    p = sub.add_parser("layer-replace", help="stage 1: importance scores + harmonizers (Dynamic LayerReplace)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--data", default="lambada",
-                   help="owner's general text: 'lambada' (built in), a .txt/.jsonl file, a datasets folder or a hub dataset")
-    p.add_argument("--config", help="TOML file with a [layer_replace] table")
-    p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--adapters", dest="num_adapter_layers", type=int, help="alias of --num-adapter-layers")
-    add_dataclass_arguments(p, LayerReplaceConfig)
-    p.set_defaults(func=cmd_layer_replace)
-
-    p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--strategy", choices=STRATEGIES, default="scaleot")
-    p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a, even (default 4)")
-    p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha, help="share of middle blocks replaced (default 0.5)")
-    p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,
-                   help="SRC: share of attention rank kept in kept middle blocks (default 1 = off)")
-    p.add_argument("--importance", help="layer-replace artifact folder (scaleot, importance-drop)")
-    p.add_argument("--out", required=True, help="emulator folder to write")
-    p.set_defaults(func=cmd_build_emulator)
-
-    p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--emulator", required=True, help="emulator folder the state was trained on")
-    p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
-    p.add_argument("--out", required=True, help="folder for the plugged-in model")
-    p.set_defaults(func=cmd_plug_in)
-
-    p = sub.add_parser("evaluate", help="zero-shot multiple-choice acc / acc_norm, lm-evaluation-harness style")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help + ", or an emulator folder")
-    p.add_argument("--task", help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
-    p.add_argument("--text", help="perplexity instead: 'lambada', a .txt/.jsonl file or a datasets folder")
-    p.add_argument("--split", default="validation", choices=("train", "validation"))
-    p.add_argument("--limit", type=int, help="first N items (or N token blocks with --text) only")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per block for --text")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_evaluate)
-
-    from .finetune import FinetuneConfig
-
-    p = sub.add_parser("finetune", help="train adapter blocks of an emulator (or a full model) on a task")
-    p.add_argument("--model", required=True, help="emulator folder (adapter blocks train) or full model (all blocks)")
-    p.add_argument("--task", required=True, help="built-in task name or a .jsonl/.csv file")
-    p.add_argument("--train-limit", type=int, help="first N training items")
-    p.add_argument("--dev-items", type=int, default=64, help="items cut from the end of the training items for checkpoint selection")
-    p.add_argument("--config", help="TOML file with a [finetune] table")
-    p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write")
-    p.add_argument("--no-progress", action="store_true")
-    add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("offsite", help="the one-data-owner pipeline: five rows and the privacy gap")
-    p.add_argument("--config", required=True, help="TOML: [run], [finetune], [layer_replace], [[emulator]]")
-    p.add_argument("--out", help="run folder (overrides [run].out)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_offsite)
-
-    p = sub.add_parser("attack", help="model-privacy report: a data owner fine-tunes every emulator weight; "
-                                      "how close does it get to the plug-in model?")
-    p.add_argument("--config", required=True, help="the offsite TOML ([attack] sets the attacker's training)")
-    p.add_argument("--out", help="run folder (overrides [run].out; rows already there are reused)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_attack)
-
-    p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
-    p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")
-    p.add_argument("--out", help="study folder (overrides [study].out)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
-    p.add_argument("--config", help="run file (TOML), e.g. simulations/configs/smoke.toml")
-    p.add_argument("--out", help="run folder (overrides [run].out)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("certs", help="test TLS certificates for a SuperLink and key pairs for SuperNodes")
-    p.add_argument("--out", required=True, help="folder for ca.crt, server.pem/.key and keys/<name>[.pub]")
-    p.add_argument("--host", action="append", help="the SuperLink's DNS name or IP (repeatable; default 127.0.0.1, localhost)")
-    p.add_argument("--supernode", action="append", metavar="NAME", help="an organisation to make a key pair for (repeatable)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CA in --out")
-    p.set_defaults(func=cmd_certs)
-
-    p = sub.add_parser("info", help="summary of an emulator folder")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(func=cmd_info)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scaleot-fed`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the command's own output
-    try:
-        args.func(args)
-    except ScaleOTError as exc:
-        print(f"scaleot-fed {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"scaleot-fed {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,160 @@
+"""``scaleot-fed`` command line: the parser and the entry point.
+
+The commands themselves are in :mod:`recipes.commands`. User errors
+(:class:`~scaleot_fed.errors.ScaleOTError`) print one line on stderr and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scaleot_fed.env import configure_environment
+
+configure_environment()  # before torch / ray / flwr are imported anywhere below
+
+from scaleot_fed.errors import ScaleOTError  # noqa: E402
+
+from . import commands as c  # noqa: E402
+
+MODEL_HELP = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
+
+
+def _stage_parsers(sub) -> None:
+    """The method's steps, one command each: stage 1, stage 2, plug-in."""
+    from scaleot_fed.emulator import STRATEGIES, EmulatorConfig
+    from scaleot_fed.layer_replace import LayerReplaceConfig
+
+    p = sub.add_parser("layer-replace", help="stage 1: importance scores + harmonizers (Dynamic LayerReplace)")
+    p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--data", default="lambada",
+                   help="owner's general text: 'lambada' (built in), a .txt/.jsonl file, a datasets folder or a hub dataset")
+    p.add_argument("--config", help="TOML file with a [layer_replace] table")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--adapters", dest="num_adapter_layers", type=int, help="alias of --num-adapter-layers")
+    c.add_dataclass_arguments(p, LayerReplaceConfig)
+    p.set_defaults(func=c.cmd_layer_replace)
+
+    p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
+    p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--strategy", choices=STRATEGIES, default="scaleot")
+    p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a, even (default 4)")
+    p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha, help="share of middle blocks replaced (default 0.5)")
+    p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,
+                   help="SRC: share of attention rank kept in kept middle blocks (default 1 = off)")
+    p.add_argument("--importance", help="layer-replace artifact folder (scaleot, importance-drop)")
+    p.add_argument("--out", required=True, help="emulator folder to write")
+    p.set_defaults(func=c.cmd_build_emulator)
+
+    p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
+    p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--emulator", required=True, help="emulator folder the state was trained on")
+    p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
+    p.add_argument("--out", required=True, help="folder for the plugged-in model")
+    p.set_defaults(func=c.cmd_plug_in)
+
+
+def _model_parsers(sub) -> None:
+    """Train and score one model (full or emulator)."""
+    from scaleot_fed.finetune import FinetuneConfig
+
+    p = sub.add_parser("evaluate", help="zero-shot multiple-choice acc / acc_norm, lm-evaluation-harness style")
+    p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP + ", or an emulator folder")
+    p.add_argument("--task", help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
+    p.add_argument("--text", help="perplexity instead: 'lambada', a .txt/.jsonl file or a datasets folder")
+    p.add_argument("--split", default="validation", choices=("train", "validation"))
+    p.add_argument("--limit", type=int, help="first N items (or N token blocks with --text) only")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per block for --text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=c.cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="train adapter blocks of an emulator (or a full model) on a task")
+    p.add_argument("--model", required=True, help="emulator folder (adapter blocks train) or full model (all blocks)")
+    p.add_argument("--task", required=True, help="built-in task name or a .jsonl/.csv file")
+    p.add_argument("--train-limit", type=int, help="first N training items")
+    p.add_argument("--dev-items", type=int, default=64,
+                   help="items cut from the end of the training items for checkpoint selection")
+    p.add_argument("--config", help="TOML file with a [finetune] table")
+    p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write")
+    p.add_argument("--no-progress", action="store_true")
+    c.add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
+    p.set_defaults(func=c.cmd_finetune)
+
+
+def _pipeline_parsers(sub) -> None:
+    """The programs: one owner's pipeline, the attack report, the study."""
+    p = sub.add_parser("offsite", help="the one-data-owner pipeline: five rows and the privacy gap")
+    p.add_argument("--config", required=True, help="TOML: [run], [finetune], [layer_replace], [[emulator]]")
+    p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=c.cmd_offsite)
+
+    p = sub.add_parser("attack", help="model-privacy report: a data owner fine-tunes every emulator weight; "
+                                      "how close does it get to the plug-in model?")
+    p.add_argument("--config", required=True, help="the offsite TOML ([attack] sets the attacker's training)")
+    p.add_argument("--out", help="run folder (overrides [run].out; rows already there are reused)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=c.cmd_attack)
+
+    p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
+    p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")
+    p.add_argument("--out", help="study folder (overrides [study].out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=c.cmd_study)
+
+
+def _federation_parsers(sub) -> None:
+    """Federated runs, certificates for deployments, emulator info."""
+    p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
+    p.add_argument("--config", help="run file (TOML), e.g. simulations/configs/smoke.toml")
+    p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.set_defaults(func=c.cmd_simulate)
+
+    p = sub.add_parser("certs", help="test TLS certificates for a SuperLink and key pairs for SuperNodes")
+    p.add_argument("--out", required=True, help="folder for ca.crt, server.pem/.key and keys/<name>[.pub]")
+    p.add_argument("--host", action="append",
+                   help="the SuperLink's DNS name or IP (repeatable; default 127.0.0.1, localhost)")
+    p.add_argument("--supernode", action="append", metavar="NAME",
+                   help="an organisation to make a key pair for (repeatable)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CA in --out")
+    p.set_defaults(func=c.cmd_certs)
+
+    p = sub.add_parser("info", help="summary of an emulator folder")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=c.cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scaleot-fed`` parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="scaleot-fed", description="ScaleOT offsite-tuning across many data owners")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_stage_parsers, _model_parsers, _pipeline_parsers, _federation_parsers):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scaleot-fed`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the command's own output
+    try:
+        args.func(args)
+    except ScaleOTError as exc:
+        print(f"scaleot-fed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scaleot-fed {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

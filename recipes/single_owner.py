@@ -1,0 +1,228 @@
+"""The single-owner recipe: prepare an emulator, fine-tune it, plug it in, score every row.
+
+One piece of code for the rows of Offsite-Tuning's table, used by the offsite pipeline (one data
+owner, rows cached in the run folder), the study (a grid of offsite runs) and the federated run's
+final table (the federated aggregate, plus the same data trained centrally).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from scaleot_fed.artifact import LayerReplaceArtifact, load_artifact, save_artifact
+from scaleot_fed.config import as_dict
+from scaleot_fed.distill import DistillConfig, distill_emulator
+from scaleot_fed.emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
+from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.evaluate import evaluate_multiple_choice
+from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
+from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
+from scaleot_fed.plugin import export_trained, plug_in_path
+from scaleot_fed.tasks import TASKS, MCItem, load_task
+from scaleot_fed.text import lambada_passages, token_blocks
+
+from .attack import AttackConfig, attack_emulator
+
+Log = Callable[[str], None]
+Cache = Callable[[str, Callable[[], dict]], dict]
+"""``(key, compute) -> row``: returns a stored row or computes and stores it."""
+
+
+def no_cache(key: str, compute: Callable[[], dict]) -> dict:
+    """A :data:`Cache` that computes every row."""
+    return compute()
+
+
+@dataclass
+class TaskRunSection:
+    """What every program's ``[run]`` names: the model, the task, how many items, where to write."""
+
+    out: str = "runs/run"
+    model: str = "smollm2-135m"
+    task: str = "piqa"
+    eval_task: str | None = None
+    """Evaluation items from another task or file (required when ``task`` is a user file, which
+    has a single split); default: the validation split of ``task``."""
+    train_limit: int | None = 2000
+    """Training items (first N of the train split)."""
+    eval_limit: int | None = 200
+    """Evaluation items (first N of the validation split, lm-eval's --limit; None: all)."""
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("train_limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+    def evaluation_items(self) -> list[MCItem]:
+        """The items every row is scored on."""
+        if self.eval_task is None and self.task not in TASKS:
+            raise ConfigError(f"[run] task {self.task!r} is a user file with a single split: "
+                              "set eval_task to the evaluation file")
+        return load_task(self.eval_task or self.task, "validation", self.eval_limit)
+
+
+@dataclass
+class EmulatorSection(EmulatorConfig):
+    """One ``[[emulator]]``: an :class:`EmulatorConfig` plus a label and where its stage 1 is."""
+
+    name: str = ""
+    importance: str | None = None
+    """Stage-1 artifact folder; when absent and needed, stage 1 runs with ``[layer_replace]``."""
+    path: str | None = None
+    """A ready emulator folder to use instead of building one (its manifest decides the rest)."""
+    distill: bool = False
+    """Offsite-Tuning's baseline: train the kept middle blocks by distillation (uniform-drop only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distill and self.strategy != "uniform-drop":
+            raise ConfigError("distill = true is Offsite-Tuning's emulator: it needs strategy = \"uniform-drop\"")
+        if not self.name:
+            self.name = f"{self.strategy}-a{self.alpha}-r{self.rank_keep_ratio}"
+
+    def emulator_dir(self, out: Path) -> Path:
+        """Where the emulator is: ``path`` if given, else ``out/<name>/emulator``."""
+        return Path(self.path) if self.path else out / self.name / "emulator"
+
+
+def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
+                     model_name: str, out: Path, log: Log = print, distill: DistillConfig | None = None) -> Emulator:
+    """The emulator of ``section`` in ``out/<name>/emulator``: loaded if already built, else built
+    (running stage 1 into ``out/importance`` when it needs one and names no artifact, and the
+    distillation when the section asks for it). What building cost goes into the manifest."""
+    if section.path:
+        if not (Path(section.path) / MANIFEST).is_file():
+            raise ConfigError(f"emulator path {section.path} is not an emulator folder (no {MANIFEST})")
+        return load_emulator(section.path)
+    edir = section.emulator_dir(out)
+    if (edir / MANIFEST).exists():
+        return load_emulator(edir)
+    importance = _importance(section, full, tokenizer, layer_replace, model_name, out, log)
+    base = EmulatorConfig(section.strategy, section.num_adapter_layers, section.alpha, section.rank_keep_ratio)
+    emulator = build_emulator(full, base, importance, source_model=model_name)
+    if importance is not None:
+        emulator.manifest["build_cost"] = {"kind": "layer-replace"} | importance.meta["cost"]
+    if section.distill:
+        _distill(section, full, emulator, tokenizer, distill or DistillConfig(), log)
+    save_emulator(emulator, edir, tokenizer=tokenizer)
+    return load_emulator(edir)  # the saved artifact is what gets evaluated and trained
+
+
+def _importance(section: EmulatorSection, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
+                model_name: str, out: Path, log: Log) -> LayerReplaceArtifact | None:
+    """The section's stage-1 artifact: the one it names, or one trained into ``out/importance``."""
+    if not section.needs_importance:
+        return None
+    if section.importance:
+        return load_artifact(section.importance)
+    path = out / "importance"
+    if not (path / "layer_replace.json").exists():
+        lr = dataclasses.replace(layer_replace, num_adapter_layers=section.num_adapter_layers)
+        log(f"  stage 1 (layer-replace, {lr.steps} steps) for {section.name} ...")
+        ids = token_blocks(tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
+        save_artifact(run_layer_replace(full, ids, lr, model_name, progress=False), path)
+    return load_artifact(path)
+
+
+def _distill(section: EmulatorSection, full: nn.Module, emulator: Emulator, tokenizer, config: DistillConfig,
+             log: Log) -> None:
+    """Offsite-Tuning's distilled emulator: train the kept middle blocks to match the full model."""
+    log(f"  distillation ({config.steps} steps) for {section.name} ...")
+    ids = token_blocks(tokenizer, lambada_passages(), config.block_size,
+                       max_blocks=config.steps * config.batch_size + config.batch_size)
+    record = distill_emulator(full, emulator, ids, config)
+    emulator.manifest["build_cost"] = {"kind": "distillation"} | {k: v for k, v in record.items() if k != "history"}
+    emulator.manifest["distillation"] = {"config": as_dict(config), "kd_loss_first_last": [
+        record["history"]["kd_loss"][0], record["history"]["kd_loss"][-1]]}
+
+
+def trained_path(folder: Path, mode: str) -> Path:
+    """Where trained adapter state goes: a peft folder for LoRA, one safetensors file otherwise."""
+    return folder / ("trained_lora" if mode == "lora" else "trained.safetensors")
+
+
+def finetune_stats(result: FinetuneResult) -> dict:
+    """What a row keeps of its training run."""
+    return {
+        "initial_dev_loss": result.initial_val_loss,
+        "best_dev_loss": result.best_val_loss,
+        "best_step": result.best_step,
+        "trainable_params": result.trainable_params,
+        "train_tokens_per_s": result.tokens_per_second,
+        "train_seconds": result.seconds,
+    }
+
+
+@dataclass
+class SingleOwner:
+    """One data owner's data and the model owner's full model: computes the rows of the table.
+
+    ``cache`` stores finished rows (the offsite pipeline keeps them in its run folder, so a
+    stopped run resumes); rows are named ``<row>`` for the full model and ``<emulator>/<row>``.
+    """
+
+    full: nn.Module
+    tokenizer: object
+    train: list[MCItem]
+    dev: list[MCItem]
+    evaluation: list[MCItem]
+    finetune: FinetuneConfig
+    eval_batch_size: int = 8
+    progress: bool = False
+    cache: Cache = no_cache
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return evaluate_multiple_choice(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size)
+
+    def full_zero_shot(self) -> dict:
+        return self.cache("full_zero_shot", lambda: self.evaluate(self.full))
+
+    def full_finetune(self) -> dict:
+        """Every block of a copy of the full model trained with the same method."""
+        def compute() -> dict:
+            model = copy.deepcopy(self.full)
+            trained = make_trainable(model, list(range(model.config.num_hidden_layers)), self.finetune)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress)
+            return self.evaluate(trained) | finetune_stats(result)
+
+        return self.cache("full_finetune", compute)
+
+    def emulator_zero_shot(self, name: str, emulator: Emulator) -> dict:
+        return self.cache(f"{name}/emulator_zero_shot", lambda: self.evaluate(emulator.model))
+
+    def emulator_finetune_and_plug_in(self, name: str, emulator: Emulator, trained_path: Path) -> dict:
+        """Train the emulator's adapter blocks (saved to ``trained_path``), score the emulator and
+        the full model with them plugged in: ``{"emulator_finetune": ..., "plug_in": ...}``."""
+        def train() -> dict:
+            trained = make_trainable(emulator.model, list(emulator.adapter_positions()), self.finetune)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress)
+            export_trained(trained, emulator, trained_path)
+            return self.evaluate(trained) | finetune_stats(result) | {"trained": str(trained_path)}
+
+        def plug() -> dict:
+            if not trained_path.exists():
+                raise ConfigError(f"{trained_path} is missing; delete the cached rows of {name} and rerun")
+            return self.evaluate(plug_in_path(copy.deepcopy(self.full), emulator.manifest, trained_path))
+
+        return {"emulator_finetune": self.cache(f"{name}/emulator_finetune", train),
+                "plug_in": self.cache(f"{name}/plug_in", plug)}
+
+    def attack(self, name: str, emulator_path: Path, config: AttackConfig) -> dict:
+        """The model-privacy row: every weight of a fresh copy of the emulator trained."""
+        def compute() -> dict:
+            attack_ft = dataclasses.replace(config, eval_items=len(self.dev))
+            model, result = attack_emulator(emulator_path, self.train, self.dev, attack_ft, progress=self.progress)
+            return self.evaluate(model) | finetune_stats(result)
+
+        return self.cache(f"{name}/emulator_attack", compute)

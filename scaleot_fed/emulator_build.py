@@ -1,0 +1,191 @@
+"""Stage 2: build an emulator = (N_a, alpha, rank_keep_ratio) from the full model.
+
+Layout of an emulator built from an ``L``-block model with ``N_a`` adapter blocks::
+
+    [adapter 0 .. N_a/2-1] [middle: original | compressed | harmonizer, or dropped] [adapter top]
+
+:func:`plan_layout` decides what each source block becomes (no weights involved);
+:func:`build_emulator` carries it out on a copy of the model and writes the manifest. The
+strategies are described in :mod:`scaleot_fed.emulator`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+
+from . import __version__
+from .arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
+from .artifact import LayerReplaceArtifact
+from .emulator import MANIFEST_FORMAT, Emulator, EmulatorConfig
+from .errors import ConfigError
+from .layer_replace import middle_layers
+from .models import count_parameters, model_fingerprint
+from .src import CompressionRecord, LowRankLinear, rank_for_ratio, relative_frobenius_error
+
+
+def plan_layout(
+    num_layers: int, config: EmulatorConfig, scores: dict[int, float] | None = None
+) -> list[dict]:
+    """Decide, per source block, what the emulator holds (pure function, no weights).
+
+    Returns
+    -------
+    list of dict
+        One entry per emulator position: ``{"source": i, "kind": k}`` with ``k`` in
+        ``adapter``, ``block``, ``compressed``, ``harmonizer``. Dropped blocks have no entry.
+    """
+    middle = middle_layers(num_layers, config.num_adapter_layers)
+    n_replace = int(round(config.alpha * len(middle)))
+    if config.strategy == "uniform-drop":
+        n_keep = len(middle) - n_replace
+        keep_pos = set(np.linspace(0, len(middle) - 1, n_keep).round().astype(int).tolist()) if n_keep else set()
+        replaced = {m for j, m in enumerate(middle) if j not in keep_pos}
+    else:
+        if scores is None:
+            raise ConfigError(f"strategy {config.strategy!r} needs importance scores (--importance DIR from layer-replace)")
+        missing = [m for m in middle if m not in scores]
+        if missing:
+            raise ConfigError(
+                f"the importance artifact has no score for blocks {missing}: it was made with more adapter blocks; "
+                f"build with a larger N_a or rerun layer-replace with --adapters {config.num_adapter_layers}"
+            )
+        replaced = set(sorted(middle, key=lambda m: (scores[m], m))[:n_replace])
+    compress = config.rank_keep_ratio < 1.0
+    layout = []
+    for i in range(num_layers):
+        if i not in middle:
+            layout.append({"source": i, "kind": "adapter"})
+        elif i in replaced:
+            if config.strategy == "scaleot":
+                layout.append({"source": i, "kind": "harmonizer"})
+        else:
+            layout.append({"source": i, "kind": "compressed" if compress else "block"})
+    return layout
+
+
+def _compress_block(block: nn.Module, arch: Architecture, source: int, ratio: float) -> list[CompressionRecord]:
+    """Replace the attention projections of ``block`` (in place) by rank-k LowRankLinear."""
+    records = []
+    for path in arch.attention_projections:
+        parent_path, _, attr = path.rpartition(".")
+        parent = block.get_submodule(parent_path)
+        original = getattr(parent, attr)
+        weight = projection_weight(original, arch)  # (out, in)
+        rank = rank_for_ratio(weight.shape[0], weight.shape[1], ratio)
+        low = LowRankLinear.from_weight(weight, getattr(original, "bias", None), rank)
+        records.append(
+            CompressionRecord(
+                block=source,
+                projection=path,
+                shape=(int(weight.shape[0]), int(weight.shape[1])),
+                rank=rank,
+                factored=low.factored,
+                relative_error=relative_frobenius_error(weight, low.dense_weight()),
+            )
+        )
+        setattr(parent, attr, low)
+    return records
+
+
+def _layer_types_for(config, layout: list[dict]) -> list[str] | None:
+    types = getattr(config, "layer_types", None)
+    return None if types is None else [types[e["source"]] for e in layout]
+
+
+def build_emulator(
+    model: nn.Module,
+    config: EmulatorConfig,
+    importance: LayerReplaceArtifact | None = None,
+    source_model: str = "",
+) -> Emulator:
+    """Build an emulator from the full model (which is left unchanged).
+
+    Parameters
+    ----------
+    model:
+        The full causal LM.
+    config:
+        Strategy and ``(N_a, alpha, rank_keep_ratio)``.
+    importance:
+        Stage-1 artifact; required by ``scaleot`` and ``importance-drop``, checked to come from
+        this very model.
+    source_model:
+        Name recorded in the manifest.
+    """
+    arch = architecture_of(model)
+    num_layers = len(get_layers(model, arch))
+    middle_layers(num_layers, config.num_adapter_layers)  # validates N_a against the depth
+    if config.needs_importance:
+        if importance is None:
+            raise ConfigError(
+                f"strategy {config.strategy!r} needs a layer-replace artifact (--importance DIR); "
+                "make one with `scaleot-fed layer-replace`"
+            )
+        importance.check_matches(model)
+    scores = importance.scores if importance is not None else None
+    layout = plan_layout(num_layers, config, scores)
+    emulator_model, records = _assemble(model, arch, layout, config, importance)
+    manifest = _manifest(model, emulator_model, arch, layout, config, importance, records, source_model)
+    return Emulator(model=emulator_model, manifest=manifest)
+
+
+def _assemble(model: nn.Module, arch: Architecture, layout: list[dict], config: EmulatorConfig,
+              importance: LayerReplaceArtifact | None) -> tuple[nn.Module, list[CompressionRecord]]:
+    """A copy of ``model`` whose blocks follow ``layout`` (harmonizers, compressed, kept)."""
+    emulator_model = copy.deepcopy(model)
+    source_blocks = get_layers(emulator_model, arch)
+    blocks: list[nn.Module] = []
+    records: list[CompressionRecord] = []
+    for entry in layout:
+        src = entry["source"]
+        if entry["kind"] == "harmonizer":
+            blocks.append(copy.deepcopy(importance.harmonizers[src]))
+        else:
+            block = source_blocks[src]
+            if entry["kind"] == "compressed":
+                records.extend(_compress_block(block, arch, src, config.rank_keep_ratio))
+            blocks.append(block)
+    set_layers(emulator_model, blocks, _layer_types_for(model.config, layout))
+    emulator_model.eval()
+    return emulator_model, records
+
+
+def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, layout: list[dict],
+              config: EmulatorConfig, importance: LayerReplaceArtifact | None, records: list[CompressionRecord],
+              source_model: str) -> dict:
+    """What the emulator is, block by block, and where it came from (``manifest.json``)."""
+    num_layers = len(get_layers(model, arch))
+    kinds = {k: [e["source"] for e in layout if e["kind"] == k] for k in ("adapter", "block", "compressed", "harmonizer")}
+    present = {e["source"] for e in layout}
+    return {
+        "format": MANIFEST_FORMAT,
+        "scaleot_fed_version": __version__,
+        "source_model": source_model,
+        "source_fingerprint": model_fingerprint(model),
+        "architecture": arch.name,
+        "model_type": model.config.model_type,
+        "num_layers": num_layers,
+        "emulator_num_layers": len(layout),
+        "strategy": config.strategy,
+        "alpha": config.alpha,
+        "rank_keep_ratio": config.rank_keep_ratio,
+        "adapter_layers": kinds["adapter"],
+        "kept_layers": sorted(kinds["block"] + kinds["compressed"]),
+        "compressed_layers": kinds["compressed"],
+        "replaced_layers": [i for i in range(num_layers) if i not in present or i in kinds["harmonizer"]],
+        "harmonizer_layers": kinds["harmonizer"],
+        "dropped_layers": [i for i in range(num_layers) if i not in present],
+        "harmonizer_rank": importance.meta["harmonizer_rank"] if kinds["harmonizer"] else None,
+        "importance": (
+            {"path": str(importance.path), "ranking_least_important_first": importance.meta["ranking_least_important_first"]}
+            if importance is not None and config.needs_importance
+            else None
+        ),
+        "layout": layout,
+        "compression": [r.__dict__ | {"shape": list(r.shape)} for r in records],
+        "num_params": count_parameters(emulator_model),
+        "source_num_params": count_parameters(model),
+    }
