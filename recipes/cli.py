@@ -17,6 +17,7 @@ from scaleot_fed.errors import ScaleOTError  # noqa: E402
 
 from . import commands as c  # noqa: E402
 
+OVERWRITE_HELP = "replace what --out holds (without it, a non-empty --out is refused)"
 MODEL_HELP = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
 
 
@@ -31,6 +32,7 @@ def _stage_parsers(sub) -> None:
                    help="owner's general text: 'lambada' (built in), a .txt/.jsonl file, a datasets folder or a hub dataset")
     p.add_argument("--config", help="TOML file with a [layer_replace] table")
     p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--adapters", dest="num_adapter_layers", type=int, help="alias of --num-adapter-layers")
     c.add_dataclass_arguments(p, LayerReplaceConfig)
@@ -45,6 +47,7 @@ def _stage_parsers(sub) -> None:
                    help="SRC: share of attention rank kept in kept middle blocks (default 1 = off)")
     p.add_argument("--importance", help="layer-replace artifact folder (scaleot, importance-drop)")
     p.add_argument("--out", required=True, help="emulator folder to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=c.cmd_build_emulator)
 
     p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
@@ -52,6 +55,7 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--emulator", required=True, help="emulator folder the state was trained on")
     p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
     p.add_argument("--out", required=True, help="folder for the plugged-in model")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=c.cmd_plug_in)
 
 
@@ -78,6 +82,7 @@ def _model_parsers(sub) -> None:
                    help="items cut from the end of the training items for checkpoint selection")
     p.add_argument("--config", help="TOML file with a [finetune] table")
     p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     c.add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
     p.set_defaults(func=c.cmd_finetune)
@@ -88,6 +93,7 @@ def _pipeline_parsers(sub) -> None:
     p = sub.add_parser("offsite", help="the one-data-owner pipeline: five rows and the privacy gap")
     p.add_argument("--config", required=True, help="TOML: [run], [finetune], [layer_replace], [[emulator]]")
     p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=c.cmd_offsite)
 
@@ -95,12 +101,14 @@ def _pipeline_parsers(sub) -> None:
                                       "how close does it get to the plug-in model?")
     p.add_argument("--config", required=True, help="the offsite TOML ([attack] sets the attacker's training)")
     p.add_argument("--out", help="run folder (overrides [run].out; rows already there are reused)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=c.cmd_attack)
 
     p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
     p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")
     p.add_argument("--out", help="study folder (overrides [study].out)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=c.cmd_study)
 
@@ -110,6 +118,7 @@ def _federation_parsers(sub) -> None:
     p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
     p.add_argument("--config", help="run file (TOML), e.g. simulations/configs/smoke.toml")
     p.add_argument("--out", help="run folder (overrides [run].out)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.set_defaults(func=c.cmd_simulate)

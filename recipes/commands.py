@@ -12,6 +12,7 @@ import os
 import typing
 from pathlib import Path
 
+from recipes.rundir import check_output, clear_output
 from scaleot_fed.env import USER_SET_THREADS
 from scaleot_fed.errors import ConfigError
 
@@ -82,12 +83,14 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     from scaleot_fed.text import load_text_corpus, token_blocks
 
     config = dataclass_from_args(LayerReplaceConfig, args, _toml_section(args, "layer_replace"), "layer_replace")
+    check_output(args.out, args.overwrite)
     _use_all_cores()
     loaded = load_model(args.model)
     texts = load_text_corpus(args.data)
     ids = token_blocks(loaded.tokenizer, texts, config.block_size, max_blocks=config.blocks_needed())
     print(f"layer-replace: {args.model}, {len(ids)} blocks of {config.block_size} tokens from {args.data!r}, {config.steps} steps")
     result = run_layer_replace(loaded.model, ids, config, source_model=args.model, progress=not args.no_progress)
+    clear_output(args.out)
     out = save_artifact(result, args.out)
     ev = result.evaluation
     print(f"least important blocks first: {result.ranking()}")
@@ -110,8 +113,10 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
                                         "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio})
     importance = load_artifact(args.importance) if args.importance else None
+    check_output(args.out, args.overwrite)
     loaded = load_model(args.model)
     emulator = build_emulator(loaded.model, config, importance, source_model=args.model)
+    clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
     print(emulator.summary())
     print(f"wrote emulator to {out} (manifest {out / 'manifest.json'}, weights {out / 'model.safetensors'})")
@@ -123,20 +128,23 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     from scaleot_fed.plugin import plug_in_path, save_plugged
 
     manifest = read_manifest(args.emulator)
+    check_output(args.out, args.overwrite)
     loaded = load_model(args.model)
     model = plug_in_path(loaded.model, manifest, args.trained)
     out = Path(args.out)
+    clear_output(out)
     save_plugged(model, loaded.tokenizer, out)
     print(f"plugged {args.trained} into {args.model} (adapter blocks {manifest['adapter_layers']})")
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
 def load_any_model(spec: str):
-    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer)."""
-    from scaleot_fed.emulator import MANIFEST, load_emulator
+    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer). A folder
+    that claims to be an emulator (:func:`looks_like_emulator`) loads as one or is refused."""
+    from scaleot_fed.emulator import load_emulator, looks_like_emulator
     from scaleot_fed.models import load_model
 
-    if (Path(spec) / MANIFEST).is_file():
+    if looks_like_emulator(spec):
         emulator = load_emulator(spec)
         return emulator.model, emulator.tokenizer
     loaded = load_model(spec)
@@ -170,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from scaleot_fed.emulator import MANIFEST, load_emulator
+    from scaleot_fed.emulator import load_emulator, looks_like_emulator
     from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
     from scaleot_fed.models import load_model
     from scaleot_fed.plugin import export_trained, save_plugged
@@ -183,7 +191,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     train, dev = items[: -args.dev_items], items[-args.dev_items :]
     config.eval_items = len(dev)
     _use_all_cores()
-    if (Path(args.model) / MANIFEST).is_file():
+    if looks_like_emulator(args.model):  # never trained as a plain model: loads whole or is refused
         emulator = load_emulator(args.model)
         model, tokenizer, positions = emulator.model, emulator.tokenizer, list(emulator.adapter_positions())
     else:
@@ -211,7 +219,7 @@ def cmd_offsite(args: argparse.Namespace, attack: bool = False) -> dict:
     overrides = ({"out": args.out} if args.out else {}) | ({"attack": True} if attack else {})
     config = load_offsite_config(args.config, overrides)
     _use_all_cores()
-    results = run_offsite(config, progress=not args.no_progress)
+    results = run_offsite(config, progress=not args.no_progress, overwrite=args.overwrite)
     print()
     print(markdown_table(results))
     out = Path(config.run.out)
@@ -261,7 +269,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     import logging
 
     from simulations.config import load_fed_config, with_run
-    from simulations.runner import load_run_config, simulate
+    from simulations.resume import load_run_config
+    from simulations.runner import simulate
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s scaleot-fed: %(message)s", "%H:%M:%S"))
@@ -269,17 +278,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
+    overrides = _parse_overrides(args.set)
     if args.resume:
-        config = load_run_config(args.resume)
-        resume = True
+        config = load_run_config(args.resume, overrides, args.config)
     else:
         if not args.config:
             raise ConfigError("give --config FILE.toml (or --resume RUN_DIR)")
-        config = load_fed_config(args.config, _parse_overrides(args.set))
+        config = load_fed_config(args.config, overrides)
         if args.out:
             config = with_run(config, out=args.out)
-        resume = False
-    out = simulate(config, resume=resume)
+    out = simulate(config, resume=bool(args.resume), overwrite=args.overwrite)
     if (out / "results.md").exists():
         print((out / "results.md").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -297,7 +305,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     if args.out:
         config.study.out = args.out
     _use_all_cores()
-    summary = run_study(config, progress=not args.no_progress)
+    summary = run_study(config, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(config.study.out)
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'frontier.png'} ({len(summary['cells'])} cells)")

@@ -44,13 +44,20 @@ class RunSection(TaskRunSection):
 
 
 @dataclass
-class OffsiteConfig:
-    run: RunSection = field(default_factory=RunSection)
+class PipelineSections:
+    """The tables an ``offsite`` and a ``study`` file share (the head table is each one's own)."""
+
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
+    emulators: list[EmulatorSection] = field(default_factory=list)
     attack: AttackConfig = field(default_factory=AttackConfig)
+
+
+@dataclass
+class OffsiteConfig(PipelineSections):
+    run: RunSection = field(default_factory=RunSection)
+    emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
 
 
 def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | None = None,
@@ -65,8 +72,11 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
     emulators = data.get("emulator", [{}] if default_emulator else [])
     if not isinstance(emulators, list) or not emulators:
         raise ConfigError(f"{path}: give at least one [[emulator]] table")
+    head_values = data.get(head, {})  # not a table: from_dict says so in one line
+    if isinstance(head_values, dict):
+        head_values = dict(head_values) | (overrides or {})
     values = {
-        head: from_dict(head_cls, dict(data.get(head, {})) | (overrides or {}), head),
+        head: from_dict(head_cls, head_values, head),
         "finetune": from_dict(FinetuneConfig, data.get("finetune", {}), "finetune"),
         "layer_replace": from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
         "distill": from_dict(DistillConfig, data.get("distill", {}), "distill"),
@@ -112,10 +122,17 @@ def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner
                        cache=_cached(RowCache(out), log))
 
 
-def run_offsite(config: OffsiteConfig, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the pipeline; returns the results dict also written to ``results.json``."""
+ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators")
+"""Config keys a rerun into the same folder may change: they add rows (rows are cached by name)."""
+
+
+def run_offsite(config: OffsiteConfig, progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Run (or resume) the pipeline; returns the results dict also written to ``results.json``.
+
+    A folder holding a run of another config is refused unless ``overwrite`` (see
+    :func:`recipes.rundir.open_run_dir`)."""
     run = config.run
-    out = open_run_dir(run.out, as_dict(config))
+    out = open_run_dir(run.out, as_dict(config), overwrite, may_change=ADDS_ROWS)
     owner = _owner(config, out, progress, log)
     shared = {"full_zero_shot": owner.full_zero_shot()}
     if run.full_finetune:

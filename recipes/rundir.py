@@ -7,26 +7,174 @@ they become known, and a cache of finished pieces so that a stopped run continue
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
+
+from scaleot_fed.errors import ConfigError
+
+LOCK = ".lock"
+_HELD: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_json(path: Path, value: Any, indent: int | None = 1) -> Path:
     """Write ``value`` as JSON through a temporary file and a rename, so a reader (or a resumed
     run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = unique_tmp(path)
     tmp.write_text(json.dumps(value, indent=indent))
     tmp.replace(path)
     return path
 
 
-def open_run_dir(out: str | Path, config: dict[str, Any]) -> Path:
-    """Create the run folder ``out`` (parents included) and snapshot ``config`` in ``config.json``."""
+def check_writable(out: str | Path) -> None:
+    """Fail early when ``out`` cannot be written: tried for real (a folder made, a file written),
+    then everything the check made is removed again, so a failing command leaves nothing."""
+    out = Path(out).expanduser().absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    folder = out if out.is_dir() or not out.exists() else out.parent
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out} ({exc.strerror or exc}; {existing} is the nearest existing "
+                          "folder); choose another --out") from None
+    finally:
+        probe.unlink(missing_ok=True)
+        for path in created:  # innermost first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def check_fresh(out: str | Path, overwrite: bool, what: str = "run folder") -> None:
+    """A new run refuses a non-empty ``out`` unless ``overwrite`` (then its content is removed)."""
     out = Path(out)
+    check_writable(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} exists and is not a folder; choose another --out")
+    if _has_content(out):
+        if not overwrite:
+            raise ConfigError(f"{what} {out} is not empty; use --overwrite to replace it, or choose another --out")
+        _clear(out)
+
+
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """A command's ``--out`` (a file or a folder), checked before any work is done: refused if it
+    exists (a non-empty folder) unless ``overwrite``. Nothing is removed here (see
+    :func:`clear_output`), so a command that fails later loses nothing."""
+    out = Path(out)
+    check_writable(out)
+    if (out.is_file() or out.is_symlink() or _has_content(out)) and not overwrite:
+        raise ConfigError(f"{out} exists; use --overwrite to replace it, or choose another --out")
+
+
+def clear_output(out: str | Path) -> None:
+    """Remove what ``--out`` held (a file or a folder's content), right before writing the new one."""
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        out.unlink()
+    elif out.is_dir():
+        _clear(out)
+        unlock_run_dir(out)
+        (out / LOCK).unlink(missing_ok=True)
+
+
+def _has_content(out: Path) -> bool:
+    return out.is_dir() and any(child.name != LOCK for child in out.iterdir())
+
+
+def _clear(out: Path) -> None:
+    lock_run_dir(out)  # never delete a folder another run is using
+    for child in out.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def lock_run_dir(out: str | Path) -> Path:
+    """Hold an exclusive lock on the run folder ``out`` (created if needed) until this process ends.
+
+    Another process locking it fails at once with one line naming the holder's PID; the kernel
+    drops the lock when the holder exits, however it exits (kill -9 included). Re-entrant within a
+    process.
+    """
+    out = Path(out).resolve()
+    if out in _HELD:
+        return out
     out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"run folder {out} is in use by another run (PID {holder}); wait for it to end "
+                          "or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[out] = fd
+    return out
+
+
+def unlock_run_dir(out: str | Path) -> None:
+    """Release a lock taken by :func:`lock_run_dir` in this process (no-op when not held)."""
+    fd = _HELD.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = False,
+                 may_change: tuple[str, ...] = ()) -> Path:
+    """Create (and lock) the run folder ``out`` and snapshot ``config`` in ``config.json``.
+
+    A folder made with the same config (up to the keys in ``may_change``, which only add results)
+    is continued and its cached results reused; one made with another config is refused, naming
+    the changed keys, unless ``overwrite`` (which starts over in an emptied folder).
+    """
+    out = Path(out)
+    check_writable(out)
+    lock_run_dir(out)
+    if (out / "config.json").is_file():
+        changed = [k for k in changed_keys(json.loads((out / "config.json").read_text()), json.loads(json.dumps(config)))
+                   if k.split(".")[0] not in may_change and k not in may_change]
+        if changed and not overwrite:
+            raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
+                              "use --overwrite to start over, or choose another --out")
+        if changed:
+            _clear(out)
+    elif _has_content(out):
+        if not overwrite:
+            raise ConfigError(f"{out} is not empty and holds no run of ours; use --overwrite to replace its "
+                              "content, or choose another --out")
+        _clear(out)
     write_json(out / "config.json", config)
     return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 class RowCache:

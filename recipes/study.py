@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
-from scaleot_fed.distill import DistillConfig
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.finetune import MODES, FinetuneConfig
-from scaleot_fed.layer_replace import LayerReplaceConfig
+from scaleot_fed.finetune import MODES
 from scaleot_fed.models import load_model
 
-from .attack import AttackConfig
-from .offsite import OffsiteConfig, RunSection, read_pipeline_toml, run_offsite
+from .offsite import OffsiteConfig, PipelineSections, RunSection, read_pipeline_toml, run_offsite
 from .rundir import open_run_dir, write_json
 from .single_owner import EmulatorSection, prepare_emulator
 
@@ -51,6 +48,9 @@ class StudySection:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ConfigError("study.tasks is empty")
+        for name in ("dev_items", "eval_batch_size", "train_limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"study.{name} must be >= 1, got {getattr(self, name)}")
         for key in ("modes", "variant_modes"):
             modes = getattr(self, key)
             if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
@@ -65,13 +65,8 @@ class StudySection:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(PipelineSections):
     study: StudySection = field(default_factory=StudySection)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    emulators: list[EmulatorSection] = field(default_factory=list)
-    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
@@ -86,10 +81,15 @@ def load_study_config(path: str | Path) -> StudyConfig:
     return config
 
 
-def run_study(config: StudyConfig, progress: bool = False, log=print) -> dict:
+GRID_EXTENT = ("emulators", "study.tasks", "study.modes", "study.variant_emulator", "study.variant_modes",
+               "study.metrics", "study.attack")
+"""Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
+
+
+def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False) -> dict:
     """Run (or resume) the grid; writes ``summary.json``, ``summary.md`` and ``frontier.png``."""
     study = config.study
-    out = open_run_dir(study.out, as_dict(config))
+    out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT)
 
     built: dict[str, EmulatorSection] = {}
 

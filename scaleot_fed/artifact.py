@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
 from .config import as_dict
 from .errors import IntegrityError
+from .files import save_tensors
 from .harmonizer import Harmonizer
 from .layer_replace import LayerReplaceResult
 from .models import model_fingerprint
@@ -35,7 +36,7 @@ def save_artifact(result: LayerReplaceResult, out_dir: str | Path) -> Path:
     tensors = {
         f"{i}.{name}": t.detach().contiguous() for i, h in result.harmonizers.items() for name, t in h.state_dict().items()
     }
-    save_file(tensors, str(out / ARTIFACT_WEIGHTS), metadata={"format": ARTIFACT_FORMAT})
+    save_tensors(tensors, str(out / ARTIFACT_WEIGHTS), metadata={"format": ARTIFACT_FORMAT})
     meta = {
         "format": ARTIFACT_FORMAT,
         "scaleot_fed_version": __version__,

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .arch import Architecture, architecture_by_name, architecture_of, get_layers, set_layers
 from .errors import ConfigError, IntegrityError
+from .files import save_tensors
 from .harmonizer import Harmonizer
 from .layer_replace import check_num_adapter_layers
 from .src import LowRankLinear
@@ -38,6 +39,13 @@ STRATEGIES = ("scaleot", "importance-drop", "uniform-drop")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MANIFEST_FORMAT = "scaleot-fed/emulator"
+MANIFEST_KEYS = (
+    "source_model", "source_fingerprint", "architecture", "num_layers", "strategy", "alpha", "rank_keep_ratio",
+    "adapter_layers", "kept_layers", "compressed_layers", "replaced_layers", "harmonizer_layers", "layout",
+    "num_params", "source_num_params", "weights_sha256",
+)
+"""What :func:`read_manifest` requires (what loading, plugging in and ``info`` read)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass
@@ -51,10 +59,12 @@ class EmulatorConfig:
     num_adapter_layers:
         ``N_a``: trainable blocks, half at the bottom and half at the top; even, >= 2.
     alpha:
-        Share of the middle blocks replaced (by harmonizers) or dropped, in [0, 1].
+        Share of the middle blocks replaced (by harmonizers) or dropped, in [0, 1]; 0 only with
+        ``rank_keep_ratio < 1`` (an SRC-only emulator: with both at their identity the emulator
+        would be the full model).
     rank_keep_ratio:
         Selective Rank Compression of the kept middle blocks' attention projections: the share of
-        each matrix's rank kept, in [0, 1] (1 = no compression; the kept rank is at least 1).
+        each matrix's rank kept, in (0, 1] (1 = no compression; the kept rank is at least 1).
     """
 
     strategy: str = "scaleot"
@@ -67,8 +77,12 @@ class EmulatorConfig:
             raise ConfigError(f"unknown emulator strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= float(self.rank_keep_ratio) <= 1.0:
-            raise ConfigError(f"rank_keep_ratio must be in [0, 1], got {self.rank_keep_ratio}")
+        if not 0.0 < float(self.rank_keep_ratio) <= 1.0:
+            raise ConfigError(f"rank_keep_ratio must be in (0, 1] (1 = no compression), got {self.rank_keep_ratio}")
+        if float(self.alpha) == 0.0 and float(self.rank_keep_ratio) == 1.0:
+            raise ConfigError(
+                "alpha = 0 with rank_keep_ratio = 1 replaces and compresses nothing: that emulator would be the "
+                "full model; alpha = 0 is only meaningful with rank_keep_ratio < 1 (an SRC-only emulator)")
         check_num_adapter_layers(self.num_adapter_layers)
 
     @property
@@ -166,46 +180,92 @@ def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Pa
     tokenizer = tokenizer if tokenizer is not None else emulator.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_file(_deduplicated_state(emulator.model), str(out / WEIGHTS), metadata={"format": MANIFEST_FORMAT})
+    save_tensors(_deduplicated_state(emulator.model), out / WEIGHTS, metadata={"format": MANIFEST_FORMAT})
     emulator.manifest["weights_sha256"] = sha256_file(out / WEIGHTS)
     (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
     return out
 
 
+def _weights_format(weights: Path) -> str | None:
+    """The ``format`` a safetensors file declares in its metadata (None if no file, or unreadable)."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - a damaged header makes no claim either way
+        return None
+
+
+def looks_like_emulator(path: str | Path) -> bool:
+    """Whether ``path`` claims to be an emulator folder: it has a ``manifest.json``, or its
+    ``model.safetensors`` declares the emulator format (as :func:`save_emulator` writes it). Such a
+    folder is loaded as an emulator or refused, never read as a plain model."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or _weights_format(path / WEIGHTS) == MANIFEST_FORMAT
+
+
 def read_manifest(path: str | Path) -> dict:
-    """Read and sanity-check an emulator folder's manifest."""
+    """Read an emulator folder's manifest and check that it has every entry the loaders use."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        raise IntegrityError(f"{path} is not an emulator folder (no {MANIFEST}); build one with `scaleot-fed build-emulator`")
+        if looks_like_emulator(path):
+            raise IntegrityError(f"{path} holds emulator weights but its {MANIFEST} is missing; get the emulator "
+                                 "again from the model owner (or rebuild it with `scaleot-fed build-emulator`)")
+        raise IntegrityError(f"{path} is not an emulator folder ({MANIFEST} is missing); "
+                             "build one with `scaleot-fed build-emulator`")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise IntegrityError(f"{path / MANIFEST} is not a {MANIFEST_FORMAT} manifest")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise IntegrityError(f"{path / MANIFEST} is incomplete: {', '.join(missing)} missing; "
+                             "get the emulator again from the model owner")
     return manifest
 
 
-def load_emulator(path: str | Path, tokenizer: bool = True) -> Emulator:
-    """Load an emulator folder; never needs the full model.
-
-    Raises
-    ------
-    IntegrityError
-        Missing manifest or weights, or weights whose sha256 differs from the manifest's.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def check_emulator_folder(path: str | Path, tokenizer: bool = True, hasher=sha256_file) -> dict:
+    """Check an emulator folder whole, before anything is built from it: the manifest, weights and
+    ``config.json`` are there, the weights match the manifest's sha256 (``hasher``: a file's hex
+    sha256, which a caller may cache), and with ``tokenizer`` the tokenizer is there. Returns the
+    manifest; raises :class:`IntegrityError`, one line naming the first missing or altered piece."""
     path = Path(path)
     manifest = read_manifest(path)
     weights = path / WEIGHTS
-    if not weights.is_file():
-        raise IntegrityError(f"emulator weights {weights} are missing")
-    if sha256_file(weights) != manifest.get("weights_sha256"):
+    for piece in (weights, path / "config.json"):
+        if not piece.is_file():
+            raise IntegrityError(f"emulator folder {path} is incomplete: {piece.name} is missing; "
+                                 "get the emulator again from the model owner")
+    if hasher(weights) != manifest["weights_sha256"]:
         raise IntegrityError(
             f"emulator weights {weights} do not match the sha256 in {path / MANIFEST}: the file was "
             "changed or corrupted; get the emulator again from the model owner"
         )
+    if tokenizer and not _has_tokenizer(path):
+        raise IntegrityError(f"emulator folder {path} is incomplete: the tokenizer is missing (none of "
+                             f"{', '.join(TOKENIZER_FILES)}); get the emulator again from the model owner")
+    return manifest
+
+
+def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file) -> Emulator:
+    """Load an emulator folder, checked whole first (:func:`check_emulator_folder`; with
+    ``tokenizer`` its tokenizer is required and loaded); never needs the full model.
+
+    Raises
+    ------
+    IntegrityError
+        A missing manifest, weights file, ``config.json`` or tokenizer, or altered weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = check_emulator_folder(path, tokenizer, hasher)
+    weights = path / WEIGHTS
     config = AutoConfig.from_pretrained(path)
     arch = architecture_of(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -240,7 +300,7 @@ def load_emulator(path: str | Path, tokenizer: bool = True) -> Emulator:
         )
     model.tie_weights()
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path) if tokenizer and _has_tokenizer(path) else None
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     return Emulator(model=model, manifest=manifest, tokenizer=tok)
 
 
@@ -252,7 +312,7 @@ def _aliases(model: nn.Module, key: str) -> set[str]:
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    return any((path / f).exists() for f in TOKENIZER_FILES)
 
 
 def check_shippable(manifest: dict, private_blocks: list[int] | tuple[int, ...] = ()) -> None:

@@ -18,6 +18,9 @@ _DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's C++ failure-signal handler catches SIGTERM in the driver and aborts it (exit -6)
+    # before our handler can stop the run cleanly (simulations/guard.py).
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
     # Otherwise `flwr run` makes its server `uv sync` the app into a fresh env (a CUDA torch).
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }

@@ -71,6 +71,10 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"lora_alpha must be > 0 and weight_decay >= 0, got {self.lora_alpha}, {self.weight_decay}")
 
 
 # ----------------------------------------------------------------------------- data

@@ -70,6 +70,8 @@ class LayerReplaceConfig:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.rl_lr < 0 or self.harmonizer_lr <= 0:
             raise ConfigError("rl_lr must be >= 0 and harmonizer_lr > 0")
+        if self.weight_decay < 0 or (self.max_train_blocks is not None and self.max_train_blocks < 1):
+            raise ConfigError("weight_decay must be >= 0 and max_train_blocks >= 1 (or unset)")
 
     def blocks_needed(self) -> int:
         """Token blocks to read from the corpus: enough that training batches rarely repeat, plus

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .files import usual_mode
 
 SMOLLM2_ALIAS = "smollm2-135m"
 CACHE_ENV = "SCALEOT_FED_CACHE"
@@ -96,6 +97,7 @@ def _convert_gguf_alias(name: str) -> Path:
         try:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            usual_mode(tmp)
             os.replace(tmp, target)  # atomic: readers never see a half-written folder
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +119,35 @@ def resolve_model_path(spec: str) -> str:
         if not (path / "config.json").exists():
             raise ConfigError(f"{spec} exists but has no config.json: not a Hugging Face model folder")
         return str(path)
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise ConfigError(f"model folder {spec} does not exist; --model takes a local Hugging Face folder, a hub "
+                          f"id such as org/name, or one of the aliases: {', '.join(ALIASES)}")
     return spec
+
+
+def load_model_config(spec: str):
+    """The model's ``PretrainedConfig`` only (no weights): what checks before a run need.
+
+    Raises
+    ------
+    ConfigError
+        When the model cannot be found, with the accepted forms.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+
+
+def _load_error(spec: str, exc: Exception) -> ConfigError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"could not load model {spec!r}: {first}. --model takes a local Hugging Face folder, "
+        f"a hub id (needs network access), or one of the aliases: {', '.join(ALIASES)}"
+    )
 
 
 @dataclass
@@ -144,11 +174,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: bool = 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"could not load model {spec!r}: {first}. --model takes a local Hugging Face folder, "
-            f"a hub id (needs network access), or one of the aliases: {', '.join(ALIASES)}"
-        ) from exc
+        raise _load_error(spec, exc) from exc
     if Path(path).is_dir():
         from .bottleneck import restore_bottleneck_adapters
 

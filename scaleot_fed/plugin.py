@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .arch import architecture_by_name, block_index_of_key
 from .errors import ConfigError, IntegrityError
+from .files import save_tensors, usual_mode
 from .models import model_fingerprint
 
 STATE_FORMAT = "scaleot-fed/adapter-state"
@@ -41,7 +41,7 @@ def save_adapter_state(state: dict[str, torch.Tensor], path: str | Path, manifes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": STATE_FORMAT, "key_space": "source", "source_fingerprint": manifest["source_fingerprint"]}
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    save_tensors({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
 
 
@@ -173,7 +173,7 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
         config.base_model_name_or_path = emulator.manifest.get("source_model") or None
         out.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(out))
-        save_file({k: v.detach().contiguous() for k, v in renamed.items()}, str(out / "adapter_model.safetensors"),
+        save_tensors({k: v.detach().contiguous() for k, v in renamed.items()}, str(out / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         return out
     state = {emulator.to_source_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -203,4 +203,5 @@ def save_plugged(model: nn.Module, tokenizer, out: str | Path) -> Path:
     blocks = bottleneck_blocks(model.state_dict(), architecture_of(model).layers_path)
     if blocks:
         save_bottleneck_info(out, blocks)
+    usual_mode(out)
     return out

@@ -16,8 +16,8 @@ from .errors import ConfigError
 
 def rank_for_ratio(out_features: int, in_features: int, rank_keep_ratio: float) -> int:
     """Rank kept for a ``out x in`` matrix: ``round(ratio * min(out, in))``, at least 1."""
-    if not 0.0 <= rank_keep_ratio <= 1.0:
-        raise ConfigError(f"rank_keep_ratio must be in [0, 1], got {rank_keep_ratio}")
+    if not 0.0 < rank_keep_ratio <= 1.0:  # as EmulatorConfig: 0 would silently mean rank 1
+        raise ConfigError(f"rank_keep_ratio must be in (0, 1] (1 = no compression), got {rank_keep_ratio}")
     return max(1, round(rank_keep_ratio * min(out_features, in_features)))
 
 

@@ -212,6 +212,8 @@ def load_task(task: str, split: str = "validation", limit: int | None = None) ->
         items = _load_builtin(TASKS[task], split)
     elif Path(task).exists():
         items = load_mc_file(task)
+    elif "/" in task or Path(task).suffix in (".jsonl", ".csv", ".json"):
+        raise ConfigError(f"task file {task} does not exist")
     else:
         raise ConfigError(
             f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}; or give a .jsonl/.csv file or datasets folder"

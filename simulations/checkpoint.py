@@ -3,25 +3,35 @@ same result as an uninterrupted one.
 
 ``checkpoint/`` holds the aggregate (safetensors), the strategy's state (pickle: our own file,
 written and read by the server only, never from the network), the round, the RNG states, the
-byte counters and the metrics so far. It is written into a temporary folder and swapped in, so
-a kill at any moment leaves either the old or the new checkpoint whole.
+byte counters, the metrics so far and the resolved config it was made with. It is written into a
+temporary folder of its own and swapped in; the one before stays as ``checkpoint.prev/``, so a
+kill at any moment leaves a whole checkpoint, and a corrupt latest one falls back to the previous.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from recipes.rundir import unique_tmp
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.files import save_tensors
+
+log = logging.getLogger("scaleot_fed.federation")
+LATEST, PREVIOUS = "checkpoint", "checkpoint.prev"
+CHECKPOINT_LOCK = threading.Lock()
+"""Held while a checkpoint is written; a stop signal waits for it (simulations.guard)."""
 
 
 def to_torch(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -30,7 +40,7 @@ def to_torch(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def save_aggregate(arrays: ArrayRecord, path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in to_torch(arrays).items()}, str(path))
+    save_tensors({k: v.contiguous() for k, v in to_torch(arrays).items()}, str(path))
 
 
 @dataclass
@@ -43,12 +53,19 @@ class Checkpoint:
     metrics: list[dict]
     bytes_down_total: int
     bytes_up_total: int
+    config: dict | None = None
+    """The resolved config the run had when this checkpoint was written (None: an old checkpoint)."""
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
     """Write ``out/checkpoint`` for the emulator ``sha``, with the global RNG states of now."""
-    final, tmp = out / "checkpoint", out / ".checkpoint.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    with CHECKPOINT_LOCK:
+        _write_checkpoint(out, ckpt, sha)
+
+
+def _write_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
+    final, tmp = out / LATEST, unique_tmp(out / LATEST)
+    tmp.mkdir(parents=True)
     save_aggregate(ckpt.arrays, tmp / "aggregate.safetensors")
     # A DP wrapper's accountant is not kept: the server rebuilds it from the rounds done.
     (tmp / "strategy.pkl").write_bytes(pickle.dumps(ckpt.strategy_state))
@@ -62,30 +79,55 @@ def save_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
         "torch_random": torch.get_rng_state().tolist(),
         "bytes_down_total": ckpt.bytes_down_total,
         "bytes_up_total": ckpt.bytes_up_total,
+        "config": ckpt.config,
     }
     (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "metrics.json").write_text(json.dumps(ckpt.metrics))
     if final.exists():
-        old = out / ".checkpoint.old"
-        final.replace(old)
-        tmp.replace(final)
-        shutil.rmtree(old)
-    else:
-        tmp.replace(final)
+        previous = out / PREVIOUS
+        if previous.exists():
+            shutil.rmtree(previous)
+        final.replace(previous)
+    tmp.replace(final)
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any((out / name / "state.json").is_file() for name in (LATEST, PREVIOUS))
+
+
+def read_state(out: Path) -> tuple[Path, dict]:
+    """The newest readable checkpoint folder and its ``state.json`` (a corrupt latest one falls
+    back to the previous with a warning)."""
+    problems = []
+    for name in (LATEST, PREVIOUS):
+        folder = out / name
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            load_file(str(folder / "aggregate.safetensors"))  # whole and readable
+            pickle.loads((folder / "strategy.pkl").read_bytes())
+            json.loads((folder / "metrics.json").read_text())
+        except FileNotFoundError:
+            problems.append(f"{folder} is missing")
+            continue
+        except Exception as exc:  # noqa: BLE001 -- any unreadable piece makes the checkpoint unusable
+            problems.append(f"{folder} is unreadable ({type(exc).__name__}: {str(exc)[:80]})")
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", folder, type(exc).__name__)
+            continue
+        if problems:
+            log.warning("resuming from the previous checkpoint %s (%s)", folder, "; ".join(problems))
+        return folder, state
+    raise ConfigError(f"{out} has no usable checkpoint to resume from ({'; '.join(problems)})")
 
 
 def load_checkpoint(out: Path, sha: str) -> Checkpoint:
-    """Read ``out/checkpoint`` and restore the global RNG states it saved.
+    """Read the newest usable checkpoint of ``out`` and restore the global RNG states it saved.
 
     Raises
     ------
     ConfigError
-        No checkpoint, or one made with another emulator.
+        No usable checkpoint, or one made with another emulator.
     """
-    ckpt = out / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        raise ConfigError(f"{out} has no checkpoint to resume from")
-    state = json.loads((ckpt / "state.json").read_text())
+    ckpt, state = read_state(out)
     if state["sha256"] != sha:
         raise ConfigError(f"the checkpoint in {ckpt} belongs to another emulator")
     torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
@@ -98,4 +140,5 @@ def load_checkpoint(out: Path, sha: str) -> Checkpoint:
         metrics=json.loads((ckpt / "metrics.json").read_text()),
         bytes_down_total=state["bytes_down_total"],
         bytes_up_total=state["bytes_up_total"],
+        config=state.get("config"),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -28,8 +29,8 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from scaleot_fed.emulator import WEIGHTS, Emulator, load_emulator, sha256_file  # noqa: E402
-from scaleot_fed.errors import RunError  # noqa: E402
+from scaleot_fed.emulator import WEIGHTS, Emulator, check_emulator_folder, load_emulator, sha256_file  # noqa: E402
+from scaleot_fed.errors import IntegrityError, RunError  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
 
@@ -43,6 +44,11 @@ app = ClientApp()
 # Per-process caches (a Ray actor runs many virtual clients in turn; these survive across them).
 _EMULATORS: dict[str, Emulator] = {}
 _TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
+_HASHED: dict[tuple[str, int, int], str] = {}
+"""sha256 of a file version, keyed on (path, size, mtime_ns): a cached emulator is hashed once per
+process, and again only once the file has changed on disk."""
+
+log = logging.getLogger("scaleot_fed.client")
 
 
 EMULATOR_CACHE_ENV = "SCALEOT_FED_EMULATOR_CACHE"
@@ -56,12 +62,33 @@ def emulator_dir(sha: str) -> Path:
     return (Path(root) if root else cache_dir() / "emulators") / sha
 
 
+def cached_sha256(path: Path) -> str:
+    """``sha256_file(path)``, computed once per version of the file (path, size, mtime_ns)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def holds_emulator(sha: str) -> bool:
-    """Loaded in this process, or verified on the local disk cache."""
+    """Loaded in this process, or whole on the local disk cache with weights whose sha256 is
+    ``sha``. A cached copy that fails the check is deleted and reported as not held, so that the
+    server sends a fresh one."""
     if sha in _EMULATORS:
         return True
     path = emulator_dir(sha)
-    return (path / "manifest.json").is_file() and (path / WEIGHTS).is_file()
+    if not path.exists():
+        return False
+    try:
+        manifest = check_emulator_folder(path, tokenizer=True, hasher=cached_sha256)
+        if manifest["weights_sha256"] != sha:
+            raise IntegrityError(f"{path} holds emulator {str(manifest['weights_sha256'])[:12]}, not {sha[:12]}")
+        return True
+    except (IntegrityError, OSError) as exc:
+        log.warning("deleting the cached emulator %s (%s); asking for a fresh copy", sha[:12], exc)
+        shutil.rmtree(path, ignore_errors=True)
+        return False
 
 
 def get_emulator(sha: str) -> Emulator:
@@ -70,7 +97,7 @@ def get_emulator(sha: str) -> Emulator:
         path = emulator_dir(sha)
         if not (path / "manifest.json").is_file():
             raise RunError(f"emulator {sha[:12]} was never delivered to this data owner")
-        emulator = load_emulator(path)
+        emulator = load_emulator(path, hasher=cached_sha256)
         if emulator.manifest["weights_sha256"] != sha:
             raise RunError(f"cached emulator in {path} does not carry the announced sha256")
         _EMULATORS[sha] = emulator
@@ -176,15 +203,19 @@ def _privacy_of(msg: Message):
 def query_emulator(msg: Message, context: Context) -> Message:
     """Report (and, if attached, receive) the emulator; also tells the server our partition id."""
     sha = str(msg.content["config"]["sha256"])
-    received = 0
-    if "emulator" in msg.content.array_records and not holds_emulator(sha):
-        received = _store_delivery(sha, msg.content)
-    reply = ConfigRecord({
-        "has": holds_emulator(sha),
-        "partition-id": owner_id(context),
-        "received-bytes": received,
-    })
+    has, received = receive_emulator(sha, msg.content if "emulator" in msg.content.array_records else None)
+    reply = ConfigRecord({"has": has, "partition-id": owner_id(context), "received-bytes": received})
     return Message(RecordDict({"emulator": reply}), reply_to=msg)
+
+
+def receive_emulator(sha: str, delivery: RecordDict | None) -> tuple[bool, int]:
+    """The answer to ``query.emulator``: store ``delivery`` (if any) unless a sound copy is held;
+    returns (holds the emulator now, bytes received). A corrupted cache reads as not held (and is
+    deleted), so the server sends a fresh copy and the run goes on."""
+    received = 0
+    if delivery is not None and not holds_emulator(sha):
+        received = _store_delivery(sha, delivery)
+    return holds_emulator(sha), received
 
 
 # Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.

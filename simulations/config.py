@@ -93,6 +93,8 @@ class RunConfig(TaskRunSection):
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.client_num_cpus <= 0:
             raise ConfigError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
+        if self.client_num_gpus < 0:
+            raise ConfigError(f"client_num_gpus must be >= 0, got {self.client_num_gpus}")
         if any(not isinstance(b, int) or b < 0 for b in self.private_blocks):
             raise ConfigError(f"private_blocks must be block indices (integers >= 0), got {self.private_blocks}")
 
@@ -117,6 +119,8 @@ class PartitionConfig:
             raise ConfigError(f"partition alpha must be > 0, got {self.alpha}")
         if self.classes_per_client < 1:
             raise ConfigError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
+        if self.min_partition_size < 1:
+            raise ConfigError(f"min_partition_size must be >= 1, got {self.min_partition_size}")
 
 
 @dataclass
@@ -201,25 +205,30 @@ def fed_config_from_dict(data: dict, where: str = "config") -> FedConfig:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SECTIONS)}")
     kwargs = {}
     for name, cls in _SECTIONS.items():
-        values = dict(data.get(name, {}))
-        if name == "finetune":
+        values = data.get(name, {})
+        values = dict(values) if isinstance(values, dict) else values  # not a table: from_dict says so
+        if name == "finetune" and isinstance(values, dict):
             values.setdefault("select_best", False)  # clients send their last state, not a past one
             values.setdefault("steps", 20)
-        if name == "emulator":
+        if name == "emulator" and isinstance(values, dict):
             values.setdefault("name", "emulator")
         kwargs[name] = from_dict(cls, values, name)
     return FedConfig(**kwargs)
 
 
-def load_fed_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FedConfig:
-    """Read a run file; ``overrides`` maps ``section.key`` to a value (command-line overrides)."""
-    data = load_toml(path)
-    for dotted, value in (overrides or {}).items():
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (nested tables) with ``section.key`` -> value overrides applied (in place)."""
+    for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not key:
             raise ConfigError(f"override {dotted!r} must look like section.key=value")
         data.setdefault(section, {})[key] = value
-    return fed_config_from_dict(data, str(path))
+    return data
+
+
+def load_fed_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FedConfig:
+    """Read a run file; ``overrides`` maps ``section.key`` to a value (command-line overrides)."""
+    return fed_config_from_dict(apply_overrides(load_toml(path), overrides or {}), str(path))
 
 
 def fed_config_from_json(text: str) -> FedConfig:

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from recipes.procs import process_table
 from scaleot_fed.errors import RunError
 
 # ----------------------------------------------------------------------------- certificates
@@ -257,8 +258,8 @@ class LoopbackFederation:
         """Every live process this federation started (and their children), zombies excluded,
         as ``"pid command"``."""
         groups = {p.pid for p in [self.superlink, *self.supernodes.values()] if p is not None} | set(self._superexec)
-        return [f"{pid} {_cmdline(pid)}" for pid, _, pgid, state in _process_table()
-                if pgid in groups and state != "Z"]
+        return [f"{p.pid} {_cmdline(p.pid)}" for p in process_table()
+                if p.group in groups and p.state != "Z"]
 
     def stop(self, grace: float = 10.0) -> None:
         """SuperNodes first (they leave the SuperLink cleanly), then the SuperLink; whatever is
@@ -294,20 +295,6 @@ class LoopbackFederation:
         self.stop()
 
 
-def _process_table() -> list[tuple[int, int, int, str]]:
-    """(pid, parent pid, process group, state) of every process, from /proc (no ``ps`` needed)."""
-    table = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-                table.append((int(entry), int(fields[1]), int(fields[2]), fields[0]))
-            except (OSError, IndexError, ValueError):
-                continue
-    return table
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
@@ -316,7 +303,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _children(pid: int) -> list[int]:
-    return [p for p, parent, _, _ in _process_table() if parent == pid]
+    return [p.pid for p in process_table() if p.parent == pid]
 
 
 def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:

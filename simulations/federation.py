@@ -24,7 +24,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from recipes.rundir import open_run_dir
+from recipes.rundir import lock_run_dir, write_json
 from recipes.single_owner import prepare_emulator
 from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import check_shippable
@@ -35,7 +35,7 @@ from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained
 from strategies import STRATEGIES, build_strategy
 
-from .checkpoint import Checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
+from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
 from .delivery import deliver
 from .partition import client_data
@@ -98,7 +98,8 @@ class FederatedRun:
 
     def setup(self) -> None:
         run = self.config.run
-        self.out = open_run_dir(self.out, as_dict(self.config))
+        self.out = lock_run_dir(self.out)  # simulate() holds it already; `flwr run .` takes it here
+        write_json(self.out / "config.json", as_dict(self.config))
         loaded = load_model(run.model)
         self.full, self.tokenizer = loaded.model, loaded.tokenizer
         self.emulator = prepare_emulator(self.config.emulator, self.full, self.tokenizer, self.config.layer_replace,
@@ -255,7 +256,8 @@ class FederatedRun:
             raise RoundFailed(
                 f"round {round_}: only {good} of {len(partitions)} clients returned a usable update "
                 f"(min_successful_clients={self.config.run.min_successful_clients}; failed clients {sorted(set(failed))}); "
-                f"the last good aggregate is in {self.out / 'checkpoint'}"
+                + (f"the last good aggregate is in {self.out / 'checkpoint'}" if has_checkpoint(self.out) else
+                   "no checkpoint exists yet (no round has completed): fix the clients and start the run again")
             )
 
     # ------------------------------------------------------------------ evaluation
@@ -281,7 +283,8 @@ class FederatedRun:
 
     def save_checkpoint(self, round_: int) -> None:
         save_checkpoint(self.out, Checkpoint(round_, self.arrays, self.base_strategy.__dict__, self.metrics,
-                                             self.bytes_down_total, self.bytes_up_total), self.sha)
+                                             self.bytes_down_total, self.bytes_up_total, as_dict(self.config)),
+                        self.sha)
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.out, self.sha)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,9 +9,12 @@ from scaleot_fed.env import configure_environment
 
 configure_environment()
 
+from recipes.rundir import check_fresh, lock_run_dir, unlock_run_dir  # noqa: E402
 from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
 
-from .config import FedConfig, fed_config_from_dict  # noqa: E402
+from .config import FedConfig  # noqa: E402
+from .guard import stop_cleanly  # noqa: E402
+from .resume import check_resume  # noqa: E402
 
 
 def backend_config(config: FedConfig) -> dict:
@@ -31,16 +33,25 @@ def backend_config(config: FedConfig) -> dict:
 
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
+    from recipes.rundir import check_writable
+    from scaleot_fed.arch import architecture_of
     from scaleot_fed.emulator import check_shippable, read_manifest
+    from scaleot_fed.layer_replace import middle_layers
+    from scaleot_fed.models import load_model_config
 
     from .federation import make_strategy
     from .partition import partition_indices
 
     run = config.run
+    check_writable(run.out)
     run.evaluation_items()  # unknown task, missing file, a user file without eval_task
     make_strategy(config)
     if config.emulator.path:
         check_shippable(read_manifest(config.emulator.path), run.private_blocks)
+    else:  # the model (config only, no weights): known, a supported family, deep enough for N_a
+        model = load_model_config(run.model)
+        architecture_of(model)
+        middle_layers(int(model.num_hidden_layers), config.emulator.num_adapter_layers)
     if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
         raise ConfigError("strategy ffa-lora needs [finetune] mode = \"lora\"")
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
@@ -50,7 +61,7 @@ def validate(config: FedConfig) -> None:
                            "use fewer clients, more train items or a milder partition")
 
 
-def simulate(config: FedConfig, resume: bool = False) -> Path:
+def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run (or resume) a federated simulation; returns the run folder.
 
     Raises
@@ -63,30 +74,29 @@ def simulate(config: FedConfig, resume: bool = False) -> Path:
     from .client_app import app as client_app
     from .server_app import make_server_app
 
-    validate(config)
+    out = Path(config.run.out)
+    validate(config)  # everything that needs no Ray, before Ray starts and before anything is written
+    if resume:
+        check_resume(config, out)
+    else:
+        check_fresh(out, overwrite)
+    lock_run_dir(out)  # a second run (or resume) on this folder fails at once, naming our PID
     errors: list[BaseException] = []
     if not config.run.ray_address:
         os.environ.pop("RAY_ADDRESS", None)  # else ray.init attaches to whatever cluster it names
-    run_simulation(
-        server_app=make_server_app(config, resume=resume, on_error=errors),
-        client_app=client_app,
-        num_supernodes=config.run.num_clients,
-        backend_config=backend_config(config),
-    )
+    try:
+        with stop_cleanly(out):
+            run_simulation(
+                server_app=make_server_app(config, resume=resume, on_error=errors),
+                client_app=client_app,
+                num_supernodes=config.run.num_clients,
+                backend_config=backend_config(config),
+            )
+    finally:
+        unlock_run_dir(out)
     if errors:
         exc = errors[0]
         if isinstance(exc, ScaleOTError):
             raise exc
         raise RunError(f"the federated run failed: {type(exc).__name__}: {exc}") from exc
     return Path(config.run.out)
-
-
-def load_run_config(run_dir: str | Path) -> FedConfig:
-    """The resolved configuration saved in a run folder (for ``--resume``)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
-    data = json.loads(path.read_text())
-    data.setdefault("debug", {})["stop_after_round"] = None  # a resumed run goes to the end
-    data["run"]["out"] = str(run_dir)
-    return fed_config_from_dict(data, str(path))

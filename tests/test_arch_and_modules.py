@@ -46,7 +46,7 @@ def test_src_full_rank_reproduces_the_weight():
     assert torch.allclose(up @ down, w, atol=1e-5)
 
 
-@pytest.mark.parametrize("ratio,expected", [(0.5, 16), (0.25, 8), (0.0, 1), (0.1, 3)])
+@pytest.mark.parametrize("ratio,expected", [(0.5, 16), (0.25, 8), (0.01, 1), (0.1, 3)])
 def test_src_factors_have_exactly_the_requested_rank(ratio, expected):
     w = torch.randn(48, 32, dtype=torch.float64)
     rank = rank_for_ratio(48, 32, ratio)

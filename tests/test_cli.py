@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 from recipes.cli import main
 
-from .conftest import tiny_model
+from .conftest import tiny_model, write_items
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,13 @@ def test_build_info_and_plug_in(workspace, capsys, tmp_path):
     rc, out, _ = run(["plug-in", "--model", str(workspace / "model"), "--emulator", str(tmp_path / "emu"),
                       "--trained", str(state), "--out", str(tmp_path / "plugged")], capsys)
     assert rc == 0 and "wrote the plugged-in model" in out
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "plugged") is not None
+    # The emulator's adapter blocks are the original ones, untouched: plugging them back in must
+    # give the original model, logit for logit, loaded the way users load it.
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plugged = AutoModelForCausalLM.from_pretrained(tmp_path / "plugged").eval()(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()(ids).logits
+    torch.testing.assert_close(plugged, original, rtol=0, atol=1e-6)
 
 
 def test_layer_replace_config_file_and_unknown_key(workspace, capsys, tmp_path):
@@ -69,12 +76,12 @@ def _bad_cases(ws, tmp):
     build = ["build-emulator", "--model", model, "--out", str(tmp / "e")]
     return {
         "alpha": (build + ["--strategy", "uniform-drop", "--alpha", "1.5"], "alpha must be in [0, 1]"),
-        "ratio": (build + ["--strategy", "uniform-drop", "--rank-keep-ratio", "-0.2"], "rank_keep_ratio must be in [0, 1]"),
+        "ratio": (build + ["--strategy", "uniform-drop", "--rank-keep-ratio", "-0.2"], "rank_keep_ratio must be in (0, 1]"),
         "odd": (build + ["--strategy", "uniform-drop", "--adapters", "3"], "even"),
         "too_many": (build + ["--strategy", "uniform-drop", "--adapters", "6"], "smaller than"),
         "no_importance": (build + ["--strategy", "scaleot"], "layer-replace"),
         "missing_model": (["build-emulator", "--model", str(tmp / "nope"), "--strategy", "uniform-drop", "--out",
-                           str(tmp / "e")], "could not load model"),
+                           str(tmp / "e")], "does not exist"),
         "not_emulator": (["info", str(tmp)], "not an emulator folder"),
         "bad_artifact": (build + ["--importance", str(tmp)], "not a layer-replace artifact"),
     }
@@ -95,6 +102,8 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
     rc, _, err = run(["build-emulator", "--model", str(tmp_path / "bert"), "--strategy", "uniform-drop", "--out",
                       str(tmp_path / "e")], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "model_type='bert'" in err and "supported families" in err and "llama" in err
+    assert not (tmp_path / "e").exists()
 
     other = tiny_model("gpt2", num_layers=6, seed=9, vocab_size=AutoModelForCausalLM.from_pretrained(workspace / "model").config.vocab_size)
     other.save_pretrained(tmp_path / "other")
@@ -107,18 +116,19 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
 
 
 def test_tampered_emulator_via_real_process(workspace, tmp_path):
-    """The installed command exits non-zero with one line and no traceback."""
+    """The command, run as users run it, refuses a tampered emulator: exit 2, one line, no traceback."""
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
     from scaleot_fed.emulator_build import build_emulator
 
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")
     out = save_emulator(build_emulator(model, EmulatorConfig("uniform-drop", 2, 0.5)), tmp_path / "emu")
     (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-8] + b"12345678")
-    code = ("import sys; from scaleot_fed.emulator import load_emulator; from recipes.cli import main; "
-            "from scaleot_fed.errors import ScaleOTError\n"
-            "try:\n load_emulator(sys.argv[1])\nexcept ScaleOTError as e:\n print('error:', e, file=sys.stderr); sys.exit(2)")
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=os.environ.copy())
+    write_items(tmp_path / "items.jsonl", 4, 0)
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "evaluate", "--model", str(out), "--task",
+                           str(tmp_path / "items.jsonl"), "--limit", "2"], capture_output=True, text=True,
+                          env=os.environ.copy())
     assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "recipes.cli", "build-emulator", "--strategy", "uniform-drop",
                            "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr

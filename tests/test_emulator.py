@@ -33,7 +33,9 @@ def _logits(model, tokens):
 def test_alpha0_full_rank_emulator_equals_full_model(family, tokens, tmp_path):
     model = tiny_model(family)
     artifact = _artifact(model, tokens, tmp_path)
-    emulator = build_emulator(model, EmulatorConfig("scaleot", 4, alpha=0.0, rank_keep_ratio=1.0), artifact)
+    identity = EmulatorConfig("scaleot", 4, alpha=0.5)
+    identity.alpha = 0.0  # refused as a user's config (it is the full model), the reference point here
+    emulator = build_emulator(model, identity, artifact)
     assert torch.allclose(_logits(emulator.model, tokens), _logits(model, tokens), atol=1e-5)
     reloaded = load_emulator(save_emulator(emulator, tmp_path / "emu"), tokenizer=False)
     assert torch.allclose(_logits(reloaded.model, tokens), _logits(model, tokens), atol=1e-5)
@@ -171,7 +173,9 @@ def test_emulators_that_would_give_the_model_away_are_refused():
     from scaleot_fed.emulator import check_shippable
 
     model = tiny_model("llama", num_layers=8)
-    whole = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.0, rank_keep_ratio=1.0))
+    identity = EmulatorConfig("uniform-drop", 2, alpha=0.5)
+    identity.alpha = 0.0  # EmulatorConfig refuses it; check_shippable is the last line of defence
+    whole = build_emulator(model, identity)
     with pytest.raises(IntegrityError, match="the full model"):
         check_shippable(whole.manifest)
     emulator = build_emulator(model, EmulatorConfig("uniform-drop", 2, alpha=0.5))

@@ -10,20 +10,18 @@ from safetensors.torch import load_file
 
 from scaleot_fed.errors import ConfigError, ScaleOTError
 from simulations.config import fed_config_from_dict
-from simulations.runner import load_run_config, simulate, validate
+from simulations.resume import load_run_config
+from simulations.runner import simulate, validate
 
-from .test_offsite import _write_items
-from .conftest import tiny_model
+from .conftest import write_items
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory, gpt2_tokenizer):
+def fed(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("fed")
-    model = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
-    model.save_pretrained(root / "model")
-    gpt2_tokenizer.save_pretrained(root / "model")
-    _write_items(root / "train.jsonl", 90, 0)
-    _write_items(root / "eval.jsonl", 8, 1)
+    (root / "model").symlink_to(tiny_model_dir)
+    write_items(root / "train.jsonl", 90, 0)
+    write_items(root / "eval.jsonl", 8, 1)
     old = os.environ.get("SCALEOT_FED_CACHE")
     os.environ["SCALEOT_FED_CACHE"] = str(root / "cache")  # a fresh client-side emulator cache
     yield root
@@ -48,6 +46,36 @@ def _config(root, out, **run):
 
 def _aggregate(path):
     return load_file(str(path / "aggregate.safetensors"))
+
+
+def _finished(fed, out, **run):
+    """The run folder ``fed/out`` of ``_config(fed, out, **run)``: made here unless a finished one
+    is there already (every test that needs a reference run asks for it, none relies on an
+    earlier test having made it)."""
+    if not (fed / out / "DONE").exists():
+        simulate(fed_config_from_dict(_config(fed, out, **run)))
+    return fed / out
+
+
+def _plain(fed):
+    """The aggregate of the plain two-round FedAvg run ``a``."""
+    return _aggregate(_finished(fed, "a"))
+
+
+def _fedavg_one_round(fed):
+    """One FedAvg round with all three owners (the reference for one-round strategies)."""
+    return _finished(fed, "r1-fedavg", clients_per_round=3, num_rounds=1)
+
+
+def _initial_state(out, fed_config) -> dict:
+    """The server's state before round 1, rebuilt as the server builds it (same seed)."""
+    from scaleot_fed.emulator import load_emulator
+    from scaleot_fed.finetune import make_trainable
+
+    emulator = load_emulator(out / "emulator" / "emulator")
+    torch.manual_seed(fed_config.run.seed)
+    model = make_trainable(emulator.model, list(emulator.adapter_positions()), fed_config.finetune)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_simulation_delivers_the_emulator_once_and_reports(fed):
@@ -79,11 +107,9 @@ def test_simulation_delivers_the_emulator_once_and_reports(fed):
 
 
 def test_same_seed_same_result_and_no_second_delivery(fed):
-    first = fed / "a"
-    if not (first / "aggregate.safetensors").exists():
-        simulate(fed_config_from_dict(_config(fed, "a")))
+    a = _plain(fed)  # (also fills the owners' emulator cache)
     out = simulate(fed_config_from_dict(_config(fed, "b")))
-    a, b = _aggregate(first), _aggregate(out)
+    b = _aggregate(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["emulator_bytes_down"] == 0  # cached
 
@@ -95,8 +121,8 @@ def test_kill_and_resume_gives_the_uninterrupted_result(fed):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 1
     assert not (out / "DONE").exists()
     simulate(load_run_config(out), resume=True)
-    a, c = _aggregate(fed / "a"), _aggregate(out)
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    a, c = _plain(fed), _aggregate(out)
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
     assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [1, 2]
 
 
@@ -138,13 +164,6 @@ def test_bad_config_fails_at_start(fed, change, match):
         validate(fed_config_from_dict(config))
 
 
-def _plain(fed):
-    first = fed / "a"
-    if not (first / "aggregate.safetensors").exists():
-        simulate(fed_config_from_dict(_config(fed, "a")))
-    return _aggregate(first)
-
-
 def _rdp_epsilon(noise: float, releases: int, delta: float) -> float:
     """The same question asked of Google's dp-accounting directly."""
     from dp_accounting import dp_event, rdp
@@ -179,17 +198,11 @@ def test_dp_epsilon_grows_with_rounds_as_the_accountant_says(fed):
 
 
 def test_local_dp_clips_every_update_before_it_leaves(fed):
-    from scaleot_fed.emulator import load_emulator
-    from scaleot_fed.finetune import make_trainable
-
     config = _config(fed, "dp2", num_rounds=1)
     config["privacy"] = {"mode": "local", "noise_multiplier": 0.0, "clipping_norm": 1e-3}
     fed_config = fed_config_from_dict(config)
     out = simulate(fed_config)
-    emulator = load_emulator(out / "emulator" / "emulator")
-    torch.manual_seed(fed_config.run.seed)  # the server's initial state, rebuilt
-    model = make_trainable(emulator.model, list(emulator.adapter_positions()), fed_config.finetune)
-    start = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    start = _initial_state(out, fed_config)
     new = _aggregate(out)
     change = torch.sqrt(sum(((new[k] - start[k]) ** 2).sum() for k in start))
     # each owner's update was clipped to norm 1e-3, so their average moves at most that far
@@ -217,7 +230,7 @@ def test_private_blocks_are_never_shipped(fed):
 
 
 def test_secure_aggregation_equals_fedavg_and_the_server_sees_no_update(fed):
-    plain = simulate(fed_config_from_dict(_config(fed, "sa-plain", clients_per_round=3, num_rounds=1)))
+    plain = _fedavg_one_round(fed)
     config = _config(fed, "sa", clients_per_round=3, num_rounds=1, client_eval=False)
     config["secure_aggregation"] = {"enabled": True}
     out = simulate(fed_config_from_dict(config))
@@ -253,3 +266,37 @@ def test_dp_budget_ends_the_run_cleanly_before_it_is_exceeded(fed):
     assert [r["round"] for r in metrics["rounds"]] == [1] and "privacy budget" in metrics["stopped_early"]
     assert metrics["privacy"]["epsilon"] <= config["privacy"]["max_epsilon"]
     assert (out / "aggregate.safetensors").exists() and (out / "DONE").exists()
+
+
+@pytest.mark.parametrize("name,params", [
+    ("fedadam", {}),
+    ("fedyogi", {}),
+    ("fedtrimmedavg", {"beta": 0.34}),  # 3 owners: one trimmed off each end = the coordinate-wise median
+])
+def test_server_optimisers_and_robust_aggregation_run_a_real_round(fed, name, params):
+    config = _config(fed, f"s-{name}", num_rounds=1, clients_per_round=3, client_eval=False)
+    config["strategy"] = {"name": name, "params": params}
+    fed_config = fed_config_from_dict(config)
+    out = simulate(fed_config)
+    assert json.loads((out / "metrics.json").read_text())["rounds"][0]["successful"] == 3
+    new = {k: v.double() for k, v in _aggregate(out).items()}
+    start = {k: v.double() for k, v in _initial_state(out, fed_config).items()}
+    assert new.keys() == start.keys()
+    assert all(torch.isfinite(v).all() for v in new.values())
+    assert any(not torch.equal(new[k], start[k]) for k in start)  # the round moved the state
+    # the same owners trained from the same state with the same seeds under FedAvg: the very same
+    # updates, so the difference is the aggregation alone
+    mean = {k: v.double() for k, v in _aggregate(_fedavg_one_round(fed)).items()}
+    assert any(not torch.allclose(new[k], mean[k], rtol=1e-4, atol=1e-6) for k in mean)
+    if name in ("fedadam", "fedyogi"):
+        # round 1 from zero moments (Yogi's first v equals Adam's): x0 + eta_t * m / (sqrt(v) + tau)
+        # with m = (1 - beta_1) delta, v = (1 - beta_2) delta^2, delta = FedAvg mean - x0;
+        # FedAdam bias-corrects the step (Flower counts round 1 as t = 2), FedYogi does not
+        from strategies import build_strategy
+
+        s = build_strategy(name, params)
+        eta_t = s.eta * (1 - s.beta_2**2) ** 0.5 / (1 - s.beta_1**2) if name == "fedadam" else s.eta
+        for k in start:
+            delta = mean[k] - start[k]
+            expected = start[k] + eta_t * (1 - s.beta_1) * delta / (((1 - s.beta_2) * delta**2).sqrt() + s.tau)
+            torch.testing.assert_close(new[k], expected, rtol=1e-4, atol=1e-6)

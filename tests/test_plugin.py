@@ -1,10 +1,13 @@
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from scaleot_fed.arch import block_index_of_key
-from scaleot_fed.emulator import EmulatorConfig, build_emulator
+from scaleot_fed.emulator import EmulatorConfig
+from scaleot_fed.emulator_build import build_emulator
 from scaleot_fed.errors import IntegrityError
 from scaleot_fed.plugin import load_adapter_state, plug_in, plug_in_path, save_adapter_state
 
@@ -20,15 +23,48 @@ def _emulator(model, family_adapters=4):
     return build_emulator(model, EmulatorConfig("uniform-drop", family_adapters, alpha=0.5, rank_keep_ratio=0.5))
 
 
-def test_plug_in_of_untouched_adapters_reproduces_the_model(family, tokens, tmp_path):
+def _train_adapters(emulator, seed=7):
+    """Stand-in for training: add distinct random values to every adapter-block parameter."""
+    g = torch.Generator().manual_seed(seed)
+    layers = emulator.model.get_submodule(emulator.arch.layers_path)
+    with torch.no_grad():
+        for position in emulator.adapter_positions():
+            for p in layers[position].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_plug_in_from_a_file_carries_the_trained_values_into_the_source_blocks(family, tokens, tmp_path):
     model = tiny_model(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     expected = _logits(model, tokens)
     emulator = _emulator(model)
-    state = emulator.adapter_state_dict()
-    assert {block_index_of_key(emulator.arch, k) for k in state} == {0, 1, 6, 7}
-    path = save_adapter_state(state, tmp_path / "state.safetensors", emulator.manifest)
+    # 4 adapters of 8 blocks: the bottom two stay at 0, 1; the top two sit at 4, 5 in the emulator
+    assert emulator.adapter_positions() == {0: 0, 1: 1, 4: 6, 5: 7}
+    layers_path = emulator.arch.layers_path
+
+    # untouched adapters give the model back
+    path = save_adapter_state(emulator.adapter_state_dict(), tmp_path / "untouched.safetensors", emulator.manifest)
+    assert torch.allclose(_logits(plug_in_path(copy.deepcopy(model), emulator.manifest, path), tokens), expected,
+                          atol=1e-6)
+
+    # trained adapters: the full model carries exactly the trained values, at the source positions
+    _train_adapters(emulator)
+    path = save_adapter_state(emulator.adapter_state_dict(), tmp_path / "trained.safetensors", emulator.manifest)
     plugged = plug_in_path(model, emulator.manifest, path)
-    assert torch.allclose(_logits(plugged, tokens), expected, atol=1e-6)
+    trained_layers = emulator.model.get_submodule(layers_path)
+    full_layers = plugged.get_submodule(layers_path)
+    for position, source in emulator.adapter_positions().items():
+        trained = dict(trained_layers[position].named_parameters())
+        full = dict(full_layers[source].named_parameters())
+        assert trained.keys() == full.keys()
+        for name, value in trained.items():
+            assert torch.equal(full[name], value), (source, name)
+            assert not torch.equal(full[name], original[f"{layers_path}.{source}.{name}"]), (source, name)
+    after = plugged.state_dict()
+    for key, value in original.items():  # nothing outside the adapter blocks moved
+        if block_index_of_key(emulator.arch, key) not in {0, 1, 6, 7}:
+            assert torch.equal(after[key], value), key
+    assert not torch.allclose(_logits(plugged, tokens), expected, atol=1e-3)
 
 
 def test_plug_in_changes_only_adapter_blocks_and_top_blocks_land_at_source_positions(family, tokens):
@@ -97,8 +133,13 @@ def test_lora_folder_merges_into_adapter_blocks_only(tokens, tmp_path):
 
 def test_plugged_model_round_trips_through_save_pretrained(tokens, tmp_path):
     model = tiny_model("opt")
+    before = _logits(model, tokens)
     emulator = _emulator(model)
-    plug_in(model, emulator.manifest, emulator.adapter_state_dict())
+    _train_adapters(emulator)
+    written = plug_in(model, emulator.manifest, emulator.adapter_state_dict())
     model.save_pretrained(tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    saved = reloaded.state_dict()
+    assert all(torch.equal(saved[k], emulator.adapter_state_dict()[k]) for k in written)  # the trained values
     assert torch.allclose(_logits(reloaded, tokens), _logits(model, tokens), atol=1e-6)
+    assert not torch.allclose(_logits(reloaded, tokens), before, atol=1e-3)  # and they make a difference

@@ -33,6 +33,16 @@ def _arrays(record: ArrayRecord) -> dict:
     return {k: v.numpy() for k, v in record.items()}
 
 
+class _Grid:
+    """The part of Flower's Grid that ``configure_train`` uses."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+
 def test_fedavg_is_the_example_weighted_average():
     g = torch.Generator().manual_seed(0)
     states = [{"a.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(4, generator=g)} for _ in range(3)]
@@ -55,14 +65,6 @@ def test_ffa_lora_aggregation_is_exact_for_the_product_where_ab_averaging_is_not
     strategy = build_strategy("ffa-lora")
     sent = ArrayRecord(torch_state_dict={"l.lora_A.weight": a_shared, "l.lora_B.weight": torch.zeros(d_out, r)})
     config = ConfigRecord()
-
-    class _Grid:
-        def get_node_ids(self):
-            return [1, 2, 3]
-
-        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
     messages = list(strategy.configure_train(1, sent, config, _Grid()))
     assert all(m.content["config"]["freeze-lora-a"] for m in messages)
     replies = [_reply({"l.lora_A.weight": a_shared, "l.lora_B.weight": b}, w) for b, w in zip(bs, weights)]
@@ -84,12 +86,75 @@ def test_ffa_lora_aggregation_is_exact_for_the_product_where_ab_averaging_is_not
         strategy.aggregate_train(1, moved)
 
 
-def test_every_registered_strategy_builds_and_bad_params_are_clear():
+def test_every_registered_strategy_builds_as_asked_and_bad_params_are_clear():
     for name in STRATEGIES:
-        assert build_strategy(name) is not None
+        strategy = build_strategy(name)
+        assert type(strategy) is STRATEGIES[name], name
+        # the server loop samples the clients: the strategy takes every node it is handed
+        assert (strategy.fraction_train, strategy.fraction_evaluate) == (1.0, 1.0), name
+        assert (strategy.min_train_nodes, strategy.min_evaluate_nodes, strategy.min_available_nodes) == (1, 1, 1), name
+    # the strategy's own keyword arguments arrive unchanged
+    asked = {
+        "fedprox": {"proximal_mu": 0.25},
+        "fedadam": {"eta": 0.05, "beta_1": 0.8, "tau": 1e-2},
+        "fedyogi": {"eta": 0.02, "beta_2": 0.9},
+        "fedavgm": {"server_learning_rate": 0.5, "server_momentum": 0.7},
+        "fedtrimmedavg": {"beta": 0.3},
+        "krum": {"num_malicious_nodes": 2},
+    }
+    for name, params in asked.items():
+        strategy = build_strategy(name, params)
+        assert type(strategy) is STRATEGIES[name]
+        assert {k: getattr(strategy, k) for k in params} == params, name
     with pytest.raises(ConfigError, match="unknown strategy"):
         build_strategy("fedmagic")
     with pytest.raises(ConfigError, match="fedprox"):
         build_strategy("fedprox", {"mu": 0.1})
     with pytest.raises(ConfigError, match="clients_per_round"):
         build_strategy("fedavg", {"fraction_train": 0.5})
+
+
+def _state(x: np.ndarray) -> dict:
+    return {"w": torch.from_numpy(np.asarray(x, dtype=np.float32))}
+
+
+def test_fedadam_first_round_is_the_adam_step_on_the_weighted_mean_update():
+    x0 = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]], dtype=np.float32)
+    g = np.random.default_rng(3)
+    clients = [x0 + g.normal(0, 0.1, x0.shape).astype(np.float32) for _ in range(3)]
+    weights = [5, 15, 30]
+    eta, beta_1, beta_2, tau = 0.05, 0.8, 0.95, 1e-3
+    strategy = build_strategy("fedadam", {"eta": eta, "beta_1": beta_1, "beta_2": beta_2, "tau": tau})
+    list(strategy.configure_train(1, ArrayRecord(torch_state_dict=_state(x0)), ConfigRecord(), _Grid()))
+    agg, _ = strategy.aggregate_train(1, [_reply(_state(c), n) for c, n in zip(clients, weights)])
+
+    x0_64 = x0.astype(np.float64)
+    delta = sum(n * c.astype(np.float64) for c, n in zip(clients, weights)) / sum(weights) - x0_64
+    m = (1 - beta_1) * delta  # first moment from zero
+    v = (1 - beta_2) * delta**2  # second moment from zero
+    step = eta * np.sqrt(1 - beta_2**2) / (1 - beta_1**2)  # Flower's bias correction, rounds counted from 1
+    expected = x0_64 + step * m / (np.sqrt(v) + tau)
+    out = _arrays(agg)["w"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    fedavg_mean = x0_64 + delta
+    assert not np.allclose(out, fedavg_mean, atol=1e-3)  # a server optimiser, not the plain average
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    clients = [np.array([1.0, 10.0]), np.array([2.0, -50.0]), np.array([3.0, 20.0]), np.array([100.0, 30.0]),
+               np.array([-40.0, 40.0])]
+    # beta 0.2 of 5 clients: the lowest and highest value of each coordinate go, the middle three are averaged
+    agg, _ = build_strategy("fedtrimmedavg", {"beta": 0.2}).aggregate_train(
+        1, [_reply(_state(c), n) for c, n in zip(clients, [1, 1, 1, 1, 100])])
+    np.testing.assert_allclose(_arrays(agg)["w"], [(1 + 2 + 3) / 3, (10 + 20 + 30) / 3], rtol=1e-6)
+
+
+def test_krum_returns_the_most_central_update_and_never_the_outlier():
+    centre = np.array([1.0, -2.0, 0.5])
+    eps = np.array([0.01, 0.0, 0.0])
+    clients = [centre + eps, centre, np.array([50.0, 50.0, -50.0]), centre - eps]
+    # n=4, f=0: each score sums the squared distances to the 2 nearest others;
+    # centre: 2 eps^2, centre +- eps: eps^2 + 4 eps^2, the outlier: huge
+    agg, _ = build_strategy("krum", {"num_malicious_nodes": 0}).aggregate_train(
+        1, [_reply(_state(c), n) for c, n in zip(clients, [1, 1, 1000, 1])])
+    np.testing.assert_array_equal(_arrays(agg)["w"], centre.astype(np.float32))

@@ -5,7 +5,11 @@ import torch
 
 from scaleot_fed.errors import ScaleOTError
 from scaleot_fed.evaluate import (
-    accuracy_from_scores, encode_pair, evaluate_multiple_choice, loglikelihoods, make_request,
+    accuracy_from_scores,
+    encode_pair,
+    evaluate_multiple_choice,
+    loglikelihoods,
+    make_request,
 )
 from scaleot_fed.tasks import TASKS, MCItem, load_mc_file, load_task
 
@@ -51,12 +55,45 @@ def test_batched_loglikelihoods_match_one_at_a_time(gpt2_tokenizer):
         assert score == pytest.approx(expected, abs=1e-4)
 
 
-def test_evaluate_reports_acc_acc_norm_n(gpt2_tokenizer):
-    model = tiny_model("gpt2", num_layers=2, vocab_size=len(gpt2_tokenizer))
-    items = [MCItem("Question: 2+2?\nAnswer:", ("4", "5"), 0), MCItem("Sky is", ("blue", "green", "red"), 0)]
-    result = evaluate_multiple_choice(model, gpt2_tokenizer, items, batch_size=2)
-    assert set(result) == {"acc", "acc_norm", "n"} and result["n"] == 2
-    assert 0 <= result["acc"] <= 1
+@torch.no_grad()
+def test_evaluate_matches_acc_and_acc_norm_scored_by_hand(gpt2_tokenizer):
+    """Score every choice by hand, one sequence at a time, by lm-eval's rules (continuation
+    ``" " + choice``, summed log-probabilities of its tokens; acc_norm divides by the choice's
+    length in characters) and compare with the batched evaluation."""
+    tok = gpt2_tokenizer
+    model = tiny_model("gpt2", num_layers=2, vocab_size=len(tok))
+    items = [
+        MCItem("Question: 2+2?\nAnswer:", ("4", "five hundred and twelve"), 0),
+        MCItem("Sky is", ("blue", "green", "a very deep shade of red"), 2),
+        MCItem("The capital of France is", ("Paris", "Lyon"), 0),
+        MCItem("Question: pick one\nAnswer:", ("x", "an extremely long answer here", "yes"), 1),
+        MCItem("Cats say", ("meow", "woof woof woof woof"), 0),
+        MCItem("One, two,", ("three", "3", "many more numbers follow"), 2),
+        MCItem("Water is", ("wet", "dry as a desert in summer"), 1),
+        MCItem("Hello", ("world", "there", "my dear old friend"), 1),
+    ]
+    acc = acc_norm = 0
+    choices_differ = 0
+    for item in items:
+        scores = []
+        for choice in item.choices:
+            ctx = tok(item.context)["input_ids"]
+            whole = tok(item.context + " " + choice)["input_ids"]
+            assert whole[: len(ctx)] == ctx
+            cont = whole[len(ctx):]
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            scores.append(sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont)))
+        normed = [sc / len(c) for sc, c in zip(scores, item.choices)]
+        for values in (scores, normed):  # clear winners: float rounding of the batch cannot flip them
+            top = sorted(values, reverse=True)
+            assert top[0] - top[1] > 1e-3
+        best, best_norm = max(range(len(scores)), key=scores.__getitem__), max(range(len(normed)), key=normed.__getitem__)
+        acc += best == item.gold
+        acc_norm += best_norm == item.gold
+        choices_differ += best != best_norm
+    assert choices_differ > 0  # the case tells acc from acc_norm
+    result = evaluate_multiple_choice(model, tok, items, batch_size=3)
+    assert result == {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
 
 
 def test_unknown_task_lists_the_known_ones():

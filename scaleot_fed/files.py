@@ -1,0 +1,40 @@
+"""Writing weight files with the permissions users expect.
+
+safetensors (and so ``save_pretrained``) creates its files with mode 600 whatever the umask; a
+model folder meant to be shared (an emulator sent to data owners, a plugged-in model) then is
+unreadable to the group. Every weight file we write gets the usual ``0o666 & ~umask``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give ``path`` (a file, or every file below a folder) mode ``0o666 & ~umask``."""
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        os.chmod(file, mode)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the usual permissions."""
+    save_file(tensors, str(path), metadata=metadata)
+    usual_mode(path)

@@ -1,0 +1,249 @@
+"""Faults injected as a user would meet them, with real processes: Ctrl-C, SIGTERM, kill -9,
+two runs on one folder, changed configs on resume, corrupt checkpoints and caches, bad input.
+
+Every process is started with a generous timeout and nothing asserts how long anything took;
+the module checks at the end that no process it started (Ray included) is left behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recipes.procs import process_table
+
+from .conftest import write_items
+
+ROOT = Path(__file__).resolve().parents[1]
+LEFTOVER = ("raylet", "gcs_server", "ray::", "simulations.watchdog", "recipes.cli", "dashboard", "log_monitor")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ours(before: set[tuple[int, int]]) -> list[str]:
+    """Live processes started since ``before`` that belong to a run (Ray, watchdog, our CLI)."""
+    return [f"{p.pid} {_cmdline(p.pid)[:100]}" for p in process_table()
+            if p.alive and (p.pid, p.start) not in before and any(k in _cmdline(p.pid) for k in LEFTOVER)]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_model_dir):
+    """A tiny-model workspace; at the end, no process started here may survive (Ray included)."""
+    root = tmp_path_factory.mktemp("faults")
+    write_items(root / "train.jsonl", 60, 0)
+    write_items(root / "eval.jsonl", 6, 1)
+    old = os.environ.get("SCALEOT_FED_EMULATOR_CACHE")
+    os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(root / "owners")  # the data owners' caches, ours only
+    before = {(p.pid, p.start) for p in process_table()}
+    yield root
+    if old is None:
+        os.environ.pop("SCALEOT_FED_EMULATOR_CACHE")
+    else:
+        os.environ["SCALEOT_FED_EMULATOR_CACHE"] = old
+    deadline = time.monotonic() + 60
+    while _ours(before) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _ours(before), f"processes left behind: {_ours(before)}"
+
+
+def _run_file(ws: Path, name: str, tiny_model_dir: Path, **run) -> Path:
+    values = {"out": str(ws / name), "model": str(tiny_model_dir), "task": str(ws / "train.jsonl"),
+              "eval_task": str(ws / "eval.jsonl"), "num_rounds": 200, "num_clients": 2, "clients_per_round": 2,
+              "eval_every": 1000, "final_table": False, "eval_batch_size": 8} | run
+    body = "[run]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    body += ('[finetune]\nmode = "lora"\nsteps = 1\nbatch_size = 2\n'
+             '[emulator]\nstrategy = "uniform-drop"\nnum_adapter_layers = 2\nalpha = 0.5\n')
+    path = ws / f"{name}.toml"
+    path.write_text(body)
+    return path
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=os.environ.copy())
+
+
+def _start(*args: str, log: Path) -> subprocess.Popen:
+    handle = open(log, "w")  # noqa: SIM115 -- closed with the process (read back by the test)
+    return subprocess.Popen([sys.executable, "-m", "recipes.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=os.environ.copy())
+
+
+def _wait_for_round(out: Path, round_: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = out / "checkpoint" / "state.json"
+        if state.is_file():
+            try:
+                if json.loads(state.read_text())["round"] >= round_:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        time.sleep(0.5)
+    pytest.fail(f"round {round_} not done within {timeout} s")
+
+
+def _no_run_processes_of(pid: int, timeout: float = 60) -> list[str]:
+    """Processes whose command line mentions Ray or our watchdog of ``pid`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [f"{p.pid} {_cmdline(p.pid)[:80]}" for p in process_table()
+                if p.alive and (f"watchdog {pid}" in _cmdline(p.pid) or "raylet" in _cmdline(p.pid)
+                                or "gcs_server" in _cmdline(p.pid) or _cmdline(p.pid).startswith("ray::"))]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def interrupted(ws, tiny_model_dir):
+    """A run stopped with Ctrl-C after its second round; on the way, a second run tried its folder."""
+    run_file = _run_file(ws, "interrupted", tiny_model_dir)
+    out = ws / "interrupted"
+    proc = _start("simulate", "--config", str(run_file), log=ws / "interrupted.log")
+    _wait_for_round(out, 2, proc)
+    second = _cli("simulate", "--resume", str(out))
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    return {"out": out, "pid": proc.pid, "code": code, "second": second,
+            "log": (ws / "interrupted.log").read_text()}
+
+
+def test_ctrl_c_stops_keeps_the_checkpoint_and_locks_the_folder(interrupted):
+    # A second run (or resume) on the folder failed at once, naming the holder.
+    second = interrupted["second"]
+    assert second.returncode == 2 and f"PID {interrupted['pid']}" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert interrupted["code"] == 130 and "SIGINT: stopping" in interrupted["log"]
+    out = interrupted["out"]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["round"] >= 2 and (out / "checkpoint" / "aggregate.safetensors").is_file()
+    assert _no_run_processes_of(interrupted["pid"]) == []
+
+
+def test_resume_refuses_changed_keys_and_applies_safe_ones(interrupted):
+    out = interrupted["out"]
+    changed = _cli("simulate", "--resume", str(out), "--set", "finetune.lr=0.5", "--set", "run.seed=3")
+    assert changed.returncode == 2 and "finetune.lr" in changed.stderr and "run.seed" in changed.stderr
+
+    edited = json.loads((out / "config.json").read_text())
+    original = dict(edited)
+    edited["finetune"] = edited["finetune"] | {"steps": 7}
+    (out / "config.json").write_text(json.dumps(edited))
+    refused = _cli("simulate", "--resume", str(out))
+    assert refused.returncode == 2 and "finetune.steps" in refused.stderr
+    (out / "config.json").write_text(json.dumps(original))
+
+    too_few = _cli("simulate", "--resume", str(out), "--set", "run.num_rounds=1")
+    assert too_few.returncode == 2 and "already done" in too_few.stderr
+
+
+def test_a_corrupt_checkpoint_and_a_corrupt_owner_cache_are_recovered_on_resume(ws, interrupted):
+    out = interrupted["out"]
+    done = json.loads((out / "checkpoint" / "state.json").read_text())["round"]
+    assert (out / "checkpoint.prev" / "state.json").is_file()
+    weights = out / "checkpoint" / "aggregate.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated
+    held = list((ws / "owners").rglob("model.safetensors"))
+    assert held
+    for path in held:  # every owner's copy corrupted
+        path.write_bytes(path.read_bytes()[:-16] + b"\0" * 16)
+    resumed = _cli("simulate", "--resume", str(out), "--set", f"run.num_rounds={done + 1}", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = resumed.stderr + resumed.stdout
+    assert "previous checkpoint" in log
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    # The latest checkpoint (round `done`) was unreadable: round `done` ran again from the previous one.
+    assert [r["round"] for r in rounds] == list(range(1, done + 2))
+    assert rounds[done - 1]["emulator_bytes_down"] > 0  # the owners asked for a fresh copy
+    assert "run.num_rounds changes" in log
+
+
+def test_sigterm_exits_143(ws, tiny_model_dir):
+    run_file = _run_file(ws, "terminated", tiny_model_dir)
+    proc = _start("simulate", "--config", str(run_file), log=ws / "terminated.log")
+    _wait_for_round(ws / "terminated", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert _no_run_processes_of(proc.pid) == []
+
+
+def test_kill_9_leaves_no_ray_process_behind(ws, tiny_model_dir):
+    run_file = _run_file(ws, "killed", tiny_model_dir)
+    proc = _start("simulate", "--config", str(run_file), log=ws / "killed.log")
+    _wait_for_round(ws / "killed", 1, proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _no_run_processes_of(proc.pid, timeout=60) == []
+    # The kernel released the lock with the process: the folder can be resumed.
+    resumed = _cli("simulate", "--resume", str(ws / "killed"), "--set", "finetune.lr=0.9")
+    assert resumed.returncode == 2 and "finetune.lr" in resumed.stderr  # refused for the change, not the lock
+    assert "in use" not in resumed.stderr
+
+
+def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir):
+    run_file = _run_file(ws, "failing", tiny_model_dir, num_rounds=1, min_successful_clients=1)
+    run_file.write_text(run_file.read_text() + '[debug]\nfail = {"0" = "raise", "1" = "raise"}\n')
+    proc = _cli("simulate", "--config", str(run_file))
+    assert proc.returncode == 2 and "no checkpoint exists yet" in proc.stderr
+    assert "the last good aggregate is in" not in proc.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_rounds": 2.5}, "[run] num_rounds must be an integer, got 2.5"),
+    ({"num_rounds": True}, "[run] num_rounds must be an integer, got true"),
+    ({"model": "no-such-alias"}, "could not load model 'no-such-alias'"),
+    ({"model": "/no/such/model/folder"}, "model folder /no/such/model/folder does not exist"),
+    ({"out": "/proc/x/run"}, "cannot write to /proc/x/run"),
+])
+def test_bad_input_fails_before_ray_and_writes_nothing(ws, tiny_model_dir, change, message):
+    name = f"bad-{abs(hash(message)) % 10_000}"
+    run_file = _run_file(ws, name, tiny_model_dir, **change)
+    proc = _cli("simulate", "--config", str(run_file), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Ray" not in proc.stderr and not (ws / name).exists()
+
+
+def test_adapters_larger_than_the_model_fail_before_ray(ws, tiny_model_dir):
+    run_file = _run_file(ws, "deep", tiny_model_dir)
+    run_file.write_text(run_file.read_text().replace("num_adapter_layers = 2", "num_adapter_layers = 8"))
+    proc = _cli("simulate", "--config", str(run_file), timeout=120)
+    assert proc.returncode == 2 and "smaller than the model's 6 blocks" in proc.stderr
+    assert not (ws / "deep").exists()
+
+
+def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, tiny_model_dir, tmp_path):
+    emulator = tmp_path / "emu"
+    build = ["build-emulator", "--model", str(tiny_model_dir), "--strategy", "uniform-drop", "--adapters", "2",
+             "--out", str(emulator)]
+    assert _cli(*build).returncode == 0
+    again = _cli(*build)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert _cli(*build, "--overwrite").returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (emulator / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+    run_file = _run_file(ws, "occupied", tiny_model_dir, num_rounds=1)
+    (ws / "occupied").mkdir()
+    (ws / "occupied" / "notes.txt").write_text("mine")
+    refused = _cli("simulate", "--config", str(run_file))
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+    assert (ws / "occupied" / "notes.txt").read_text() == "mine"
+
+
+def test_a_missing_task_file_is_reported_as_missing(tiny_model_dir, tmp_path):
+    proc = _cli("evaluate", "--model", str(tiny_model_dir), "--task", str(tmp_path / "nope.jsonl"))
+    assert proc.returncode == 2 and f"task file {tmp_path / 'nope.jsonl'} does not exist" in proc.stderr
