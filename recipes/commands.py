@@ -190,6 +190,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise ConfigError(f"{len(items)} training items; need more than --dev-items {args.dev_items}")
     train, dev = items[: -args.dev_items], items[-args.dev_items :]
     config.eval_items = len(dev)
+    check_output(args.out, args.overwrite)
     _use_all_cores()
     if looks_like_emulator(args.model):  # never trained as a plain model: loads whole or is refused
         emulator = load_emulator(args.model)
@@ -203,6 +204,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress)
     print(f"dev loss {result.initial_val_loss:.4f} -> {result.best_val_loss:.4f} (best at step {result.best_step}); "
           f"{result.trainable_params:,} trainable parameters, {result.tokens_per_second:.0f} tokens/s")
+    clear_output(args.out)
     if emulator is not None:
         out = export_trained(trained, emulator, args.out)
         print(f"wrote the trained adapter state to {out} (plug in with `scaleot-fed plug-in --trained {out}`)")

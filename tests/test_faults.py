@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from recipes.cli import main
 from recipes.procs import process_table
+from recipes.rundir import lock_run_dir, unlock_run_dir
 
 from .conftest import write_items
 
@@ -71,6 +73,12 @@ def _run_file(ws: Path, name: str, tiny_model_dir: Path, **run) -> Path:
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=os.environ.copy())
+
+
+def _main(*args: str, capsys) -> tuple[int, str]:
+    """The command in this process (bad input is refused before anything heavy starts)."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def _start(*args: str, log: Path) -> subprocess.Popen:
@@ -132,21 +140,21 @@ def test_ctrl_c_stops_keeps_the_checkpoint_and_locks_the_folder(interrupted):
     assert _no_run_processes_of(interrupted["pid"]) == []
 
 
-def test_resume_refuses_changed_keys_and_applies_safe_ones(interrupted):
+def test_resume_refuses_changed_keys_and_applies_safe_ones(interrupted, capsys):
     out = interrupted["out"]
-    changed = _cli("simulate", "--resume", str(out), "--set", "finetune.lr=0.5", "--set", "run.seed=3")
-    assert changed.returncode == 2 and "finetune.lr" in changed.stderr and "run.seed" in changed.stderr
+    code, err = _main("simulate", "--resume", str(out), "--set", "finetune.lr=0.5", "--set", "run.seed=3", capsys=capsys)
+    assert code == 2 and "finetune.lr" in err and "run.seed" in err
 
     edited = json.loads((out / "config.json").read_text())
     original = dict(edited)
     edited["finetune"] = edited["finetune"] | {"steps": 7}
     (out / "config.json").write_text(json.dumps(edited))
-    refused = _cli("simulate", "--resume", str(out))
-    assert refused.returncode == 2 and "finetune.steps" in refused.stderr
+    code, err = _main("simulate", "--resume", str(out), capsys=capsys)
+    assert code == 2 and "finetune.steps" in err
     (out / "config.json").write_text(json.dumps(original))
 
-    too_few = _cli("simulate", "--resume", str(out), "--set", "run.num_rounds=1")
-    assert too_few.returncode == 2 and "already done" in too_few.stderr
+    code, err = _main("simulate", "--resume", str(out), "--set", "run.num_rounds=1", capsys=capsys)
+    assert code == 2 and "already done" in err
 
 
 def test_a_corrupt_checkpoint_and_a_corrupt_owner_cache_are_recovered_on_resume(ws, interrupted):
@@ -186,18 +194,17 @@ def test_kill_9_leaves_no_ray_process_behind(ws, tiny_model_dir):
     proc.kill()
     proc.wait(timeout=30)
     assert _no_run_processes_of(proc.pid, timeout=60) == []
-    # The kernel released the lock with the process: the folder can be resumed.
-    resumed = _cli("simulate", "--resume", str(ws / "killed"), "--set", "finetune.lr=0.9")
-    assert resumed.returncode == 2 and "finetune.lr" in resumed.stderr  # refused for the change, not the lock
-    assert "in use" not in resumed.stderr
+    # The kernel released the lock with the process: the folder can be taken again.
+    lock_run_dir(ws / "killed")
+    unlock_run_dir(ws / "killed")
 
 
-def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir):
+def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir, capsys):
     run_file = _run_file(ws, "failing", tiny_model_dir, num_rounds=1, min_successful_clients=1)
     run_file.write_text(run_file.read_text() + '[debug]\nfail = {"0" = "raise", "1" = "raise"}\n')
-    proc = _cli("simulate", "--config", str(run_file))
-    assert proc.returncode == 2 and "no checkpoint exists yet" in proc.stderr
-    assert "the last good aggregate is in" not in proc.stderr
+    code, err = _main("simulate", "--config", str(run_file), capsys=capsys)
+    assert code == 2 and "no checkpoint exists yet" in err
+    assert "the last good aggregate is in" not in err
 
 
 @pytest.mark.parametrize("change,message", [
@@ -207,31 +214,31 @@ def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir):
     ({"model": "/no/such/model/folder"}, "model folder /no/such/model/folder does not exist"),
     ({"out": "/proc/x/run"}, "cannot write to /proc/x/run"),
 ])
-def test_bad_input_fails_before_ray_and_writes_nothing(ws, tiny_model_dir, change, message):
+def test_bad_input_fails_before_ray_and_writes_nothing(ws, tiny_model_dir, change, message, capsys):
     name = f"bad-{abs(hash(message)) % 10_000}"
     run_file = _run_file(ws, name, tiny_model_dir, **change)
-    proc = _cli("simulate", "--config", str(run_file), timeout=120)
-    assert proc.returncode == 2, proc.stderr[-1500:]
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Ray" not in proc.stderr and not (ws / name).exists()
+    code, err = _main("simulate", "--config", str(run_file), capsys=capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (ws / name).exists()
 
 
-def test_adapters_larger_than_the_model_fail_before_ray(ws, tiny_model_dir):
+def test_adapters_larger_than_the_model_fail_before_ray(ws, tiny_model_dir, capsys):
     run_file = _run_file(ws, "deep", tiny_model_dir)
     run_file.write_text(run_file.read_text().replace("num_adapter_layers = 2", "num_adapter_layers = 8"))
-    proc = _cli("simulate", "--config", str(run_file), timeout=120)
-    assert proc.returncode == 2 and "smaller than the model's 6 blocks" in proc.stderr
+    code, err = _main("simulate", "--config", str(run_file), capsys=capsys)
+    assert code == 2 and "smaller than the model's 6 blocks" in err
     assert not (ws / "deep").exists()
 
 
-def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, tiny_model_dir, tmp_path):
+def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, tiny_model_dir, tmp_path, capsys):
     emulator = tmp_path / "emu"
     build = ["build-emulator", "--model", str(tiny_model_dir), "--strategy", "uniform-drop", "--adapters", "2",
              "--out", str(emulator)]
-    assert _cli(*build).returncode == 0
-    again = _cli(*build)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert _cli(*build, "--overwrite").returncode == 0
+    assert _main(*build, capsys=capsys)[0] == 0
+    code, err = _main(*build, capsys=capsys)
+    assert code == 2 and "--overwrite" in err
+    (emulator / "model.safetensors").unlink()  # what --overwrite must not leave behind: a broken folder
+    assert _main(*build, "--overwrite", capsys=capsys)[0] == 0
     umask = os.umask(0)
     os.umask(umask)
     assert (emulator / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -239,11 +246,11 @@ def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, t
     run_file = _run_file(ws, "occupied", tiny_model_dir, num_rounds=1)
     (ws / "occupied").mkdir()
     (ws / "occupied" / "notes.txt").write_text("mine")
-    refused = _cli("simulate", "--config", str(run_file))
-    assert refused.returncode == 2 and "not empty" in refused.stderr
+    code, err = _main("simulate", "--config", str(run_file), capsys=capsys)
+    assert code == 2 and "not empty" in err
     assert (ws / "occupied" / "notes.txt").read_text() == "mine"
 
 
-def test_a_missing_task_file_is_reported_as_missing(tiny_model_dir, tmp_path):
-    proc = _cli("evaluate", "--model", str(tiny_model_dir), "--task", str(tmp_path / "nope.jsonl"))
-    assert proc.returncode == 2 and f"task file {tmp_path / 'nope.jsonl'} does not exist" in proc.stderr
+def test_a_missing_task_file_is_reported_as_missing(tiny_model_dir, tmp_path, capsys):
+    code, err = _main("evaluate", "--model", str(tiny_model_dir), "--task", str(tmp_path / "nope.jsonl"), capsys=capsys)
+    assert code == 2 and f"task file {tmp_path / 'nope.jsonl'} does not exist" in err

@@ -48,7 +48,9 @@ def test_layer_replace_changes_scores_on_smollm2(artifact):
 
 
 def test_alpha0_emulator_equals_smollm2(smollm2, ids, artifact):
-    emulator = build_emulator(smollm2.model, EmulatorConfig("scaleot", 4, 0.0, 1.0), artifact)
+    identity = EmulatorConfig("scaleot", 4, 0.5, 1.0)
+    identity.alpha = 0.0  # refused as a user's config (it is the full model): the surgery's reference point
+    emulator = build_emulator(smollm2.model, identity, artifact)
     with torch.no_grad():
         assert torch.allclose(emulator.model(ids[:2]).logits, smollm2.model(ids[:2]).logits, atol=1e-5)
 

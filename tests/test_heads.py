@@ -1,0 +1,70 @@
+"""The LM head runs on scored positions only, and gives what the full forward gives."""
+
+import torch
+
+from scaleot_fed.finetune import IGNORE
+from scaleot_fed.heads import answer_token_loss, lm_loss, scored_positions, target_logprobs
+
+from .conftest import VOCAB, tiny_model
+
+
+class RowCounter:
+    """A forward hook on the LM head recording how many rows (positions) it saw."""
+
+    def __init__(self, model):
+        self.rows = []
+        self.handle = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: self.rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # a right-padded row
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 8:] = ids[1, 8:]
+    labels[2, 5:7] = ids[2, 5:7]
+    return ids, mask, labels
+
+
+def test_answer_loss_equals_the_full_forward_and_the_head_sees_only_answer_rows(family):
+    model = tiny_model(family)
+    ids, mask, labels = _batch()
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    counter = RowCounter(model)
+    loss, n = answer_token_loss(model, ids, mask, labels)
+    scored = int((labels[:, 1:] != IGNORE).sum())
+    assert n == scored and counter.rows == [scored] and scored < ids.numel() // 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()  # gradients flow through the gathered rows
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+def test_target_logprobs_match_log_softmax_of_the_full_logits(family):
+    model = tiny_model(family)
+    ids, mask, labels = _batch(1)
+    where, targets = scored_positions(labels)
+    counter = RowCounter(model)
+    got = target_logprobs(model, ids, mask, where, targets)
+    assert counter.rows == [targets.numel()]
+    full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    torch.testing.assert_close(got, full[where[0], where[1]].gather(1, targets[:, None]).squeeze(1),
+                               rtol=0, atol=1e-5)
+
+
+def test_chunked_lm_loss_equals_the_full_loss_and_its_gradient(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(2))
+    expected = model(input_ids=ids, labels=ids, use_cache=False).loss
+    expected.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    counter = RowCounter(model)
+    loss = lm_loss(model, ids, chunk_rows=10)
+    assert max(counter.rows) <= 10 and sum(counter.rows) == 4 * 11  # never the whole (batch, length) at once
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
