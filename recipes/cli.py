@@ -89,28 +89,23 @@ def _model_parsers(sub) -> None:
 
 
 def _pipeline_parsers(sub) -> None:
-    """The programs: one owner's pipeline, the attack report, the study."""
-    p = sub.add_parser("offsite", help="the one-data-owner pipeline: five rows and the privacy gap")
-    p.add_argument("--config", required=True, help="TOML: [run], [finetune], [layer_replace], [[emulator]]")
-    p.add_argument("--out", help="run folder (overrides [run].out)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=c.cmd_offsite)
-
-    p = sub.add_parser("attack", help="model-privacy report: a data owner fine-tunes every emulator weight; "
-                                      "how close does it get to the plug-in model?")
-    p.add_argument("--config", required=True, help="the offsite TOML ([attack] sets the attacker's training)")
-    p.add_argument("--out", help="run folder (overrides [run].out; rows already there are reused)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=c.cmd_attack)
-
-    p = sub.add_parser("study", help="the offsite pipeline over emulators x tasks x modes (resumable)")
-    p.add_argument("--config", required=True, help="TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]")
-    p.add_argument("--out", help="study folder (overrides [study].out)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=c.cmd_study)
+    """The programs: one owner's pipeline, the attack report, the study (same options each)."""
+    programs = (
+        ("offsite", c.cmd_offsite, "the one-data-owner pipeline: five rows and the privacy gap",
+         "TOML: [run], [finetune], [layer_replace], [[emulator]]", "run folder (overrides [run].out)"),
+        ("attack", c.cmd_attack, "model-privacy report: a data owner fine-tunes every emulator weight; how close "
+         "does it get to the plug-in model?", "the offsite TOML ([attack] sets the attacker's training)",
+         "run folder (overrides [run].out; rows already there are reused)"),
+        ("study", c.cmd_study, "the offsite pipeline over emulators x tasks x modes (resumable)",
+         "TOML: [study], [finetune], [layer_replace], [distill], [[emulator]]", "study folder (overrides [study].out)"),
+    )
+    for name, func, help_, config_help, out_help in programs:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help=config_help)
+        p.add_argument("--out", help=out_help)
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=func)
 
 
 def _federation_parsers(sub) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .arch import get_layers
 from .errors import ConfigError
+from .heads import hidden_states, lm_loss
 
 
 @dataclass
@@ -106,8 +107,8 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
         for _ in range(config.steps):
             x = token_ids[torch.randint(len(token_ids), (min(config.batch_size, len(token_ids)),), generator=generator)]
             with torch.no_grad():
-                full(input_ids=x, use_cache=False)
-            lm = student_model(input_ids=x, labels=x, use_cache=False).loss
+                hidden_states(full, x)  # the teacher's block output reaches its hook; no LM head needed
+            lm = lm_loss(student_model, x)
             kd = normalised_mse(student_hook.output, teacher_hook.output)
             loss = lm + config.kd_weight * kd
             optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .heads import lm_loss, target_logprobs
 from .tasks import MCItem
 
 TARGET_DELIMITER = " "
@@ -94,14 +95,20 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
             seq = built[i][0].input_ids
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (batch, width, vocab)
+        # positions n-cont_len .. n-1 of each row predict its continuation's tokens: only those
+        # rows go through the LM head (not (batch, width, vocab))
+        batch_idx, pos, targets = [], [], []
         for row, i in enumerate(chunk):
-            request, targets = built[i]
+            request, cont = built[i]
             n = len(request.input_ids)
-            # positions n-cont_len .. n-1 predict the continuation's tokens
-            rows = logprobs[row, n - request.cont_len : n]  # (cont_len, vocab)
-            scores[i] = float(rows.gather(1, torch.tensor(targets, device=device)[:, None]).sum())
+            batch_idx += [row] * request.cont_len
+            pos += range(n - request.cont_len, n)
+            targets += cont
+        where = torch.tensor([batch_idx, pos], device=device)  # (2, n_scored)
+        logprobs = target_logprobs(model, ids.to(device), mask.to(device), where, torch.tensor(targets, device=device))
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, where[0], logprobs)  # (len(chunk),)
+        for row, i in enumerate(chunk):
+            scores[i] = float(sums[row])
     model.train(was_training)
     return scores
 
@@ -139,7 +146,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, batch_size: int = 8) -
     model.eval()
     for start in range(0, len(token_ids), batch_size):
         x = token_ids[start : start + batch_size]
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss = lm_loss(model, x)
         n = x.shape[0] * (x.shape[1] - 1)
         total += float(loss) * n
         count += n

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers
+from .batching import LengthBatches
 from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
+from .heads import answer_token_loss
 from .tasks import MCItem
 
 MODES = ("full", "lora", "adapter", "bitfit")
@@ -181,8 +183,9 @@ def answer_loss(model: nn.Module, tokenizer, items: list[MCItem], config: Finetu
     model.eval()
     for start in range(0, len(items), config.batch_size):
         batch = collate([encode_example(tokenizer, i, config.max_length) for i in items[start : start + config.batch_size]], pad)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += float(model(**batch, use_cache=False).loss) * n
+        with torch.no_grad():
+            loss, n = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += float(loss) * n
         count += n
     model.train(was_training)
     return total / count
@@ -244,9 +247,11 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
              config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
 
-    AdamW with warmup and schedule, gradient accumulation, seeded shuffling; validation loss on
-    the first ``eval_items`` of ``val_items`` every ``eval_every`` steps; the best state (by that
-    loss, the initial one included) is restored at the end when ``config.select_best``.
+    AdamW with warmup and schedule, gradient accumulation, length-bucketed batches in a seeded
+    random order (:mod:`scaleot_fed.batching`), the LM head on answer positions only
+    (:mod:`scaleot_fed.heads`); validation loss on the first ``eval_items`` of ``val_items`` every
+    ``eval_every`` steps; the best state (by that loss, the initial one included) is restored at
+    the end when ``config.select_best``.
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_start||^2`` over the trained parameters.
     """
@@ -264,7 +269,7 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
     initial = best = answer_loss(model, tokenizer, val, config)
     best_state, best_step = trainable_state(model), 0
     history = [{"step": 0, "val_loss": initial}]
-    order: list[int] = []
+    batches = LengthBatches([len(ids) for ids, _ in examples], config.batch_size, rng)
     tokens, start = 0, time.perf_counter()
     model.train()
     bar = tqdm(range(1, config.steps + 1), desc=f"finetune[{config.mode}]", disable=not progress, dynamic_ncols=True)
@@ -272,10 +277,8 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(config.grad_accum):
-            if len(order) < config.batch_size:
-                order += rng.sample(range(len(examples)), len(examples))
-            batch = collate([examples[order.pop()] for _ in range(min(config.batch_size, len(examples)))], pad)
-            loss = model(**batch, use_cache=False).loss
+            batch = collate([examples[i] for i in next(batches)], pad)
+            loss, _ = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             if anchor is not None:
                 loss = loss + proximal_term(params, anchor, proximal_mu)
             loss = loss / config.grad_accum

@@ -27,6 +27,7 @@ from torch import nn
 from .arch import architecture_of, get_layers
 from .errors import ConfigError
 from .harmonizer import Harmonizer
+from .heads import lm_loss
 from .models import model_fingerprint
 
 
@@ -142,11 +143,6 @@ def swapped_blocks(model: nn.Module, replacements: dict[int, nn.Module]):
 class _Identity(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
-
-
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of a ``(batch, seq)`` block of token ids."""
-    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
 @dataclass

@@ -1,72 +1,44 @@
 """FedProx: the server sends ``proximal-mu``; the data owner's local training adds
 ``mu/2 * ||w - w_global||^2``, whose gradient is ``mu * (w - w_global)``."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from torch import nn
 
-from scaleot_fed.finetune import FinetuneConfig, finetune
+from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable, proximal_term
 from scaleot_fed.tasks import MCItem
 
-
-class _TwoParameters(nn.Module):
-    """Two trainable scalars (and a frozen one). The first training step's loss is linear,
-    ``c_a * a + c_b * b``, so the weights leave the start; every later loss has zero gradient,
-    so what reaches the parameters from then on is the proximal term alone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(0.75, dtype=torch.float64))
-        self.b = nn.Parameter(torch.tensor(-1.25, dtype=torch.float64))
-        self.frozen = nn.Parameter(torch.tensor(2.0, dtype=torch.float64), requires_grad=False)
-        self.c = (0.4, -0.9)
-        self.seen: list[tuple[float, float]] = []  # (a, b) at each training forward
-        self.grads: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
-        self.a.register_hook(lambda g: self.grads["a"].append(g.detach().clone()))
-        self.b.register_hook(lambda g: self.grads["b"].append(g.detach().clone()))
-
-    def forward(self, input_ids, attention_mask=None, labels=None, use_cache=False):
-        if not (self.training and torch.is_grad_enabled()):  # validation loss
-            return SimpleNamespace(loss=(self.a + self.b + self.frozen).detach())
-        self.seen.append((self.a.detach().clone(), self.b.detach().clone()))
-        if len(self.seen) == 1:
-            loss = self.c[0] * self.a + self.c[1] * self.b + self.frozen
-        else:
-            loss = (self.a + self.b + self.frozen) * 0.0
-        return SimpleNamespace(loss=loss)
-
-
-def _run(gpt2_tokenizer, mu: float, steps: int = 5) -> _TwoParameters:
-    model = _TwoParameters()
-    items = [MCItem(f"Question: say {w}\nAnswer:", ("x", w), 1) for w in ("red", "blue", "green", "tree")]
-    config = FinetuneConfig(mode="full", steps=steps, batch_size=2, lr=0.1, warmup_ratio=0.0, schedule="constant",
-                            eval_every=steps, select_best=False)
-    finetune(model, gpt2_tokenizer, items, items, config, progress=False, proximal_mu=mu)
-    assert len(model.seen) == len(model.grads["a"]) == len(model.grads["b"]) == steps
-    return model
+from .conftest import tiny_model
 
 
 @pytest.mark.parametrize("mu", [0.3, 2.0])
-def test_proximal_gradient_is_mu_times_the_distance_from_the_global_weights(gpt2_tokenizer, mu):
-    model = _run(gpt2_tokenizer, mu)
-    (a0, b0), c = model.seen[0], model.c
-    # step 1 sits at the global weights: the proximal term adds nothing to the data gradient
-    assert float(model.grads["a"][0]) == c[0] and float(model.grads["b"][0]) == c[1]
-    for step in range(1, len(model.seen)):
-        a, b = model.seen[step]
-        assert not torch.equal(a, a0) and not torch.equal(b, b0)  # the weights have moved
-        # the anchor stays the weights training started from (not the previous step's)
-        torch.testing.assert_close(model.grads["a"][step], mu * (a - a0), rtol=1e-12, atol=0)
-        torch.testing.assert_close(model.grads["b"][step], mu * (b - b0), rtol=1e-12, atol=0)
-    assert float(model.frozen) == 2.0  # frozen parameters are neither trained nor anchored
+def test_proximal_gradient_is_mu_times_the_distance_from_the_global_weights(mu):
+    # two parameters away from their anchor (the global weights the round started from)
+    a = torch.tensor(0.75, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.25, dtype=torch.float64, requires_grad=True)
+    anchor = [torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    term = proximal_term([a, b], anchor, mu)
+    torch.testing.assert_close(term, torch.tensor(mu / 2 * (0.25**2 + 2.25**2), dtype=torch.float64))
+    term.backward()
+    torch.testing.assert_close(a.grad, torch.tensor(mu * 0.25, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(b.grad, torch.tensor(mu * -2.25, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
-def test_without_mu_there_is_no_proximal_term(gpt2_tokenizer):
-    model = _run(gpt2_tokenizer, 0.0)
-    assert not torch.equal(model.seen[-1][0], model.seen[0][0])
-    assert all(float(g) == 0.0 for name in ("a", "b") for g in model.grads[name][1:])
+def _distance_after_training(gpt2_tokenizer, mu: float) -> float:
+    torch.manual_seed(0)
+    model = tiny_model("gpt2", num_layers=2, vocab_size=len(gpt2_tokenizer))
+    trained = make_trainable(model, [0, 1], FinetuneConfig(mode="full"))
+    start = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+    items = [MCItem(f"Question: say {w}\nAnswer:", ("x", w), 1) for w in ("red", "blue", "green", "tree")]
+    config = FinetuneConfig(mode="full", steps=6, batch_size=2, lr=5e-3, warmup_ratio=0.0, schedule="constant",
+                            eval_every=6, select_best=False)
+    finetune(trained, gpt2_tokenizer, items, items, config, progress=False, proximal_mu=mu)
+    return sum(float(((p - start[n]) ** 2).sum()) for n, p in trained.named_parameters() if n in start) ** 0.5
+
+
+def test_local_training_applies_the_proximal_term(gpt2_tokenizer):
+    # The same data, seed and steps: the pull towards the global weights keeps them closer.
+    free, pulled = _distance_after_training(gpt2_tokenizer, 0.0), _distance_after_training(gpt2_tokenizer, 50.0)
+    assert 0 < pulled < 0.9 * free
 
 
 def test_the_fedprox_strategy_sends_mu_to_every_data_owner():

@@ -68,3 +68,22 @@ def test_chunked_lm_loss_equals_the_full_loss_and_its_gradient(family):
     loss.backward()
     for name, grad in reference.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_length_buckets_cover_every_item_once_per_epoch_and_pad_less():
+    import random
+
+    from scaleot_fed.batching import LengthBatches
+
+    lengths = [random.Random(i).randint(5, 200) for i in range(96)]
+    batches = LengthBatches(lengths, 8, random.Random(0))
+    epoch = [next(batches) for _ in range(12)]  # 96 items / 8 = one epoch exactly
+    assert sorted(i for b in epoch for i in b) == list(range(96)) and all(len(b) == 8 for b in epoch)
+    shuffled = random.Random(0).sample(range(96), 96)
+    unbucketed = [shuffled[k : k + 8] for k in range(0, 96, 8)]
+    assert batches.padding_ratio(epoch) < 0.5 * batches.padding_ratio(unbucketed)
+    # the batch order is not sorted by length (buckets are shuffled with the seed)
+    longest = [max(lengths[i] for i in b) for b in epoch]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    again = LengthBatches(lengths, 8, random.Random(0))
+    assert [next(again) for _ in range(12)] == epoch  # the seed decides everything
