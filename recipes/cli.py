@@ -71,6 +71,9 @@ def _model_parsers(sub) -> None:
     p.add_argument("--limit", type=int, help="first N items (or N token blocks with --text) only")
     p.add_argument("--block-size", type=int, default=512, help="tokens per block for --text")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="precision of the weights (the forward runs under autocast)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_evaluate)
 

@@ -85,6 +85,7 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     config = dataclass_from_args(LayerReplaceConfig, args, _toml_section(args, "layer_replace"), "layer_replace")
     check_output(args.out, args.overwrite)
     _use_all_cores()
+    print(f"layer-replace: loading {args.model} ...", flush=True)
     loaded = load_model(args.model)
     texts = load_text_corpus(args.data)
     ids = token_blocks(loaded.tokenizer, texts, config.block_size, max_blocks=config.blocks_needed())
@@ -114,7 +115,10 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
                                         "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio})
     importance = load_artifact(args.importance) if args.importance else None
     check_output(args.out, args.overwrite)
+    print(f"build-emulator: loading {args.model} ...", flush=True)
     loaded = load_model(args.model)
+    print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
+          f"rank_keep_ratio={config.rank_keep_ratio} (SRC factorises each kept middle block) ...", flush=True)
     emulator = build_emulator(loaded.model, config, importance, source_model=args.model)
     clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
@@ -152,6 +156,7 @@ def load_any_model(spec: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from scaleot_fed.devices import place, resolve_device, resolve_dtype
     from scaleot_fed.evaluate import evaluate_multiple_choice, perplexity
     from scaleot_fed.tasks import load_task
     from scaleot_fed.text import load_text_corpus, token_blocks
@@ -162,12 +167,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     items = load_task(args.task, args.split, args.limit) if args.task else None
     texts = load_text_corpus(args.text) if args.text else None
     _use_all_cores()
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     model, tokenizer = load_any_model(args.model)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
+    place(model.requires_grad_(False), device, dtype)  # scoring trains nothing: every weight in dtype
     if items is not None:
         result = {"model": args.model, "task": args.task, "split": args.split} | evaluate_multiple_choice(
-            model, tokenizer, items, batch_size=args.batch_size)
+            model, tokenizer, items, batch_size=args.batch_size, progress=not args.json)
         line = f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}"
     else:
         ids = token_blocks(tokenizer, texts, args.block_size, max_blocks=args.limit)
@@ -192,6 +199,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     config.eval_items = len(dev)
     check_output(args.out, args.overwrite)
     _use_all_cores()
+    print(f"finetune: loading {args.model}; {len(train)} train / {len(dev)} dev items; the dev loss is "
+          "measured before the first step and at every eval_every steps ...", flush=True)
     if looks_like_emulator(args.model):  # never trained as a plain model: loads whole or is refused
         emulator = load_emulator(args.model)
         model, tokenizer, positions = emulator.model, emulator.tokenizer, list(emulator.adapter_positions())

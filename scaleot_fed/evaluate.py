@@ -72,7 +72,7 @@ def make_request(tokenizer, context: str, continuation: str, max_length: int) ->
 
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
-                   max_length: int | None = None) -> list[float]:
+                   max_length: int | None = None, progress: bool = False) -> list[float]:
     """Sum of continuation log-probabilities for each ``(context, continuation)`` pair.
 
     Requests are batched longest first (right-padded), so padding is small and results do not
@@ -86,8 +86,12 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
     scores = [0.0] * len(built)
     was_training = model.training
     model.eval()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(order), desc="scoring", unit="req", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        bar.update(len(chunk))
         width = max(len(built[i][0].input_ids) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -109,6 +113,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
         sums = torch.zeros(len(chunk), device=device).index_add_(0, where[0], logprobs)  # (len(chunk),)
         for row, i in enumerate(chunk):
             scores[i] = float(sums[row])
+    bar.close()
     model.train(was_training)
     return scores
 
@@ -127,10 +132,10 @@ def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict
 
 
 def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
-                             max_length: int | None = None) -> dict[str, float]:
-    """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items``."""
+                             max_length: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests)."""
     pairs = [(item.context, TARGET_DELIMITER + choice) for item in items for choice in item.choices]
-    flat = loglikelihoods(model, tokenizer, pairs, batch_size, max_length)
+    flat = loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress)
     scores, k = [], 0
     for item in items:
         scores.append(flat[k : k + len(item.choices)])
@@ -145,7 +150,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, batch_size: int = 8) -
     was_training = model.training
     model.eval()
     for start in range(0, len(token_ids), batch_size):
-        x = token_ids[start : start + batch_size]
+        x = token_ids[start : start + batch_size].to(next(model.parameters()).device)
         loss = lm_loss(model, x)
         n = x.shape[0] * (x.shape[1] - 1)
         total += float(loss) * n

@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers
 from .batching import LengthBatches
+from .devices import check_device, place, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .heads import answer_token_loss
@@ -60,6 +61,11 @@ class FinetuneConfig:
     """Restore the state with the lowest validation loss at the end (federated clients return
     their last state instead)."""
     seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    dtype: str = "float32"
+    """Frozen weights in ``float32``, ``bfloat16`` or ``float16`` (trained parameters and the
+    optimizer state stay float32; the forward runs under autocast)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +79,8 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_device(self.device)
+        resolve_dtype(self.dtype)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha <= 0 or self.weight_decay < 0:
@@ -177,12 +185,14 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 @torch.no_grad()
 def answer_loss(model: nn.Module, tokenizer, items: list[MCItem], config: FinetuneConfig) -> float:
     """Mean loss per answer token over ``items`` (the validation criterion)."""
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total = count = 0.0
     was_training = model.training
     model.eval()
     for start in range(0, len(items), config.batch_size):
         batch = collate([encode_example(tokenizer, i, config.max_length) for i in items[start : start + config.batch_size]], pad)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             loss, n = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         total += float(loss) * n
@@ -243,6 +253,17 @@ def _optimizer(params: list[nn.Parameter], config: FinetuneConfig):
     return optimizer, scheduler
 
 
+def _backward(model: nn.Module, batch: dict[str, torch.Tensor], grad_accum: int, params: list[nn.Parameter],
+              anchor: list[torch.Tensor] | None, proximal_mu: float) -> float:
+    """Accumulate one batch's gradients (answer-token loss, plus FedProx's term); its loss share."""
+    loss, _ = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if anchor is not None:
+        loss = loss + proximal_term(params, anchor, proximal_mu)
+    loss = loss / grad_accum
+    loss.backward()
+    return loss.item()
+
+
 def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: list[MCItem],
              config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
@@ -258,6 +279,8 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
     from tqdm.auto import tqdm
 
     params = _trained_parameters(model, train_items, val_items)
+    place(model, resolve_device(config.device), resolve_dtype(config.dtype))  # before the optimizer sees params
+    device = params[0].device
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -277,13 +300,8 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(config.grad_accum):
-            batch = collate([examples[i] for i in next(batches)], pad)
-            loss, _ = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            if anchor is not None:
-                loss = loss + proximal_term(params, anchor, proximal_mu)
-            loss = loss / config.grad_accum
-            loss.backward()
-            step_loss += loss.item()
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)], pad).items()}
+            step_loss += _backward(model, batch, config.grad_accum, params, anchor, proximal_mu)
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .devices import autocast_for
+
 CHUNK_ROWS = 1024
 """Rows of hidden states sent through the head at once where every position is scored."""
 
@@ -31,13 +33,15 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder's last hidden states, ``(batch, length, hidden)``, without the LM head."""
     backbone = _causal_lm(model).base_model
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with autocast_for(model):
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def head_logits(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """Logits of ``rows`` = ``(n, hidden)`` hidden states: ``(n, vocab)``, in float32."""
     lm = _causal_lm(model)
-    logits = lm.get_output_embeddings()(rows).float()
+    with autocast_for(model):
+        logits = lm.get_output_embeddings()(rows).float()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -298,7 +298,7 @@ def run_layer_replace(
         run.record(loss, rewards)
         bar.set_postfix_str(f"loss={loss:.3f} {_ranking_text(run.scores, middle)}")
 
-    evaluation = _evaluate(model, heldout_ids, run.harmonizers, run.scores, middle, config)
+    evaluation = _evaluate(model, heldout_ids, run.harmonizers, run.scores, middle, config, progress)
     model.train(was_training)
     run.harmonizers_eval()
     return LayerReplaceResult(
@@ -319,21 +319,29 @@ def run_layer_replace(
 
 
 @torch.no_grad()
-def _evaluate(model, heldout_ids, harmonizers, scores, middle, config) -> dict[str, float]:
+def _evaluate(model, heldout_ids, harmonizers, scores, middle, config, progress: bool = False) -> dict[str, float]:
     """Held-out LM loss: full model vs half the middle replaced (by harmonizers / dropped)."""
+    from tqdm.auto import tqdm
+
     n = min(len(heldout_ids), config.eval_batches * config.batch_size)
     ids = heldout_ids[:n]
     order = torch.argsort(scores).tolist()
     replaced = [middle[j] for j in order[: len(middle) // 2]]
+    bar = tqdm(total=3 * len(range(0, n, config.batch_size)), desc="held-out evaluation", disable=not progress)
 
     def mean_loss(replacements) -> float:
+        losses = []
         with swapped_blocks(model, replacements):
-            losses = [float(lm_loss(model, ids[i : i + config.batch_size])) for i in range(0, n, config.batch_size)]
+            for i in range(0, n, config.batch_size):
+                losses.append(float(lm_loss(model, ids[i : i + config.batch_size])))
+                bar.update()
         return sum(losses) / len(losses)
 
-    return {
+    result = {
         "heldout_loss_full": mean_loss({}),
         "heldout_loss_half_harmonized": mean_loss({i: harmonizers[i] for i in replaced}),
         "heldout_loss_half_dropped": mean_loss({i: _Identity() for i in replaced}),
         "heldout_tokens": int(ids.numel()),
     }
+    bar.close()
+    return result

@@ -87,3 +87,28 @@ def test_length_buckets_cover_every_item_once_per_epoch_and_pad_less():
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     again = LengthBatches(lengths, 8, random.Random(0))
     assert [next(again) for _ in range(12)] == epoch  # the seed decides everything
+
+
+def test_finetune_and_scoring_never_send_unscored_positions_to_the_head(gpt2_tokenizer):
+    from scaleot_fed.evaluate import TARGET_DELIMITER, encode_pair, evaluate_multiple_choice
+    from scaleot_fed.finetune import FinetuneConfig, encode_example, finetune, make_trainable
+    from scaleot_fed.tasks import MCItem
+
+    model = tiny_model("gpt2", num_layers=2, vocab_size=len(gpt2_tokenizer))
+    items = [MCItem(f"Question: which colour is the {w} thing here?\nAnswer:", ("red", f"blue {w}"), 1)
+             for w in ("sky", "sea", "car", "cup")]
+    counter = RowCounter(model)
+    evaluate_multiple_choice(model, gpt2_tokenizer, items, batch_size=3)
+    answer_tokens = sum(len(encode_pair(gpt2_tokenizer, i.context, TARGET_DELIMITER + c)[1])
+                        for i in items for c in i.choices)
+    assert sum(counter.rows) == answer_tokens  # one head row per continuation token, nothing else
+
+    config = FinetuneConfig(mode="lora", steps=2, batch_size=2, eval_items=2, eval_every=2, select_best=False)
+    trained = make_trainable(model, [0, 1], config)
+    counter.rows.clear()
+    finetune(trained, gpt2_tokenizer, items, items[:2], config, progress=False)
+    answers = [sum(label != IGNORE for label in encode_example(gpt2_tokenizer, i, 256)[1]) for i in items]
+    # forwards: validation (start), 2 training steps of 2 items, validation (end): answer rows only
+    pairs = {answers[i] + answers[j] for i in range(4) for j in range(4) if i != j}
+    assert len(counter.rows) == 4 and counter.rows[0] == counter.rows[-1] == answers[0] + answers[1]
+    assert counter.rows[1] in pairs and counter.rows[2] in pairs

@@ -1,0 +1,85 @@
+"""Where a model runs and in which precision.
+
+``device``: ``auto`` (CUDA when present, else Apple's MPS, else the CPU), ``cpu``, ``cuda``,
+``cuda:N`` or ``mps``. ``dtype``: ``float32``, ``bfloat16`` or ``float16``. Frozen weights are
+stored in the run's dtype (half the memory in bf16); trained parameters, and so the optimizer's
+state, stay in float32; the forward runs under autocast in the run's dtype. In a Ray simulation a
+client actor given ``num_gpus`` sees only its GPU(s) (``CUDA_VISIBLE_DEVICES``), so ``auto`` and
+``cuda`` pick the one Ray assigned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(spec: str) -> None:
+    """The spelling of a device (whether it exists is :func:`resolve_device`'s business)."""
+    if not isinstance(spec, str) or not DEVICE_PATTERN.match(spec):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {spec!r}")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device ``spec`` names, checked to exist here (one line saying what there is if not)."""
+    check_device(spec)
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device {spec!r}: this machine has {count} CUDA device(s); use device = \"auto\" "
+                              "or \"cpu\"")
+    if device.type == "mps" and not has_mps:
+        raise ConfigError("device 'mps': Apple's Metal backend is not available here; use \"auto\" or \"cpu\"")
+    return device
+
+
+def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move ``model`` to ``device``; frozen parameters (and buffers of that precision) in
+    ``dtype``, parameters that train in float32."""
+    model.to(device)
+    for param in model.parameters():
+        wanted = torch.float32 if param.requires_grad else dtype
+        if param.is_floating_point() and param.dtype != wanted:
+            param.data = param.data.to(wanted)
+    return model
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The lowest floating precision among the model's parameters (what its forward runs in)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in (torch.float16, torch.bfloat16):
+        if dtype in dtypes:
+            return dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def autocast_for(model: nn.Module) -> Iterator[None]:
+    """Autocast in the model's precision when it holds low-precision weights (float32: nothing),
+    so float32 trained parameters and bf16/fp16 frozen ones meet in one forward."""
+    dtype = model_dtype(model)
+    if dtype == torch.float32:
+        yield
+        return
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        yield
