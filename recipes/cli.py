@@ -127,7 +127,8 @@ def _federation_parsers(sub) -> None:
                    help="the SuperLink's DNS name or IP (repeatable; default 127.0.0.1, localhost)")
     p.add_argument("--supernode", action="append", metavar="NAME",
                    help="an organisation to make a key pair for (repeatable)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CA in --out")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="overwrite an existing CA in --out")
     p.set_defaults(func=c.cmd_certs)
 
     p = sub.add_parser("info", help="summary of an emulator folder")

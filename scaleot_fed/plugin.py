@@ -176,7 +176,7 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
         save_tensors({k: v.detach().contiguous() for k, v in renamed.items()}, str(out / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         return out
-    state = {emulator.to_source_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state = {emulator.to_source_key(n): p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     if not state:
         raise ConfigError("the model has no trainable parameters to export")
     return save_adapter_state(state, out, emulator.manifest)

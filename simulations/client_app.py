@@ -161,7 +161,7 @@ def load_exchange_state(model: torch.nn.Module, names: tuple[str, ...], arrays: 
 
 def exchange_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
-    return {n: params[n].detach().clone() for n in names}
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}  # off the GPU finetune may use
 
 
 DATA_PATH_KEY = "data-path"
