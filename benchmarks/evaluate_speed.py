@@ -32,6 +32,7 @@ from scaleot_fed.evaluate import (  # noqa: E402
     loglikelihoods,
     make_request,
     model_max_length,
+    pad_right,
 )
 from scaleot_fed.models import load_model  # noqa: E402
 from scaleot_fed.tasks import load_task  # noqa: E402
@@ -47,13 +48,7 @@ def loglikelihoods_full_head(model, tokenizer, pairs, batch_size: int = 8) -> li
     scores = [0.0] * len(built)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(built[i][0].input_ids) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            seq = built[i][0].input_ids
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_right([built[i][0].input_ids for i in chunk], pad)
         logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
         for row, i in enumerate(chunk):
             request, targets = built[i]

@@ -70,6 +70,17 @@ def make_request(tokenizer, context: str, continuation: str, max_length: int) ->
     return Request(input_ids=full[:-1], cont_len=len(cont)), full[-len(cont):]
 
 
+def pad_right(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a right-padded ``(n, longest)`` batch and its attention mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
                    max_length: int | None = None, progress: bool = False) -> list[float]:
@@ -92,13 +103,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         bar.update(len(chunk))
-        width = max(len(built[i][0].input_ids) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            seq = built[i][0].input_ids
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_right([built[i][0].input_ids for i in chunk], pad)
         # positions n-cont_len .. n-1 of each row predict its continuation's tokens: only those
         # rows go through the LM head (not (batch, width, vocab))
         batch_idx, pos, targets = [], [], []
