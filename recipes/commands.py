@@ -143,16 +143,17 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
 
 
 def load_any_model(spec: str):
-    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer). A folder
-    that claims to be an emulator (:func:`looks_like_emulator`) loads as one or is refused."""
+    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer, emulator
+    or None). A folder that claims to be an emulator (:func:`looks_like_emulator`) loads as one or
+    is refused, never as a plain model."""
     from scaleot_fed.emulator import load_emulator, looks_like_emulator
     from scaleot_fed.models import load_model
 
     if looks_like_emulator(spec):
         emulator = load_emulator(spec)
-        return emulator.model, emulator.tokenizer
+        return emulator.model, emulator.tokenizer, emulator
     loaded = load_model(spec)
-    return loaded.model, loaded.tokenizer
+    return loaded.model, loaded.tokenizer, None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -168,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     texts = load_text_corpus(args.text) if args.text else None
     _use_all_cores()
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, tokenizer = load_any_model(args.model)
+    model, tokenizer, _ = load_any_model(args.model)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
     place(model.requires_grad_(False), device, dtype)  # scoring trains nothing: every weight in dtype
@@ -185,9 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from scaleot_fed.emulator import load_emulator, looks_like_emulator
     from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
-    from scaleot_fed.models import load_model
     from scaleot_fed.plugin import export_trained, save_plugged
     from scaleot_fed.tasks import load_task
 
@@ -201,14 +200,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _use_all_cores()
     print(f"finetune: loading {args.model}; {len(train)} train / {len(dev)} dev items; the dev loss is "
           "measured before the first step and at every eval_every steps ...", flush=True)
-    if looks_like_emulator(args.model):  # never trained as a plain model: loads whole or is refused
-        emulator = load_emulator(args.model)
-        model, tokenizer, positions = emulator.model, emulator.tokenizer, list(emulator.adapter_positions())
-    else:
-        emulator = None
-        loaded = load_model(args.model)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        positions = list(range(model.config.num_hidden_layers))
+    model, tokenizer, emulator = load_any_model(args.model)  # an emulator trains its adapter blocks only
+    positions = (list(emulator.adapter_positions()) if emulator is not None
+                 else list(range(model.config.num_hidden_layers)))
     trained = make_trainable(model, positions, config)
     result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress)
     print(f"dev loss {result.initial_val_loss:.4f} -> {result.best_val_loss:.4f} (best at step {result.best_step}); "

@@ -57,18 +57,6 @@ def check_writable(out: str | Path) -> None:
                 path.rmdir()
 
 
-def check_fresh(out: str | Path, overwrite: bool, what: str = "run folder") -> None:
-    """A new run refuses a non-empty ``out`` unless ``overwrite`` (then its content is removed)."""
-    out = Path(out)
-    check_writable(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out} exists and is not a folder; choose another --out")
-    if _has_content(out):
-        if not overwrite:
-            raise ConfigError(f"{what} {out} is not empty; use --overwrite to replace it, or choose another --out")
-        _clear(out)
-
-
 def check_output(out: str | Path, overwrite: bool) -> None:
     """A command's ``--out`` (a file or a folder), checked before any work is done: refused if it
     exists (a non-empty folder) unless ``overwrite``. Nothing is removed here (see
@@ -76,7 +64,7 @@ def check_output(out: str | Path, overwrite: bool) -> None:
     out = Path(out)
     check_writable(out)
     if (out.is_file() or out.is_symlink() or _has_content(out)) and not overwrite:
-        raise ConfigError(f"{out} exists; use --overwrite to replace it, or choose another --out")
+        raise ConfigError(f"{out} exists and is not empty; use --overwrite to replace it, or choose another --out")
 
 
 def clear_output(out: str | Path) -> None:
@@ -86,6 +74,8 @@ def clear_output(out: str | Path) -> None:
         out.unlink()
     elif out.is_dir():
         _clear(out)
+        # _clear locked the folder; an output such as an emulator folder must not keep our lock
+        # file (it would be shipped with the emulator)
         unlock_run_dir(out)
         (out / LOCK).unlink(missing_ok=True)
 

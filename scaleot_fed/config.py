@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import types
 import typing
 from collections.abc import Mapping
@@ -71,8 +70,6 @@ def _fits(hint: Any, value: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(a, value) for a in args)
-    if origin is typing.Literal:
-        return any(type(value) is type(a) and value == a for a in args)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -81,17 +78,11 @@ def _fits(hint: Any, value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and not (
             isinstance(value, float) and math.isnan(value))
     base = origin or hint
-    if base in (list, tuple, set, frozenset):
-        if not isinstance(value, list | tuple):
-            return False
-        if base is tuple and args and args[-1] is not Ellipsis:
-            return len(args) == len(value) and all(_fits(a, v) for a, v in zip(args, value))
-        return all(_fits(args[0] if args else Any, v) for v in value)
+    if base is list:
+        return isinstance(value, list | tuple) and all(_fits(args[0] if args else Any, v) for v in value)
     if base is dict:
         key, item = args if len(args) == 2 else (Any, Any)
         return isinstance(value, dict) and all(_fits(key, k) and _fits(item, v) for k, v in value.items())
-    if isinstance(base, type) and issubclass(base, os.PathLike) and isinstance(value, str):
-        return True
     if isinstance(base, type):
         return isinstance(value, base)
     return True  # an annotation this checker does not know is left to the dataclass
@@ -106,13 +97,11 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         text = " or ".join(_describe(a) for a in args if a is not type(None))
         return f"{text} (or unset)" if type(None) in args else text
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(repr, args))
     simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "unset"}
     if hint in simple:
         return simple[hint]
     base = origin or hint
-    if base in (list, tuple, set, frozenset):
+    if base is list:
         item = args[0] if args else Any
         return "a list" if item is Any else f"a list of {_PLURAL.get(item) or 'items that are ' + _describe(item)}"
     if base is dict:

@@ -44,9 +44,10 @@ app = ClientApp()
 # Per-process caches (a Ray actor runs many virtual clients in turn; these survive across them).
 _EMULATORS: dict[str, Emulator] = {}
 _TRAINABLE: dict[tuple, tuple[torch.nn.Module, tuple[str, ...]]] = {}
-_HASHED: dict[tuple[str, int, int], str] = {}
-"""sha256 of a file version, keyed on (path, size, mtime_ns): a cached emulator is hashed once per
-process, and again only once the file has changed on disk."""
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+"""sha256 of a file version, keyed on (device, inode, size, mtime_ns): a cached emulator is hashed
+once per process (a delivery's hash survives its rename into the cache), and again only once the
+file has changed on disk."""
 
 log = logging.getLogger("scaleot_fed.client")
 
@@ -63,9 +64,9 @@ def emulator_dir(sha: str) -> Path:
 
 
 def cached_sha256(path: Path) -> str:
-    """``sha256_file(path)``, computed once per version of the file (path, size, mtime_ns)."""
+    """``sha256_file(path)``, computed once per version of the file (device, inode, size, mtime_ns)."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _HASHED:
         _HASHED[key] = sha256_file(path)
     return _HASHED[key]
@@ -113,7 +114,7 @@ def _store_delivery(sha: str, content: RecordDict) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=target.parent))
     try:
         (tmp / WEIGHTS).write_bytes(weights)
-        if sha256_file(tmp / WEIGHTS) != sha:
+        if cached_sha256(tmp / WEIGHTS) != sha:  # remembered: holds_emulator does not hash it again
             raise RunError("delivered emulator weights do not match the announced sha256")
         for name, data in files.items():
             # Data files only: nothing executable or pickled (.bin/.pt/.pkl/.py) is accepted.

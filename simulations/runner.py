@@ -9,7 +9,7 @@ from scaleot_fed.env import configure_environment
 
 configure_environment()
 
-from recipes.rundir import check_fresh, lock_run_dir, unlock_run_dir  # noqa: E402
+from recipes.rundir import check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
 from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
 
 from .config import FedConfig  # noqa: E402
@@ -33,7 +33,6 @@ def backend_config(config: FedConfig) -> dict:
 
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
-    from recipes.rundir import check_writable
     from scaleot_fed.arch import architecture_of
     from scaleot_fed.emulator import check_shippable, read_manifest
     from scaleot_fed.layer_replace import middle_layers
@@ -43,7 +42,6 @@ def validate(config: FedConfig) -> None:
     from .partition import partition_indices
 
     run = config.run
-    check_writable(run.out)
     run.evaluation_items()  # unknown task, missing file, a user file without eval_task
     make_strategy(config)
     if config.emulator.path:
@@ -79,7 +77,8 @@ def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False) -
     if resume:
         check_resume(config, out)
     else:
-        check_fresh(out, overwrite)
+        check_output(out, overwrite)  # a new run: a non-empty folder only with --overwrite
+        clear_output(out)
     lock_run_dir(out)  # a second run (or resume) on this folder fails at once, naming our PID
     errors: list[BaseException] = []
     if not config.run.ray_address:
