@@ -33,10 +33,13 @@ demo: $(STAMP)
 demo-offsite: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/scaleot-fed offsite --config configs/demo.toml
 
+# (a)-(e) of benchmarks/RESULTS.md, then every ratio beside its ideal in one table (~40 min here)
 bench: $(STAMP)
-	$(OFFLINE) $(PY) benchmarks/emulator_core.py
 	$(OFFLINE) $(PY) benchmarks/finetune_cost.py
+	$(OFFLINE) $(PY) benchmarks/evaluate_speed.py
 	$(OFFLINE) $(PY) benchmarks/federated.py
+	$(OFFLINE) $(PY) benchmarks/precision.py
+	$(OFFLINE) $(PY) benchmarks/summary.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,11 +1,24 @@
-"""Data-owner training cost: emulator + LoRA vs full fine-tuning, same batch, one run.
+"""(a) A data owner's training cost: emulator + LoRA vs full-parameter fine-tuning, next to the ideal.
 
-    python benchmarks/finetune_cost.py [--importance artifacts/smollm2-stage1] [--steps 6]
+    python benchmarks/finetune_cost.py [--steps 8 --repeats 3 --adapters 4 --alpha 0.5 --rank-keep-ratio 0.5]
 
-Each variant trains in a fresh subprocess (so peak memory is its own): it loads only what a data
-owner would hold (the emulator folder, or the full model for the baselines), then runs AdamW
-steps on 8 x 128-token batches. Prints tokens/s and peak resident memory side by side with ratios
-to full fine-tuning, and writes benchmarks/results/finetune_cost.json.
+Both sides run the project's real training path (``scaleot_fed.finetune.finetune``: answer-only
+LM head, length-bucketed batches) on PIQA training items, each in a fresh subprocess so that its
+peak memory is its own; repeats are paired and interleaved. The emulator is the shipped kind
+(ScaleOT layout: harmonizers from a short stage 1, SRC on the kept middle blocks).
+
+Printed side by side, with the ideal each ratio could reach on this hardware:
+
+- tokens/s: the FLOP ideal is full FT's FLOPs per token over the emulator's. Full FT runs 3
+  passes over every block (forward, activation gradients, weight gradients); emulator + LoRA
+  runs 2 over its (smaller) blocks (no weight gradients outside LoRA's few). Attention scores
+  and the answer-row head are counted too.
+- peak memory: the byte ideal of each side is the process baseline (interpreter, torch,
+  tokenizer: measured before the model loads) + weights + gradients + AdamW state (2 x the
+  trained parameters) + the activations autograd saves for the longest batch (measured with
+  ``saved_tensors_hooks``, parameters excluded).
+
+Writes benchmarks/results/finetune_cost.json.
 """
 
 from __future__ import annotations
@@ -14,10 +27,10 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,29 +38,47 @@ from scaleot_fed.env import configure_environment  # noqa: E402
 
 configure_environment(offline=True)
 
-VARIANTS = {
-    # name: (which model, fine-tuning mode, trainable blocks)
-    "full model, full FT": ("full", "full", "all"),
-    "full model, LoRA (all blocks)": ("full", "lora", "all"),
-    "emulator, full adapter blocks": ("emulator", "full", "adapters"),
-    "emulator, LoRA (adapter blocks)": ("emulator", "lora", "adapters"),
-}
+VARIANTS = {"full FT": ("full", "full"), "emulator + LoRA": ("emulator", "lora")}
+BATCH = 8
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes autograd keeps for one forward of ``batch`` (each storage once, parameters not)."""
+    import torch
+
+    from scaleot_fed.heads import answer_token_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
 
 
 def worker(args) -> None:
     import torch
 
+    baseline = _rss_bytes()  # imports done, no model yet
     from scaleot_fed.emulator import load_emulator
-    from scaleot_fed.finetune import FinetuneConfig, make_trainable
+    from scaleot_fed.finetune import FinetuneConfig, collate, encode_example, finetune, make_trainable
     from scaleot_fed.models import load_model
-    from scaleot_fed.text import lambada_passages, token_blocks
+    from scaleot_fed.tasks import load_task
 
     torch.set_num_threads(args.threads)
-    kind, mode, blocks = VARIANTS[args.worker]
+    kind, mode = VARIANTS[args.worker]
     if kind == "emulator":
         emulator = load_emulator(args.emulator)
         model, tokenizer, positions = emulator.model, emulator.tokenizer, list(emulator.adapter_positions())
@@ -55,38 +86,54 @@ def worker(args) -> None:
         loaded = load_model(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
         positions = list(range(model.config.num_hidden_layers))
-    rss_loaded = _rss_mb()
-    ids = token_blocks(tokenizer, lambada_passages()[:400], 128, max_blocks=8 * (args.steps + 1))
-    trained = make_trainable(model, positions, FinetuneConfig(mode=mode))
-    trained.train()
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for step in range(args.steps + 1):  # step 0 is warm-up
-        x = ids[8 * step : 8 * step + 8]
-        start = time.perf_counter()
-        loss = trained(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step:
-            times.append(time.perf_counter() - start)
+    items = load_task("piqa", "train", BATCH * args.steps)
+    config = FinetuneConfig(mode=mode, steps=args.steps, batch_size=BATCH, lr=1e-5, eval_items=1,
+                            eval_every=args.steps, select_best=False, device="cpu")
+    torch.manual_seed(0)
+    trained = make_trainable(model, positions, config)
+    result = finetune(trained, tokenizer, items, items[:1], config, progress=False)
+    peak = _rss_bytes()
+    examples = sorted((encode_example(tokenizer, i, config.max_length) for i in items), key=lambda e: -len(e[0]))
+    longest = collate(examples[:BATCH], tokenizer.pad_token_id or 0)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     print(json.dumps({
-        "tokens_per_s": 8 * 128 * len(times) / sum(times),
-        "peak_rss_mb": _rss_mb(),
-        "rss_after_load_mb": rss_loaded,
-        "trainable_params": sum(p.numel() for p in params),
+        "tokens_per_s": result.tokens_per_second,
+        "peak_rss": peak,
+        "baseline_rss": baseline,
+        "weights": sum(p.numel() * p.element_size() for p in trained.parameters()),
+        "trainable_params": trainable,
+        "saved_activations": saved_activation_bytes(trained, longest),
+        "mean_tokens_per_item": result.tokens / (args.steps * BATCH),
     }))
+
+
+def flops_per_token(model, kind: str, tokens_per_item: float) -> float:
+    """Training FLOPs per token: 2 per multiply-add; full FT 3 passes, emulator + LoRA 2 (see top)."""
+    from scaleot_fed.arch import get_layers
+    from scaleot_fed.harmonizer import Harmonizer
+
+    cfg = model.config
+    blocks = get_layers(model)
+    weights = sum(p.numel() for b in blocks for p in b.parameters())
+    attention_blocks = sum(not isinstance(b, Harmonizer) for b in blocks)
+    forward = 2 * weights + 2 * 2 * attention_blocks * cfg.hidden_size * tokens_per_item / 2
+    # the head runs on answer rows only (about 1 in 4 tokens on PIQA): forward and input gradient
+    head = 2 * 2 * cfg.hidden_size * cfg.vocab_size * 0.25
+    return (3 if kind == "full" else 2) * forward + head
+
+
+def ideal_bytes(r: dict) -> int:
+    return r["baseline_rss"] + r["weights"] + 4 * r["trainable_params"] * 3 + r["saved_activations"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--importance", help="stage-1 artifact: ScaleOT emulator; without it uniform-drop")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rank-keep-ratio", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--emulator", help=argparse.SUPPRESS)
@@ -95,36 +142,61 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from scaleot_fed.artifact import load_artifact
-    from scaleot_fed.emulator import EmulatorConfig, save_emulator
+    from scaleot_fed.artifact import load_artifact, save_artifact
+    from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
     from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
     from scaleot_fed.models import load_model
+    from scaleot_fed.text import lambada_passages, token_blocks
 
     loaded = load_model(args.model)
-    strategy = "scaleot" if args.importance else "uniform-drop"
-    ratio = args.rank_keep_ratio if args.importance else 1.0
-    importance = load_artifact(args.importance) if args.importance else None
-    emulator = build_emulator(loaded.model, EmulatorConfig(strategy, args.adapters, args.alpha, ratio), importance)
-    results = {}
+    # harmonizers and a ranking from a short stage 1: the emulator's shapes are what matter here
+    stage1 = LayerReplaceConfig(num_adapter_layers=args.adapters, steps=2, batch_size=2, block_size=64,
+                                eval_batches=1, device="cpu")
+    ids = token_blocks(loaded.tokenizer, lambada_passages()[:50], 64, max_blocks=16)
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
+        artifact = save_artifact(run_layer_replace(loaded.model, ids, stage1, args.model, progress=False),
+                                 Path(tmp) / "stage1")
+        emulator_config = EmulatorConfig("scaleot", args.adapters, args.alpha, args.rank_keep_ratio)
+        emulator = build_emulator(loaded.model, emulator_config, load_artifact(artifact), source_model=args.model)
+        tmp = str(Path(tmp) / "emulator")
         save_emulator(emulator, tmp, tokenizer=loaded.tokenizer)
-        del loaded, emulator
-        for name in VARIANTS:
-            cmd = [sys.executable, __file__, "--worker", name, "--emulator", tmp, "--model", args.model,
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results["full model, full FT"]
-    print(f"emulator: {strategy}, N_a={args.adapters}, alpha={args.alpha}, rank_keep_ratio={ratio}; batch 8 x 128 tokens")
-    print(f"{'variant':34}{'tokens/s':>10}{'speed x':>9}{'peak MB':>10}{'mem /':>8}{'trainable':>13}")
-    for name, r in results.items():
-        print(f"{name:34}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base['tokens_per_s']:>9.2f}"
-              f"{r['peak_rss_mb']:>10.0f}{base['peak_rss_mb'] / r['peak_rss_mb']:>8.2f}{r['trainable_params']:>13,}")
-    report = {"emulator": {"strategy": strategy, "num_adapter_layers": args.adapters, "alpha": args.alpha,
-                           "rank_keep_ratio": ratio}, "batch": [8, 128], "steps": args.steps,
-              "threads": args.threads, "variants": results}
+        emulator_model = load_emulator(tmp).model
+        for _ in range(args.repeats):  # paired and interleaved
+            for name in VARIANTS:
+                cmd = [sys.executable, __file__, "--worker", name, "--emulator", tmp, "--model", args.model,
+                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
+                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    full, emu = runs["full FT"], runs["emulator + LoRA"]
+    tokens_per_item = statistics.mean(r["mean_tokens_per_item"] for r in full)
+    flop_ideal = flops_per_token(loaded.model, "full", tokens_per_item) / flops_per_token(emulator_model, "lora",
+                                                                                           tokens_per_item)
+    speed = statistics.median(e["tokens_per_s"] / f["tokens_per_s"] for f, e in zip(full, emu))
+    memory = statistics.median(e["peak_rss"] / f["peak_rss"] for f, e in zip(full, emu))
+    memory_ideal = ideal_bytes(emu[0]) / ideal_bytes(full[0])
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    print(f"{args.model}; emulator: scaleot, N_a={args.adapters}, alpha={args.alpha}, rank_keep_ratio="
+          f"{args.rank_keep_ratio}; PIQA, batch {BATCH}, {args.steps} steps, {args.threads} threads, "
+          f"median of {args.repeats} paired repeats")
+    print(f"{'':18}{'tokens/s':>10}{'peak MB':>10}{'ideal MB':>10}{'peak/ideal':>11}  (baseline + weights + "
+          "grads + AdamW + saved activations, MB)")
+    for name, r in med.items():
+        parts = [r["baseline_rss"], r["weights"], 4 * r["trainable_params"], 8 * r["trainable_params"],
+                 r["saved_activations"]]
+        print(f"{name:18}{r['tokens_per_s']:>10.0f}{r['peak_rss'] / 2**20:>10.0f}{ideal_bytes(r) / 2**20:>10.0f}"
+              f"{r['peak_rss'] / ideal_bytes(r):>11.2f}  ({' + '.join(f'{p / 2**20:.0f}' for p in parts)})")
+    print(f"emulator + LoRA / full FT: tokens/s {speed:.2f}x (FLOP ideal {flop_ideal:.2f}x, "
+          f"{speed / flop_ideal:.0%} of it); peak memory {memory:.2f}x (byte ideal {memory_ideal:.2f}x, "
+          f"measured/ideal {memory / memory_ideal:.2f})")
+    report = {"model": args.model, "emulator": {"strategy": "scaleot", "num_adapter_layers": args.adapters,
+                                                "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio},
+              "task": "piqa", "batch": BATCH, "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
+              "speed_ratio": speed, "flop_ideal_ratio": flop_ideal, "memory_ratio": memory,
+              "memory_ideal_ratio": memory_ideal, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -112,7 +112,8 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
 
     # Validated before anything heavy is loaded.
     config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
-                                        "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio})
+                                        "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
+                                        "dtype": args.dtype})
     importance = load_artifact(args.importance) if args.importance else None
     check_output(args.out, args.overwrite)
     print(f"build-emulator: loading {args.model} ...", flush=True)

@@ -119,7 +119,7 @@ def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner
     loaded = load_model(run.model)
     return SingleOwner(loaded.model, loaded.tokenizer, train, dev, evaluation,
                        dataclasses.replace(config.finetune, eval_items=len(dev)), run.eval_batch_size, progress,
-                       cache=_cached(RowCache(out), log))
+                       cache=_cached(RowCache(out), log), eval_placement=run.eval_placement())
 
 
 ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators")

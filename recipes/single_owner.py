@@ -17,6 +17,7 @@ from torch import nn
 
 from scaleot_fed.artifact import LayerReplaceArtifact, load_artifact, save_artifact
 from scaleot_fed.config import as_dict
+from scaleot_fed.devices import Placement
 from scaleot_fed.distill import DistillConfig, distill_emulator
 from scaleot_fed.emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
 from scaleot_fed.emulator_build import build_emulator
@@ -55,14 +56,23 @@ class TaskRunSection:
     eval_limit: int | None = 200
     """Evaluation items (first N of the validation split, lm-eval's --limit; None: all)."""
     eval_batch_size: int = 8
+    eval_device: str = "auto"
+    """Where the model owner scores models (full, emulator, plug-in): ``auto``, ``cpu``,
+    ``cuda[:N]``, ``mps``."""
+    eval_dtype: str = "float32"
+    """Precision of the weights while scoring (``bfloat16`` halves their memory on a GPU)."""
 
     def __post_init__(self) -> None:
+        self.eval_placement()  # checks both spellings
         for name in ("train_limit", "eval_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+    def eval_placement(self) -> Placement:
+        return Placement(self.eval_device, self.eval_dtype)
 
     def evaluation_items(self) -> list[MCItem]:
         """The items every row is scored on."""
@@ -107,7 +117,7 @@ def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer
     if (edir / MANIFEST).exists():
         return load_emulator(edir)
     importance = _importance(section, full, tokenizer, layer_replace, model_name, out, log)
-    base = EmulatorConfig(section.strategy, section.num_adapter_layers, section.alpha, section.rank_keep_ratio)
+    base = EmulatorConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(EmulatorConfig)})
     emulator = build_emulator(full, base, importance, source_model=model_name)
     if importance is not None:
         emulator.manifest["build_cost"] = {"kind": "layer-replace"} | importance.meta["cost"]
@@ -179,8 +189,10 @@ class SingleOwner:
     eval_batch_size: int = 8
     progress: bool = False
     cache: Cache = no_cache
+    eval_placement: Placement = dataclasses.field(default_factory=Placement)
 
     def evaluate(self, model: nn.Module) -> dict:
+        self.eval_placement.apply(model, training=False)
         return evaluate_multiple_choice(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size)
 
     def full_zero_shot(self) -> dict:

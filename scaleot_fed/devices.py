@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,15 +53,36 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move ``model`` to ``device``; frozen parameters (and buffers of that precision) in
-    ``dtype``, parameters that train in float32."""
+def place(model: nn.Module, device: torch.device, dtype: torch.dtype, training: bool = True) -> nn.Module:
+    """Move ``model`` to ``device``; frozen parameters in ``dtype``, parameters that train in
+    float32 (with ``training=False``, for scoring: every parameter in ``dtype``)."""
     model.to(device)
     for param in model.parameters():
-        wanted = torch.float32 if param.requires_grad else dtype
+        wanted = torch.float32 if param.requires_grad and training else dtype
         if param.is_floating_point() and param.dtype != wanted:
             param.data = param.data.to(wanted)
     return model
+
+
+@dataclass
+class Placement:
+    """Where a config's model runs and in which precision: the base of every config section
+    that runs a model (fine-tuning, stage 1, distillation)."""
+
+    device: str = "auto"
+    """``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    dtype: str = "float32"
+    """Frozen weights in ``float32``, ``bfloat16`` or ``float16`` (trained parameters and the
+    optimizer state stay float32; the forward runs under autocast)."""
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        resolve_dtype(self.dtype)
+
+    def apply(self, model: nn.Module, training: bool = True) -> nn.Module:
+        """:func:`place` ``model`` on this device, frozen weights (with ``training=False``: all
+        weights) in this dtype."""
+        return place(model, resolve_device(self.device), resolve_dtype(self.dtype), training)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

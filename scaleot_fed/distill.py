@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from .arch import get_layers
+from .devices import Placement
 from .errors import ConfigError
 from .heads import hidden_states, lm_loss
 
 
 @dataclass
-class DistillConfig:
-    """Knobs of the distillation (same budget rules as stage 1: steps x batch x block tokens)."""
+class DistillConfig(Placement):
+    """Knobs of the distillation (same budget rules as stage 1: steps x batch x block tokens);
+    ``device`` and ``dtype`` (:class:`~scaleot_fed.devices.Placement`) hold for teacher and student."""
 
     steps: int = 150
     batch_size: int = 8
@@ -30,6 +32,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("steps", "batch_size", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill {name} must be >= 1, got {getattr(self, name)}")
@@ -87,13 +90,17 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
         An :class:`~scaleot_fed.emulator.Emulator` built with ``uniform-drop`` (no harmonizers).
     token_ids:
         ``(num_blocks, block_size)`` owner text.
+
+    Both models are moved to ``config.device`` (frozen weights in ``config.dtype``, the trained
+    blocks in float32); the emulator comes back on the CPU.
     """
     middle_positions, teacher_end = _distilled_positions(emulator.manifest)
     student_model = emulator.model
     blocks = get_layers(student_model)
     params = _only_trainable(student_model, [blocks[pos] for pos in middle_positions])
-    for p in full.parameters():
-        p.requires_grad_(False)
+    config.apply(full.requires_grad_(False))
+    config.apply(student_model)  # after _only_trainable: its trained blocks stay float32
+    token_ids = token_ids.to(next(full.parameters()).device)
     teacher_hook = _Capture(get_layers(full)[teacher_end])
     student_hook = _Capture(blocks[max(middle_positions)])
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -123,7 +130,7 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
         student_hook.handle.remove()
         for p in params:
             p.requires_grad_(False)
-        student_model.eval()
+        student_model.eval().to("cpu")
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,

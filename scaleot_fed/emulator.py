@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .arch import Architecture, architecture_by_name, architecture_of, get_layers, set_layers
+from .devices import resolve_dtype
 from .errors import ConfigError, IntegrityError
 from .files import save_tensors
 from .harmonizer import Harmonizer
@@ -65,12 +66,17 @@ class EmulatorConfig:
     rank_keep_ratio:
         Selective Rank Compression of the kept middle blocks' attention projections: the share of
         each matrix's rank kept, in (0, 1] (1 = no compression; the kept rank is at least 1).
+    dtype:
+        Precision the emulator is stored and shipped in: ``auto`` (the full model's),
+        ``float32``, ``bfloat16`` or ``float16`` (half the bytes to download). The manifest says
+        which; data owners train in their own ``[finetune] dtype`` whatever it is.
     """
 
     strategy: str = "scaleot"
     num_adapter_layers: int = 4
     alpha: float = 0.5
     rank_keep_ratio: float = 1.0
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -84,6 +90,8 @@ class EmulatorConfig:
                 "alpha = 0 with rank_keep_ratio = 1 replaces and compresses nothing: that emulator would be the "
                 "full model; alpha = 0 is only meaningful with rank_keep_ratio < 1 (an SRC-only emulator)")
         check_num_adapter_layers(self.num_adapter_layers)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
 
     @property
     def needs_importance(self) -> bool:
@@ -173,14 +181,18 @@ def sha256_file(path: Path) -> str:
 
 
 def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write ``config.json``, tokenizer files, ``model.safetensors`` and ``manifest.json``."""
+    """Write ``config.json``, tokenizer files, ``model.safetensors`` (every floating tensor in
+    the manifest's ``dtype``, whatever trained since) and ``manifest.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emulator.model.config.save_pretrained(out)
     tokenizer = tokenizer if tokenizer is not None else emulator.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_tensors(_deduplicated_state(emulator.model), out / WEIGHTS, metadata={"format": MANIFEST_FORMAT})
+    dtype = stored_dtype(emulator.manifest)
+    state = {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu()
+             for k, v in _deduplicated_state(emulator.model).items()}
+    save_tensors(state, out / WEIGHTS, metadata={"format": MANIFEST_FORMAT})
     emulator.manifest["weights_sha256"] = sha256_file(out / WEIGHTS)
     (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
     return out
@@ -252,9 +264,18 @@ def check_emulator_folder(path: str | Path, tokenizer: bool = True, hasher=sha25
     return manifest
 
 
-def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file) -> Emulator:
+def stored_dtype(manifest: dict) -> torch.dtype:
+    """The precision an emulator's weights are stored in (emulators from before it was recorded:
+    float32)."""
+    return resolve_dtype(manifest.get("dtype", "float32"))
+
+
+def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file,
+                  dtype: torch.dtype | None = None) -> Emulator:
     """Load an emulator folder, checked whole first (:func:`check_emulator_folder`; with
-    ``tokenizer`` its tokenizer is required and loaded); never needs the full model.
+    ``tokenizer`` its tokenizer is required and loaded); never needs the full model. Its weights
+    come in the precision they were stored in (the manifest's ``dtype``) unless ``dtype`` says
+    otherwise.
 
     Raises
     ------
@@ -299,7 +320,7 @@ def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file) 
             f"unexpected {sorted(unexpected)[:3]})"
         )
     model.tie_weights()
-    model.eval()
+    model.to(dtype or stored_dtype(manifest)).eval()
     tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     return Emulator(model=model, manifest=manifest, tokenizer=tok)
 

@@ -19,6 +19,7 @@ from torch import nn
 from . import __version__
 from .arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
 from .artifact import LayerReplaceArtifact
+from .devices import model_dtype, resolve_dtype
 from .emulator import MANIFEST_FORMAT, Emulator, EmulatorConfig
 from .errors import ConfigError
 from .layer_replace import middle_layers
@@ -128,7 +129,10 @@ def build_emulator(
     scores = importance.scores if importance is not None else None
     layout = plan_layout(num_layers, config, scores)
     emulator_model, records = _assemble(model, arch, layout, config, importance)
+    dtype = model_dtype(model) if config.dtype == "auto" else resolve_dtype(config.dtype)
+    emulator_model.to(device="cpu", dtype=dtype)  # what is saved and shipped
     manifest = _manifest(model, emulator_model, arch, layout, config, importance, records, source_model)
+    manifest["dtype"] = str(dtype).removeprefix("torch.")
     return Emulator(model=emulator_model, manifest=manifest)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .heads import lm_loss, target_logprobs
+from .packing import PackedItem, can_pack, packed_scores, worth_packing
 from .tasks import MCItem
 
 TARGET_DELIMITER = " "
@@ -92,14 +93,12 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
     max_length = max_length or model_max_length(model)
     built = [make_request(tokenizer, c, x, max_length) for c, x in pairs]
     order = sorted(range(len(built)), key=lambda i: -len(built[i][0].input_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     scores = [0.0] * len(built)
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(order), desc="scoring", unit="req", disable=not progress, dynamic_ncols=True)
+    bar = _bar(len(order), progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         bar.update(len(chunk))
@@ -123,6 +122,66 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], ba
     return scores
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="scoring", unit="req", disable=not progress, dynamic_ncols=True)
+
+
+def _packable(tokenizer, context: str, continuations: list[str], max_length: int) -> PackedItem | None:
+    """The item as one packed sequence, or None where a choice needs truncating (lm-eval then
+    cuts the context per choice, so the choices no longer share it) or has no tokens."""
+    encoded = [encode_pair(tokenizer, context, x) for x in continuations]
+    ctx = encoded[0][0]
+    if any(c != ctx or not x or len(c) + len(x) - 1 > max_length for c, x in encoded):
+        return None
+    return PackedItem(ctx, [x for _, x in encoded])
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model: nn.Module, tokenizer, groups: list[tuple[str, list[str]]], batch_size: int = 8,
+                          max_length: int | None = None, progress: bool = False,
+                          pack: bool | None = None) -> list[list[float]]:
+    """:func:`loglikelihoods` of ``(context, [continuation, ...])`` groups, one list per group.
+
+    With ``pack`` (default: where :func:`scaleot_fed.packing.worth_packing` says it pays and the
+    model allows it) each group's shared context is encoded once and its continuations ride on
+    it (:mod:`scaleot_fed.packing`); ``batch_size`` then counts continuations, whole groups per
+    batch. Results equal the per-request path up to float rounding.
+    """
+    max_length = max_length or model_max_length(model)
+    packed = [_packable(tokenizer, c, xs, max_length) for c, xs in groups]
+    ready = [p for p in packed if p is not None]
+    if pack is None:
+        pack = bool(ready) and worth_packing(ready)
+    pack = pack and bool(ready) and can_pack(model, max(p.length for p in ready))
+    scores: list[list[float] | None] = [None] * len(groups)
+    rest = [g for g, p in enumerate(packed) if not pack or p is None]
+    if rest:  # one request per continuation
+        pairs = [(groups[g][0], x) for g in rest for x in groups[g][1]]
+        flat = iter(loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress))
+        for g in rest:
+            scores[g] = [next(flat) for _ in groups[g][1]]
+    todo = sorted((g for g, p in enumerate(packed) if pack and p is not None), key=lambda g: -packed[g].length)
+    was_training = model.training
+    model.eval()
+    bar = _bar(sum(len(packed[g].choices) for g in todo), progress)
+    while todo:  # longest first; whole groups, at most batch_size continuations (at least one group)
+        batch = [todo.pop(0)]
+        while todo and sum(len(packed[g].choices) for g in batch + todo[:1]) <= batch_size:
+            batch.append(todo.pop(0))
+        for g, result in zip(batch, packed_scores(model, [packed[g] for g in batch], _pad_id(tokenizer))):
+            scores[g] = result
+        bar.update(sum(len(packed[g].choices) for g in batch))
+    bar.close()
+    model.train(was_training)
+    return scores
+
+
 def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict[str, float]:
     """``acc`` and ``acc_norm`` from per-choice log-likelihoods (lm-eval's definitions)."""
     if not items:
@@ -139,13 +198,8 @@ def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict
 def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
                              max_length: int | None = None, progress: bool = False) -> dict[str, float]:
     """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests)."""
-    pairs = [(item.context, TARGET_DELIMITER + choice) for item in items for choice in item.choices]
-    flat = loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress)
-    scores, k = [], 0
-    for item in items:
-        scores.append(flat[k : k + len(item.choices)])
-        k += len(item.choices)
-    return accuracy_from_scores(items, scores)
+    groups = [(item.context, [TARGET_DELIMITER + choice for choice in item.choices]) for item in items]
+    return accuracy_from_scores(items, choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress))
 
 
 @torch.no_grad()

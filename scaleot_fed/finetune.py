@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers
 from .batching import LengthBatches
-from .devices import check_device, place, resolve_device, resolve_dtype
+from .devices import Placement
 from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .heads import answer_token_loss
@@ -36,8 +36,8 @@ IGNORE = -100
 
 
 @dataclass
-class FinetuneConfig:
-    """Local training knobs (one data owner)."""
+class FinetuneConfig(Placement):
+    """Local training knobs (one data owner); ``device`` and ``dtype`` from :class:`Placement`."""
 
     mode: str = "lora"
     steps: int = 100
@@ -61,13 +61,9 @@ class FinetuneConfig:
     """Restore the state with the lowest validation loss at the end (federated clients return
     their last state instead)."""
     seed: int = 0
-    device: str = "auto"
-    """``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    dtype: str = "float32"
-    """Frozen weights in ``float32``, ``bfloat16`` or ``float16`` (trained parameters and the
-    optimizer state stay float32; the forward runs under autocast)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.schedule not in SCHEDULES:
@@ -79,8 +75,6 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        check_device(self.device)
-        resolve_dtype(self.dtype)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha <= 0 or self.weight_decay < 0:
@@ -279,7 +273,7 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
     from tqdm.auto import tqdm
 
     params = _trained_parameters(model, train_items, val_items)
-    place(model, resolve_device(config.device), resolve_dtype(config.dtype))  # before the optimizer sees params
+    config.apply(model)  # before the optimizer sees params
     device = params[0].device
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)

@@ -30,11 +30,17 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoder's last hidden states, ``(batch, length, hidden)``, without the LM head."""
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states, ``(batch, length, hidden)``, without the LM head.
+
+    ``attention_mask`` is a ``(batch, length)`` padding mask or a ready ``(batch, 1, length,
+    length)`` one (see :mod:`scaleot_fed.packing`); ``position_ids`` default to ``0..length-1``.
+    """
     backbone = _causal_lm(model).base_model
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     with autocast_for(model):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
 
 
 def head_logits(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -67,10 +73,11 @@ def answer_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 
 def target_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                    where: torch.Tensor, targets: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities of ``targets`` at ``where`` = ``(2, n)`` (batch index, position):
     ``(n,)`` in float32, the head and log-softmax run on those ``n`` rows only."""
-    hidden = hidden_states(model, input_ids, attention_mask)
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)
     rows = hidden[where[0], where[1]]  # (n, hidden)
     logprobs = torch.log_softmax(head_logits(model, rows), dim=-1)  # (n, vocab)
     return logprobs.gather(1, targets[:, None]).squeeze(1)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .arch import architecture_of, get_layers
+from .devices import Placement
 from .errors import ConfigError
 from .harmonizer import Harmonizer
 from .heads import lm_loss
@@ -32,7 +33,7 @@ from .models import model_fingerprint
 
 
 @dataclass
-class LayerReplaceConfig:
+class LayerReplaceConfig(Placement):
     """Knobs of Dynamic LayerReplace (defaults: checked on SmolLM2-135M: 150 steps give harmonizers that beat plain layer drop on held-out LM loss)."""
 
     num_adapter_layers: int = 4
@@ -58,6 +59,7 @@ class LayerReplaceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive = ("steps", "batch_size", "group_size", "num_candidates", "harmonizer_rank", "eval_batches")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -184,9 +186,10 @@ class _Stage1:
     def __init__(self, model: nn.Module, middle: list[int], config: LayerReplaceConfig) -> None:
         self.model, self.middle, self.config = model, middle, config
         torch.manual_seed(config.seed)  # harmonizer initialisation
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # on the CPU: same draws on any device
         hidden = int(model.config.hidden_size)
-        self.harmonizers = {i: Harmonizer(hidden, config.harmonizer_rank) for i in middle}
+        device = next(model.parameters()).device
+        self.harmonizers = {i: Harmonizer(hidden, config.harmonizer_rank).to(device) for i in middle}  # float32
         params = [p for h in self.harmonizers.values() for p in h.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.harmonizer_lr, weight_decay=config.weight_decay)
         self.scores = torch.full((len(middle),), float(config.init_score))
@@ -268,7 +271,8 @@ def run_layer_replace(
     Parameters
     ----------
     model:
-        The full causal LM; its weights are frozen and left unchanged.
+        The full causal LM; its weights are frozen and left unchanged, but moved to
+        ``config.device`` in ``config.dtype``.
     token_ids:
         ``(num_blocks, block_size)`` token ids of the owner's general text.
     config:
@@ -284,8 +288,10 @@ def run_layer_replace(
     num_layers = len(get_layers(model, arch))
     middle = middle_layers(num_layers, config.num_adapter_layers)
     train_ids, heldout_ids = _split_heldout(token_ids, config)
-    fingerprint = model_fingerprint(model)
-    model.requires_grad_(False)
+    fingerprint = model_fingerprint(model)  # before any cast: the artifact names the weights as given
+    config.apply(model.requires_grad_(False))
+    device = next(model.parameters()).device
+    train_ids, heldout_ids = train_ids.to(device), heldout_ids.to(device)
     was_training = model.training
     model.eval()  # dropout off: rewards must compare candidates, not dropout noise
     run = _Stage1(model, middle, config)
@@ -301,6 +307,8 @@ def run_layer_replace(
     evaluation = _evaluate(model, heldout_ids, run.harmonizers, run.scores, middle, config, progress)
     model.train(was_training)
     run.harmonizers_eval()
+    for h in run.harmonizers.values():
+        h.to("cpu")  # the artifact is saved (and used to build emulators) from the CPU
     return LayerReplaceResult(
         scores={middle[j]: float(run.scores[j]) for j in range(len(middle))},
         harmonizers=run.harmonizers,

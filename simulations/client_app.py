@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from scaleot_fed.env import configure_environment
@@ -222,6 +223,7 @@ def receive_emulator(sha: str, delivery: RecordDict | None) -> tuple[bool, int]:
 # Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
 @app.train(mods=[secure_mod, dp_mod(_privacy_of)])
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config, pid, sha, (train_items, val_items) = _setup(msg, context)
     cfg = _run_config(msg)
     round_ = int(cfg["round"])
@@ -268,6 +270,9 @@ def train(msg: Message, context: Context) -> Message:
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
         "update-norm": update_norm,
+        # the round-cost breakdown: this owner's own work (setup, training, export) vs the round
+        "client-seconds": time.perf_counter() - started,
+        "client-train-seconds": result.seconds,
     }
     if is_secure(msg):  # secaggplus_mod masks this reply before it leaves
         return legacy_train_reply(msg, [state[n].numpy() for n in names], len(train_items), metrics)

@@ -172,6 +172,7 @@ class FederatedRun:
         new_arrays, train_metrics, row = train(grid, view, nodes, partitions, round_)
         self.arrays = new_arrays
         bytes_down = row.pop("bytes_down")
+        timing = {"seconds_train": time.time() - start}
 
         eval_metrics = train_metrics  # the clients' own validation loss after local training
         if self.config.run.client_eval:
@@ -180,6 +181,7 @@ class FederatedRun:
             eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
             eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
             eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
+            timing["seconds_client_eval"] = time.time() - start - timing["seconds_train"]
 
         row = {
             "round": round_,
@@ -194,8 +196,13 @@ class FederatedRun:
             "emulator_bytes_down": self.emulator_bytes_down if round_ == self.start_round else 0,
         } | row | self.privacy.after_round(self.metrics, partitions)
         if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
+            eval_start = time.time()
             row |= {f"plug_in_{k}": v for k, v in self.plug_in_eval().items() if k != "n"}
+            timing["seconds_plug_in_eval"] = time.time() - eval_start
+        if train_metrics and "client-seconds" in train_metrics:  # mean over the round's owners
+            timing["client_seconds_mean"] = float(train_metrics["client-seconds"])
         row["seconds"] = time.time() - start
+        row["timing"] = timing
         self.bytes_down_total += row["bytes_down"]
         self.bytes_up_total += row["bytes_up"]
         return row
@@ -274,6 +281,7 @@ class FederatedRun:
         return plug_in_trained(self.full, self.trainable, self.emulator)
 
     def _evaluate(self, model) -> dict:
+        self.config.run.eval_placement().apply(model, training=False)
         return evaluate_multiple_choice(model, self.tokenizer, self.eval_items, batch_size=self.config.run.eval_batch_size)
 
     def plug_in_eval(self) -> dict:

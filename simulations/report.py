@@ -107,7 +107,8 @@ def _pooled_owner(fed: FederatedRun, pool: bool) -> SingleOwner:
     ft = copy.deepcopy(config.finetune)
     ft.steps = run.num_rounds * run.clients_per_round * ft.steps
     ft.eval_items, ft.eval_every = len(dev), max(1, ft.steps // 4)
-    return SingleOwner(fed.full, fed.tokenizer, pooled, dev, fed.eval_items, ft, run.eval_batch_size)
+    return SingleOwner(fed.full, fed.tokenizer, pooled, dev, fed.eval_items, ft, run.eval_batch_size,
+                       eval_placement=run.eval_placement())
 
 
 def final_table(fed: FederatedRun) -> dict:

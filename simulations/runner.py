@@ -31,6 +31,26 @@ def backend_config(config: FedConfig) -> dict:
     }
 
 
+def check_client_devices(config: FedConfig, gpus: int | None = None) -> None:
+    """The clients' device against what Ray will give them (``gpus``: CUDA devices here, read
+    when not given). Ray shows an actor only the GPU share it reserved (``client_num_gpus``), and
+    waits forever for GPUs a machine does not have."""
+    import torch
+
+    run, device = config.run, config.finetune.device
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda:"):
+        raise ConfigError(f"[finetune] device = {device!r}: in a simulation Ray picks each client's GPU; "
+                          "use device = \"cuda\" or \"auto\"")
+    if device.startswith("cuda") and run.client_num_gpus == 0:
+        raise ConfigError(f"[finetune] device = {device!r} but [run] client_num_gpus = 0: Ray gives clients no GPU; "
+                          "set client_num_gpus (e.g. 0.25 for four clients per GPU) or device = \"auto\"")
+    if run.client_num_gpus > 0 and run.ray_address is None and gpus == 0:
+        raise ConfigError(f"[run] client_num_gpus = {run.client_num_gpus} but this machine has no CUDA GPU; "
+                          "set it to 0 (clients on the CPU) or attach to a GPU cluster with ray_address")
+
+
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
     from scaleot_fed.arch import architecture_of
@@ -52,6 +72,12 @@ def validate(config: FedConfig) -> None:
         middle_layers(int(model.num_hidden_layers), config.emulator.num_adapter_layers)
     if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
         raise ConfigError("strategy ffa-lora needs [finetune] mode = \"lora\"")
+    if config.strategy.name == "ffa-lora" and config.privacy.mode == "local":
+        # local DP noises every array an owner sends, the frozen A matrices too, and FFA-LoRA
+        # then (rightly) refuses updates that changed A
+        raise ConfigError("strategy ffa-lora cannot run with [privacy] mode = \"local\" (its noise would change the "
+                          "frozen A matrices); for DP use fedavg or fedprox")
+    check_client_devices(config)
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
     too_small = [i for i, n in enumerate(sizes) if n < 2]
     if too_small:

@@ -15,10 +15,11 @@ VOCAB = 96
 
 
 def tiny_config(family: str, num_layers: int = 8, vocab_size: int = VOCAB):
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
-    if family == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+    llama_like = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if family in llama_like:
+        return llama_like[family](vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4, n_positions=128,

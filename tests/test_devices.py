@@ -68,3 +68,56 @@ def test_bf16_scoring_is_within_tolerance_of_float32(gpt2_tokenizer):
     assert evaluate_multiple_choice(model, gpt2_tokenizer, _items(), batch_size=4) == accuracy_from_scores(
         _items(), low_scores)
     assert fp32_acc == accuracy_from_scores(_items(), [reference[2 * k : 2 * k + 2] for k in range(len(_items()))])
+
+
+def test_stage1_in_bf16_tracks_float32_and_returns_float32_harmonizers_on_the_cpu(tokens):
+    from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
+
+    def stage1(dtype: str):
+        config = LayerReplaceConfig(num_adapter_layers=2, steps=4, batch_size=4, block_size=16, eval_batches=1,
+                                    device="cpu", dtype=dtype)
+        model = tiny_model("llama")
+        return model, run_layer_replace(model, tokens, config, progress=False)
+
+    model, bf16 = stage1("bfloat16")
+    _, fp32 = stage1("float32")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the frozen model in the run's dtype
+    assert {p.dtype for h in bf16.harmonizers.values() for p in h.parameters()} == {torch.float32}
+    assert {p.device.type for h in bf16.harmonizers.values() for p in h.parameters()} == {"cpu"}
+    for key in ("heldout_loss_full", "heldout_loss_half_harmonized"):
+        assert abs(bf16.evaluation[key] - fp32.evaluation[key]) < 0.02 * fp32.evaluation[key]
+
+
+def test_an_emulator_stored_in_bf16_is_half_the_bytes_and_loads_in_bf16(tmp_path, gpt2_tokenizer):
+    from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
+    from scaleot_fed.emulator_build import build_emulator
+
+    full = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
+    paths = {}
+    for dtype in ("auto", "bfloat16"):
+        emulator = build_emulator(full, EmulatorConfig("uniform-drop", 2, 0.5, dtype=dtype))
+        paths[dtype] = save_emulator(emulator, tmp_path / dtype, tokenizer=gpt2_tokenizer)
+    size = {k: (p / "model.safetensors").stat().st_size for k, p in paths.items()}
+    assert size["bfloat16"] < 0.52 * size["auto"]
+    half, whole = load_emulator(paths["bfloat16"]), load_emulator(paths["auto"])
+    assert half.manifest["dtype"] == "bfloat16" and whole.manifest["dtype"] == "float32"
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_emulator(paths["bfloat16"], dtype=torch.float32).model.parameters()} == {torch.float32}
+    for (name, a), b in zip(whole.model.named_parameters(), half.model.parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b), name  # the same weights, rounded once
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"run": {"client_num_gpus": 0.5}}, "has no CUDA GPU"),
+    ({"finetune": {"device": "cuda"}}, "Ray gives clients no GPU"),
+    ({"finetune": {"device": "cuda:1"}, "run": {"client_num_gpus": 1.0}}, "Ray picks each client's GPU"),
+])
+def test_client_devices_are_checked_against_what_ray_gives_them(change, message):
+    from simulations.config import fed_config_from_dict
+    from simulations.runner import check_client_devices
+
+    config = fed_config_from_dict(change)
+    with pytest.raises(ConfigError, match=message):
+        check_client_devices(config, gpus=0)
+    if "client_num_gpus" in change.get("run", {}) and "device" not in change.get("finetune", {}):
+        check_client_devices(config, gpus=1)  # the same config is fine where a GPU exists

@@ -274,3 +274,13 @@ def test_an_incomplete_or_foreign_cached_emulator_is_not_held(client, emulator_f
     if damage == "config":
         (cached / "config.json").unlink()
     assert not client.holds_emulator(claimed) and not cached.exists()
+
+
+def test_ffa_lora_with_local_dp_is_refused_before_ray_starts():
+    from simulations.runner import validate
+
+    config = _fed({"strategy": {"name": "ffa-lora"}, "privacy": {"mode": "local", "noise_multiplier": 0.5}})
+    with pytest.raises(ConfigError, match="ffa-lora cannot run with \\[privacy\\] mode = \"local\""):
+        validate(config)
+    validate(_fed({"strategy": {"name": "ffa-lora"}}))  # without DP it runs
+    validate(_fed({"strategy": {"name": "fedavg"}, "privacy": {"mode": "local", "noise_multiplier": 0.5}}))
