@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,8 +42,13 @@ VARIANTS = {"full FT": ("full", "full"), "emulator + LoRA": ("emulator", "lora")
 BATCH = 8
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process. Not ``ru_maxrss``: Linux carries that
+    over from the parent across fork + exec, so a worker would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -69,14 +74,16 @@ def saved_activation_bytes(model, batch) -> int:
 
 
 def worker(args) -> None:
+    import peft  # noqa: F401 - imported before the baseline is read: the libraries count in it
     import torch
+    import transformers  # noqa: F401
 
-    baseline = _rss_bytes()  # imports done, no model yet
     from scaleot_fed.emulator import load_emulator
     from scaleot_fed.finetune import FinetuneConfig, collate, encode_example, finetune, make_trainable
     from scaleot_fed.models import load_model
     from scaleot_fed.tasks import load_task
 
+    baseline = _status_bytes("VmRSS")  # libraries loaded, no model yet
     torch.set_num_threads(args.threads)
     kind, mode = VARIANTS[args.worker]
     if kind == "emulator":
@@ -92,7 +99,17 @@ def worker(args) -> None:
     torch.manual_seed(0)
     trained = make_trainable(model, positions, config)
     result = finetune(trained, tokenizer, items, items[:1], config, progress=False)
-    peak = _rss_bytes()
+    peak = _status_bytes("VmHWM")
+    params = [p for p in trained.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer.step()  # allocates its state
+    start = time.perf_counter()
+    for _ in range(3):
+        optimizer.step()
+    optimizer_s = (time.perf_counter() - start) / 3
+    optimizer.zero_grad(set_to_none=True)
     examples = sorted((encode_example(tokenizer, i, config.max_length) for i in items), key=lambda e: -len(e[0]))
     longest = collate(examples[:BATCH], tokenizer.pad_token_id or 0)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
@@ -104,6 +121,8 @@ def worker(args) -> None:
         "trainable_params": trainable,
         "saved_activations": saved_activation_bytes(trained, longest),
         "mean_tokens_per_item": result.tokens / (args.steps * BATCH),
+        "step_s": result.seconds / args.steps,
+        "optimizer_step_s": optimizer_s,
     }))
 
 
@@ -189,6 +208,9 @@ def main() -> None:
                  r["saved_activations"]]
         print(f"{name:18}{r['tokens_per_s']:>10.0f}{r['peak_rss'] / 2**20:>10.0f}{ideal_bytes(r) / 2**20:>10.0f}"
               f"{r['peak_rss'] / ideal_bytes(r):>11.2f}  ({' + '.join(f'{p / 2**20:.0f}' for p in parts)})")
+    for name, r in med.items():
+        print(f"{name}: {r['step_s']:.2f} s per step, of which the AdamW update {r['optimizer_step_s']:.2f} s "
+              "(memory-bound, not in the FLOP ideal)")
     print(f"emulator + LoRA / full FT: tokens/s {speed:.2f}x (FLOP ideal {flop_ideal:.2f}x, "
           f"{speed / flop_ideal:.0%} of it); peak memory {memory:.2f}x (byte ideal {memory_ideal:.2f}x, "
           f"measured/ideal {memory / memory_ideal:.2f})")

@@ -130,8 +130,16 @@ def _block_linear_names(model: nn.Module, arch: Architecture, positions: list[in
 def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfig) -> nn.Module:
     """Freeze everything, then open the chosen mode's parameters inside blocks ``positions``.
 
+    New parameters (LoRA's A, bottleneck adapters) are drawn from ``config.seed``, without
+    touching the global random state: the same config starts from the same weights.
     Returns the model to train (a ``PeftModel`` for LoRA, else ``model`` itself).
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _open_parameters(model, positions, config)
+
+
+def _open_parameters(model: nn.Module, positions: list[int], config: FinetuneConfig) -> nn.Module:
     arch = architecture_of(model)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from peft import PeftModel
@@ -114,3 +116,26 @@ def test_an_answer_longer_than_the_window_keeps_its_start(gpt2_tokenizer):
     ids, labels = encode_example(gpt2_tokenizer, item, max_length=8)
     assert len(ids) == 8 and labels == ids  # all answer tokens, loss on every one
     assert gpt2_tokenizer.decode(ids).startswith(" word word")
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+def test_one_cell_run_twice_starts_and_ends_bitwise_equal(gpt2_tokenizer, mode):
+    from scaleot_fed.finetune import trainable_state
+
+    items = [MCItem(f"Question: say {w}\nAnswer:", ("no", w), 1) for w in ("red", "sky", "sea", "cup", "car", "tea")]
+    config = FinetuneConfig(mode=mode, steps=3, batch_size=2, eval_every=3, eval_items=2, seed=5)
+
+    def run(seed_before: int, seed: int = 5):
+        torch.manual_seed(seed_before)  # whatever the caller did with the global generator before
+        model = make_trainable(tiny_model("gpt2", num_layers=4, vocab_size=len(gpt2_tokenizer)), [0, 3],
+                               dataclasses.replace(config, seed=seed))
+        start = trainable_state(model)
+        finetune(model, gpt2_tokenizer, items, items[:2], dataclasses.replace(config, seed=seed), progress=False)
+        return start, trainable_state(model)
+
+    (start_a, end_a), (start_b, end_b) = run(0), run(123)
+    assert all(torch.equal(start_a[k], start_b[k]) for k in start_a)
+    assert all(torch.equal(end_a[k], end_b[k]) for k in end_a)
+    assert any(not torch.equal(start_a[k], end_a[k]) for k in start_a)  # it trained
+    other, _ = run(0, seed=6)
+    assert any(not torch.equal(start_a[k], other[k]) for k in start_a)  # the seed decides the start
