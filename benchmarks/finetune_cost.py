@@ -34,21 +34,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.procs import status_bytes  # noqa: E402
 from scaleot_fed.env import configure_environment  # noqa: E402
 
 configure_environment(offline=True)
 
 VARIANTS = {"full FT": ("full", "full"), "emulator + LoRA": ("emulator", "lora")}
 BATCH = 8
-
-
-def _status_bytes(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process. Not ``ru_maxrss``: Linux carries that
-    over from the parent across fork + exec, so a worker would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -83,7 +75,7 @@ def worker(args) -> None:
     from scaleot_fed.models import load_model
     from scaleot_fed.tasks import load_task
 
-    baseline = _status_bytes("VmRSS")  # libraries loaded, no model yet
+    baseline = status_bytes("VmRSS")  # libraries loaded, no model yet
     torch.set_num_threads(args.threads)
     kind, mode = VARIANTS[args.worker]
     if kind == "emulator":
@@ -99,7 +91,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     trained = make_trainable(model, positions, config)
     result = finetune(trained, tokenizer, items, items[:1], config, progress=False)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     params = [p for p in trained.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)

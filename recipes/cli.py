@@ -133,6 +133,10 @@ def _federation_parsers(sub) -> None:
                    help="overwrite an existing CA in --out")
     p.set_defaults(func=c.cmd_certs)
 
+    from .estimate import add_parser
+
+    add_parser(sub, c.DEFAULT_MODEL, MODEL_HELP)
+
     p = sub.add_parser("info", help="summary of an emulator folder")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")

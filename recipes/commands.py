@@ -318,7 +318,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from scaleot_fed.emulator import manifest_summary, read_manifest
+    from scaleot_fed.emulator import read_manifest
+    from scaleot_fed.manifest import manifest_summary
 
     manifest = read_manifest(args.dir)
     print(json.dumps(manifest, indent=1) if args.json else manifest_summary(manifest))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,12 @@ def terminate(procs: list[Proc], grace: float = 3.0) -> list[Proc]:
         while still(procs) and time.monotonic() < deadline:
             time.sleep(0.1)
     return still(procs)
+
+
+def status_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in bytes. Not ``ru_maxrss``: Linux
+    carries that over from the parent across fork + exec, so a child would report its parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")

@@ -91,9 +91,8 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
     token_ids:
         ``(num_blocks, block_size)`` owner text.
 
-    Both models are moved to ``config.device`` (frozen weights in ``config.dtype``, the trained
-    blocks in float32); the emulator comes back on the CPU.
-    """
+    Both go to ``config.device`` (frozen weights in ``config.dtype``, trained blocks in float32);
+    the emulator comes back on the CPU."""
     middle_positions, teacher_end = _distilled_positions(emulator.manifest)
     student_model = emulator.model
     blocks = get_layers(student_model)

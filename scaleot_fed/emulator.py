@@ -23,18 +23,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .arch import Architecture, architecture_by_name, architecture_of, get_layers, set_layers
-from .devices import resolve_dtype
+from .arch import Architecture, architecture_of, get_layers, set_layers
+from .devices import place, resolve_dtype
 from .errors import ConfigError, IntegrityError
 from .files import save_tensors
 from .harmonizer import Harmonizer
 from .layer_replace import check_num_adapter_layers
-from .src import LowRankLinear
+from .manifest import manifest_summary
+from .src import FusedLowRankLinear, LowRankLinear
 
 STRATEGIES = ("scaleot", "importance-drop", "uniform-drop")
 MANIFEST = "manifest.json"
@@ -108,7 +108,7 @@ class Emulator:
 
     @property
     def arch(self) -> Architecture:
-        return architecture_by_name(self.manifest["architecture"])
+        return architecture_of(self.model)
 
     def adapter_positions(self) -> dict[int, int]:
         """Emulator position -> source block index, for the adapter blocks."""
@@ -138,24 +138,6 @@ class Emulator:
     def summary(self) -> str:
         """Human-readable description (what ``scaleot-fed info`` prints)."""
         return manifest_summary(self.manifest)
-
-
-def manifest_summary(m: dict) -> str:
-    """Human-readable summary of an emulator manifest."""
-    ratio = m["num_params"] / m["source_num_params"]
-    lines = [
-        f"emulator of {m['source_model']} ({m['architecture']}, {m['num_layers']} blocks), strategy {m['strategy']}",
-        f"  N_a={len(m['adapter_layers'])} alpha={m['alpha']} rank_keep_ratio={m['rank_keep_ratio']}",
-        f"  adapter blocks    : {m['adapter_layers']}",
-        f"  kept middle blocks: {m['kept_layers']}",
-        f"  compressed (SRC)  : {m['compressed_layers']}",
-        f"  replaced          : {m['replaced_layers']} (harmonizers: {m['harmonizer_layers']})",
-        f"  parameters        : {m['num_params']:,} of {m['source_num_params']:,} ({ratio:.1%})",
-    ]
-    if m.get("compression"):
-        errors = [c["relative_error"] for c in m["compression"]]
-        lines.append(f"  SRC relative Frobenius error: mean {np.mean(errors):.3f}, max {np.max(errors):.3f}")
-    return "\n".join(lines)
 
 
 def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -304,11 +286,9 @@ def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file,
         for record in by_block.get(entry["source"], []):
             parent_path, _, attr = record["projection"].rpartition(".")
             parent = block.get_submodule(parent_path)
-            out_f, in_f = record["shape"]
-            has_bias = getattr(getattr(parent, attr), "bias", None) is not None
-            setattr(parent, attr, LowRankLinear(in_f, out_f, record["rank"], bias=has_bias, factored=record["factored"]))
+            setattr(parent, attr, _compressed_projection(record, getattr(parent, attr), arch))
         blocks.append(block)
-    set_layers(model, blocks, getattr(config, "layer_types", None))
+    set_layers(model, blocks)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_emulator stores one name of tied tensors (input/output embeddings); the other name is
@@ -320,9 +300,23 @@ def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file,
             f"unexpected {sorted(unexpected)[:3]})"
         )
     model.tie_weights()
-    model.to(dtype or stored_dtype(manifest)).eval()
+    place(model, torch.device("cpu"), dtype or stored_dtype(manifest), training=False).eval()
     tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     return Emulator(model=model, manifest=manifest, tokenizer=tok)
+
+
+def _compressed_projection(record: dict, original: nn.Module, arch: Architecture) -> nn.Module:
+    """The empty low-rank module a manifest's compression ``record`` says replaced ``original``."""
+    out_f, in_f = record["shape"]
+    has_bias = getattr(original, "bias", None) is not None
+    if not record.get("groups"):
+        return LowRankLinear(in_f, out_f, record["rank"], bias=has_bias, factored=record["factored"])
+    groups = record["groups"]  # a fused q/k/v projection, compressed group by group
+    if [g["rows"] for g in groups] != list(arch.qkv_sizes) or groups[0]["per_head"] != arch.per_head_qkv:
+        raise IntegrityError(f"{record['projection']} of block {record['block']} was compressed with another q/k/v "
+                             "row layout than this version reads; rebuild the emulator")
+    return FusedLowRankLinear(in_f, arch.qkv_rows(), [g["rank"] for g in groups], bias=has_bias,
+                              factored=[g["factored"] for g in groups])
 
 
 def _aliases(model: nn.Module, key: str) -> set[str]:
@@ -334,26 +328,3 @@ def _aliases(model: nn.Module, key: str) -> set[str]:
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in TOKENIZER_FILES)
-
-
-def check_shippable(manifest: dict, private_blocks: list[int] | tuple[int, ...] = ()) -> None:
-    """Refuse an emulator that would give the model away: one that carries every block of the
-    full model unchanged, or any block the owner marked private (exactly or compressed).
-
-    Raises
-    ------
-    IntegrityError
-        Naming what would leak and what to change.
-    """
-    layout = manifest["layout"]
-    shipped = {e["source"]: e["kind"] for e in layout if e["kind"] in ("adapter", "block", "compressed")}
-    if len(shipped) == manifest["num_layers"] and all(k != "compressed" for k in shipped.values()):
-        raise IntegrityError(
-            "this emulator carries every block of the full model unchanged, i.e. the full model; "
-            "replace or compress some blocks (alpha > 0, or rank_keep_ratio < 1) before sending it")
-    leaked = sorted(b for b in private_blocks if b in shipped)
-    if leaked:
-        kinds = ", ".join(f"{b} ({shipped[b]})" for b in leaked)
-        raise IntegrityError(
-            f"blocks marked private would leave the model owner: {kinds}; build an emulator that replaces "
-            "them (importance-drop/scaleot ranking, or a larger alpha) or unmark them")

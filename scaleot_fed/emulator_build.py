@@ -14,17 +14,18 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import __version__
 from .arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
 from .artifact import LayerReplaceArtifact
-from .devices import model_dtype, resolve_dtype
+from .devices import model_dtype, place, resolve_dtype
 from .emulator import MANIFEST_FORMAT, Emulator, EmulatorConfig
 from .errors import ConfigError
 from .layer_replace import middle_layers
-from .models import count_parameters, model_fingerprint
-from .src import CompressionRecord, LowRankLinear, rank_for_ratio, relative_frobenius_error
+from .models import base_model_reference, count_parameters, model_fingerprint
+from .src import CompressionRecord, FusedLowRankLinear, LowRankLinear, rank_for_ratio, relative_frobenius_error
 
 
 def plan_layout(
@@ -68,32 +69,38 @@ def plan_layout(
 
 
 def _compress_block(block: nn.Module, arch: Architecture, source: int, ratio: float) -> list[CompressionRecord]:
-    """Replace the attention projections of ``block`` (in place) by rank-k LowRankLinear."""
+    """Replace the attention projections of ``block`` (in place) by rank-k LowRankLinear (a
+    fused q/k/v projection: one per group, :class:`FusedLowRankLinear`)."""
     records = []
     for path in arch.attention_projections:
         parent_path, _, attr = path.rpartition(".")
         parent = block.get_submodule(parent_path)
         original = getattr(parent, attr)
         weight = projection_weight(original, arch)  # (out, in)
-        rank = rank_for_ratio(weight.shape[0], weight.shape[1], ratio)
-        low = LowRankLinear.from_weight(weight, getattr(original, "bias", None), rank)
-        records.append(
-            CompressionRecord(
-                block=source,
-                projection=path,
-                shape=(int(weight.shape[0]), int(weight.shape[1])),
-                rank=rank,
-                factored=low.factored,
-                relative_error=relative_frobenius_error(weight, low.dense_weight()),
-            )
-        )
-        setattr(parent, attr, low)
+        bias = getattr(original, "bias", None)
+        groups: tuple[dict, ...] = ()
+        with torch.device(weight.device):  # the factors where the weight is (a model on a GPU)
+            if path in arch.fused_qkv:
+                rows = arch.qkv_rows()
+                low = FusedLowRankLinear.from_weight(weight, bias, rows, ratio)
+                groups = tuple({"rank": p.rank, "factored": p.factored, "rows": len(r), "per_head": arch.per_head_qkv}
+                               for p, r in zip(low.parts, rows))
+                rank, factored = sum(g["rank"] for g in groups), all(g["factored"] for g in groups)
+            else:
+                low = LowRankLinear.from_weight(weight, bias, rank_for_ratio(weight.shape[0], weight.shape[1], ratio))
+                rank, factored = low.rank, low.factored
+        records.append(CompressionRecord(
+            block=source, projection=path, shape=(int(weight.shape[0]), int(weight.shape[1])), rank=rank,
+            factored=factored, relative_error=relative_frobenius_error(weight, low.dense_weight()), groups=groups))
+        setattr(parent, attr, low.to(weight.dtype))
     return records
 
 
-def _layer_types_for(config, layout: list[dict]) -> list[str] | None:
-    types = getattr(config, "layer_types", None)
-    return None if types is None else [types[e["source"]] for e in layout]
+def _record_json(record: CompressionRecord) -> dict:
+    entry = record.__dict__ | {"shape": list(record.shape), "groups": list(record.groups)}
+    if not record.groups:
+        del entry["groups"]  # separate projections: as before fused ones were supported
+    return entry
 
 
 def build_emulator(
@@ -130,7 +137,8 @@ def build_emulator(
     layout = plan_layout(num_layers, config, scores)
     emulator_model, records = _assemble(model, arch, layout, config, importance)
     dtype = model_dtype(model) if config.dtype == "auto" else resolve_dtype(config.dtype)
-    emulator_model.to(device="cpu", dtype=dtype)  # what is saved and shipped
+    place(emulator_model, torch.device("cpu"), dtype, training=False)  # what is saved and shipped (buffers
+    # such as rotary frequencies keep their float32, as in the full model)
     manifest = _manifest(model, emulator_model, arch, layout, config, importance, records, source_model)
     manifest["dtype"] = str(dtype).removeprefix("torch.")
     return Emulator(model=emulator_model, manifest=manifest)
@@ -152,7 +160,7 @@ def _assemble(model: nn.Module, arch: Architecture, layout: list[dict], config: 
             if entry["kind"] == "compressed":
                 records.extend(_compress_block(block, arch, src, config.rank_keep_ratio))
             blocks.append(block)
-    set_layers(emulator_model, blocks, _layer_types_for(model.config, layout))
+    set_layers(emulator_model, blocks, [e["source"] for e in layout])
     emulator_model.eval()
     return emulator_model, records
 
@@ -168,6 +176,7 @@ def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, l
         "format": MANIFEST_FORMAT,
         "scaleot_fed_version": __version__,
         "source_model": source_model,
+        "base_model": base_model_reference(source_model),  # for peft's adapter_config, resolved here
         "source_fingerprint": model_fingerprint(model),
         "architecture": arch.name,
         "model_type": model.config.model_type,
@@ -189,7 +198,7 @@ def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, l
             else None
         ),
         "layout": layout,
-        "compression": [r.__dict__ | {"shape": list(r.shape)} for r in records],
+        "compression": [_record_json(r) for r in records],
         "num_params": count_parameters(emulator_model),
         "source_num_params": count_parameters(model),
     }

@@ -306,23 +306,13 @@ def run_layer_replace(
 
     evaluation = _evaluate(model, heldout_ids, run.harmonizers, run.scores, middle, config, progress)
     model.train(was_training)
-    run.harmonizers_eval()
-    for h in run.harmonizers.values():
-        h.to("cpu")  # the artifact is saved (and used to build emulators) from the CPU
+    run.harmonizers_eval()  # and on the CPU: the artifact is saved (and emulators built) from there
     return LayerReplaceResult(
         scores={middle[j]: float(run.scores[j]) for j in range(len(middle))},
-        harmonizers=run.harmonizers,
-        config=config,
-        source_model=source_model,
-        source_fingerprint=fingerprint,
-        architecture=arch.name,
-        num_layers=num_layers,
-        hidden_size=int(model.config.hidden_size),
-        history=run.history,
-        evaluation=evaluation,
-        seconds=time.perf_counter() - start,
-        tokens_forward_backward=run.tokens_fb,
-        tokens_forward_only=run.tokens_f,
+        harmonizers={i: h.to("cpu") for i, h in run.harmonizers.items()}, config=config,
+        source_model=source_model, source_fingerprint=fingerprint, architecture=arch.name, num_layers=num_layers,
+        hidden_size=int(model.config.hidden_size), history=run.history, evaluation=evaluation,
+        seconds=time.perf_counter() - start, tokens_forward_backward=run.tokens_fb, tokens_forward_only=run.tokens_f,
     )
 
 

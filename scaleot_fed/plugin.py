@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .arch import architecture_by_name, block_index_of_key
+from .arch import architecture_of, block_index_of_key
 from .errors import ConfigError, IntegrityError
 from .files import save_tensors, usual_mode
-from .models import model_fingerprint
+from .models import base_model_reference, model_fingerprint
 
 STATE_FORMAT = "scaleot-fed/adapter-state"
 
@@ -81,7 +81,7 @@ def plug_in(model: nn.Module, manifest: dict, state: dict[str, torch.Tensor]) ->
         The keys that were written.
     """
     check_source(model, manifest)
-    arch = architecture_by_name(manifest["architecture"])
+    arch = architecture_of(model)
     adapters = set(manifest["adapter_layers"])
     from .bottleneck import add_bottleneck_adapters, bottleneck_blocks
 
@@ -113,7 +113,7 @@ def plug_in_lora(model: nn.Module, manifest: dict, adapter_dir: str | Path) -> n
     from peft import PeftModel
 
     check_source(model, manifest)
-    arch = architecture_by_name(manifest["architecture"])
+    arch = architecture_of(model)
     adapters = set(manifest["adapter_layers"])
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     for name, _ in peft_model.named_modules():
@@ -170,7 +170,9 @@ def export_trained(model: nn.Module, emulator, out: str | Path) -> Path:
         renamed = {prefix + emulator.to_source_key(k[len(prefix):]): v for k, v in state.items()}
         config.target_modules = sorted(emulator.to_source_key(t + ".weight")[: -len(".weight")]
                                        for t in config.target_modules)
-        config.base_model_name_or_path = emulator.manifest.get("source_model") or None
+        manifest = emulator.manifest  # emulators built before "base_model" was recorded: resolved here
+        config.base_model_name_or_path = manifest.get("base_model") or base_model_reference(manifest.get("source_model", ""))
+        config.task_type = "CAUSAL_LM"  # so AutoPeftModelForCausalLM.from_pretrained(folder) loads it
         out.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(out))
         save_tensors({k: v.detach().contiguous() for k, v in renamed.items()}, str(out / "adapter_model.safetensors"),

@@ -126,6 +126,64 @@ class LowRankLinear(nn.Module):
         )
 
 
+class FusedLowRankLinear(nn.Module):
+    """A fused q/k/v projection compressed group by group.
+
+    SRC factorises q, k and v separately (as it does where they are separate projections: one
+    SVD of the stacked matrix would let the groups share singular vectors and give each a
+    different rank than its own). ``rows`` are the output rows of each group in the fused
+    weight; outputs are computed per group and put back in the fused order.
+
+    Parameters
+    ----------
+    in_features:
+        Input width.
+    rows:
+        Output row indices of each group (together a permutation of ``0..out-1``).
+    ranks, factored:
+        Per group, as :class:`LowRankLinear`.
+    bias:
+        Whether the fused map has a bias (kept whole).
+    """
+
+    def __init__(self, in_features: int, rows: list[torch.Tensor], ranks: list[int], bias: bool = True,
+                 factored: list[bool | None] | None = None) -> None:
+        super().__init__()
+        factored = factored or [None] * len(rows)
+        self.in_features = in_features
+        self.out_features = sum(len(r) for r in rows)
+        self.parts = nn.ModuleList(LowRankLinear(in_features, len(r), k, bias=False, factored=f)
+                                   for r, k, f in zip(rows, ranks, factored))
+        order = torch.cat([r.cpu() for r in rows])  # fused row of each concatenated output
+        self.contiguous = order.tolist() == list(range(self.out_features))
+        device = next(self.parts.parameters()).device  # `meta` when built as a skeleton
+        self.register_buffer("inverse", torch.argsort(order).to(device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows: list[torch.Tensor],
+                    ratio: float) -> FusedLowRankLinear:
+        """Compress each group of an ``(out, in)`` fused weight to ``ratio`` of its own rank."""
+        ranks = [rank_for_ratio(len(r), weight.shape[1], ratio) for r in rows]
+        module = cls(weight.shape[1], rows, ranks, bias=bias is not None)
+        with torch.no_grad():
+            for part, r, k in zip(module.parts, rows, ranks):
+                part.load_state_dict(LowRankLinear.from_weight(weight[r], None, k).state_dict())
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix this module applies, in the fused row order."""
+        return torch.cat([p.dense_weight() for p in self.parts])[self.inverse]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([part(x) for part in self.parts], dim=-1)  # (..., out) in group order
+        if not self.contiguous:
+            y = y.index_select(-1, self.inverse)  # back to the fused order (GPT-NeoX: per head)
+        return y if self.bias is None else y + self.bias
+
+
 @dataclass(frozen=True)
 class CompressionRecord:
     """What SRC did to one projection."""
@@ -136,6 +194,8 @@ class CompressionRecord:
     rank: int
     factored: bool
     relative_error: float
+    groups: tuple[dict, ...] = ()
+    """Fused q/k/v projections: ``{"rank", "factored"}`` of q, k and v (empty otherwise)."""
 
 
 def relative_frobenius_error(original: torch.Tensor, approx: torch.Tensor) -> float:

@@ -27,10 +27,10 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from recipes.rundir import lock_run_dir, write_json
 from recipes.single_owner import prepare_emulator
 from scaleot_fed.config import as_dict
-from scaleot_fed.emulator import check_shippable
 from scaleot_fed.errors import ConfigError, RunError
 from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import make_trainable
+from scaleot_fed.manifest import check_shippable
 from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained
 from strategies import STRATEGIES, build_strategy
@@ -107,8 +107,9 @@ class FederatedRun:
         self.emulator_path = self.config.emulator.emulator_dir(self.out)
         self.sha = self.emulator.manifest["weights_sha256"]
         check_shippable(self.emulator.manifest, run.private_blocks)  # before anything is sent
-        torch.manual_seed(run.seed)  # LoRA's initial A comes from here: same seed, same start
-        # The server's emulator becomes the holder of the aggregate (the pristine one is on disk).
+        torch.manual_seed(run.seed)
+        # The server's emulator becomes the holder of the aggregate (the pristine one is on disk);
+        # LoRA's initial A comes from [finetune] seed: same seed, same start.
         self.trainable = make_trainable(self.emulator.model, list(self.emulator.adapter_positions()),
                                         self.config.finetune)
         self.names = tuple(n for n, p in self.trainable.named_parameters() if p.requires_grad)

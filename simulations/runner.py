@@ -54,8 +54,9 @@ def check_client_devices(config: FedConfig, gpus: int | None = None) -> None:
 def validate(config: FedConfig) -> None:
     """Checks that need no model: fail at start, before Ray and Flower spin up."""
     from scaleot_fed.arch import architecture_of
-    from scaleot_fed.emulator import check_shippable, read_manifest
+    from scaleot_fed.emulator import read_manifest
     from scaleot_fed.layer_replace import middle_layers
+    from scaleot_fed.manifest import check_shippable
     from scaleot_fed.models import load_model_config
 
     from .federation import make_strategy

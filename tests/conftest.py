@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of the three supported families, the real SmolLM2."""
+"""Shared fixtures: tiny random models of every tested family (per-module tests use three), the real SmolLM2."""
 
 import os
 
@@ -14,20 +14,29 @@ FAMILIES = ("llama", "gpt2", "opt")
 VOCAB = 96
 
 
-def tiny_config(family: str, num_layers: int = 8, vocab_size: int = VOCAB):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt",
+                "gpt_neox")
+"""Every family surgery is tested on (scaleot_fed.arch.TESTED_FAMILIES); FAMILIES above is the
+subset the per-module tests run on."""
 
-    llama_like = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
-    if family in llama_like:
-        return llama_like[family](vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+def tiny_config(family: str, num_layers: int = 8, vocab_size: int = VOCAB):
+    from transformers import AutoConfig, GPT2Config, OPTConfig
+
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4, n_positions=128,
                           bos_token_id=0, eos_token_id=0)
     if family == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=num_layers,
                          num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128)
-    raise ValueError(family)
+    if family not in ALL_FAMILIES:
+        raise ValueError(family)
+    extra = {"gpt_neox": {"rotary_pct": 1.0}, "gemma2": {"sliding_window": 16}, "gemma3_text": {"sliding_window": 16},
+             "qwen3": {"sliding_window": 16},
+             "phi3": {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}}.get(family, {})
+    return AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=8, max_position_embeddings=128, **extra)
 
 
 def tiny_model(family: str, num_layers: int = 8, seed: int = 0, vocab_size: int = VOCAB):

@@ -102,7 +102,7 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
     rc, _, err = run(["build-emulator", "--model", str(tmp_path / "bert"), "--strategy", "uniform-drop", "--out",
                       str(tmp_path / "e")], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "model_type='bert'" in err and "supported families" in err and "llama" in err
+    assert "unsupported model 'bert'" in err and "tested families" in err and "llama" in err
     assert not (tmp_path / "e").exists()
 
     other = tiny_model("gpt2", num_layers=6, seed=9, vocab_size=AutoModelForCausalLM.from_pretrained(workspace / "model").config.vocab_size)

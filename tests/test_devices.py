@@ -121,3 +121,12 @@ def test_client_devices_are_checked_against_what_ray_gives_them(change, message)
         check_client_devices(config, gpus=0)
     if "client_num_gpus" in change.get("run", {}) and "device" not in change.get("finetune", {}):
         check_client_devices(config, gpus=1)  # the same config is fine where a GPU exists
+
+
+def test_a_bf16_checkpoint_loads_in_bf16_unless_asked_otherwise(tmp_path, gpt2_tokenizer):
+    from scaleot_fed.models import load_model
+
+    tiny_model("llama", num_layers=2, vocab_size=len(gpt2_tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path)
+    gpt2_tokenizer.save_pretrained(tmp_path)
+    assert {p.dtype for p in load_model(str(tmp_path)).model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_model(str(tmp_path), dtype=torch.float32).model.parameters()} == {torch.float32}

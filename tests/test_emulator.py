@@ -66,7 +66,11 @@ def test_saved_emulator_holds_no_original_weight_of_replaced_or_compressed_block
 
     # kept-but-compressed projections hold at most the requested rank
     for record in manifest["compression"]:
-        assert record["rank"] == max(1, round(0.5 * min(record["shape"])))
+        out_f, in_f = record["shape"]
+        groups = [g["rows"] for g in record.get("groups", [])] or [out_f]  # fused q/k/v: each group its own
+        assert record["rank"] == sum(max(1, round(0.5 * min(rows, in_f))) for rows in groups)
+        assert [g["rank"] for g in record.get("groups", [])] == ([max(1, round(0.5 * min(r, in_f))) for r in groups]
+                                                                 if "groups" in record else [])
         assert 0.0 < record["relative_error"] < 1.0
 
 
@@ -170,7 +174,7 @@ def test_saving_is_deterministic(tmp_path):
 
 
 def test_emulators_that_would_give_the_model_away_are_refused():
-    from scaleot_fed.emulator import check_shippable
+    from scaleot_fed.manifest import check_shippable
 
     model = tiny_model("llama", num_layers=8)
     identity = EmulatorConfig("uniform-drop", 2, alpha=0.5)

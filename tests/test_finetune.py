@@ -139,3 +139,27 @@ def test_one_cell_run_twice_starts_and_ends_bitwise_equal(gpt2_tokenizer, mode):
     assert any(not torch.equal(start_a[k], end_a[k]) for k in start_a)  # it trained
     other, _ = run(0, seed=6)
     assert any(not torch.equal(start_a[k], other[k]) for k in start_a)  # the seed decides the start
+
+
+def test_an_exported_lora_loads_with_plain_peft(tiny_model_dir, gpt2_tokenizer, tmp_path):
+    """``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds the base model and gives the
+    plug-in model's logits (task_type and base_model_name_or_path as peft users expect)."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from scaleot_fed.plugin import plug_in_trained
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    emulator = build_emulator(full, EmulatorConfig("uniform-drop", 2, 0.5), source_model=str(tiny_model_dir))
+    config = FinetuneConfig(mode="lora", steps=2, batch_size=2, lr=1e-2, eval_every=2, eval_items=2)
+    trained = make_trainable(emulator.model, list(emulator.adapter_positions()), config)
+    finetune(trained, gpt2_tokenizer, _items(6), _items(2, 1), config, progress=False)
+    folder = export_trained(trained, emulator, tmp_path / "lora")
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    ids = torch.tensor([[5, 17, 301, 42, 7]])
+    expected = plug_in_trained(full, trained, emulator)(input_ids=ids).logits
+    assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)

