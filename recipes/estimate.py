@@ -45,7 +45,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in client.items() if k != "total")
     print(f"one owner's training, batch {args.batch_size} x {args.seq_len} tokens on {device}: "
           f"{client['total'] / GB:.2f} GB ({parts})")
-    print(f"the model owner (server): about {server / GB:.2f} GB (full model, emulator, process)")
+    print(f"the model owner (server): about {server / GB:.2f} GB (full model, emulator, process; scoring a "
+          f"plug-in copies the full model: +{est.full_bytes / GB:.2f} GB while it runs)")
     gpu = _gpu_bytes(args)
     if device == "cuda":
         per_gpu = int(gpu // client["total"]) if gpu else None

@@ -40,6 +40,8 @@ QKV_LAYOUTS = {"gpt2": "stacked", "phi3": "stacked", "gpt_neox": "per-head", "bl
 refused: its groups cannot be told apart by shape."""
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+FUSED_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack")
+"""Names of fused q/k/v projections: one that is not recognised by its shape is refused."""
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
@@ -152,6 +154,10 @@ def _discover(model: nn.Module) -> Architecture:
         if fused:
             sizes = candidate
             break
+    unknown = [n for n, m in projections if n.rsplit(".", 1)[-1] in FUSED_NAMES and n not in fused]
+    if unknown:  # e.g. multi-query fused projections (Falcon, GPT-BigCode): groups of other sizes
+        raise ConfigError(f"unsupported model {kind!r}: {unknown[0]} fuses q, k and v in a shape not known here; "
+                          f"{supported}")
     if fused and kind not in QKV_LAYOUTS:
         raise ConfigError(f"unsupported model {kind!r}: {fused[0]} fuses q, k and v in a row order not known here "
                           f"(known: {', '.join(QKV_LAYOUTS)}); {supported}")
@@ -200,9 +206,10 @@ def architecture_of(model_or_config) -> Architecture:
         try:
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-        except ValueError as exc:  # transformers: "Unrecognized configuration class ..."
-            raise ConfigError(f"unsupported model {getattr(config, 'model_type', '?')!r}: transformers has no causal "
-                              f"LM for it; tested families: {', '.join(TESTED_FAMILIES)}") from exc
+        except Exception as exc:  # noqa: BLE001 - no class, remote code only, an init that fails on meta
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"unsupported model {getattr(config, 'model_type', '?')!r}: its causal LM could not be "
+                              f"built from the config ({first}); tested families: {', '.join(TESTED_FAMILIES)}") from exc
         _BY_CONFIG[key] = _discover(skeleton)
     return _BY_CONFIG[key]
 
@@ -245,7 +252,8 @@ def set_layers(model: nn.Module, blocks: list[nn.Module], sources: list[int] | N
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
     for key, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == old and key != "architectures":
+        if (isinstance(value, (list, tuple)) and len(value) == old and key != "architectures"
+                and not key.endswith(("_id", "_ids"))):  # eos_token_id lists are not per layer
             setattr(config, key, type(value)(value[i] for i in sources))
     config.num_hidden_layers = len(blocks)
 

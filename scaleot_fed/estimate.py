@@ -25,9 +25,9 @@ from .harmonizer import Harmonizer
 from .src import FusedLowRankLinear, LowRankLinear, rank_for_ratio
 
 PROCESS_BASELINE = {"cpu": 0.55e9, "cuda": 0.5e9}
-"""Bytes a client process holds before any model: on the CPU the interpreter with torch,
-transformers, peft and flwr imported (measured here: benchmarks/finetune_cost.py's baseline);
-on a GPU the CUDA context and allocator reserve."""
+"""Bytes a client process holds before any model. CPU: 0.39 GB measured with torch,
+transformers and peft imported (benchmarks/finetune_cost.py), plus an allowance for the Flower
+and Ray a client actor also imports; GPU: the CUDA context and allocator reserve."""
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Estimate:
     full_params: int
     emulator_params: int
     trainable_params: int
+    frozen_params: int
+    """Weights that do not train while an owner trains (the emulator's, less what ``full`` or
+    ``bitfit`` opens; LoRA and adapters add trained weights instead)."""
     dtype_bytes: int
     """Bytes per frozen weight while training (``[finetune] dtype``)."""
     activation_bytes: int
@@ -58,7 +61,7 @@ class Estimate:
     def client_bytes(self, device: str = "cpu") -> dict[str, int]:
         """One data owner's training memory: frozen emulator, trained weights, their gradients
         and AdamW state (float32), saved activations, process baseline."""
-        frozen = (self.emulator_params - self.trainable_params) * self.dtype_bytes
+        frozen = self.frozen_params * self.dtype_bytes
         parts = {"weights": frozen + 4 * self.trainable_params, "gradients": 4 * self.trainable_params,
                  "optimizer": 8 * self.trainable_params, "activations": self.activation_bytes,
                  "baseline": int(PROCESS_BASELINE[device])}
@@ -121,7 +124,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, mask):  # (batch, heads, len, head_dim); mask may be None
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1])  # (batch, heads, len)
-        saved = (query, key, value, out, lse) + (() if mask is None else (mask.float(),))
+        saved = (query, key, value, out, lse) + (() if mask is None else (mask.to(query.dtype),))
         ctx.save_for_backward(*saved)
         return out
 
@@ -158,7 +161,8 @@ def _saved_bytes(model: nn.Module, batch_size: int, seq_len: int, answer_fractio
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         # a ready 4D causal mask: transformers would otherwise inspect a 2D one's values
         mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device="meta").tril()
-        out = lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        positions = torch.arange(seq_len, device="meta")[None]  # (1, len); OPT would derive them from a 2D mask
+        out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state[:, -answers:]  # (batch, answers, hidden)
         logits = lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]))  # (batch*answers, vocab)
         torch.nn.functional.cross_entropy(logits.float(), torch.zeros(logits.shape[0], dtype=torch.long, device="meta"))
@@ -187,15 +191,17 @@ def estimate(config, emulator: EmulatorConfig, finetune: FinetuneConfig, batch_s
                                                     {i: float(i) for i in range(len(get_layers(full)))}))
                 if e["kind"] == "adapter"]
     emulator_params = sum(p.numel() for p in model.parameters())
-    trained = make_trainable(model, adapters, finetune)
+    with torch.device("meta"):  # LoRA / bottleneck modules are skeletons too
+        trained = make_trainable(model, adapters, finetune)
     trainable = [p for p in trained.parameters() if p.requires_grad]
+    frozen = sum(p.numel() for p in trained.parameters() if not p.requires_grad)
     for p in trainable:  # one precision on the skeleton (autocast does not run on `meta`)
         p.data = p.data.to(dtype)
     activations = _saved_bytes(trained, batch_size, seq_len, answer_fraction)
     stored = checkpoint_dtype(config)
     shipped = stored if emulator.dtype == "auto" else resolve_dtype(emulator.dtype)
     return Estimate(full_params=sum(p.numel() for p in full.parameters()), emulator_params=emulator_params,
-                    trainable_params=sum(p.numel() for p in trainable), dtype_bytes=_bytes(dtype),
+                    trainable_params=sum(p.numel() for p in trainable), frozen_params=frozen, dtype_bytes=_bytes(dtype),
                     activation_bytes=activations, batch_size=batch_size, seq_len=seq_len,
                     checkpoint_bytes=_bytes(stored), shipped_bytes=_bytes(shipped))
 

