@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/evaluate_speed.py
 	$(OFFLINE) $(PY) benchmarks/federated.py
 	$(OFFLINE) $(PY) benchmarks/precision.py
+	$(OFFLINE) $(PY) benchmarks/estimate_check.py
 	$(OFFLINE) $(PY) benchmarks/summary.py
 
 clean:

@@ -46,6 +46,9 @@ def rows() -> list[tuple[str, str, str, str]]:
         e = c["memory"]
         out.append((f"(e) simulation peak / must hold ({e['clients']} clients)", f"{e['ratio']:.2f}x", "1.00x",
                     "<= 1.5x"))
+    for check in _load("estimate_check") or []:
+        out.append((f"estimate / measured owner memory, {check['batch_size']} x {check['seq_len']}",
+                    f"{check['ratio']:.2f}x", "1.00x", "within 25 %"))
     return out
 
 
@@ -58,7 +61,8 @@ def main() -> None:
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     for line in (header, *table):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
-    missing = [n for n in ("finetune_cost", "evaluate_speed", "federated", "precision") if _load(n) is None]
+    missing = [n for n in ("finetune_cost", "evaluate_speed", "federated", "precision", "estimate_check")
+               if _load(n) is None]
     if missing:
         print(f"not run yet: {', '.join(missing)}")
 
