@@ -30,15 +30,14 @@ import torch  # noqa: E402
 
 from scaleot_fed.evaluate import (  # noqa: E402
     TARGET_DELIMITER,
-    _packable,
     accuracy_from_scores,
     choice_loglikelihoods,
     make_request,
     model_max_length,
+    packing_plan,
     pad_right,
 )
 from scaleot_fed.models import load_model  # noqa: E402
-from scaleot_fed.packing import can_pack, worth_packing  # noqa: E402
 from scaleot_fed.tasks import load_task  # noqa: E402
 
 
@@ -82,18 +81,19 @@ def flops(model, tokenizer, items) -> dict:
     positions = sum(len(r.input_ids) for r in requests)
     answer = sum(r.cont_len for r in requests)
     old = _decoder_flops(cfg, decoder_params, per_request) + head * positions
-    packed = [_packable(tokenizer, i.context, [TARGET_DELIMITER + c for c in i.choices], max_length) for i in items]
-    packs = all(packed) and worth_packing(packed) and can_pack(model, max(p.length for p in packed))
-    if packs:  # context causally, then each choice's tokens see the context and their own prefix
-        segments = []
-        for p in packed:
+    groups = [(i.context, [TARGET_DELIMITER + c for c in i.choices]) for i in items]
+    plan = packing_plan(model, tokenizer, groups, max_length)  # what the new path does, group by group
+    segments, k = [], 0
+    for p, (_, continuations) in zip(plan, groups):
+        if p is None:  # one request per continuation, as the old path
+            segments += per_request[k : k + len(continuations)]
+        else:  # context causally, then each choice's tokens see the context and their own prefix
             n = len(p.context)
             segments.append((n, n * (n + 1) // 2))
-            segments += [(len(c) - 1, sum(n + k + 1 for k in range(len(c) - 1))) for c in p.choices]
-        new = _decoder_flops(cfg, decoder_params, segments) + head * answer
-    else:
-        new = _decoder_flops(cfg, decoder_params, per_request) + head * answer
-    return {"old": old, "new": new, "packed": packs, "head_share_old": head * positions / old,
+            segments += [(len(c) - 1, sum(n + j + 1 for j in range(len(c) - 1))) for c in p.choices]
+        k += len(continuations)
+    new = _decoder_flops(cfg, decoder_params, segments) + head * answer
+    return {"old": old, "new": new, "packed": any(p is not None for p in plan), "head_share_old": head * positions / old,
             "positions_old": positions, "answer_positions": answer}
 
 

@@ -71,7 +71,7 @@ def worker(args) -> None:
     import transformers  # noqa: F401
 
     from scaleot_fed.emulator import load_emulator
-    from scaleot_fed.finetune import FinetuneConfig, collate, encode_example, finetune, make_trainable
+    from scaleot_fed.finetune import IGNORE, FinetuneConfig, collate, encode_example, finetune, make_trainable
     from scaleot_fed.models import load_model
     from scaleot_fed.tasks import load_task
 
@@ -113,12 +113,14 @@ def worker(args) -> None:
         "trainable_params": trainable,
         "saved_activations": saved_activation_bytes(trained, longest),
         "mean_tokens_per_item": result.tokens / (args.steps * BATCH),
+        "answer_fraction": sum(sum(t != IGNORE for t in labels) for _, labels in examples)
+        / sum(len(ids) for ids, _ in examples),
         "step_s": result.seconds / args.steps,
         "optimizer_step_s": optimizer_s,
     }))
 
 
-def flops_per_token(model, kind: str, tokens_per_item: float) -> float:
+def flops_per_token(model, kind: str, tokens_per_item: float, answer_fraction: float) -> float:
     """Training FLOPs per token: 2 per multiply-add; full FT 3 passes, emulator + LoRA 2 (see top)."""
     from scaleot_fed.arch import get_layers
     from scaleot_fed.harmonizer import Harmonizer
@@ -128,8 +130,8 @@ def flops_per_token(model, kind: str, tokens_per_item: float) -> float:
     weights = sum(p.numel() for b in blocks for p in b.parameters())
     attention_blocks = sum(not isinstance(b, Harmonizer) for b in blocks)
     forward = 2 * weights + 2 * 2 * attention_blocks * cfg.hidden_size * tokens_per_item / 2
-    # the head runs on answer rows only (about 1 in 4 tokens on PIQA): forward and input gradient
-    head = 2 * 2 * cfg.hidden_size * cfg.vocab_size * 0.25
+    # the head runs on answer rows only (their share measured by the workers): forward and input gradient
+    head = 2 * 2 * cfg.hidden_size * cfg.vocab_size * answer_fraction
     return (3 if kind == "full" else 2) * forward + head
 
 
@@ -184,8 +186,9 @@ def main() -> None:
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     full, emu = runs["full FT"], runs["emulator + LoRA"]
     tokens_per_item = statistics.mean(r["mean_tokens_per_item"] for r in full)
-    flop_ideal = flops_per_token(loaded.model, "full", tokens_per_item) / flops_per_token(emulator_model, "lora",
-                                                                                           tokens_per_item)
+    answers = statistics.mean(r["answer_fraction"] for r in full)
+    flop_ideal = (flops_per_token(loaded.model, "full", tokens_per_item, answers)
+                  / flops_per_token(emulator_model, "lora", tokens_per_item, answers))
     speed = statistics.median(e["tokens_per_s"] / f["tokens_per_s"] for f, e in zip(full, emu))
     memory = statistics.median(e["peak_rss"] / f["peak_rss"] for f, e in zip(full, emu))
     memory_ideal = ideal_bytes(emu[0]) / ideal_bytes(full[0])

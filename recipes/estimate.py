@@ -31,7 +31,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                                           "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
                                           "dtype": args.emulator_dtype})
     finetune = from_dict(FinetuneConfig, {"mode": args.mode, "lora_r": args.lora_r, "dtype": args.dtype})
-    est = estimate(load_model_config(args.model), emulator, finetune, args.batch_size, args.seq_len)
+    est = estimate(load_model_config(args.model), emulator, finetune, args.batch_size, args.seq_len,
+                   answer_fraction=args.answer_fraction)
     device = "cuda" if args.client_num_gpus > 0 else "cpu"
     client = est.client_bytes(device)
     server = est.full_bytes + est.emulator_bytes + int(PROCESS_BASELINE["cpu"])
@@ -79,6 +80,8 @@ def add_parser(sub, default_model: str, model_help: str) -> None:
                    help="precision the emulator is stored and sent in (auto: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training example (padded batch width)")
+    p.add_argument("--answer-fraction", type=float, default=0.25,
+                   help="share of each example's tokens the loss is on (PIQA: about 0.6)")
     p.add_argument("--clients", type=int, help="concurrent clients you plan to run on this machine")
     p.add_argument("--client-num-gpus", type=float, default=0.0)
     p.add_argument("--gpu-memory-gb", type=float, help="GPU memory when this machine has no GPU")

@@ -142,41 +142,54 @@ def _packable(tokenizer, context: str, continuations: list[str], max_length: int
     return PackedItem(ctx, [x for _, x in encoded])
 
 
+def packing_plan(model: nn.Module, tokenizer, groups: list[tuple[str, list[str]]], max_length: int,
+                 pack: bool | None = None) -> list[PackedItem | None]:
+    """Per group, the packed sequence it is scored as, or None where it goes as one request per
+    continuation: ``pack`` None decides by :func:`scaleot_fed.packing.worth_packing`, and the
+    model must take a custom mask (:func:`scaleot_fed.packing.can_pack`)."""
+    packed = [_packable(tokenizer, c, xs, max_length) for c, xs in groups]
+    ready = [p for p in packed if p is not None]
+    if pack is None:
+        pack = bool(ready) and worth_packing(ready)
+    if not (pack and ready and can_pack(model, max(p.length for p in ready))):
+        return [None] * len(groups)
+    return packed
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model: nn.Module, tokenizer, groups: list[tuple[str, list[str]]], batch_size: int = 8,
                           max_length: int | None = None, progress: bool = False,
                           pack: bool | None = None) -> list[list[float]]:
     """:func:`loglikelihoods` of ``(context, [continuation, ...])`` groups, one list per group.
 
-    With ``pack`` (default: where :func:`scaleot_fed.packing.worth_packing` says it pays and the
-    model allows it) each group's shared context is encoded once and its continuations ride on
-    it (:mod:`scaleot_fed.packing`); ``batch_size`` then counts continuations, whole groups per
-    batch. Results equal the per-request path up to float rounding.
+    Where :func:`packing_plan` packs a group, its shared context is encoded once and its
+    continuations ride on it (:mod:`scaleot_fed.packing`); ``batch_size`` then counts
+    continuations, whole groups per batch. Results equal the per-request path up to float rounding.
     """
     max_length = max_length or model_max_length(model)
-    packed = [_packable(tokenizer, c, xs, max_length) for c, xs in groups]
-    ready = [p for p in packed if p is not None]
-    if pack is None:
-        pack = bool(ready) and worth_packing(ready)
-    pack = pack and bool(ready) and can_pack(model, max(p.length for p in ready))
-    scores: list[list[float] | None] = [None] * len(groups)
-    rest = [g for g, p in enumerate(packed) if not pack or p is None]
+    packed = packing_plan(model, tokenizer, groups, max_length, pack)
+    scores: list[list[float]] = [[] for _ in groups]
+    rest = [g for g, p in enumerate(packed) if p is None]
     if rest:  # one request per continuation
         pairs = [(groups[g][0], x) for g in rest for x in groups[g][1]]
         flat = iter(loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress))
         for g in rest:
             scores[g] = [next(flat) for _ in groups[g][1]]
-    todo = sorted((g for g, p in enumerate(packed) if pack and p is not None), key=lambda g: -packed[g].length)
+    todo = sorted((g for g, p in enumerate(packed) if p is not None), key=lambda g: -packed[g].length)
     was_training = model.training
     model.eval()
     bar = _bar(sum(len(packed[g].choices) for g in todo), progress)
-    while todo:  # longest first; whole groups, at most batch_size continuations (at least one group)
-        batch = [todo.pop(0)]
-        while todo and sum(len(packed[g].choices) for g in batch + todo[:1]) <= batch_size:
-            batch.append(todo.pop(0))
+    start = 0
+    while start < len(todo):  # longest first; whole groups, at most batch_size continuations (at least one)
+        end, width = start + 1, len(packed[todo[start]].choices)
+        while end < len(todo) and width + len(packed[todo[end]].choices) <= batch_size:
+            width += len(packed[todo[end]].choices)
+            end += 1
+        batch = todo[start:end]
         for g, result in zip(batch, packed_scores(model, [packed[g] for g in batch], _pad_id(tokenizer))):
             scores[g] = result
-        bar.update(sum(len(packed[g].choices) for g in batch))
+        bar.update(width)
+        start = end
     bar.close()
     model.train(was_training)
     return scores
