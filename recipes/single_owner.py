@@ -26,7 +26,7 @@ from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.plugin import export_trained, plug_in_path
-from scaleot_fed.tasks import TASKS, MCItem, load_task
+from scaleot_fed.tasks import MCItem, is_builtin, load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from .attack import AttackConfig, attack_emulator
@@ -76,7 +76,7 @@ class TaskRunSection:
 
     def evaluation_items(self) -> list[MCItem]:
         """The items every row is scored on."""
-        if self.eval_task is None and self.task not in TASKS:
+        if self.eval_task is None and not is_builtin(self.task):
             raise ConfigError(f"[run] task {self.task!r} is a user file with a single split: "
                               "set eval_task to the evaluation file")
         return load_task(self.eval_task or self.task, "validation", self.eval_limit)

@@ -208,11 +208,18 @@ def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
 
 
+def score_items(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
+                max_length: int | None = None, progress: bool = False) -> list[list[float]]:
+    """Per item, the log-likelihood of every choice after its context (lm-eval's requests): what
+    any multiple-choice metric is computed from (:func:`accuracy_from_scores`)."""
+    groups = [(item.context, [TARGET_DELIMITER + choice for choice in item.choices]) for item in items]
+    return choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress)
+
+
 def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
                              max_length: int | None = None, progress: bool = False) -> dict[str, float]:
     """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests)."""
-    groups = [(item.context, [TARGET_DELIMITER + choice for choice in item.choices]) for item in items]
-    return accuracy_from_scores(items, choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress))
+    return accuracy_from_scores(items, score_items(model, tokenizer, items, batch_size, max_length, progress))
 
 
 @torch.no_grad()

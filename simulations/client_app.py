@@ -12,7 +12,6 @@ Messages it answers:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -32,6 +31,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from scaleot_fed.emulator import WEIGHTS, Emulator, check_emulator_folder, load_emulator, sha256_file  # noqa: E402
 from scaleot_fed.errors import IntegrityError, RunError  # noqa: E402
+from scaleot_fed.evaluate import evaluate_multiple_choice  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
 
@@ -138,8 +138,11 @@ def trainable_model(sha: str, config: FinetuneConfig) -> tuple[torch.nn.Module, 
     key = (sha, config.mode, config.lora_r, config.lora_alpha, config.lora_dropout, config.adapter_size)
     if key not in _TRAINABLE:
         emulator = get_emulator(sha)
-        # The first configuration uses the loaded emulator in place; a second one gets a copy.
-        base = emulator.model if not any(k[0] == sha for k in _TRAINABLE) else copy.deepcopy(emulator.model)
+        # The first configuration (e.g. a LoRA rank) takes the loaded emulator in place; another one
+        # in this process (owners of several ranks) gets a pristine copy from the verified cache
+        # (a copy of the loaded one would carry the first configuration's adapters).
+        base = emulator.model if not any(k[0] == sha for k in _TRAINABLE) else load_emulator(
+            emulator_dir(sha), hasher=cached_sha256).model
         model = make_trainable(base, list(emulator.adapter_positions()), config)
         names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         _TRAINABLE[key] = (model, names)
@@ -197,6 +200,21 @@ def owner_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def owner_finetune(config: FedConfig, cfg: ConfigRecord) -> FinetuneConfig:
+    """``[finetune]`` with this owner's own settings, as the server's message gives them
+    (``[owners]``). A lower LoRA rank keeps the server's scaling ``lora_alpha / lora_r``, so the
+    owner's factors are the first ranks of the server's (HetLoRA)."""
+    ft, changes = config.finetune, {}
+    if "owner-lora-r" in cfg:
+        rank = int(cfg["owner-lora-r"])
+        changes |= {"lora_r": rank, "lora_alpha": ft.lora_alpha * rank / ft.lora_r}
+    if "owner-steps" in cfg:
+        changes["steps"] = int(cfg["owner-steps"])
+    if "owner-batch-size" in cfg:
+        changes["batch_size"] = int(cfg["owner-batch-size"])
+    return dataclasses.replace(ft, **changes) if changes else ft
+
+
 def _privacy_of(msg: Message):
     return fed_config_from_json(str(_run_config(msg)["fed-config"])).privacy
 
@@ -220,6 +238,15 @@ def receive_emulator(sha: str, delivery: RecordDict | None) -> tuple[bool, int]:
     return holds_emulator(sha), received
 
 
+def _personal_baseline(config: FedConfig, model: torch.nn.Module, tokenizer, val_items: list) -> dict:
+    """``{"local-acc": ...}`` when ``[run] per_owner_local``: this owner's own adapters, just
+    trained, on its held-out split (the personalised baseline of per-owner results)."""
+    if not config.run.per_owner_local:
+        return {}
+    items = val_items[:config.run.per_owner_items]
+    return {"local-acc": evaluate_multiple_choice(model, tokenizer, items, batch_size=config.run.eval_batch_size)["acc"]}
+
+
 # Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
 @app.train(mods=[secure_mod, dp_mod(_privacy_of)])
 def train(msg: Message, context: Context) -> Message:
@@ -228,19 +255,22 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg)
     round_ = int(cfg["round"])
     failure = config.debug.fail.get(str(pid))
-    if failure == "raise":
-        raise RuntimeError(f"injected failure in client {pid}")
-    model, names = trainable_model(sha, config.finetune)
+    if failure in ("raise", "slow"):  # chaos drills: an owner that fails, or one too slow for round_timeout
+        if failure == "raise":
+            raise RuntimeError(f"injected failure in client {pid}")
+        time.sleep(config.debug.slow_seconds)
+    owner_ft = owner_finetune(config, cfg)
+    model, names = trainable_model(sha, owner_ft)
     if is_secure(msg):  # the legacy layout carries a list in the exchange order
         received = ArrayRecord(dict(zip(names, (Array(a) for a in legacy_parameters(msg)))))
     else:
         received = msg.content["arrays"]
     load_exchange_state(model, names, received)
     local = dataclasses.replace(
-        config.finetune,
+        owner_ft,
         seed=hash((config.run.seed, round_, pid)) % (2**31),
         eval_items=len(val_items),
-        eval_every=config.finetune.steps,
+        eval_every=owner_ft.steps,
         select_best=False,
     )
     frozen = []
@@ -267,13 +297,14 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(train_items),
         UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
+        "train-steps": local.steps,
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
         "update-norm": update_norm,
         # the round-cost breakdown: this owner's own work (setup, training, export) vs the round
         "client-seconds": time.perf_counter() - started,
         "client-train-seconds": result.seconds,
-    }
+    } | _personal_baseline(config, model, emulator.tokenizer, val_items)
     if is_secure(msg):  # secaggplus_mod masks this reply before it leaves
         return legacy_train_reply(msg, [state[n].numpy() for n in names], len(train_items), metrics)
     metrics = MetricRecord(metrics)
@@ -283,9 +314,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, pid, sha, (_, val_items) = _setup(msg, context)
-    model, names = trainable_model(sha, config.finetune)
+    owner_ft = owner_finetune(config, msg.content["config"])
+    model, names = trainable_model(sha, owner_ft)
     load_exchange_state(model, names, msg.content["arrays"])  # evaluate messages are never SecAgg+
-    local = dataclasses.replace(config.finetune, eval_items=len(val_items))
+    local = dataclasses.replace(owner_ft, eval_items=len(val_items))
     loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
     metrics = MetricRecord({"num-examples": len(val_items), UNIT_WEIGHT: 1, "client-val-loss": float(loss)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

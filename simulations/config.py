@@ -1,8 +1,8 @@
 """Federated run configuration: one dataclass per TOML table, unknown keys rejected.
 
 A run file has ``[run]``, ``[partition]``, ``[strategy]``, ``[finetune]``, ``[emulator]``,
-``[layer_replace]`` and (for tests and chaos drills) ``[debug]``. The resolved configuration is
-written into every run folder and sent to clients with each message, so the two ways to run
+``[layer_replace]``, ``[owners]``, ``[privacy]``, ``[secure_aggregation]``, ``[attack]`` and (for
+tests and chaos drills) ``[debug]``. The resolved configuration is written into every run folder and sent to clients with each message, so the two ways to run
 (``scaleot-fed simulate`` and ``flwr run .``) behave the same.
 """
 
@@ -21,11 +21,16 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 
+from .owners import OwnersConfig
 from .privacy import PrivacyConfig
 from .secure import SecureAggregationConfig
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
-FAILURE_KINDS = ("raise", "nan", "wrong-keys")
+PARTITIONERS = ("iid", "label-skew", "task", "topic", "natural")
+RENAMED_PARTITIONERS = {
+    "dirichlet": "kind = \"label-skew\" (the same Dirichlet over `by`)",
+    "pathological": "kind = \"label-skew\" with classes_per_client = N",
+}
+FAILURE_KINDS = ("raise", "nan", "wrong-keys", "slow")
 
 
 @dataclass
@@ -64,6 +69,18 @@ class RunConfig(TaskRunSection):
     client_num_gpus: float = 0.0
     ray_address: str | None = None
     """Attach to an existing Ray cluster instead of starting one on this machine."""
+    round_timeout: float = 3600.0
+    """Seconds the server waits for a round's replies (train, then evaluate); owners that have not
+    answered by then are dropped from that round (logged, listed in the round's ``timed_out``)."""
+    per_owner_eval: bool = False
+    """Every evaluation round, also score the plug-in on each owner's held-out split (a simulation
+    knows the partitions; a deployment's model owner does not): ``per_owner`` tables in
+    ``metrics.json`` and ``results.json``, with the mean, worst owner and spread per round."""
+    per_owner_items: int | None = 50
+    """Items of each owner's held-out split scored by ``per_owner_eval`` (None: all)."""
+    per_owner_local: bool = False
+    """Owners also score their own local adapters on the emulator (after local training, on their
+    held-out split): the personalised baseline, in the ``per_owner`` table as ``local_acc``."""
     private_blocks: list[int] = field(default_factory=list)
     """Blocks of the full model that must never leave the model owner, in any form (exact or
     compressed): a run whose emulator would carry one is refused before anything is sent."""
@@ -95,32 +112,72 @@ class RunConfig(TaskRunSection):
             raise ConfigError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
         if self.client_num_gpus < 0:
             raise ConfigError(f"client_num_gpus must be >= 0, got {self.client_num_gpus}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.per_owner_items is not None and self.per_owner_items < 1:
+            raise ConfigError(f"per_owner_items must be >= 1 (or absent: all), got {self.per_owner_items}")
         if any(not isinstance(b, int) or b < 0 for b in self.private_blocks):
             raise ConfigError(f"private_blocks must be block indices (integers >= 0), got {self.private_blocks}")
 
 
 @dataclass
 class PartitionConfig:
-    """``[partition]``: how the task's train split is cut among the clients (Flower Datasets)."""
+    """``[partition]``: how the task's train split is cut among the owners, named by what is
+    skewed (Flower Datasets partitioners where they exist).
+
+    * ``iid``: contiguous near-equal shards, nothing skewed;
+    * ``label-skew``: a Dirichlet over ``by`` (default ``gold``, the answer index) per owner, or
+      ``classes_per_client`` distinct values each (the pathological split);
+    * ``task``: owners hold different tasks of a mixture (``[run] task = "piqa+arc_easy"``):
+      ``tasks`` names each owner's tasks, or a Dirichlet with ``alpha`` draws the mixtures;
+    * ``topic``: a Dirichlet with ``alpha`` over any content field ``by`` (HellaSwag's
+      ``activity_label``, ARC's exam ``source``, a user file's column);
+    * ``natural``: one owner per value of ``by`` (``num_clients`` = the number of values).
+    """
 
     kind: str = "iid"
-    by: str = "gold"
-    """Column for label-skewed partitions (``gold`` = answer index, or any item column)."""
+    by: str | None = None
+    """The item field that is skewed: ``gold`` (label-skew's default), ``num_choices``, ``task``
+    (``kind = "task"``) or a content field (``topic`` and ``natural`` need one)."""
     alpha: float = 0.5
     """Dirichlet concentration (smaller = more skewed)."""
-    classes_per_client: int = 1
-    """Pathological split: distinct values of ``by`` per client."""
+    classes_per_client: int | None = None
+    """label-skew only: each owner holds this many distinct values of ``by`` instead of a Dirichlet draw."""
+    tasks: list[list[str]] = field(default_factory=list)
+    """task only: each owner's tasks (one list per owner); a task's items are split evenly among the
+    owners that hold it. Empty: a Dirichlet over tasks with ``alpha``."""
     min_partition_size: int = 2
 
     def __post_init__(self) -> None:
+        if self.kind in RENAMED_PARTITIONERS:
+            raise ConfigError(f"partition kind {self.kind!r} is now spelled {RENAMED_PARTITIONERS[self.kind]}")
         if self.kind not in PARTITIONERS:
             raise ConfigError(f"unknown partition kind {self.kind!r}; choose one of {', '.join(PARTITIONERS)}")
+        if self.kind in ("topic", "natural") and not self.by:
+            raise ConfigError(f"partition kind {self.kind!r} needs `by`, the content field to split on "
+                              "(e.g. \"activity_label\" for HellaSwag, \"source\" for ARC)")
+        if self.kind == "task" and self.by not in (None, "task"):
+            raise ConfigError(f"partition kind \"task\" splits on the task field; remove by = {self.by!r} "
+                              "(or use kind = \"topic\")")
+        if self.tasks and self.kind != "task":
+            raise ConfigError("partition.tasks assigns tasks to owners: it needs kind = \"task\"")
+        if any(not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t) for t in self.tasks):
+            raise ConfigError(f"partition.tasks lists each owner's tasks, e.g. [[\"piqa\"], [\"arc_easy\"]]; "
+                              f"got {self.tasks}")
+        if self.classes_per_client is not None:
+            if self.kind != "label-skew":
+                raise ConfigError("classes_per_client is the pathological label skew: it needs kind = \"label-skew\"")
+            if self.classes_per_client < 1:
+                raise ConfigError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
         if self.alpha <= 0:
             raise ConfigError(f"partition alpha must be > 0, got {self.alpha}")
-        if self.classes_per_client < 1:
-            raise ConfigError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
         if self.min_partition_size < 1:
             raise ConfigError(f"min_partition_size must be >= 1, got {self.min_partition_size}")
+
+    @property
+    def split_field(self) -> str:
+        """The item field this partition skews (``gold`` for iid: what its plot shows)."""
+        return "task" if self.kind == "task" else (self.by or "gold")
 
 
 @dataclass
@@ -145,7 +202,9 @@ class DebugConfig:
     """``[debug]``: make chosen clients misbehave, to exercise failure handling."""
 
     fail: dict[str, str] = field(default_factory=dict)
-    """Partition id (as a string) -> ``raise``, ``nan`` or ``wrong-keys``."""
+    """Partition id (as a string) -> ``raise``, ``nan``, ``wrong-keys`` or ``slow`` (sleeps
+    ``slow_seconds`` before training, to exercise ``round_timeout``)."""
+    slow_seconds: float = 30.0
     stop_after_round: int | None = None
     """Stop the server (as if killed) right after this round's checkpoint."""
     tamper_delivery: bool = False
@@ -165,6 +224,7 @@ class FedConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, select_best=False))
     emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
+    owners: OwnersConfig = field(default_factory=OwnersConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -179,6 +239,13 @@ class FedConfig:
                 raise ConfigError("[secure_aggregation] and [privacy] cannot be combined yet; choose one")
             if self.run.clients_per_round < 2:
                 raise ConfigError("[secure_aggregation] needs clients_per_round >= 2 (a sum of one is that update)")
+        self.owners.check(self.run.num_clients, self.finetune)
+        if self.owners.lengths() and self.secure_aggregation.enabled:
+            raise ConfigError("[owners] settings per owner are not carried by SecAgg+ rounds yet; "
+                              "remove [owners] or [secure_aggregation]")
+        if self.partition.tasks and len(self.partition.tasks) != self.run.num_clients:
+            raise ConfigError(f"partition.tasks has {len(self.partition.tasks)} owners' task lists for "
+                              f"num_clients={self.run.num_clients}; give one list per owner")
 
     def to_json(self) -> str:
         return json.dumps(as_dict(self), sort_keys=True)
@@ -191,6 +258,7 @@ _SECTIONS = {
     "finetune": FinetuneConfig,
     "emulator": EmulatorSection,
     "layer_replace": LayerReplaceConfig,
+    "owners": OwnersConfig,
     "privacy": PrivacyConfig,
     "secure_aggregation": SecureAggregationConfig,
     "attack": AttackConfig,

@@ -10,37 +10,33 @@ continues a killed run to the same result. Delivery of the emulator is in
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from recipes.rundir import lock_run_dir, write_json
 from recipes.single_owner import prepare_emulator
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError, RunError
-from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import make_trainable
 from scaleot_fed.manifest import check_shippable
 from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained
-from strategies import STRATEGIES, build_strategy
 
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
 from .delivery import deliver
+from .owners import expected_state, owner_eval_items, pad_replies, personalise, reply_problem, score_with_owners
 from .partition import client_data
-from .privacy import UNIT_WEIGHT, PrivacyLedger, wrap_strategy
-from .report import emulator_bytes, final_table, plot_partitions, write_metrics
+from .privacy import PrivacyLedger, make_strategy
+from .report import emulator_bytes, final_table, per_owner_summary, plot_partitions, write_metrics
 from .secure import secure_round
 
 log = logging.getLogger("scaleot_fed.federation")
@@ -48,22 +44,6 @@ log = logging.getLogger("scaleot_fed.federation")
 
 class RoundFailed(RunError):
     """Too few clients of a round succeeded."""
-
-
-def make_strategy(config: FedConfig) -> tuple[Strategy, Strategy]:
-    """The run's strategy and what aggregates (the same, or Flower's DP wrapper around it).
-
-    Under differential privacy owners are averaged with equal weights (a weight from the data
-    size would change the average's sensitivity), so the strategy weighs by :data:`UNIT_WEIGHT`.
-    """
-    params = dict(config.strategy.params)
-    if config.privacy.enabled:
-        if params.get("weighted_by_key", UNIT_WEIGHT) != UNIT_WEIGHT:
-            raise ConfigError("[privacy] averages owners with equal weights; remove strategy.params.weighted_by_key")
-        if "weighted_by_key" in inspect.signature(STRATEGIES[config.strategy.name]).parameters:
-            params["weighted_by_key"] = UNIT_WEIGHT
-    base = build_strategy(config.strategy.name, params)
-    return base, wrap_strategy(base, config.privacy, config.run.num_clients, config.run.clients_per_round)
 
 
 class _SelectedGrid:
@@ -93,6 +73,7 @@ class FederatedRun:
         self.emulator_bytes_down = 0
         self.stopped: str | None = None
         self.deployed = False  # owners bring their own data (a deployment), not our partitions
+        self.owner_metrics: dict[int, dict] = {}  # the last round's train metrics, per owner
 
     # ------------------------------------------------------------------ setup
 
@@ -132,6 +113,9 @@ class FederatedRun:
             if run.final_table and (run.centralised_full_finetune or run.centralised_offsite or run.attack):
                 raise ConfigError("run.centralised_* and run.attack train on the owners' pooled data, which the "
                                    "model owner of a deployment does not have: they are simulation-only")
+            if run.per_owner_eval:
+                raise ConfigError("run.per_owner_eval scores the plug-in on each owner's held-out data, which the "
+                                  "model owner of a deployment does not have: use per_owner_local instead")
         else:
             plot_partitions(self.config, self.out)
         self.partition_to_node = {p: n for n, p in self.node_to_partition.items()}
@@ -147,22 +131,8 @@ class FederatedRun:
 
     def check_reply(self, msg: Message) -> str | None:
         """Why a train reply cannot be averaged in, or None when it can."""
-        if msg.has_error():
-            return f"client error: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else 'unknown'}"
-        arrays = msg.content.array_records.get("arrays")
-        if arrays is None:
-            return "no arrays in the reply"
-        if set(arrays.keys()) != set(self.names):
-            extra = sorted(set(arrays.keys()) - set(self.names))[:2]
-            missing = sorted(set(self.names) - set(arrays.keys()))[:2]
-            return f"wrong keys (unexpected {extra}, missing {missing})"
-        for name, expected in self.arrays.items():
-            value = arrays[name].numpy()
-            if tuple(value.shape) != tuple(expected.shape):
-                return f"wrong shape for {name}: {tuple(value.shape)} instead of {tuple(expected.shape)}"
-            if not np.isfinite(value).all():
-                return f"NaN or Inf in {name}"
-        return None
+        return reply_problem(msg, self.names, expected_state(self.arrays, self.config,
+                                                             self.node_to_partition.get(msg.metadata.src_node_id)))
 
     def run_round(self, grid: Grid, round_: int) -> dict:
         start = time.time()
@@ -173,14 +143,22 @@ class FederatedRun:
         new_arrays, train_metrics, row = train(grid, view, nodes, partitions, round_)
         self.arrays = new_arrays
         bytes_down = row.pop("bytes_down")
+        owners = {p: {"train_loss": float(m["train-loss"]), "steps": int(m["train-steps"])}
+                  | ({"local_acc": float(m["local-acc"])} if "local-acc" in m else {})
+                  for p, m in self.owner_metrics.items() if "train-steps" in m}
         timing = {"seconds_train": time.time() - start}
 
         eval_metrics = train_metrics  # the clients' own validation loss after local training
         if self.config.run.client_eval:
-            eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
+            eval_messages = self.personalise(list(self.strategy.configure_evaluate(
+                round_, self.arrays, self._train_config(round_), view)))
             bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
-            eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=3600) if not m.has_error()]
+            eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=self.config.run.round_timeout)
+                            if not m.has_error()]
             eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
+            for m in eval_replies:
+                owners.setdefault(self.node_to_partition[m.metadata.src_node_id], {})["emulator_val_loss"] = float(
+                    m.content["metrics"]["client-val-loss"])
             eval_metrics = self.strategy.aggregate_evaluate(round_, eval_replies) if eval_replies else None
             timing["seconds_client_eval"] = time.time() - start - timing["seconds_train"]
 
@@ -198,8 +176,14 @@ class FederatedRun:
         } | row | self.privacy.after_round(self.metrics, partitions)
         if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
             eval_start = time.time()
-            row |= {f"plug_in_{k}": v for k, v in self.plug_in_eval().items() if k != "n"}
+            overall, per_owner = self.plug_in_eval()
+            row |= {f"plug_in_{k}": v for k, v in overall.items() if k != "n"}
+            for p, metrics in per_owner.items():
+                owners.setdefault(p, {}).update(metrics)
             timing["seconds_plug_in_eval"] = time.time() - eval_start
+        if owners:
+            row["per_owner"] = {str(p): owners[p] for p in sorted(owners)}
+            row |= per_owner_summary(row["per_owner"])
         if train_metrics and "client-seconds" in train_metrics:  # mean over the round's owners
             timing["client_seconds_mean"] = float(train_metrics["client-seconds"])
         row["seconds"] = time.time() - start
@@ -210,9 +194,10 @@ class FederatedRun:
 
     def _train_plain(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
         """Train messages through the strategy; every update checked before it is averaged."""
-        messages = list(self.strategy.configure_train(round_, self.arrays, self._train_config(round_), view))
+        messages = self.personalise(list(self.strategy.configure_train(round_, self.arrays,
+                                                                       self._train_config(round_), view)))
         bytes_down = sum(m.content.array_records["arrays"].count_bytes() for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=3600))
+        replies = list(grid.send_and_receive(messages, timeout=self.config.run.round_timeout))
         good, failed = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -224,22 +209,30 @@ class FederatedRun:
             else:
                 good.append(msg)
         answered = {m.metadata.src_node_id for m in replies}
-        failed += [p for p in partitions if self.partition_to_node.get(p) not in answered]
+        timed_out = [p for p in partitions if self.partition_to_node.get(p) not in answered]
+        if timed_out:
+            log.warning("round %d: owner(s) %s sent no reply within round_timeout=%g s: dropped from this round",
+                        round_, timed_out, self.config.run.round_timeout)
+        failed += timed_out
         self._enough(round_, len(good), partitions, failed)
         good.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])  # fixed order: same sums
         bytes_up = sum(m.content.array_records["arrays"].count_bytes() for m in good)
+        if self.config.owners.lora_r:  # lower-rank factors back to the server's rank
+            pad_replies(good, self.arrays)
+        self.owner_metrics = {self.node_to_partition[m.metadata.src_node_id]: m.content["metrics"] for m in good}
         new_arrays, train_metrics = self.strategy.aggregate_train(round_, good)
         if new_arrays is None:
             why = (" (differential privacy accounts for exactly clients_per_round updates per round: "
                    "every sampled owner must succeed)" if self.config.privacy.enabled and failed else "")
             raise RoundFailed(f"round {round_}: the strategy produced no aggregate{why}")
         return new_arrays, train_metrics, {"successful": len(good), "failed": sorted(set(failed)),
-                                           "bytes_down": bytes_down, "bytes_up": bytes_up}
+                                           "timed_out": timed_out, "bytes_down": bytes_down, "bytes_up": bytes_up}
 
     def _train_secure(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
         """One SecAgg+ round: the server learns the average, never a single owner's update."""
         new_arrays, stats = secure_round(grid, nodes, self.arrays, self._train_config(round_), round_,
                                          self.config.secure_aggregation, self._max_examples())
+        self.owner_metrics = {}  # the server sees only the sum
         summed = set(stats.pop("nodes"))
         failed = [p for p in partitions if self.partition_to_node.get(p) not in summed]
         if failed:
@@ -281,12 +274,15 @@ class FederatedRun:
         self._load_into_trainable()
         return plug_in_trained(self.full, self.trainable, self.emulator)
 
-    def _evaluate(self, model) -> dict:
-        self.config.run.eval_placement().apply(model, training=False)
-        return evaluate_multiple_choice(model, self.tokenizer, self.eval_items, batch_size=self.config.run.eval_batch_size)
+    def personalise(self, messages: list[Message]) -> list[Message]:
+        return personalise(messages, self.config, self.node_to_partition)
 
-    def plug_in_eval(self) -> dict:
-        return self._evaluate(self.plugged_model())
+    def plug_in_eval(self) -> tuple[dict, dict[int, dict]]:
+        """The plug-in's scores on the evaluation items, and per owner on its held-out items."""
+        model = self.plugged_model()
+        self.config.run.eval_placement().apply(model, training=False)
+        return score_with_owners(model, self.tokenizer, self.eval_items, owner_eval_items(self.config),
+                                 self.config.run.eval_batch_size)
 
     # ------------------------------------------------------------------ checkpoints and reports
 

@@ -1,11 +1,17 @@
-"""Data owners' partitions of a task's train split, via Flower Datasets partitioners."""
+"""Data owners' partitions of a task's train split: Flower Datasets partitioners over an item field
+(the answer index, the task of a mixture, a content field), and one hand-written split (owners
+that name their tasks)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.tasks import MCItem, load_task
@@ -14,27 +20,54 @@ from .config import FedConfig, PartitionConfig
 
 
 def build_partitioner(config: PartitionConfig, num_partitions: int, seed: int):
-    """The Flower Datasets partitioner named by ``config.kind``."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    """The Flower Datasets partitioner for ``config`` (every kind but ``task`` with named tasks)."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
+    by = config.split_field
     if config.kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if config.kind == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by=config.by, alpha=config.alpha,
-                                    min_partition_size=config.min_partition_size, self_balancing=True, seed=seed)
-    return PathologicalPartitioner(num_partitions=num_partitions, partition_by=config.by,
-                                   num_classes_per_partition=config.classes_per_client, seed=seed)
+    if config.kind == "natural":
+        return NaturalIdPartitioner(partition_by=by)
+    if config.classes_per_client is not None:
+        return PathologicalPartitioner(num_partitions=num_partitions, partition_by=by,
+                                       num_classes_per_partition=config.classes_per_client, seed=seed)
+    return DirichletPartitioner(num_partitions=num_partitions, partition_by=by, alpha=config.alpha,
+                                min_partition_size=config.min_partition_size, self_balancing=True, seed=seed)
 
 
-def _as_dataset(items: list[MCItem]):
-    import datasets
+def item_table(items: list[MCItem]) -> dict[str, list]:
+    """The columns a partitioner can split on: ``idx``, ``gold``, ``num_choices``, ``context`` and
+    every content field (``""`` where an item lacks it)."""
+    names = sorted({k for i in items for k in i.fields})
+    return {"idx": list(range(len(items))), "gold": [i.gold for i in items],
+            "num_choices": [len(i.choices) for i in items], "context": [i.context for i in items]} | {
+        name: [i.fields.get(name, "") for i in items] for name in names}
 
-    return datasets.Dataset.from_dict({
-        "idx": list(range(len(items))),
-        "gold": [i.gold for i in items],
-        "num_choices": [len(i.choices) for i in items],
-        "context": [i.context for i in items],
-    })
+
+def assigned_tasks(values: list[str], owners: list[list[str]], seed: int) -> list[list[int]]:
+    """Owner ``k`` holds the items whose task is in ``owners[k]``; a task's items (shuffled with
+    ``seed``) are cut into near-equal contiguous shares among its holders, in owner order."""
+    present = sorted(set(values))
+    unknown = sorted({t for tasks in owners for t in tasks} - set(present))
+    if unknown:
+        raise ConfigError(f"partition.tasks names {unknown}, not in this run's tasks {present} "
+                          "(set [run] task to a mixture such as \"piqa+arc_easy\")")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in owners]
+    for task in present:
+        holders = [k for k, tasks in enumerate(owners) if task in tasks]
+        if not holders:
+            raise ConfigError(f"no owner holds task {task!r} in partition.tasks; add it to an owner's list "
+                              "or drop it from [run] task")
+        indices = rng.permutation([i for i, v in enumerate(values) if v == task])
+        for k, share in zip(holders, np.array_split(indices, len(holders)), strict=True):
+            parts[k].extend(int(i) for i in share)
+    return [sorted(p) for p in parts]
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,24 +79,44 @@ def train_items(task: str, train_limit: int | None) -> tuple[MCItem, ...]:
 def partition_indices(task: str, train_limit: int | None, config: PartitionConfig, num_partitions: int,
                       seed: int) -> tuple[tuple[int, ...], ...]:
     """Item indices of every partition (deterministic for a given seed)."""
-    return _partition_indices(task, train_limit, dataclasses.astuple(config), num_partitions, seed)
+    return _partition_indices(task, train_limit, json.dumps(dataclasses.asdict(config)), num_partitions, seed)
 
 
 @functools.lru_cache(maxsize=4)
-def _partition_indices(task, train_limit, config_tuple, num_partitions, seed):
-    config = PartitionConfig(*config_tuple)
+def _partition_indices(task, train_limit, config_json, num_partitions, seed):
+    config = PartitionConfig(**json.loads(config_json))
     items = train_items(task, train_limit)
     if len(items) < num_partitions * 2:
         raise ConfigError(f"{len(items)} training items cannot feed {num_partitions} clients (need 2 each)")
-    dataset = _as_dataset(items)
-    if config.by not in dataset.column_names:
-        raise ConfigError(f"partition.by={config.by!r} is not an item column; use one of {dataset.column_names}")
-    partitioner = build_partitioner(config, num_partitions, seed)
-    partitioner.dataset = dataset
-    try:
-        return tuple(tuple(partitioner.load_partition(p)["idx"]) for p in range(num_partitions))
-    except ValueError as exc:  # e.g. pathological split with fewer labels than needed
-        raise ConfigError(f"partitioner {config.kind} cannot split {task}: {exc}") from exc
+    table = item_table(items)
+    by = config.split_field
+    if config.kind != "iid" and by not in table:
+        raise ConfigError(f"partition.by={by!r} is not a field of {task}'s items; use one of {', '.join(table)}")
+    if config.kind == "task" and config.tasks:
+        parts = assigned_tasks(table["task"], config.tasks, seed)
+    else:
+        if config.kind == "natural":
+            counts = Counter(table[by])
+            if len(counts) != num_partitions:
+                raise ConfigError(f"a natural partition by {by!r} has one owner per value: {task} has {len(counts)} "
+                                  f"values, so set num_clients = {len(counts)} (it is {num_partitions})")
+            rare = sorted(v for v, n in counts.items() if n < 2)
+            if rare:
+                raise ConfigError(f"a natural partition by {by!r} makes an owner of every value, but {rare[:3]} "
+                                  f"({len(rare)} in all) have fewer than 2 items; use kind = \"topic\" instead")
+        import datasets
+
+        partitioner = build_partitioner(config, num_partitions, seed)
+        partitioner.dataset = datasets.Dataset.from_dict(table)
+        try:
+            parts = [list(partitioner.load_partition(p)["idx"]) for p in range(num_partitions)]
+        except ValueError as exc:  # e.g. a pathological split with fewer values than needed
+            raise ConfigError(f"partition {config.kind} by {by!r} cannot split {task}: {exc}") from exc
+    small = [(k, len(p)) for k, p in enumerate(parts) if len(p) < 2]
+    if small:
+        raise ConfigError(f"partition {config.kind} by {by!r} leaves owner(s) {small[:3]} (id, items) with fewer than "
+                          "2 items (one to train, one to validate); raise train_limit or alpha, or use fewer owners")
+    return tuple(tuple(p) for p in parts)
 
 
 def client_data(config: FedConfig, partition_id: int, num_partitions: int) -> tuple[list[MCItem], list[MCItem]]:

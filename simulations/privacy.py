@@ -11,8 +11,10 @@ credit for sampling (the server's client choice is deterministic, not a secret r
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
@@ -26,6 +28,10 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as _AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from scaleot_fed.errors import ConfigError
+from strategies import STRATEGIES, build_strategy
+
+if TYPE_CHECKING:
+    from .config import FedConfig
 
 MODES = ("none", "central", "local")
 
@@ -163,3 +169,19 @@ def dp_mod(privacy_of):
         return call_next(msg, context)
 
     return mod
+
+
+def make_strategy(config: FedConfig) -> tuple[Strategy, Strategy]:
+    """The run's strategy and what aggregates (the same, or Flower's DP wrapper around it).
+
+    Under differential privacy owners are averaged with equal weights (a weight from the data
+    size would change the average's sensitivity), so the strategy weighs by :data:`UNIT_WEIGHT`.
+    """
+    params = dict(config.strategy.params)
+    if config.privacy.enabled:
+        if params.get("weighted_by_key", UNIT_WEIGHT) != UNIT_WEIGHT:
+            raise ConfigError("[privacy] averages owners with equal weights; remove strategy.params.weighted_by_key")
+        if "weighted_by_key" in inspect.signature(STRATEGIES[config.strategy.name]).parameters:
+            params["weighted_by_key"] = UNIT_WEIGHT
+    base = build_strategy(config.strategy.name, params)
+    return base, wrap_strategy(base, config.privacy, config.run.num_clients, config.run.clients_per_round)

@@ -19,22 +19,42 @@ from scaleot_fed.emulator import WEIGHTS, load_emulator
 from scaleot_fed.plugin import save_plugged
 
 from .config import FedConfig
-from .partition import client_data, partition_indices, train_items
+from .partition import client_data, item_table, partition_indices, train_items
 
 if TYPE_CHECKING:
     from .federation import FederatedRun
 
 
+def per_owner_summary(owners: dict[str, dict]) -> dict:
+    """The round's per-owner plug-in accuracy in four numbers: mean, worst, which owner, spread."""
+    acc = {p: m["plug_in_acc"] for p, m in owners.items() if "plug_in_acc" in m}
+    if not acc:
+        return {}
+    worst = min(acc, key=lambda p: (acc[p], int(p)))
+    return {"per_owner_acc_mean": float(np.mean(list(acc.values()))), "per_owner_acc_worst": acc[worst],
+            "per_owner_worst_owner": int(worst), "per_owner_acc_spread": max(acc.values()) - acc[worst]}
+
+
+def per_owner_table(rounds: list[dict]) -> dict[str, dict[str, dict]]:
+    """owner id -> round -> that owner's metrics (from the rounds' ``per_owner`` entries)."""
+    table: dict[str, dict[str, dict]] = {}
+    for row in rounds:
+        for owner, metrics in row.get("per_owner", {}).items():
+            table.setdefault(owner, {})[str(row["round"])] = metrics
+    return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
+
+
 def write_metrics(out: Path, rounds: list[dict], summary: dict) -> None:
-    """``metrics.json`` (``rounds`` plus ``summary``), ``metrics.csv`` (one row per round) and
-    ``rounds.png``."""
-    write_json(out / "metrics.json", {"rounds": rounds} | summary)
-    keys = sorted({k for row in rounds for k in row})
+    """``metrics.json`` (``rounds``, the ``per_owner`` table, ``summary``), ``metrics.csv`` (one row
+    per round, without the per-owner entries) and ``rounds.png``."""
+    owners = per_owner_table(rounds)
+    write_json(out / "metrics.json", {"rounds": rounds} | ({"per_owner": owners} if owners else {}) | summary)
+    keys = sorted({k for row in rounds for k in row} - {"per_owner"})
     with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for row in rounds:
-            writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
     plot_rounds(rounds, out / "rounds.png")
 
 
@@ -56,6 +76,16 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
     acc = [(r["round"], 100 * r["plug_in_acc"]) for r in rounds if "plug_in_acc" in r]
     if acc:
         a1.plot(*zip(*acc, strict=True), marker="o", label="plug-in acc")
+    owners = [r for r in rounds if "per_owner_acc_mean" in r]
+    if owners:  # the owners' own held-out splits: mean, and the band from the worst to the best
+        x = [r["round"] for r in owners]
+        worst = [100 * r["per_owner_acc_worst"] for r in owners]
+        a1.plot(x, [100 * r["per_owner_acc_mean"] for r in owners], marker="s", label="owners' mean")
+        a1.plot(x, worst, linestyle="--", label="worst owner")
+        a1.fill_between(x, worst, [w + 100 * r["per_owner_acc_spread"] for w, r in zip(worst, owners, strict=True)],
+                        alpha=0.15, label="owners' spread")
+    if acc or owners:
+        a1.legend(fontsize=8)
     for axis in (a1, a2):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.set_xlabel("round")
@@ -73,28 +103,51 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_partitions(config: FedConfig, out: Path) -> None:
-    """``partitions.png`` (items per client, stacked by label) and ``partitions.json``."""
+PLOTTED_VALUES = 10
+"""A partition plot stacks this many values of the split field (the most frequent), the rest as "other"."""
+
+
+def partition_counts(config: FedConfig) -> tuple[str, list[str], np.ndarray]:
+    """(the field the partition split, its values, items per owner and value)."""
     run = config.run
     parts = partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)
     items = train_items(run.task, run.train_limit)
-    labels = sorted({i.gold for i in items})
-    counts = np.array([[sum(items[j].gold == lab for j in p) for lab in labels] for p in parts])
+    name = config.partition.split_field
+    column = item_table(list(items))[name]
+    values = sorted({str(v) for v in column}, key=lambda v: (len(v), v) if name == "gold" else v)
+    where = {v: k for k, v in enumerate(values)}
+    counts = np.zeros((len(parts), len(values)), dtype=int)
+    for owner, part in enumerate(parts):
+        for i in part:
+            counts[owner, where[str(column[i])]] += 1
+    return name, values, counts
+
+
+def plot_partitions(config: FedConfig, out: Path) -> None:
+    """``partitions.png`` (items per owner, stacked by the values of the field that was split) and
+    ``partitions.json`` (sizes and the per-owner counts of every value)."""
+    run = config.run
+    name, values, counts = partition_counts(config)
+    order = np.argsort(-counts.sum(axis=0), kind="stable")
+    shown = sorted(order[:PLOTTED_VALUES].tolist())
+    rest = counts[:, [k for k in range(len(values)) if k not in shown]].sum(axis=1)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(parts) + 2), 3.2))
-    bottom = np.zeros(len(parts))
-    for k, lab in enumerate(labels):
-        ax.bar(range(len(parts)), counts[:, k], bottom=bottom, label=f"gold={lab}")
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(counts) + 2), 3.2))
+    bottom = np.zeros(len(counts))
+    for k in shown:
+        ax.bar(range(len(counts)), counts[:, k], bottom=bottom, label=f"{name}={values[k]}"[:40])
         bottom += counts[:, k]
-    ax.set_xlabel("client (partition id)")
+    if rest.any():
+        ax.bar(range(len(counts)), rest, bottom=bottom, color="lightgrey", label=f"{len(values) - len(shown)} other")
+    ax.set_xlabel("owner (partition id)")
     ax.set_ylabel("training items")
-    ax.set_title(f"{run.task}: {config.partition.kind} partition")
-    ax.legend(fontsize=7)
+    ax.set_title(f"{run.task}: {config.partition.kind} partition by {name}"[:80], fontsize=9)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "partitions.png", dpi=110)
     plt.close(fig)
-    write_json(out / "partitions.json", {"sizes": [len(p) for p in parts], "label_counts": counts.tolist(),
-                                         "labels": labels}, indent=None)
+    write_json(out / "partitions.json", {"sizes": counts.sum(axis=1).tolist(), "field": name, "values": values,
+                                         "counts": counts.tolist()}, indent=None)
 
 
 def _pooled_owner(fed: FederatedRun, pool: bool) -> SingleOwner:
@@ -141,8 +194,11 @@ def final_table(fed: FederatedRun) -> dict:
         "n_eval": len(fed.eval_items), "finetune": as_dict(config.finetune), "emulators": emulators,
         "federation": {"num_clients": run.num_clients, "clients_per_round": run.clients_per_round,
                        "num_rounds": run.num_rounds, "strategy": config.strategy.name,
-                       "partition": as_dict(config.partition)},
+                       "partition": as_dict(config.partition), "owners": as_dict(config.owners)},
     }
+    owners = per_owner_table(fed.metrics)
+    if owners:
+        results["per_owner"] = owners
     write_results(fed.out, results)
     return results
 

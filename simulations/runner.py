@@ -59,8 +59,8 @@ def validate(config: FedConfig) -> None:
     from scaleot_fed.manifest import check_shippable
     from scaleot_fed.models import load_model_config
 
-    from .federation import make_strategy
     from .partition import partition_indices
+    from .privacy import make_strategy
 
     run = config.run
     run.evaluation_items()  # unknown task, missing file, a user file without eval_task

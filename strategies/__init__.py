@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 
 from scaleot_fed.errors import ConfigError
 
-from .lora import FFALoRA
+from .lora import FFALoRA, pad_rank, rank_axis, slice_rank
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -46,4 +46,4 @@ def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
         raise ConfigError(f"strategy {name}: {exc}") from exc
 
 
-__all__ = ["STRATEGIES", "build_strategy", "FFALoRA"]
+__all__ = ["STRATEGIES", "build_strategy", "FFALoRA", "pad_rank", "rank_axis", "slice_rank"]

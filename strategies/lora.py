@@ -7,7 +7,7 @@ A at its shared initial value, so only B trains and mean(B_i) @ A == mean(B_i @ 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -45,3 +45,52 @@ class FFALoRA(FedAvg):
                         f"FFA-LoRA: a client changed the frozen {key}; clients must honour '{FREEZE_A_KEY}'"
                     )
         return super().aggregate_train(server_round, replies)
+
+
+# ----------------------------------------------------------------------------- mixed ranks (HetLoRA)
+
+
+def rank_axis(name: str) -> int | None:
+    """The rank axis of a LoRA factor: rows of A ``(r, in)``, columns of B ``(out, r)``; None for
+    any other tensor."""
+    if "lora_A" in name:
+        return 0
+    if "lora_B" in name:
+        return 1
+    return None
+
+
+def slice_rank(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """The first ``rank`` components of every LoRA factor (HetLoRA's truncation): the state an
+    owner of that rank trains. Other tensors are passed through."""
+    out = {}
+    for name, value in arrays.items():
+        axis = rank_axis(name)
+        out[name] = value if axis is None else np.ascontiguousarray(value[:rank] if axis == 0 else value[:, :rank])
+    return out
+
+
+def pad_rank(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An owner's lower-rank factors brought back to the server's rank.
+
+    B's missing columns are zeros (the owner's own product ``B_i @ A_i`` has none) and A's
+    missing rows keep the values the server sent (the owner never saw them), so
+    ``pad(B_i) @ pad(A_i) == B_i @ A_i``: averaging padded B under a shared frozen A (FFA-LoRA)
+    is exactly the weighted mean of the owners' weight updates, whatever their ranks.
+    """
+    out = {}
+    for name, value in reply.items():
+        full, axis = sent[name], rank_axis(name)
+        if value.shape == full.shape or axis is None:
+            out[name] = value
+            continue
+        rank = value.shape[axis]
+        if value.ndim != 2 or rank > full.shape[axis] or value.shape[1 - axis] != full.shape[1 - axis]:
+            raise ValueError(f"{name}: shape {value.shape} is not a rank slice of {full.shape}")
+        padded = np.zeros_like(full) if axis == 1 else full.copy()
+        if axis == 0:
+            padded[:rank] = value
+        else:
+            padded[:, :rank] = value
+        out[name] = padded
+    return out

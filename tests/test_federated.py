@@ -4,6 +4,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -300,3 +301,50 @@ def test_server_optimisers_and_robust_aggregation_run_a_real_round(fed, name, pa
             delta = mean[k] - start[k]
             expected = start[k] + eta_t * (1 - s.beta_1) * delta / (((1 - s.beta_2) * delta**2).sqrt() + s.tau)
             torch.testing.assert_close(new[k], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
+    """Three owners, one task each; LoRA ranks 2/4/8 under FFA-LoRA with their own steps and batch
+    sizes; the plug-in scored on every owner's held-out split, beside the owner's local adapters."""
+    words = [["red", "blue", "green"], ["cat", "dog", "cow"], ["sun", "moon", "star"]]
+    path = fed / "mixture.jsonl"
+    with open(path, "w") as handle:
+        for i in range(90):
+            task = i % 3
+            a, b = words[task][i % 3], words[task][(i + 1) % 3]
+            handle.write(json.dumps({"context": f"Question: say {a}\nAnswer:", "choices": [b, a], "gold": 1,
+                                     "task": f"t{task}"}) + "\n")
+    config = _config(fed, "hetero", task=str(path), num_clients=3, clients_per_round=3, eval_every=1,
+                     per_owner_eval=True, per_owner_items=5, per_owner_local=True, final_table=True)
+    config["partition"] = {"kind": "task", "tasks": [["t0"], ["t1"], ["t2"]]}
+    config["strategy"] = {"name": "ffa-lora"}
+    config["finetune"] |= {"lora_r": 8}
+    config["owners"] = {"lora_r": [2, 4, 8], "steps": [1, 2, 3], "batch_size": [2, 4, 4]}
+    fed_config = fed_config_from_dict(config)
+    out = simulate(fed_config)
+
+    parts = json.loads((out / "partitions.json").read_text())
+    assert parts["field"] == "task" and parts["values"] == ["t0", "t1", "t2"]
+    assert parts["counts"] == [[30, 0, 0], [0, 30, 0], [0, 0, 30]]  # each owner holds its own task
+    metrics = json.loads((out / "metrics.json").read_text())
+    table = metrics["per_owner"]
+    assert set(table) == {"0", "1", "2"}
+    for owner, rounds in table.items():
+        assert set(rounds) == {"1", "2"}
+        for m in rounds.values():
+            assert m["n"] == 3 and 0 <= m["plug_in_acc"] <= 1 and 0 <= m["local_acc"] <= 1  # 3 held-out items
+            assert m["steps"] == [1, 2, 3][int(owner)] and np.isfinite(m["emulator_val_loss"])
+    last = metrics["rounds"][-1]
+    accs = {o: r["2"]["plug_in_acc"] for o, r in table.items()}
+    assert last["per_owner_acc_worst"] == min(accs.values()) and last["per_owner_acc_mean"] == pytest.approx(
+        np.mean(list(accs.values())))
+    assert accs[str(last["per_owner_worst_owner"])] == min(accs.values())
+    results = json.loads((out / "results.json").read_text())
+    assert results["per_owner"] == table
+    # owners of rank 2 and 4 send less than the full rank-8 state; the aggregate keeps rank 8
+    assert metrics["trainable_bytes"] < last["bytes_up"] < 3 * metrics["trainable_bytes"]
+    aggregate, initial = _aggregate(out), _initial_state(out, fed_config)
+    assert {k: tuple(v.shape) for k, v in aggregate.items()} == {k: tuple(v.shape) for k, v in initial.items()}
+    for name in (k for k in aggregate if "lora_A" in k):  # FFA-LoRA: A is never trained
+        torch.testing.assert_close(aggregate[name], initial[name])
+    assert any(not torch.equal(aggregate[k], initial[k]) for k in aggregate if "lora_B" in k)

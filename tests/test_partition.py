@@ -24,7 +24,7 @@ def _partition(task, golds, num, seed=0, **section):
     parts = partition_indices(task, None, config, num, seed)
     everything = sorted(i for p in parts for i in p)
     assert len(set(everything)) == len(everything)  # no item in two partitions
-    if config.kind != "pathological":  # (a pathological split may leave labels nobody drew unused)
+    if config.classes_per_client is None:  # (a pathological split may leave labels nobody drew unused)
         assert everything == list(range(len(golds)))  # every item somewhere
     return parts
 
@@ -51,7 +51,7 @@ def test_pathological_one_class_per_owner_gives_single_label_owners(tmp_path):
     owner order."""
     golds = GOLDS
     num, seed, per_client = 4, 3, 1
-    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, num, seed, kind="pathological",
+    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, num, seed, kind="label-skew",
                        classes_per_client=per_client)
 
     rng = np.random.default_rng(seed)
@@ -75,7 +75,7 @@ def test_pathological_one_class_per_owner_gives_single_label_owners(tmp_path):
 
 def test_pathological_with_two_classes_per_owner(tmp_path):
     golds = GOLDS
-    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, 3, 11, kind="pathological", classes_per_client=2)
+    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, 3, 11, kind="label-skew", classes_per_client=2)
     rng = np.random.default_rng(11)
     drawn = [sorted(rng.choice([0, 1, 2], size=2, replace=False).tolist()) for _ in range(3)]
     totals = Counter(golds)
@@ -114,7 +114,7 @@ def _dirichlet_by_hand(golds, num, alpha, min_size, seed):
 def test_dirichlet_sizes_and_label_histograms_match_a_hand_derivation(tmp_path, alpha, seed):
     golds = GOLDS
     num, min_size = 4, 2
-    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, num, seed, kind="dirichlet", alpha=alpha,
+    parts = _partition(_task(tmp_path / "t.jsonl", golds), golds, num, seed, kind="label-skew", alpha=alpha,
                        min_partition_size=min_size)
     expected = _dirichlet_by_hand(golds, num, alpha, min_size, seed)
     assert [len(p) for p in parts] == [len(e) for e in expected]
@@ -132,7 +132,7 @@ def test_dirichlet_skews_labels_more_as_alpha_shrinks(tmp_path):
     def skew(alpha):
         distances = []
         for seed in range(5):
-            for part in _partition(task, golds, 4, seed, kind="dirichlet", alpha=alpha):
+            for part in _partition(task, golds, 4, seed, kind="label-skew", alpha=alpha):
                 mix = np.bincount([golds[i] for i in part], minlength=3) / len(part)
                 distances.append(0.5 * np.abs(mix - overall).sum())
         return float(np.mean(distances))
@@ -143,4 +143,91 @@ def test_dirichlet_skews_labels_more_as_alpha_shrinks(tmp_path):
 def test_pathological_asking_for_more_labels_than_exist_is_a_config_error(tmp_path):
     golds = GOLDS
     with pytest.raises(ConfigError, match="cannot split"):
-        _partition(_task(tmp_path / "t.jsonl", golds), golds, 3, kind="pathological", classes_per_client=4)
+        _partition(_task(tmp_path / "t.jsonl", golds), golds, 3, kind="label-skew", classes_per_client=4)
+
+
+def _content_task(path, records) -> str:
+    """A user task file: ``records`` are (gold, extra fields) pairs, two choices each."""
+    with open(path, "w") as handle:
+        for i, (gold, extra) in enumerate(records):
+            handle.write(json.dumps({"context": f"Q{i}?", "choices": ["a", "b"], "gold": gold} | extra) + "\n")
+    return str(path)
+
+
+def test_items_carry_their_content_fields(tmp_path):
+    from scaleot_fed.tasks import load_task
+
+    path = _content_task(tmp_path / "t.jsonl", [(0, {"topic": "cooking", "year": 2020}), (1, {})])
+    first, second = load_task(path, "train")
+    assert dict(first.fields) == {"topic": "cooking", "year": "2020"} and dict(second.fields) == {}
+    mixed = load_task("piqa+arc_easy", "validation", 3)
+    assert [i.fields["task"] for i in mixed] == ["piqa"] * 3 + ["arc_easy"] * 3
+    assert all(i.fields["source"] for i in mixed[3:])  # ARC's exam, from the question id
+    with pytest.raises(ConfigError, match="distinct built-in tasks"):
+        load_task("piqa+nosuchtask", "validation", 3)
+
+
+def test_natural_partition_gives_each_value_its_own_owner(tmp_path):
+    hospitals = ["north", "south", "east", "north", "east", "east", "south", "north", "north"]
+    path = _content_task(tmp_path / "t.jsonl", [(i % 2, {"hospital": h}) for i, h in enumerate(hospitals)])
+    parts = _partition(path, hospitals, 3, kind="natural", by="hospital")
+    by_value = {hospitals[p[0]]: sorted(p) for p in parts}
+    assert by_value == {"north": [0, 3, 7, 8], "south": [1, 6], "east": [2, 4, 5]}  # every value whole, alone
+    with pytest.raises(ConfigError, match="set num_clients = 3"):
+        _partition(path, hospitals, 4, kind="natural", by="hospital")
+    with pytest.raises(ConfigError, match="needs `by`"):
+        fed_config_from_dict({"partition": {"kind": "natural"}})
+
+
+def test_named_tasks_split_each_task_evenly_among_its_holders(tmp_path):
+    """Owner k holds the tasks it names; a task's items, shuffled with the seed, are cut into
+    near-equal contiguous shares among its holders in owner order (re-derived here)."""
+    tasks = ["piqa"] * 7 + ["arc"] * 4 + ["obqa"] * 3
+    path = _content_task(tmp_path / "t.jsonl", [(0, {"task": t}) for t in tasks])
+    owners = [["piqa"], ["piqa", "arc"], ["obqa", "arc"]]
+    seed = 5
+    config = fed_config_from_dict({"run": {"num_clients": 3, "clients_per_round": 2},
+                                   "partition": {"kind": "task", "tasks": owners}})
+    parts = partition_indices(path, None, config.partition, 3, seed)
+    rng = np.random.default_rng(seed)
+    expected = [[], [], []]
+    for task in sorted(set(tasks)):  # arc, obqa, piqa
+        holders = [k for k, names in enumerate(owners) if task in names]
+        shares = np.array_split(rng.permutation([i for i, t in enumerate(tasks) if t == task]), len(holders))
+        for k, share in zip(holders, shares):
+            expected[k] += share.tolist()
+    assert [sorted(p) for p in parts] == [sorted(e) for e in expected]
+    assert {tasks[i] for i in parts[0]} == {"piqa"} and {tasks[i] for i in parts[2]} == {"obqa", "arc"}
+    assert [len(p) for p in parts] == [4, 3 + 2, 3 + 2]  # piqa 7 -> 4 + 3, arc 4 -> 2 + 2
+    with pytest.raises(ConfigError, match="one list per owner"):
+        fed_config_from_dict({"run": {"num_clients": 4}, "partition": {"kind": "task", "tasks": owners}})
+    bad = fed_config_from_dict({"run": {"num_clients": 3, "clients_per_round": 2}, "partition": {"kind": "task", "tasks": [["piqa"], ["arc"], ["x"]]}})
+    with pytest.raises(ConfigError, match="not in this run's tasks"):
+        partition_indices(path, None, bad.partition, 3, seed)
+
+
+@pytest.mark.parametrize("kind,by", [("task", None), ("topic", "topic")])
+def test_task_and_topic_skew_are_dirichlet_draws_over_the_field(tmp_path, kind, by):
+    """Task and topic skew use Flower's Dirichlet partitioner over the content field: the same
+    partition as a label skew over that field (checked by hand above), and more skewed owners as
+    alpha shrinks."""
+    field = by or "task"
+    values = ["a", "b", "c", "d"] * 15
+    path = _content_task(tmp_path / "t.jsonl", [(i % 2, {field: v}) for i, v in enumerate(values)])
+    section = {"kind": kind, "alpha": 0.3} | ({"by": by} if by else {})
+    skewed = _partition(path, values, 3, 2, **section)
+    same = _partition(path, values, 3, 2, kind="label-skew", by=field, alpha=0.3)
+    assert [sorted(p) for p in skewed] == [sorted(p) for p in same]
+
+    def top_share(alpha):
+        parts = _partition(path, values, 3, 2, **(section | {"alpha": alpha}))
+        return np.mean([max(Counter(values[i] for i in p).values()) / len(p) for p in parts])
+
+    assert top_share(0.05) > top_share(1000.0)
+
+
+def test_old_kind_names_say_their_new_spelling():
+    with pytest.raises(ConfigError, match='now spelled kind = "label-skew"'):
+        fed_config_from_dict({"partition": {"kind": "dirichlet"}})
+    with pytest.raises(ConfigError, match="classes_per_client"):
+        fed_config_from_dict({"partition": {"kind": "pathological"}})

@@ -6,8 +6,7 @@ import pytest
 
 from scaleot_fed.errors import ConfigError
 from simulations.config import fed_config_from_dict
-from simulations.federation import make_strategy
-from simulations.privacy import UNIT_WEIGHT, PrivacyConfig, PrivacyLedger
+from simulations.privacy import UNIT_WEIGHT, PrivacyConfig, PrivacyLedger, make_strategy
 
 
 def _rdp_epsilon(noise, releases, delta):

@@ -158,3 +158,33 @@ def test_krum_returns_the_most_central_update_and_never_the_outlier():
     agg, _ = build_strategy("krum", {"num_malicious_nodes": 0}).aggregate_train(
         1, [_reply(_state(c), n) for c, n in zip(clients, [1, 1, 1000, 1])])
     np.testing.assert_array_equal(_arrays(agg)["w"], centre.astype(np.float32))
+
+
+def test_mixed_rank_ffa_lora_aggregation_is_the_exact_mean_of_the_owners_updates():
+    """Owners of ranks 2, 4 and 8 train the first ranks of the server's rank-8 factors (HetLoRA);
+    padded back, the FFA-LoRA average is exactly the weighted mean of their B_i @ A[:r_i]."""
+    from strategies import pad_rank, slice_rank
+
+    g = torch.Generator().manual_seed(3)
+    big, d_in, d_out = 8, 6, 5
+    a = torch.randn(big, d_in, generator=g)
+    sent_state = {"l.lora_A.weight": a, "l.lora_B.weight": torch.randn(d_out, big, generator=g)}
+    sent = {k: v.numpy() for k, v in sent_state.items()}
+    ranks, weights = [2, 4, 8], [3, 1, 2]
+    replies, target = [], np.zeros((d_out, d_in))
+    for r, w in zip(ranks, weights):
+        owner = slice_rank(sent, r)  # what the owner receives
+        assert owner["l.lora_A.weight"].shape == (r, d_in) and owner["l.lora_B.weight"].shape == (d_out, r)
+        b = torch.randn(d_out, r, generator=g).numpy()  # what its training made of B
+        target += w * (b @ owner["l.lora_A.weight"])
+        padded = pad_rank({"l.lora_A.weight": owner["l.lora_A.weight"], "l.lora_B.weight": b}, sent)
+        np.testing.assert_array_equal(padded["l.lora_B.weight"] @ padded["l.lora_A.weight"], b @ a.numpy()[:r])
+        replies.append(_reply({k: torch.from_numpy(v) for k, v in padded.items()}, w))
+    target /= sum(weights)
+    strategy = build_strategy("ffa-lora")
+    list(strategy.configure_train(1, ArrayRecord(torch_state_dict=sent_state), ConfigRecord(), _Grid()))
+    out = _arrays(strategy.aggregate_train(1, replies)[0])
+    np.testing.assert_allclose(out["l.lora_A.weight"], a.numpy(), rtol=1e-6)  # A stays the shared one
+    np.testing.assert_allclose(out["l.lora_B.weight"] @ out["l.lora_A.weight"], target, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not a rank slice"):
+        pad_rank({"l.lora_B.weight": np.zeros((d_out + 1, 2))}, sent)
