@@ -1,8 +1,8 @@
 """Emulator delivery: ask every data owner for the emulator's hash, send it to those that lack it.
 
-One node at a time, so that owners sharing a machine (a simulation's actors) find it on disk once
-the first has received it: the emulator crosses the wire once per process that lacks it, never
-per round. One owner that cannot take it is left out of the run; none taking it stops the run.
+Owners are asked in batches and sent the emulator one at a time, so that owners sharing a machine
+(a simulation's actors) find it on disk once the first has received it: the emulator crosses the
+wire once per disk that lacks it, never per round. One owner that cannot take it is left out of the run; none taking it stops the run.
 """
 
 from __future__ import annotations
@@ -64,13 +64,6 @@ def _tampered(emulator_path: Path, sha: str) -> RecordDict:
     return delivery_content(emulator_path, sha, weights)
 
 
-def _ask(grid: Grid, node: int, sha: str) -> tuple[int, bool]:
-    """``(partition id, holds the emulator)`` of the owner on ``node``."""
-    query = RecordDict({"config": ConfigRecord({"sha256": sha})})
-    record = send_one(grid, Message(query, dst_node_id=node, message_type="query.emulator")).content["emulator"]
-    return int(record["partition-id"]), bool(record["has"])
-
-
 def _send(grid: Grid, node: int, emulator_path: Path, sha: str, tamper: bool) -> int:
     """Send the emulator to ``node``; returns the bytes sent."""
     content = _tampered(emulator_path, sha) if tamper else delivery_content(emulator_path, sha)
@@ -82,8 +75,29 @@ def _send(grid: Grid, node: int, emulator_path: Path, sha: str, tamper: bool) ->
     return size
 
 
+def _ask_all(grid: Grid, nodes: list[int], sha: str) -> dict[int, tuple[int, bool] | str]:
+    """Every node's ``(partition id, holds the emulator)``, from one batch of queries; a node that
+    failed or did not answer maps to the reason."""
+    query = RecordDict({"config": ConfigRecord({"sha256": sha})})
+    messages = [Message(query, dst_node_id=node, message_type="query.emulator") for node in nodes]
+    answers: dict[int, tuple[int, bool] | str] = dict.fromkeys(nodes, "no reply")
+    for reply in grid.send_and_receive(messages, timeout=600):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            answers[node] = f"it failed the emulator query: {reply.error.reason}"
+        else:
+            record = reply.content["emulator"]
+            answers[node] = (int(record["partition-id"]), bool(record["has"]))
+    return answers
+
+
 def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper: bool = False) -> Delivery:
     """Make sure every connected data owner holds the emulator ``sha``.
+
+    All owners are asked at once; those that lack it get it one at a time, and after each
+    delivery the rest are asked again (at once), so that owners sharing a disk (a simulation's
+    actors) find it there: a population of any size costs one copy per disk and a few batches of
+    queries, never a round trip per owner.
 
     Parameters
     ----------
@@ -91,20 +105,25 @@ def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper:
         Debug: flip one byte of the first delivery (its receiver must refuse it).
     """
     done = Delivery()
-    for node in wait_for_nodes(grid, num_clients):
-        owner: int | str = "?"
-        has = True
+    answers = _ask_all(grid, wait_for_nodes(grid, num_clients), sha)
+    while True:
+        for node, answer in list(answers.items()):
+            if isinstance(answer, str):  # one owner that cannot take the emulator does not stop the run
+                log.error("data owner on node %s is left out of this run: %s", node, answer)
+                del answers[node]
+            elif answer[1]:
+                done.node_to_partition[node] = answer[0]
+                del answers[node]
+        if not answers:
+            break
+        node = min(answers)
         try:
-            owner, has = _ask(grid, node, sha)
-            size = 0 if has else _send(grid, node, emulator_path, sha, tamper)
+            done.bytes_down += _send(grid, node, emulator_path, sha, tamper)
+            done.node_to_partition[node] = answers.pop(node)[0]
         except RunError as exc:
-            # One owner that cannot take the emulator does not stop the federation.
-            log.error("data owner %s (node %s) is left out of this run: %s", owner, node, exc)
-            tamper = tamper and has  # a tampered copy, once sent, is used up
-            continue
-        tamper = tamper and has
-        done.node_to_partition[node] = owner
-        done.bytes_down += size
+            log.error("data owner %s (node %s) is left out of this run: %s", answers.pop(node)[0], node, exc)
+        tamper = False  # a tampered copy, once sent, is used up
+        answers = _ask_all(grid, sorted(answers), sha) if answers else {}
     if not done.node_to_partition:
         raise RunError("no data owner could take the emulator (see the errors above)")
     if any(p < 0 for p in done.node_to_partition.values()):
