@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--overhead-clients", type=int, default=4)
     parser.add_argument("--overhead-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale-only", action="store_true",
+                        help="only the growing populations (e.g. --clients 10 100 1000 --per-round 4)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "federated.json"))
     args = parser.parse_args()
 
@@ -199,7 +201,8 @@ def main() -> None:
         del loaded, emulator
         os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(tmp / "client-cache")  # clients start without it
 
-        report["overhead"] = overhead(args, tmp, emulator_path)
+        if not args.scale_only:
+            report["overhead"] = overhead(args, tmp, emulator_path)
 
         # (e) and scale: peak memory of the whole process tree for growing populations
         for n in args.clients:
@@ -226,12 +229,19 @@ def main() -> None:
                   f"of the {full_bytes / 1e6:.0f} MB full model), emulator sent {r['emulator_bytes_down'] / 1e6:.0f} MB",
                   flush=True)
         actors = min(args.per_round, os.cpu_count() or 1)
-        need = must_hold(emulator_path, full_bytes, emulator_bytes, actors)
+        need = {"total": float("nan")} if args.scale_only else must_hold(emulator_path, full_bytes, emulator_bytes, actors)
         peak = report["runs"][args.clients[0]]["peak_tree_rss_mb"] * 2**20
         report["memory"] = need | {"peak": peak, "ratio": peak / need["total"], "clients": args.clients[0]}
-        print(f"(e) peak memory of a {args.clients[0]}-client simulation {peak / 2**30:.2f} GB vs what it must hold "
-              f"{need['total'] / 2**30:.2f} GB = {peak / need['total']:.2f}x (Ray daemons {need['ray_daemons'] / 2**20:.0f} MB"
-              f" + server {need['server'] / 2**20:.0f} MB + {actors} actors x {need['owner'] / 2**20:.0f} MB)")
+        if args.scale_only:
+            peaks = [report["runs"][n]["peak_tree_rss_mb"] for n in args.clients]
+            print(f"scale: peak memory {' -> '.join(f'{p:.0f}' for p in peaks)} MB for {args.clients} owners "
+                  f"({args.per_round} per round): {max(peaks) / min(peaks):.2f}x from the smallest to the largest "
+                  "population (ideal: 1.00x, flat)")
+        else:
+            print(f"(e) peak memory of a {args.clients[0]}-client simulation {peak / 2**30:.2f} GB vs what it must "
+                  f"hold {need['total'] / 2**30:.2f} GB = {peak / need['total']:.2f}x (Ray daemons "
+                  f"{need['ray_daemons'] / 2**20:.0f} MB + server {need['server'] / 2**20:.0f} MB + {actors} actors x "
+                  f"{need['owner'] / 2**20:.0f} MB)")
     report["full_model_bytes"] = full_bytes
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
