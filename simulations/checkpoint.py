@@ -16,7 +16,7 @@ import pickle
 import random
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from scaleot_fed.files import save_tensors
 
 log = logging.getLogger("scaleot_fed.federation")
 LATEST, PREVIOUS = "checkpoint", "checkpoint.prev"
+REALIGNED = "realigned.safetensors"
 CHECKPOINT_LOCK = threading.Lock()
 """Held while a checkpoint is written; a stop signal waits for it (simulations.guard)."""
 
@@ -55,6 +56,8 @@ class Checkpoint:
     bytes_up_total: int
     config: dict | None = None
     """The resolved config the run had when this checkpoint was written (None: an old checkpoint)."""
+    realigned: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The emulator tensors ``[realign]`` changed, as the owners now hold them (empty: none)."""
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
@@ -67,6 +70,8 @@ def _write_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
     final, tmp = out / LATEST, unique_tmp(out / LATEST)
     tmp.mkdir(parents=True)
     save_aggregate(ckpt.arrays, tmp / "aggregate.safetensors")
+    if ckpt.realigned:
+        save_tensors({k: v.detach().contiguous() for k, v in ckpt.realigned.items()}, str(tmp / REALIGNED))
     # A DP wrapper's accountant is not kept: the server rebuilds it from the rounds done.
     (tmp / "strategy.pkl").write_bytes(pickle.dumps(ckpt.strategy_state))
     version, internal, gauss = random.getstate()
@@ -141,4 +146,5 @@ def load_checkpoint(out: Path, sha: str) -> Checkpoint:
         bytes_down_total=state["bytes_down_total"],
         bytes_up_total=state["bytes_up_total"],
         config=state.get("config"),
+        realigned=load_file(str(ckpt / REALIGNED)) if (ckpt / REALIGNED).is_file() else {},
     )

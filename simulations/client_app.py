@@ -38,6 +38,7 @@ from scaleot_fed.models import cache_dir  # noqa: E402
 from .config import FedConfig, fed_config_from_json  # noqa: E402
 from .partition import client_data, local_data  # noqa: E402
 from .privacy import UNIT_WEIGHT, dp_mod  # noqa: E402
+from .realignment import apply_realigned, received_realigned  # noqa: E402
 from .secure import is_secure, legacy_config, legacy_parameters, legacy_train_reply, secure_mod  # noqa: E402
 
 app = ClientApp()
@@ -238,6 +239,15 @@ def receive_emulator(sha: str, delivery: RecordDict | None) -> tuple[bool, int]:
     return holds_emulator(sha), received
 
 
+def _load(model: torch.nn.Module, names: tuple[str, ...], arrays: ArrayRecord, msg: Message) -> None:
+    """The model owner's latest re-aligned emulator tensors (when the message carries them), then
+    the exchanged state."""
+    tensors = None if is_secure(msg) else received_realigned(msg)
+    if tensors:
+        apply_realigned(model, tensors)
+    load_exchange_state(model, names, arrays)
+
+
 def _personal_baseline(config: FedConfig, model: torch.nn.Module, tokenizer, val_items: list) -> dict:
     """``{"local-acc": ...}`` when ``[run] per_owner_local``: this owner's own adapters, just
     trained, on its held-out split (the personalised baseline of per-owner results)."""
@@ -265,7 +275,7 @@ def train(msg: Message, context: Context) -> Message:
         received = ArrayRecord(dict(zip(names, (Array(a) for a in legacy_parameters(msg)))))
     else:
         received = msg.content["arrays"]
-    load_exchange_state(model, names, received)
+    _load(model, names, received, msg)
     local = dataclasses.replace(
         owner_ft,
         seed=hash((config.run.seed, round_, pid)) % (2**31),
@@ -298,6 +308,7 @@ def train(msg: Message, context: Context) -> Message:
         UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
         "train-steps": local.steps,
+        "realign-version": int(cfg.get("realign-version", 0)),  # the emulator version it trained on
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
         "update-norm": update_norm,
@@ -316,7 +327,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, pid, sha, (_, val_items) = _setup(msg, context)
     owner_ft = owner_finetune(config, msg.content["config"])
     model, names = trainable_model(sha, owner_ft)
-    load_exchange_state(model, names, msg.content["arrays"])  # evaluate messages are never SecAgg+
+    _load(model, names, msg.content["arrays"], msg)  # evaluate messages are never SecAgg+
     local = dataclasses.replace(owner_ft, eval_items=len(val_items))
     loss = answer_loss(model, get_emulator(sha).tokenizer, val_items, local)
     metrics = MetricRecord({"num-examples": len(val_items), UNIT_WEIGHT: 1, "client-val-loss": float(loss)})

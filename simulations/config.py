@@ -1,7 +1,7 @@
 """Federated run configuration: one dataclass per TOML table, unknown keys rejected.
 
 A run file has ``[run]``, ``[partition]``, ``[strategy]``, ``[finetune]``, ``[emulator]``,
-``[layer_replace]``, ``[owners]``, ``[privacy]``, ``[secure_aggregation]``, ``[attack]`` and (for
+``[layer_replace]``, ``[owners]``, ``[realign]``, ``[privacy]``, ``[secure_aggregation]``, ``[attack]`` and (for
 tests and chaos drills) ``[debug]``. The resolved configuration is written into every run folder and sent to clients with each message, so the two ways to run
 (``scaleot-fed simulate`` and ``flwr run .``) behave the same.
 """
@@ -20,6 +20,7 @@ from scaleot_fed.config import as_dict, from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
+from scaleot_fed.realign import RealignConfig
 
 from .owners import OwnersConfig
 from .privacy import PrivacyConfig
@@ -78,6 +79,9 @@ class RunConfig(TaskRunSection):
     ``metrics.json`` and ``results.json``, with the mean, worst owner and spread per round."""
     per_owner_items: int | None = 50
     """Items of each owner's held-out split scored by ``per_owner_eval`` (None: all)."""
+    emulator_eval: bool = False
+    """Every evaluation round, also score the emulator with the aggregate (``emulator_acc``): the
+    emulator-vs-plug-in gap per round (what ``[realign]`` changes)."""
     per_owner_local: bool = False
     """Owners also score their own local adapters on the emulator (after local training, on their
     held-out split): the personalised baseline, in the ``per_owner`` table as ``local_acc``."""
@@ -225,6 +229,7 @@ class FedConfig:
     emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     owners: OwnersConfig = field(default_factory=OwnersConfig)
+    realign: RealignConfig = field(default_factory=RealignConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -240,9 +245,9 @@ class FedConfig:
             if self.run.clients_per_round < 2:
                 raise ConfigError("[secure_aggregation] needs clients_per_round >= 2 (a sum of one is that update)")
         self.owners.check(self.run.num_clients, self.finetune)
-        if self.owners.lengths() and self.secure_aggregation.enabled:
-            raise ConfigError("[owners] settings per owner are not carried by SecAgg+ rounds yet; "
-                              "remove [owners] or [secure_aggregation]")
+        if (self.owners.lengths() or self.realign.enabled) and self.secure_aggregation.enabled:
+            raise ConfigError("[owners] settings and [realign] updates are not carried by SecAgg+ rounds yet; "
+                              "remove them or [secure_aggregation]")
         if self.partition.tasks and len(self.partition.tasks) != self.run.num_clients:
             raise ConfigError(f"partition.tasks has {len(self.partition.tasks)} owners' task lists for "
                               f"num_clients={self.run.num_clients}; give one list per owner")
@@ -259,6 +264,7 @@ _SECTIONS = {
     "emulator": EmulatorSection,
     "layer_replace": LayerReplaceConfig,
     "owners": OwnersConfig,
+    "realign": RealignConfig,
     "privacy": PrivacyConfig,
     "secure_aggregation": SecureAggregationConfig,
     "attack": AttackConfig,

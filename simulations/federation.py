@@ -34,10 +34,10 @@ from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggreg
 from .config import FedConfig
 from .delivery import deliver
 from .owners import expected_state, owner_eval_items, pad_replies, personalise, reply_problem, score_with_owners
-from .partition import client_data
 from .privacy import PrivacyLedger, make_strategy
+from .realignment import Realigner
 from .report import emulator_bytes, final_table, per_owner_summary, plot_partitions, write_metrics
-from .secure import secure_round
+from .secure import max_examples, secure_round
 
 log = logging.getLogger("scaleot_fed.federation")
 
@@ -98,6 +98,7 @@ class FederatedRun:
                                                     if n in self.names})
         self.base_strategy, self.strategy = make_strategy(self.config)
         self.privacy = PrivacyLedger(self.config.privacy, run.num_clients)
+        self.realigner = Realigner(self.config.realign)
         self.eval_items = run.evaluation_items()
         self.start_round = 1
         if self.resume:
@@ -131,8 +132,8 @@ class FederatedRun:
 
     def check_reply(self, msg: Message) -> str | None:
         """Why a train reply cannot be averaged in, or None when it can."""
-        return reply_problem(msg, self.names, expected_state(self.arrays, self.config,
-                                                             self.node_to_partition.get(msg.metadata.src_node_id)))
+        owner = self.node_to_partition.get(msg.metadata.src_node_id)
+        return reply_problem(msg, self.names, expected_state(self.arrays, self.config, owner), self.realigner.version)
 
     def run_round(self, grid: Grid, round_: int) -> dict:
         start = time.time()
@@ -143,6 +144,7 @@ class FederatedRun:
         new_arrays, train_metrics, row = train(grid, view, nodes, partitions, round_)
         self.arrays = new_arrays
         bytes_down = row.pop("bytes_down")
+        realigned = self.realigner.run(self) if self.realigner.due(round_, self.config.run.num_rounds) else None
         owners = {p: {"train_loss": float(m["train-loss"]), "steps": int(m["train-steps"])}
                   | ({"local_acc": float(m["local-acc"])} if "local-acc" in m else {})
                   for p, m in self.owner_metrics.items() if "train-steps" in m}
@@ -150,9 +152,9 @@ class FederatedRun:
 
         eval_metrics = train_metrics  # the clients' own validation loss after local training
         if self.config.run.client_eval:
-            eval_messages = self.personalise(list(self.strategy.configure_evaluate(
-                round_, self.arrays, self._train_config(round_), view)))
-            bytes_down += sum(m.content.array_records["arrays"].count_bytes() for m in eval_messages)
+            eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
+            eval_messages = personalise(self.config, self.node_to_partition, eval_messages)
+            bytes_down += sum(m.content["arrays"].count_bytes() for m in eval_messages) + self.realigner.attach(eval_messages)
             eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=self.config.run.round_timeout)
                             if not m.has_error()]
             eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
@@ -175,12 +177,8 @@ class FederatedRun:
             "emulator_bytes_down": self.emulator_bytes_down if round_ == self.start_round else 0,
         } | row | self.privacy.after_round(self.metrics, partitions)
         if round_ % self.config.run.eval_every == 0 or round_ == self.config.run.num_rounds:
-            eval_start = time.time()
-            overall, per_owner = self.plug_in_eval()
-            row |= {f"plug_in_{k}": v for k, v in overall.items() if k != "n"}
-            for p, metrics in per_owner.items():
-                owners.setdefault(p, {}).update(metrics)
-            timing["seconds_plug_in_eval"] = time.time() - eval_start
+            row |= self._evaluate_round(owners, timing)
+        row |= {"realign": realigned} if realigned else {}
         if owners:
             row["per_owner"] = {str(p): owners[p] for p in sorted(owners)}
             row |= per_owner_summary(row["per_owner"])
@@ -192,11 +190,26 @@ class FederatedRun:
         self.bytes_up_total += row["bytes_up"]
         return row
 
+    def _evaluate_round(self, owners: dict[int, dict], timing: dict) -> dict:
+        """The server's scores of this round: the plug-in (overall and, when asked, per owner into
+        ``owners``), and the emulator with the aggregate when ``emulator_eval``."""
+        eval_start, row = time.time(), {}
+        overall, per_owner = self.plug_in_eval()
+        row |= {f"plug_in_{k}": v for k, v in overall.items() if k != "n"}
+        for p, metrics in per_owner.items():
+            owners.setdefault(p, {}).update(metrics)
+        if self.config.run.emulator_eval:  # the emulator the owners hold, with the aggregate
+            row["emulator_acc"] = score_with_owners(self.trainable, self.tokenizer, self.eval_items, {},
+                                                    self.config.run.eval_batch_size)[0]["acc"]
+        timing["seconds_plug_in_eval"] = time.time() - eval_start
+        return row
+
     def _train_plain(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
         """Train messages through the strategy; every update checked before it is averaged."""
-        messages = self.personalise(list(self.strategy.configure_train(round_, self.arrays,
-                                                                       self._train_config(round_), view)))
-        bytes_down = sum(m.content.array_records["arrays"].count_bytes() for m in messages)
+        messages = list(self.strategy.configure_train(round_, self.arrays, self._train_config(round_), view))
+        messages = personalise(self.config, self.node_to_partition, messages)
+        realign_bytes = self.realigner.attach(messages)
+        bytes_down = sum(m.content.array_records["arrays"].count_bytes() for m in messages) + realign_bytes
         replies = list(grid.send_and_receive(messages, timeout=self.config.run.round_timeout))
         good, failed = [], []
         for msg in replies:
@@ -226,12 +239,13 @@ class FederatedRun:
                    "every sampled owner must succeed)" if self.config.privacy.enabled and failed else "")
             raise RoundFailed(f"round {round_}: the strategy produced no aggregate{why}")
         return new_arrays, train_metrics, {"successful": len(good), "failed": sorted(set(failed)),
-                                           "timed_out": timed_out, "bytes_down": bytes_down, "bytes_up": bytes_up}
+                                           "timed_out": timed_out, "bytes_down": bytes_down, "bytes_up": bytes_up,
+                                           "realign_bytes_down": realign_bytes}
 
     def _train_secure(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
         """One SecAgg+ round: the server learns the average, never a single owner's update."""
         new_arrays, stats = secure_round(grid, nodes, self.arrays, self._train_config(round_), round_,
-                                         self.config.secure_aggregation, self._max_examples())
+                                         self.config.secure_aggregation, max_examples(self.config, self.deployed))
         self.owner_metrics = {}  # the server sees only the sum
         summed = set(stats.pop("nodes"))
         failed = [p for p in partitions if self.partition_to_node.get(p) not in summed]
@@ -243,14 +257,6 @@ class FederatedRun:
                               f"reconstruction_threshold={self.config.secure_aggregation.reconstruction_threshold})")
         return new_arrays, stats.pop("metrics"), stats | {
             "successful": len(summed), "failed": failed}
-
-    def _max_examples(self) -> int:
-        """The largest owner's training-item count (SecAgg+ scales updates by count / this, so a
-        tight bound keeps precision); deployed owners' data is unknown here: 1000, Flower's default."""
-        if self.deployed:
-            return 1000
-        run = self.config.run
-        return max(len(client_data(self.config, p, run.num_clients)[0]) for p in range(run.num_clients))
 
     def _enough(self, round_: int, good: int, partitions: list[int], failed: list[int]) -> None:
         if good < self.config.run.min_successful_clients:
@@ -274,9 +280,6 @@ class FederatedRun:
         self._load_into_trainable()
         return plug_in_trained(self.full, self.trainable, self.emulator)
 
-    def personalise(self, messages: list[Message]) -> list[Message]:
-        return personalise(messages, self.config, self.node_to_partition)
-
     def plug_in_eval(self) -> tuple[dict, dict[int, dict]]:
         """The plug-in's scores on the evaluation items, and per owner on its held-out items."""
         model = self.plugged_model()
@@ -288,8 +291,8 @@ class FederatedRun:
 
     def save_checkpoint(self, round_: int) -> None:
         save_checkpoint(self.out, Checkpoint(round_, self.arrays, self.base_strategy.__dict__, self.metrics,
-                                             self.bytes_down_total, self.bytes_up_total, as_dict(self.config)),
-                        self.sha)
+                                             self.bytes_down_total, self.bytes_up_total, as_dict(self.config),
+                                             self.realigner.state), self.sha)
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.out, self.sha)
@@ -303,6 +306,9 @@ class FederatedRun:
         self.metrics = ckpt.metrics
         self.bytes_down_total, self.bytes_up_total = ckpt.bytes_down_total, ckpt.bytes_up_total
         self.start_round = ckpt.round + 1
+        if ckpt.realigned:  # the emulator as the owners hold it
+            self.realigner.restore(ckpt.realigned, self.trainable,
+                                   max(r["realign"]["version"] for r in self.metrics if "realign" in r))
         log.info("resuming %s after round %d", self.out, ckpt.round)
 
     def write_metrics(self) -> None:

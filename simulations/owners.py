@@ -89,7 +89,7 @@ class OwnersConfig:
         return {name: getattr(self, name)[k] for name in OWNER_SETTINGS if getattr(self, name)}
 
 
-def personalise(messages: list[Message], config: FedConfig, node_to_partition: dict[int, int]) -> list[Message]:
+def personalise(config: FedConfig, node_to_partition: dict[int, int], messages: list[Message]) -> list[Message]:
     """Every owner's own ``[owners]`` settings into its message (``owner-<setting>`` config keys),
     with its rank slice of the LoRA factors: an owner of a lower rank receives, trains and returns
     only its ranks (HetLoRA)."""
@@ -148,11 +148,14 @@ def score_with_owners(model: nn.Module, tokenizer, items: list[MCItem], owners: 
     return overall, per_owner
 
 
-def reply_problem(msg: Message, names: tuple[str, ...], expected: dict) -> str | None:
+def reply_problem(msg: Message, names: tuple[str, ...], expected: dict, realign_version: int = 0) -> str | None:
     """Why a train reply cannot be averaged in (an error, missing or extra tensors, a shape other
-    than ``expected``'s, NaN/Inf), or None when it can."""
+    than ``expected``'s, NaN/Inf, training on another re-aligned emulator), or None when it can."""
     if msg.has_error():
         return f"client error: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else 'unknown'}"
+    metrics = msg.content.metric_records.get("metrics", {})
+    if int(metrics.get("realign-version", 0)) != realign_version:
+        return f"trained on re-aligned emulator version {metrics.get('realign-version', 0)}, not {realign_version}"
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         return "no arrays in the reply"

@@ -15,6 +15,7 @@ aggregation (Krum, trimmed mean) on them; it still sees each owner's train-loss 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -22,6 +23,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from scaleot_fed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import FedConfig
 
 
 @dataclass
@@ -182,3 +186,14 @@ def legacy_train_reply(msg: Message, state: list[np.ndarray], num_examples: int,
 
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(state), num_examples, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def max_examples(config: FedConfig, deployed: bool) -> int:
+    """The largest owner's training-item count (SecAgg+ scales updates by count / this, so a tight
+    bound keeps precision); deployed owners' data is unknown to the server: 1000, Flower's default."""
+    if deployed:
+        return 1000
+    from .partition import client_data
+
+    run = config.run
+    return max(len(client_data(config, p, run.num_clients)[0]) for p in range(run.num_clients))

@@ -11,7 +11,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from scaleot_fed.errors import ConfigError
 from simulations.config import fed_config_from_dict
 from simulations.federation import FederatedRun, _SelectedGrid
+from simulations.owners import personalise
 from simulations.privacy import make_strategy
+from simulations.realignment import Realigner
 
 from .test_strategies import task_identity  # noqa: F401  (messages outside an app need an identity)
 
@@ -54,6 +56,7 @@ def _run(**owners):
     run.names = tuple(run.sent)
     run.base_strategy, run.strategy = make_strategy(config)
     run.sha = "0" * 64
+    run.realigner = Realigner(config.realign)
     run.node_to_partition, run.partition_to_node = dict(NODES), {p: n for n, p in NODES.items()}
     return run
 
@@ -86,7 +89,8 @@ def test_an_owner_past_the_round_timeout_is_dropped_and_lower_ranks_are_padded(c
 def test_a_reply_of_the_wrong_rank_is_rejected():
     run = _run(lora_r=[2, 4, 4])
     grid = _Grid()
-    messages = run.personalise(list(run.strategy.configure_train(1, run.arrays, run._train_config(1), grid)))
+    messages = personalise(run.config, run.node_to_partition,
+                           list(run.strategy.configure_train(1, run.arrays, run._train_config(1), grid)))
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=1)}
     assert run.check_reply(replies[10]) is None and run.check_reply(replies[11]) is None
     run.node_to_partition[10] = 1  # owner of rank 4 answering with rank-2 factors
