@@ -305,8 +305,11 @@ def test_server_optimisers_and_robust_aggregation_run_a_real_round(fed, name, pa
 
 def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
     """Three owners, one task each; LoRA ranks 2/4/8 under FFA-LoRA with their own steps and batch
-    sizes; the plug-in scored on every owner's held-out split, beside the owner's local adapters."""
+    sizes; the plug-in scored on every owner's held-out split, beside the owner's local adapters;
+    a ScaleOT emulator re-aligned by the server after round 1 (owners train on the new one)."""
     words = [["red", "blue", "green"], ["cat", "dog", "cow"], ["sun", "moon", "star"]]
+    corpus = fed / "owner-text.txt"
+    corpus.write_text("\n\n".join(f"The model owner's own text, passage {i}: rivers, trees and the sun." for i in range(60)))
     path = fed / "mixture.jsonl"
     with open(path, "w") as handle:
         for i in range(90):
@@ -315,8 +318,12 @@ def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
             handle.write(json.dumps({"context": f"Question: say {a}\nAnswer:", "choices": [b, a], "gold": 1,
                                      "task": f"t{task}"}) + "\n")
     config = _config(fed, "hetero", task=str(path), num_clients=3, clients_per_round=3, eval_every=1,
-                     per_owner_eval=True, per_owner_items=5, per_owner_local=True, final_table=True)
+                     per_owner_eval=True, per_owner_items=5, per_owner_local=True, final_table=True,
+                     emulator_eval=True)
     config["partition"] = {"kind": "task", "tasks": [["t0"], ["t1"], ["t2"]]}
+    config["emulator"] = {"strategy": "scaleot", "num_adapter_layers": 2, "alpha": 0.5, "rank_keep_ratio": 0.5}
+    config["layer_replace"] = {"steps": 2, "batch_size": 2, "block_size": 16, "harmonizer_rank": 8}
+    config["realign"] = {"every": 1, "steps": 2, "batch_size": 2, "block_size": 16, "text": str(corpus)}
     config["strategy"] = {"name": "ffa-lora"}
     config["finetune"] |= {"lora_r": 8}
     config["owners"] = {"lora_r": [2, 4, 8], "steps": [1, 2, 3], "batch_size": [2, 4, 4]}
@@ -348,3 +355,8 @@ def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
     for name in (k for k in aggregate if "lora_A" in k):  # FFA-LoRA: A is never trained
         torch.testing.assert_close(aggregate[name], initial[name])
     assert any(not torch.equal(aggregate[k], initial[k]) for k in aggregate if "lora_B" in k)
+    # re-aligned once, after round 1 (never after the last); round 2's owners got it and trained on it
+    first, second = metrics["rounds"]
+    assert first["realign"]["version"] == 1 and "realign" not in second
+    assert first["realign_bytes_down"] == 0 and second["realign_bytes_down"] > 0 and second["successful"] == 3
+    assert 0 <= second["emulator_acc"] <= 1
