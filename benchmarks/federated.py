@@ -206,6 +206,8 @@ def main() -> None:
 
         # (e) and scale: peak memory of the whole process tree for growing populations
         for n in args.clients:
+            if args.scale_only:  # every population starts without the emulator: its delivery is measured too
+                os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(tmp / f"client-cache-{n}")
             config = base_config(str(tmp / f"scale-{n}"), n, min(args.per_round, n), args.rounds, args.steps,
                                  str(emulator_path))
             with TreeMemory() as memory:
