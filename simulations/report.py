@@ -200,7 +200,29 @@ def final_table(fed: FederatedRun) -> dict:
     if owners:
         results["per_owner"] = owners
     write_results(fed.out, results)
+    if owners:
+        with open(fed.out / "results.md", "a") as handle:
+            handle.write(per_owner_markdown(fed.metrics, owners))
     return results
+
+
+def per_owner_markdown(rounds: list[dict], owners: dict[str, dict[str, dict]]) -> str:
+    """The plug-in on every owner's held-out split per evaluation round (with the owner's local
+    adapters beside it when measured), then the mean, worst owner and spread."""
+    evaluated = [r for r in rounds if "per_owner_acc_mean" in r]
+    lines = ["", "## Per owner: plug-in accuracy (%) on each owner's held-out items", "",
+             "| owner | " + " | ".join(f"round {r['round']}" for r in evaluated) + " | own adapters on the emulator |",
+             "|---|" + "---|" * (len(evaluated) + 1)]
+    for owner, by_round in owners.items():
+        cells = [f"{100 * by_round[str(r['round'])]['plug_in_acc']:.1f}" if str(r["round"]) in by_round
+                 and "plug_in_acc" in by_round[str(r["round"])] else "" for r in evaluated]
+        local = [m["local_acc"] for m in by_round.values() if "local_acc" in m]
+        lines.append(f"| {owner} | " + " | ".join(cells) + f" | {f'{100 * local[-1]:.1f}' if local else ''} |")
+    for label, key in (("mean", "per_owner_acc_mean"), ("worst", "per_owner_acc_worst"),
+                       ("spread (best - worst)", "per_owner_acc_spread")):
+        lines.append(f"| {label} | " + " | ".join(f"{100 * r[key]:.1f}" for r in evaluated) + " | |")
+    lines.append("| worst owner | " + " | ".join(str(r["per_owner_worst_owner"]) for r in evaluated) + " | |")
+    return "\n".join(lines) + "\n"
 
 
 def emulator_bytes(emulator_path: Path) -> int:
