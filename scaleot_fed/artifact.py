@@ -76,7 +76,10 @@ class LayerReplaceArtifact:
 
     def check_matches(self, model: nn.Module) -> None:
         """Refuse an artifact that was trained on a different model."""
-        fp = model_fingerprint(model)
+        self.check_fingerprint(model_fingerprint(model))
+
+    def check_fingerprint(self, fp: str) -> None:
+        """Refuse an artifact made from a model with another fingerprint."""
         if self.meta["source_fingerprint"] != fp:
             raise IntegrityError(
                 f"importance artifact {self.path} was made from a different model "

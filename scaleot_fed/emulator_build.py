@@ -68,7 +68,7 @@ def plan_layout(
     return layout
 
 
-def _compress_block(block: nn.Module, arch: Architecture, source: int, ratio: float) -> list[CompressionRecord]:
+def compress_block(block: nn.Module, arch: Architecture, source: int, ratio: float) -> list[CompressionRecord]:
     """Replace the attention projections of ``block`` (in place) by rank-k LowRankLinear (a
     fused q/k/v projection: one per group, :class:`FusedLowRankLinear`)."""
     records = []
@@ -103,6 +103,27 @@ def _record_json(record: CompressionRecord) -> dict:
     return entry
 
 
+def source_facts(model: nn.Module, fingerprint: str) -> dict:
+    """What the manifest records of the source model (its weights may be on the meta device)."""
+    return {"num_layers": len(get_layers(model)), "fingerprint": fingerprint, "num_params": count_parameters(model),
+            "model_type": model.config.model_type, "dtype": model_dtype(model)}
+
+
+def check_importance(config: EmulatorConfig, importance: LayerReplaceArtifact | None, facts: dict) -> dict | None:
+    """The stage-1 scores the strategy needs (None for uniform drop), from an artifact made on
+    this very model; also checks N_a against the depth."""
+    middle_layers(facts["num_layers"], config.num_adapter_layers)
+    if not config.needs_importance:
+        return importance.scores if importance is not None else None
+    if importance is None:
+        raise ConfigError(
+            f"strategy {config.strategy!r} needs a layer-replace artifact (--importance DIR); "
+            "make one with `scaleot-fed layer-replace`"
+        )
+    importance.check_fingerprint(facts["fingerprint"])
+    return importance.scores
+
+
 def build_emulator(
     model: nn.Module,
     config: EmulatorConfig,
@@ -122,24 +143,24 @@ def build_emulator(
         this very model.
     source_model:
         Name recorded in the manifest.
+
+    A checkpoint too big for memory: :func:`scaleot_fed.streaming.build_emulator_streaming`.
     """
     arch = architecture_of(model)
-    num_layers = len(get_layers(model, arch))
-    middle_layers(num_layers, config.num_adapter_layers)  # validates N_a against the depth
-    if config.needs_importance:
-        if importance is None:
-            raise ConfigError(
-                f"strategy {config.strategy!r} needs a layer-replace artifact (--importance DIR); "
-                "make one with `scaleot-fed layer-replace`"
-            )
-        importance.check_matches(model)
-    scores = importance.scores if importance is not None else None
-    layout = plan_layout(num_layers, config, scores)
+    facts = source_facts(model, model_fingerprint(model))
+    layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts))
     emulator_model, records = _assemble(model, arch, layout, config, importance)
-    dtype = model_dtype(model) if config.dtype == "auto" else resolve_dtype(config.dtype)
+    return finish_emulator(emulator_model, facts, arch, layout, config, importance, records, source_model)
+
+
+def finish_emulator(emulator_model: nn.Module, facts: dict, arch: Architecture, layout: list[dict],
+                    config: EmulatorConfig, importance: LayerReplaceArtifact | None, records: list[CompressionRecord],
+                    source_model: str) -> Emulator:
+    """The assembled emulator in the precision it is stored and shipped in, with its manifest."""
+    dtype = facts["dtype"] if config.dtype == "auto" else resolve_dtype(config.dtype)
     place(emulator_model, torch.device("cpu"), dtype, training=False)  # what is saved and shipped (buffers
     # such as rotary frequencies keep their float32, as in the full model)
-    manifest = _manifest(model, emulator_model, arch, layout, config, importance, records, source_model)
+    manifest = _manifest(facts, emulator_model, arch, layout, config, importance, records, source_model)
     manifest["dtype"] = str(dtype).removeprefix("torch.")
     return Emulator(model=emulator_model, manifest=manifest)
 
@@ -158,18 +179,18 @@ def _assemble(model: nn.Module, arch: Architecture, layout: list[dict], config: 
         else:
             block = source_blocks[src]
             if entry["kind"] == "compressed":
-                records.extend(_compress_block(block, arch, src, config.rank_keep_ratio))
+                records.extend(compress_block(block, arch, src, config.rank_keep_ratio))
             blocks.append(block)
     set_layers(emulator_model, blocks, [e["source"] for e in layout])
     emulator_model.eval()
     return emulator_model, records
 
 
-def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, layout: list[dict],
+def _manifest(facts: dict, emulator_model: nn.Module, arch: Architecture, layout: list[dict],
               config: EmulatorConfig, importance: LayerReplaceArtifact | None, records: list[CompressionRecord],
               source_model: str) -> dict:
     """What the emulator is, block by block, and where it came from (``manifest.json``)."""
-    num_layers = len(get_layers(model, arch))
+    num_layers = facts["num_layers"]
     kinds = {k: [e["source"] for e in layout if e["kind"] == k] for k in ("adapter", "block", "compressed", "harmonizer")}
     present = {e["source"] for e in layout}
     return {
@@ -177,9 +198,9 @@ def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, l
         "scaleot_fed_version": __version__,
         "source_model": source_model,
         "base_model": base_model_reference(source_model),  # for peft's adapter_config, resolved here
-        "source_fingerprint": model_fingerprint(model),
+        "source_fingerprint": facts["fingerprint"],
         "architecture": arch.name,
-        "model_type": model.config.model_type,
+        "model_type": facts["model_type"],
         "num_layers": num_layers,
         "emulator_num_layers": len(layout),
         "strategy": config.strategy,
@@ -200,5 +221,5 @@ def _manifest(model: nn.Module, emulator_model: nn.Module, arch: Architecture, l
         "layout": layout,
         "compression": [_record_json(r) for r in records],
         "num_params": count_parameters(emulator_model),
-        "source_num_params": count_parameters(model),
+        "source_num_params": facts["num_params"],
     }

@@ -253,8 +253,14 @@ def model_fingerprint(model: nn.Module) -> str:
     Hashes every parameter's name and shape and a strided sample of up to 4096 of its values, so
     two different checkpoints of the same architecture get different fingerprints.
     """
+    return fingerprint_of(sorted(model.state_dict().items()))
+
+
+def fingerprint_of(items) -> str:
+    """:func:`model_fingerprint` of ``(name, tensor)`` pairs sorted by name (an iterator: a
+    checkpoint read tensor by tensor, :func:`scaleot_fed.streaming.lazy_state`)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in items:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to(torch.float32).cpu().numpy().tobytes()

@@ -27,7 +27,11 @@ STATE_FORMAT = "scaleot-fed/adapter-state"
 
 def check_source(model: nn.Module, manifest: dict) -> None:
     """Refuse to plug into a model other than the one the emulator was built from."""
-    fp = model_fingerprint(model)
+    check_fingerprint(model_fingerprint(model), manifest)
+
+
+def check_fingerprint(fp: str, manifest: dict) -> None:
+    """Refuse a model whose fingerprint is not the one the emulator was built from."""
     if manifest["source_fingerprint"] != fp:
         raise IntegrityError(
             f"the emulator was built from {manifest.get('source_model')!r} (fingerprint "
@@ -125,9 +129,9 @@ def plug_in_lora(model: nn.Module, manifest: dict, adapter_dir: str | Path) -> n
     return peft_model.merge_and_unload()
 
 
-def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Module:
-    """Plug either a safetensors adapter state or a peft LoRA folder into ``model``."""
-    trained = Path(trained)
+def check_trained_path(trained: Path) -> bool:
+    """Whether ``trained`` is a peft LoRA folder (True) or a safetensors state file (False);
+    anything else (another peft type, pickled weights) is refused."""
     if trained.is_dir():
         if not (trained / "adapter_config.json").is_file():
             raise ConfigError(f"{trained} is a folder without adapter_config.json: not a peft adapter folder")
@@ -138,9 +142,18 @@ def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Mo
             # peft would fall back to a pickled adapter_model.bin: weights are taken as safetensors only
             raise IntegrityError(f"{trained} has no adapter_model.safetensors; trained states are accepted as "
                                  "safetensors only (re-export with `scaleot-fed finetune` or save_pretrained)")
-        return plug_in_lora(model, manifest, trained)
+        return True
     if trained.suffix != ".safetensors":
         raise IntegrityError(f"{trained}: trained states are accepted as .safetensors files or peft LoRA folders only")
+    return False
+
+
+def plug_in_path(model: nn.Module, manifest: dict, trained: str | Path) -> nn.Module:
+    """Plug either a safetensors adapter state or a peft LoRA folder into ``model`` (a checkpoint
+    too big for memory: :func:`scaleot_fed.streaming.plug_in_streaming`)."""
+    trained = Path(trained)
+    if check_trained_path(trained):
+        return plug_in_lora(model, manifest, trained)
     plug_in(model, manifest, load_adapter_state(trained, manifest))
     return model
 
