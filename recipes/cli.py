@@ -50,6 +50,9 @@ def _stage_parsers(sub) -> None:
                    help="precision the emulator is stored and shipped in (auto: the model's; bfloat16 halves it)")
     p.add_argument("--out", required=True, help="emulator folder to write")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the full model: read its safetensors tensor by tensor, one block at a time "
+                        "(checkpoints bigger than memory; the same files as without it)")
     p.set_defaults(func=c.cmd_build_emulator)
 
     p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
@@ -58,6 +61,9 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
     p.add_argument("--out", required=True, help="folder for the plugged-in model")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the full model: read and write it one block at a time (sharded safetensors "
+                        "with an index; LoRA folders and full/BitFit states)")
     p.set_defaults(func=c.cmd_plug_in)
 
 

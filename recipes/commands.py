@@ -116,6 +116,14 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
                                         "dtype": args.dtype})
     importance = load_artifact(args.importance) if args.importance else None
     check_output(args.out, args.overwrite)
+    if args.stream:
+        from scaleot_fed.streaming import build_emulator_streaming, local_folder
+
+        clear_output(args.out)
+        out = build_emulator_streaming(folder := local_folder(args.model), config, args.out, importance,
+                                       source_model=args.model, tokenizer=_tokenizer_of(folder))
+        print(f"wrote emulator to {out} (streamed from {folder}, one block at a time)")
+        return
     print(f"build-emulator: loading {args.model} ...", flush=True)
     loaded = load_model(args.model)
     print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
@@ -134,6 +142,13 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
 
     manifest = read_manifest(args.emulator)
     check_output(args.out, args.overwrite)
+    if args.stream:
+        from scaleot_fed.streaming import local_folder, plug_in_streaming
+
+        clear_output(args.out)
+        out = plug_in_streaming(local_folder(args.model), manifest, args.trained, args.out)
+        print(f"wrote the plugged-in model to {out}, one shard per block (loads with from_pretrained)")
+        return
     loaded = load_model(args.model)
     model = plug_in_path(loaded.model, manifest, args.trained)
     out = Path(args.out)
@@ -141,6 +156,16 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     save_plugged(model, loaded.tokenizer, out)
     print(f"plugged {args.trained} into {args.model} (adapter blocks {manifest['adapter_layers']})")
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def _tokenizer_of(folder):
+    """The tokenizer saved beside a checkpoint, or None (an emulator then ships without one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
 
 
 def load_any_model(spec: str):

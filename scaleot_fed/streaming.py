@@ -70,6 +70,19 @@ class TensorFiles:
         return self._open[shard].get_tensor(file_key)
 
 
+def local_folder(spec: str) -> Path:
+    """``--model`` as a local folder of safetensors: a folder, an alias, a GGUF (converted once), or
+    a hub id (its safetensors, config and tokenizer files downloaded once, not loaded)."""
+    from .models import resolve_model_path
+
+    path = Path(resolve_model_path(spec))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]))
+
+
 def meta_model(folder: str | Path) -> tuple[nn.Module, TensorFiles]:
     """The model of ``folder`` on the meta device (no memory) in the precision ``from_pretrained``
     would pick (the config's dtype, else the files'), and its tensor files."""
