@@ -36,6 +36,7 @@ from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_tra
 from scaleot_fed.models import cache_dir  # noqa: E402
 
 from .config import FedConfig, fed_config_from_json  # noqa: E402
+from .owners import owner_finetune  # noqa: E402
 from .partition import client_data, local_data  # noqa: E402
 from .privacy import UNIT_WEIGHT, dp_mod  # noqa: E402
 from .realignment import apply_realigned, received_realigned  # noqa: E402
@@ -201,21 +202,6 @@ def owner_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
-def owner_finetune(config: FedConfig, cfg: ConfigRecord) -> FinetuneConfig:
-    """``[finetune]`` with this owner's own settings, as the server's message gives them
-    (``[owners]``). A lower LoRA rank keeps the server's scaling ``lora_alpha / lora_r``, so the
-    owner's factors are the first ranks of the server's (HetLoRA)."""
-    ft, changes = config.finetune, {}
-    if "owner-lora-r" in cfg:
-        rank = int(cfg["owner-lora-r"])
-        changes |= {"lora_r": rank, "lora_alpha": ft.lora_alpha * rank / ft.lora_r}
-    if "owner-steps" in cfg:
-        changes["steps"] = int(cfg["owner-steps"])
-    if "owner-batch-size" in cfg:
-        changes["batch_size"] = int(cfg["owner-batch-size"])
-    return dataclasses.replace(ft, **changes) if changes else ft
-
-
 def _privacy_of(msg: Message):
     return fed_config_from_json(str(_run_config(msg)["fed-config"])).privacy
 
@@ -307,8 +293,7 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(train_items),
         UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
-        "train-steps": local.steps,
-        "realign-version": int(cfg.get("realign-version", 0)),  # the emulator version it trained on
+        "train-steps": local.steps, "realign-version": int(cfg.get("realign-version", 0)),  # what it trained
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
         "update-norm": update_norm,

@@ -3,6 +3,7 @@ them, mixed-rank LoRA replies brought back to the server's rank, and scores per 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -170,3 +171,18 @@ def reply_problem(msg: Message, names: tuple[str, ...], expected: dict, realign_
         if not np.isfinite(value).all():
             return f"NaN or Inf in {name}"
     return None
+
+
+def owner_finetune(config: FedConfig, cfg: ConfigRecord) -> FinetuneConfig:
+    """``[finetune]`` with this owner's own settings, as the server's message gives them
+    (``[owners]``). A lower LoRA rank keeps the server's scaling ``lora_alpha / lora_r``, so the
+    owner's factors are the first ranks of the server's (HetLoRA)."""
+    ft, changes = config.finetune, {}
+    if "owner-lora-r" in cfg:
+        rank = int(cfg["owner-lora-r"])
+        changes |= {"lora_r": rank, "lora_alpha": ft.lora_alpha * rank / ft.lora_r}
+    if "owner-steps" in cfg:
+        changes["steps"] = int(cfg["owner-steps"])
+    if "owner-batch-size" in cfg:
+        changes["batch_size"] = int(cfg["owner-batch-size"])
+    return dataclasses.replace(ft, **changes) if changes else ft
