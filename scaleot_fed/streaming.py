@@ -37,17 +37,25 @@ SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 """What a plugged-in model folder takes from the checkpoint besides weights (config, tokenizer)."""
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class TensorFiles:
     """The tensors of a safetensors checkpoint folder (one file, or shards with an index), read
-    one at a time, by the model's state-dict key (the files may drop the base-model prefix)."""
+    one at a time, by the model's state-dict key (the files may drop the base-model prefix).
+
+    Tensors are read with plain file reads into fresh tensors, not through a memory map: the
+    pages of a mapped checkpoint count in the reader's resident memory for as long as the map
+    lives, which would bring the whole checkpoint back into the process."""
 
     def __init__(self, folder: str | Path, base_model_prefix: str = "") -> None:
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
             self.shard_of: dict[str, str] = json.loads((self.folder / INDEX).read_text())["weight_map"]
         elif (self.folder / SINGLE).is_file():
-            with safe_open(str(self.folder / SINGLE), framework="pt") as handle:
-                self.shard_of = dict.fromkeys(handle.keys(), SINGLE)
+            self.shard_of = dict.fromkeys(self._header(SINGLE)[0], SINGLE)
         else:
             raise ConfigError(f"{self.folder} holds no {SINGLE} or {INDEX}: streaming reads safetensors "
                               "checkpoints; run without --stream")
@@ -56,18 +64,35 @@ class TensorFiles:
             for key in self.shard_of:
                 if not key.startswith(base_model_prefix + "."):
                     self.file_key.setdefault(f"{base_model_prefix}.{key}", key)  # GPT-2's hub files
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
+
+    def _header(self, shard: str) -> tuple[dict, int]:
+        """A shard's tensor table (minus ``__metadata__``) and where its data starts."""
+        if shard not in self._headers:
+            with open(self.folder / shard, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            self._headers[shard] = (header, 8 + size)
+        return self._headers[shard]
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_key
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor of model key ``key``."""
+        """The tensor of model key ``key``, read from its shard."""
         file_key = self.file_key[key]
         shard = self.shard_of[file_key]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
-        return self._open[shard].get_tensor(file_key)
+        header, base = self._header(shard)
+        info = header[file_key]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        raw = tensor.reshape(-1).view(torch.uint8).numpy()  # (bytes,) view of the tensor's storage
+        with open(self.folder / shard, "rb") as handle:
+            handle.seek(base + start)
+            if handle.readinto(raw) != end - start or raw.nbytes != end - start:
+                raise IntegrityError(f"{self.folder / shard}: tensor {file_key} is truncated")
+        return tensor
 
 
 def local_folder(spec: str) -> Path:
