@@ -40,6 +40,9 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/federated.py
 	$(OFFLINE) $(PY) benchmarks/precision.py
 	$(OFFLINE) $(PY) benchmarks/estimate_check.py
+	$(OFFLINE) $(PY) benchmarks/federated.py --scale-only --clients 10 100 1000 --per-round 4 \
+		--out benchmarks/results/population.json
+	$(OFFLINE) $(PY) benchmarks/streaming.py
 	$(OFFLINE) $(PY) benchmarks/summary.py
 
 clean:

@@ -46,6 +46,18 @@ def rows() -> list[tuple[str, str, str, str]]:
         e = c["memory"]
         out.append((f"(e) simulation peak / must hold ({e['clients']} clients)", f"{e['ratio']:.2f}x", "1.00x",
                     "<= 1.5x"))
+    population = _load("population")
+    if population:
+        runs = population["runs"]
+        peaks = [runs[n]["peak_tree_rss_mb"] for n in sorted(runs, key=int)]
+        out.append((f"population {min(runs, key=int)} -> {max(runs, key=int)} owners, peak memory",
+                    f"{max(peaks) / min(peaks):.2f}x", "1.00x (flat)", "flat"))
+    streaming = _load("streaming")
+    for step, label in (("build", "build-emulator --stream"), ("plug_in", "plug-in --stream")):
+        if streaming and step in streaming:
+            params = streaming["checkpoint"]["params"] / 1e9
+            out.append((f"{label} ({params:.2f}B) peak / bound", f"{streaming[step]['peak_over_bound']:.2f}x",
+                        "<= 1.00x", "<= 1.00x"))
     for check in _load("estimate_check") or []:
         out.append((f"estimate / measured owner memory, {check['batch_size']} x {check['seq_len']}",
                     f"{check['ratio']:.2f}x", "1.00x", "within 25 %"))
@@ -61,7 +73,8 @@ def main() -> None:
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     for line in (header, *table):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
-    missing = [n for n in ("finetune_cost", "evaluate_speed", "federated", "precision", "estimate_check")
+    missing = [n for n in ("finetune_cost", "evaluate_speed", "federated", "precision", "estimate_check", "population",
+                           "streaming")
                if _load(n) is None]
     if missing:
         print(f"not run yet: {', '.join(missing)}")
