@@ -82,6 +82,9 @@ def _model_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="precision of the weights (the forward runs under autocast)")
+    p.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+                   help="a full model too big for one device: spread its blocks over the GPUs (and CPU) as it "
+                        "loads, in --dtype (accelerate); instead of --device")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_evaluate)
 

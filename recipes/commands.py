@@ -117,11 +117,12 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     importance = load_artifact(args.importance) if args.importance else None
     check_output(args.out, args.overwrite)
     if args.stream:
+        from scaleot_fed.models import saved_tokenizer
         from scaleot_fed.streaming import build_emulator_streaming, local_folder
 
         clear_output(args.out)
         out = build_emulator_streaming(folder := local_folder(args.model), config, args.out, importance,
-                                       source_model=args.model, tokenizer=_tokenizer_of(folder))
+                                       source_model=args.model, tokenizer=saved_tokenizer(folder))
         print(f"wrote emulator to {out} (streamed from {folder}, one block at a time)")
         return
     print(f"build-emulator: loading {args.model} ...", flush=True)
@@ -158,16 +159,6 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
-def _tokenizer_of(folder):
-    """The tokenizer saved beside a checkpoint, or None (an emulator then ships without one)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError):
-        return None
-
-
 def load_any_model(spec: str):
     """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer, emulator
     or None). A folder that claims to be an emulator (:func:`looks_like_emulator`) loads as one or
@@ -195,10 +186,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     texts = load_text_corpus(args.text) if args.text else None
     _use_all_cores()
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, tokenizer, _ = load_any_model(args.model)
+    if args.device_map:  # loaded straight into dtype, spread over the devices (never whole in float32)
+        from scaleot_fed.models import load_model
+
+        loaded = load_model(args.model, dtype=dtype, device_map=args.device_map)
+        model, tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
+    else:
+        model, tokenizer, _ = load_any_model(args.model)
+        place(model.requires_grad_(False), device, dtype)  # scoring trains nothing: every weight in dtype
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
-    place(model.requires_grad_(False), device, dtype)  # scoring trains nothing: every weight in dtype
     if items is not None:
         result = {"model": args.model, "task": args.task, "split": args.split} | evaluate_multiple_choice(
             model, tokenizer, items, batch_size=args.batch_size, progress=not args.json)

@@ -196,11 +196,14 @@ class LoadedModel:
     source: str
 
 
-def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = True,
+               device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM (and its tokenizer) from a folder, an alias or the hub.
 
     ``dtype="auto"`` keeps the checkpoint's precision (a bf16 checkpoint stays bf16: no silent
     float32 copy that doubles its memory); each run then places weights in its own ``dtype``.
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict, through accelerate)
+    spreads a model too big for one GPU over the GPUs (and CPU) as it loads.
 
     Raises
     ------
@@ -211,7 +214,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = T
 
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from exc
@@ -221,6 +224,16 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", tokenizer: bool = T
         restore_bottleneck_adapters(model, path)  # a plugged-in model trained in adapter mode
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, source=spec)
+
+
+def saved_tokenizer(folder: str | Path):
+    """The tokenizer saved in ``folder``, or None when it holds none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
 
 
 def base_model_reference(source_model: str) -> str | None:

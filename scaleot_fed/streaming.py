@@ -52,6 +52,7 @@ class TensorFiles:
 
     def __init__(self, folder: str | Path, base_model_prefix: str = "") -> None:
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[dict, int]] = {}
         if (self.folder / INDEX).is_file():
             self.shard_of: dict[str, str] = json.loads((self.folder / INDEX).read_text())["weight_map"]
         elif (self.folder / SINGLE).is_file():
@@ -64,7 +65,6 @@ class TensorFiles:
             for key in self.shard_of:
                 if not key.startswith(base_model_prefix + "."):
                     self.file_key.setdefault(f"{base_model_prefix}.{key}", key)  # GPT-2's hub files
-        self._headers: dict[str, tuple[dict, int]] = {}
 
     def _header(self, shard: str) -> tuple[dict, int]:
         """A shard's tensor table (minus ``__metadata__``) and where its data starts."""

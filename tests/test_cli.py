@@ -152,3 +152,37 @@ def test_every_shipped_config_loads():
             load_study_config(path)
         else:
             load_offsite_config(path)
+
+
+def test_evaluate_with_a_device_map_scores_as_the_placed_model(workspace, capsys, tmp_path):
+    """``--device-map`` (accelerate) loads the model spread over the devices there are (here: the
+    CPU) straight in --dtype; the scores equal the plain path's."""
+    write_items(tmp_path / "items.jsonl", 6, 3)
+    common = ["evaluate", "--model", str(workspace / "model"), "--task", str(tmp_path / "items.jsonl"), "--json"]
+    rc, plain, _ = run(common, capsys)
+    assert rc == 0
+    rc, mapped, _ = run(common + ["--device-map", "auto"], capsys)
+    assert rc == 0 and json.loads(mapped) == json.loads(plain)
+
+
+def test_streaming_build_and_plug_in_commands(workspace, capsys, tmp_path):
+    """``build-emulator --stream`` writes the emulator the in-memory command writes, byte for byte;
+    ``plug-in --stream`` a sharded model with an index that loads."""
+    args = ["build-emulator", "--model", str(workspace / "model"), "--strategy", "uniform-drop", "--adapters", "2",
+            "--alpha", "0.5", "--rank-keep-ratio", "0.5"]
+    assert run(args + ["--out", str(tmp_path / "memory")], capsys)[0] == 0
+    assert run(args + ["--out", str(tmp_path / "streamed"), "--stream"], capsys)[0] == 0
+    for name in ("model.safetensors", "manifest.json"):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
+    from scaleot_fed.emulator import load_emulator
+    from scaleot_fed.finetune import FinetuneConfig, make_trainable
+    from scaleot_fed.plugin import export_trained
+
+    emulator = load_emulator(tmp_path / "streamed")
+    trainable = make_trainable(emulator.model, list(emulator.adapter_positions()), FinetuneConfig(mode="full"))
+    export_trained(trainable, emulator, tmp_path / "state.safetensors")
+    rc, out, _ = run(["plug-in", "--model", str(workspace / "model"), "--emulator", str(tmp_path / "streamed"),
+                      "--trained", str(tmp_path / "state.safetensors"), "--out", str(tmp_path / "plugged"),
+                      "--stream"], capsys)
+    assert rc == 0 and (tmp_path / "plugged" / "model.safetensors.index.json").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "plugged")
