@@ -1,0 +1,54 @@
+"""Paired bootstrap intervals and the verdicts that follow from them."""
+
+import numpy as np
+import pytest
+
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.evaluate import accuracy_from_scores
+from scaleot_fed.stats import correct_from_scores, paired_bootstrap
+from scaleot_fed.tasks import MCItem
+
+
+def test_per_item_correctness_matches_acc_and_acc_norm():
+    rng = np.random.default_rng(0)
+    items = [MCItem(f"q{i}", tuple("x" * int(n) for n in rng.integers(1, 9, size=3)), int(rng.integers(3)))
+             for i in range(200)]
+    scores = rng.normal(size=(200, 3)).tolist()
+    expected = accuracy_from_scores(items, scores)
+    gold = [i.gold for i in items]
+    assert correct_from_scores(scores, gold).mean() == pytest.approx(expected["acc"])
+    lengths = [[len(c) for c in i.choices] for i in items]
+    assert correct_from_scores(scores, gold, lengths).mean() == pytest.approx(expected["acc_norm"])
+
+
+def test_the_interval_is_exact_at_the_extremes_and_matches_the_normal_approximation():
+    ones, zeros = np.ones(300), np.zeros(300)
+    result = paired_bootstrap(ones, zeros)
+    assert result.difference == 1.0 and result.ci95 == (1.0, 1.0) and result.verdict() == "holds"
+    assert paired_bootstrap(zeros, ones).verdict() == "does not hold"
+    same = paired_bootstrap(ones, ones)
+    assert same.ci95 == (0.0, 0.0) and same.verdict() == "inconclusive"
+    # independent coin flips: the paired difference's interval ~ mean +- 1.96 sd / sqrt(n)
+    rng = np.random.default_rng(1)
+    a, b = (rng.random(2000) < 0.6).astype(float), (rng.random(2000) < 0.5).astype(float)
+    result = paired_bootstrap(a, b, resamples=4000)
+    half = 1.96 * (a - b).std() / np.sqrt(2000)
+    assert result.ci95[0] == pytest.approx(result.difference - half, abs=0.15 * half)
+    assert result.ci95[1] == pytest.approx(result.difference + half, abs=0.15 * half)
+    assert result.verdict() == "holds" and result.n == 2000
+
+
+def test_seeds_are_averaged_per_item_and_closeness_needs_the_whole_interval_inside_the_margin():
+    rng = np.random.default_rng(2)
+    truth = (rng.random(500) < 0.7).astype(float)
+    seeds = np.stack([np.where(rng.random(500) < 0.1, 1 - truth, truth) for _ in range(3)])  # (3, 500)
+    result = paired_bootstrap(seeds, truth)
+    assert result.seeds == (3, 1) and result.difference == pytest.approx((seeds.mean(0) - truth).mean())
+    assert result.verdict("close", margin=0.2) == "holds"
+    assert paired_bootstrap(np.ones(500), np.zeros(500)).verdict("close", margin=0.2) == "does not hold"
+    noisy = paired_bootstrap((rng.random(60) < 0.5).astype(float), (rng.random(60) < 0.5).astype(float))
+    assert noisy.verdict("close", margin=0.05) == "inconclusive"
+    with pytest.raises(ConfigError, match="same items"):
+        paired_bootstrap(np.ones(3), np.ones(4))
+    with pytest.raises(ConfigError, match="margin"):
+        result.verdict("close")
