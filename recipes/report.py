@@ -15,6 +15,8 @@ way of training it: federated, centralised); each entry's rows map a row name to
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 from .rundir import write_json
@@ -45,7 +47,18 @@ def emulator_entry(rows: dict[str, dict], manifest: dict, config: dict) -> dict:
 
 
 def write_results(out: Path, results: dict) -> None:
-    """``results.json``, ``results.md`` and ``results.png`` in ``out``."""
+    """``results.json``, ``results.md`` and ``results.png`` in ``out``; every row's per-item
+    record (``items``, see :meth:`recipes.single_owner.SingleOwner.evaluate`) moves to
+    ``items/<entry>__<row>.loglik.json.gz`` and the row keeps its path as ``items_file``."""
+    for name, entry in results.get("emulators", {}).items():
+        for row, values in entry["rows"].items():
+            if "items" in values:
+                entry["rows"][row] = values = dict(values)  # rows may be shared between entries
+                path = Path("items") / f"{name}__{row}.loglik.json.gz"
+                (out / "items").mkdir(exist_ok=True)
+                with gzip.open(out / path, "wt") as handle:
+                    json.dump(values.pop("items"), handle)
+                values["items_file"] = str(path)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")

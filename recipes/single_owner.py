@@ -22,7 +22,7 @@ from scaleot_fed.distill import DistillConfig, distill_emulator
 from scaleot_fed.emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
 from scaleot_fed.emulator_build import build_emulator
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.evaluate import evaluate_multiple_choice
+from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
 from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.plugin import export_trained, plug_in_path
@@ -192,8 +192,12 @@ class SingleOwner:
     eval_placement: Placement = dataclasses.field(default_factory=Placement)
 
     def evaluate(self, model: nn.Module) -> dict:
+        """``acc``, ``acc_norm``, ``n`` and, under ``items``, every item's per-choice log-likelihoods
+        with its gold index and choice lengths: any metric can be recomputed from a row
+        (:func:`recipes.report.write_results` moves them to ``items/``)."""
         self.eval_placement.apply(model, training=False)
-        return evaluate_multiple_choice(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size)
+        scores = score_items(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size)
+        return accuracy_from_scores(self.evaluation, scores) | {"items": item_record(self.evaluation, scores)}
 
     def full_zero_shot(self) -> dict:
         return self.cache("full_zero_shot", lambda: self.evaluate(self.full))

@@ -216,6 +216,13 @@ def score_items(model: nn.Module, tokenizer, items: list[MCItem], batch_size: in
     return choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress)
 
 
+def item_record(items: list[MCItem], scores: list[list[float]]) -> dict[str, list]:
+    """What recomputes any metric of a scoring: per item its choices' log-likelihoods, the gold
+    index and the choices' lengths in characters (``acc_norm``'s divisor)."""
+    return {"loglik": [[round(float(s), 6) for s in item_scores] for item_scores in scores],
+            "gold": [i.gold for i in items], "choice_chars": [[len(c) for c in i.choices] for i in items]}
+
+
 def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
                              max_length: int | None = None, progress: bool = False) -> dict[str, float]:
     """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests)."""

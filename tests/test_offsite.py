@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -65,6 +66,16 @@ def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
         assert set(e["rows"]) == {"full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in"}
         assert e["gap"] == pytest.approx(e["rows"]["plug_in"]["acc"] - e["rows"]["emulator_finetune"]["acc"])
         assert all(r["n"] == 12 for r in e["rows"].values())
+    # every row's per-item log-likelihoods are kept: its metrics recompute from them
+    from scaleot_fed.stats import correct_from_scores
+
+    for row in results["emulators"]["scaleot"]["rows"].values():
+        with gzip.open(setup / "run" / row["items_file"], "rt") as handle:
+            items = json.load(handle)
+        assert len(items["loglik"]) == len(items["gold"]) == 12
+        assert correct_from_scores(items["loglik"], items["gold"]).mean() == pytest.approx(row["acc"])
+        assert correct_from_scores(items["loglik"], items["gold"], items["choice_chars"]).mean() == pytest.approx(
+            row["acc_norm"])
     assert (setup / "run" / "results.png").stat().st_size > 1000
     assert "| Plug-in |" in (setup / "run" / "results.md").read_text()
     assert (setup / "run" / "importance" / "layer_replace.json").exists()  # stage 1 ran inline
