@@ -136,14 +136,16 @@ def _tied(model: nn.Module) -> dict[str, str]:
 
 
 def lazy_state(model: nn.Module, files: TensorFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model.state_dict()`` items sorted by key, each read from ``files`` when reached."""
-    tied = _tied(model)
-    for name in sorted(model.state_dict(keep_vars=True)):
+    """``model.state_dict()`` items sorted by key, each read from ``files`` when reached, in the
+    model's precision (as ``from_pretrained`` casts them: the fingerprint of the loaded model)."""
+    tied, state = _tied(model), model.state_dict(keep_vars=True)
+    for name in sorted(state):
         source = name if name in files else tied.get(name, name)
         if source not in files:
             raise ConfigError(f"{files.folder}: no tensor for {name} (the files' keys differ from the model's); "
                               "run without --stream")
-        yield name, files.get(source)
+        tensor = files.get(source)
+        yield name, tensor.to(state[name].dtype) if tensor.is_floating_point() else tensor
 
 
 def _materialise(model: nn.Module, named: list[tuple[str, nn.Module]], files: TensorFiles, recurse: bool,
@@ -275,7 +277,8 @@ def plug_in_streaming(folder: str | Path, manifest: dict, trained: str | Path, o
     updates = (_lora_updates(trained, set(manifest["adapter_layers"]), model) if is_lora
                else _state_updates(trained, manifest, model))
     arch = architecture_of(model)
-    model_key = {f: m for m, f in files.file_key.items() if m == f or f not in files.file_key}
+    keys = set(model.state_dict(keep_vars=True))
+    model_key = {f: m for m, f in files.file_key.items() if m in keys}  # file key -> the model's key
     groups: dict[int | None, list[str]] = {}
     for file_key in files.shard_of:
         groups.setdefault(block_index_of_key(arch, model_key.get(file_key, file_key)), []).append(file_key)

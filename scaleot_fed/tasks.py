@@ -24,7 +24,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 from .errors import ConfigError, ScaleOTError
 from .models import package_dir
@@ -43,7 +42,7 @@ class MCItem:
     fields: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fields", MappingProxyType({str(k): str(v) for k, v in self.fields.items()}))
+        object.__setattr__(self, "fields", {str(k): str(v) for k, v in self.fields.items()})  # a copy, strings
         if len(self.choices) < 2:
             raise ConfigError(f"an item needs at least 2 choices, got {len(self.choices)}: {self.context[:60]!r}")
         if not 0 <= self.gold < len(self.choices):

@@ -94,9 +94,10 @@ def _ask_all(grid: Grid, nodes: list[int], sha: str) -> dict[int, tuple[int, boo
 def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper: bool = False) -> Delivery:
     """Make sure every connected data owner holds the emulator ``sha``.
 
-    All owners are asked at once; those that lack it get it one at a time, and after each
-    delivery the rest are asked again (at once), so that owners sharing a disk (a simulation's
-    actors) find it there: a population of any size costs one copy per disk and a few batches of
+    All owners are asked at once; those that lack it get it one at a time. After a delivery the
+    rest are asked again (at once) for as long as that finds owners that now hold it (owners
+    sharing a disk, as a simulation's actors do); owners on disks of their own are then sent it
+    without more questions. A population of any size costs one copy per disk and a few batches of
     queries, never a round trip per owner.
 
     Parameters
@@ -106,6 +107,7 @@ def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper:
     """
     done = Delivery()
     answers = _ask_all(grid, wait_for_nodes(grid, num_clients), sha)
+    reask = True
     while True:
         for node, answer in list(answers.items()):
             if isinstance(answer, str):  # one owner that cannot take the emulator does not stop the run
@@ -123,7 +125,9 @@ def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper:
         except RunError as exc:
             log.error("data owner %s (node %s) is left out of this run: %s", answers.pop(node)[0], node, exc)
         tamper = False  # a tampered copy, once sent, is used up
-        answers = _ask_all(grid, sorted(answers), sha) if answers else {}
+        if answers and reask:  # did that copy reach others (a shared disk)? Ask while it does.
+            answers = _ask_all(grid, sorted(answers), sha)
+            reask = any(not isinstance(a, str) and a[1] for a in answers.values())
     if not done.node_to_partition:
         raise RunError("no data owner could take the emulator (see the errors above)")
     if any(p < 0 for p in done.node_to_partition.values()):

@@ -99,6 +99,7 @@ class FederatedRun:
         self.base_strategy, self.strategy = make_strategy(self.config)
         self.privacy = PrivacyLedger(self.config.privacy, run.num_clients)
         self.realigner = Realigner(self.config.realign)
+        self.realigner.prepare(self)
         self.eval_items = run.evaluation_items()
         self.start_round = 1
         if self.resume:
@@ -154,7 +155,9 @@ class FederatedRun:
         if self.config.run.client_eval:
             eval_messages = list(self.strategy.configure_evaluate(round_, self.arrays, self._train_config(round_), view))
             eval_messages = personalise(self.config, self.node_to_partition, eval_messages)
-            bytes_down += sum(m.content["arrays"].count_bytes() for m in eval_messages) + self.realigner.attach(eval_messages)
+            realign_eval = self.realigner.attach(eval_messages)
+            row["realign_bytes_down"] = row.get("realign_bytes_down", 0) + realign_eval
+            bytes_down += sum(m.content["arrays"].count_bytes() for m in eval_messages) + realign_eval
             eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=self.config.run.round_timeout)
                             if not m.has_error()]
             eval_replies.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])
@@ -222,7 +225,8 @@ class FederatedRun:
             else:
                 good.append(msg)
         answered = {m.metadata.src_node_id for m in replies}
-        timed_out = [p for p in partitions if self.partition_to_node.get(p) not in answered]
+        failed += [p for p in partitions if p not in self.partition_to_node]  # left out at delivery: never sent
+        timed_out = [p for p in partitions if p in self.partition_to_node and self.partition_to_node[p] not in answered]
         if timed_out:
             log.warning("round %d: owner(s) %s sent no reply within round_timeout=%g s: dropped from this round",
                         round_, timed_out, self.config.run.round_timeout)

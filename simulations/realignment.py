@@ -11,6 +11,7 @@ once, which makes this count an upper bound.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -45,16 +46,26 @@ class Realigner:
         gains from it, and the final emulator row must stay what the owners trained on."""
         return self.config.enabled and round_ % self.config.every == 0 and round_ < num_rounds
 
+    def prepare(self, fed: FederatedRun) -> None:
+        """Fail at start, not after a round of training: the emulator must have parts to re-align
+        within ``max_bytes``, and the text must read (the owner's own, never a data owner's item)."""
+        if not self.config.enabled:
+            return
+        realign_parameters(fed.trainable, fed.emulator.manifest, self.config.max_bytes)
+        self._tokens = token_blocks(fed.tokenizer, load_text_corpus(self.config.text), self.config.block_size,
+                                    max_blocks=max(64, 2 * self.config.steps * self.config.batch_size))
+
     def run(self, fed: FederatedRun) -> dict:
         """Re-align ``fed.trainable`` (the emulator with the aggregate) on the model owner's text."""
-        if self._tokens is None:  # the owner's general text, never a data owner's item
-            self._tokens = token_blocks(fed.tokenizer, load_text_corpus(self.config.text), self.config.block_size,
-                                        max_blocks=max(64, 2 * self.config.steps * self.config.batch_size))
+        if self._tokens is None:
+            self.prepare(fed)
         teacher = fed.plugged_model()  # (also loads the aggregate into fed.trainable)
         params = realign_parameters(fed.trainable, fed.emulator.manifest, self.config.max_bytes)
-        stats = realign(teacher, fed.trainable, params, self._tokens, self.config)
+        config = dataclasses.replace(self.config, seed=self.config.seed + self.version)  # fresh batches each time
+        stats = realign(teacher, fed.trainable, params, self._tokens, config)
         del teacher
-        self.state = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        # float32 whatever the emulator's precision (numpy has no bfloat16); owners cast on copy
+        self.state = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
         self.version += 1
         log.info("re-aligned the emulator (version %d): KL %.4f -> %.4f, %d tensors, %.1f MB", self.version,
                  stats["kl_before"], stats["kl_after"], len(params), stats["bytes"] / 1e6)

@@ -200,7 +200,7 @@ def final_table(fed: FederatedRun) -> dict:
     if owners:
         results["per_owner"] = owners
     write_results(fed.out, results)
-    if owners:
+    if any("per_owner_acc_mean" in r for r in fed.metrics):  # the plug-in was scored per owner
         with open(fed.out / "results.md", "a") as handle:
             handle.write(per_owner_markdown(fed.metrics, owners))
     return results
@@ -212,7 +212,7 @@ def per_owner_markdown(rounds: list[dict], owners: dict[str, dict[str, dict]]) -
     evaluated = [r for r in rounds if "per_owner_acc_mean" in r]
     lines = ["", "## Per owner: plug-in accuracy (%) on each owner's held-out items", "",
              "| owner | " + " | ".join(f"round {r['round']}" for r in evaluated) + " | own adapters on the emulator |",
-             "|---|" + "---|" * (len(evaluated) + 1)]
+             "|---|" + "---|" * (len(evaluated) + 1)]  # owner + rounds + own adapters: len + 2 columns
     for owner, by_round in owners.items():
         cells = [f"{100 * by_round[str(r['round'])]['plug_in_acc']:.1f}" if str(r["round"]) in by_round
                  and "plug_in_acc" in by_round[str(r["round"])] else "" for r in evaluated]

@@ -16,6 +16,7 @@ from scaleot_fed.src import FusedLowRankLinear, LowRankLinear
 
 from .conftest import tiny_model
 from .test_emulator import _artifact
+from .test_strategies import task_identity  # noqa: F401  (messages outside an app need an identity)
 
 
 @pytest.fixture
@@ -110,6 +111,12 @@ def test_the_server_realigns_on_its_own_text_and_never_reads_owner_data(setting,
                           plugged_model=lambda: teacher)
     realigner = Realigner(RealignConfig(every=1, steps=3, batch_size=2, block_size=8, text=str(corpus)))
     assert realigner.due(1, 3) and not realigner.due(3, 3)  # never after the last round
+    trainable.to(torch.bfloat16)  # an emulator stored in bf16 (numpy has no bf16: shipped as float32)
     row = realigner.run(fed)
     assert read == [str(corpus)] and row["version"] == 1 and realigner.state
+    assert all(v.dtype == torch.float32 for v in realigner.state.values())
     assert row["bytes"] == sum(v.numel() * 4 for v in realigner.state.values())
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    assert realigner.attach([msg]) == row["bytes"] and msg.content["config"]["realign-version"] == 1

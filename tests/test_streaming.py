@@ -69,3 +69,39 @@ def test_streaming_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(ConfigError, match="without --stream"):
         build_emulator_streaming(tmp_path / "empty", EmulatorConfig("uniform-drop", 2, alpha=0.5), tmp_path / "e2")
+
+
+def test_files_without_the_model_prefix_and_in_another_precision_stream_as_from_pretrained(tmp_path):
+    """GPT-2's hub files name tensors without ``transformer.``, and a config may ask for another
+    precision than the files hold: the streamed fingerprint, emulator and plug-in still equal
+    what the loaded model gives."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from scaleot_fed.models import model_fingerprint
+    from scaleot_fed.streaming import fingerprint_of, lazy_state, meta_model
+
+    folder = tmp_path / "gpt2-hub-style"
+    tiny_model("gpt2").save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    loaded = load_model(str(folder), tokenizer=False).model
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    model, files = meta_model(folder)
+    assert fingerprint_of(lazy_state(model, files)) == model_fingerprint(loaded)
+    config = EmulatorConfig("uniform-drop", 2, alpha=0.5, rank_keep_ratio=0.5)
+    memory = save_emulator(build_emulator(loaded, config), tmp_path / "memory")
+    streamed = build_emulator_streaming(folder, config, tmp_path / "streamed")
+    assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
+    emulator = load_emulator(streamed, tokenizer=False)
+    trainable = make_trainable(emulator.model, list(emulator.adapter_positions()), FinetuneConfig(mode="full"))
+    trained = export_trained(trainable, emulator, tmp_path / "state.safetensors")
+    out = plug_in_streaming(folder, emulator.manifest, trained, tmp_path / "plugged")
+    assert len(list(out.glob("model-*.safetensors"))) == 8 + 1  # streamed block by block, prefix or not
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = plug_in_path(loaded, emulator.manifest, trained).state_dict()
+    assert all(torch.equal(got[k].to(expected[k].dtype), expected[k]) for k in expected)
