@@ -119,4 +119,5 @@ def test_the_server_realigns_on_its_own_text_and_never_reads_owner_data(setting,
     from flwr.app import ConfigRecord, Message, RecordDict
 
     msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
-    assert realigner.attach([msg]) == row["bytes"] and msg.content["config"]["realign-version"] == 1
+    assert row["bytes"] <= realigner.attach([msg]) < 1.1 * row["bytes"]  # (plus the records' own metadata)
+    assert msg.content["config"]["realign-version"] == 1
