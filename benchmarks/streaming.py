@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--per-shard", type=int, default=4, help="blocks per checkpoint shard")
     parser.add_argument("--work", default="/tmp/streaming-bench", help="scratch folder (deleted at the end)")
-    parser.add_argument("--step", choices=("all", "build", "plug-in"), default="all",
+    parser.add_argument("--step", choices=("all", "build", "lora", "plug-in"), default="all",
                         help="one measurement per process (ru_maxrss is a process-lifetime peak)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "streaming.json"))
     args = parser.parse_args()
@@ -121,7 +121,8 @@ def main() -> None:
               f"{report['checkpoint']['bytes'] / GB:.2f} GB in {args.layers} blocks", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-        for step in ("build", "plug-in"):  # each measured in a process of its own
+        for step in ("build", "lora", "plug-in"):  # each in a process of its own (ru_maxrss is per process,
+            # and a child forked from a big process starts with the parent's pages counted)
             subprocess.run([sys.executable, __file__, "--step", step, "--work", str(work), "--out", args.out]
                            + [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in ("layers", "hidden")], check=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -136,8 +137,10 @@ def main() -> None:
                            "peak_over_bound": peak / bound}
         print(f"build-emulator --stream: peak {peak / GB:.2f} GB vs bound {bound / GB:.2f} GB (emulator "
               f"{size / GB:.2f} GB + 1 GB) = {peak / bound:.2f}x of the bound, {seconds:.0f} s", flush=True)
-    else:
+    elif args.step == "lora":
         make_lora(work / "emulator", work / "lora")
+        return
+    else:
         trained = sum(p.stat().st_size for p in (work / "lora").iterdir())
         peak, seconds = peak_of(cli + ["plug-in", "--model", str(work / "model"), "--emulator", str(work / "emulator"),
                                        "--trained", str(work / "lora"), "--out", str(work / "plugged"), "--stream",
