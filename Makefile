@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q --durations=20
 
 demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/scaleot-fed simulate --config simulations/configs/piqa-noniid-8.toml
