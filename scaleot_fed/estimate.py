@@ -46,6 +46,9 @@ class Estimate:
     activation_bytes: int
     batch_size: int
     seq_len: int
+    transient_bytes: int = 0
+    """Temporaries at the step's peak beside what autograd keeps: the head's ``(answer rows,
+    vocab)`` float32 logits and, in the backward pass, their gradient (two such tensors)."""
     checkpoint_bytes: int = 4
     """Bytes per weight of the full model as stored (and loaded)."""
     shipped_bytes: int = 4
@@ -61,11 +64,11 @@ class Estimate:
 
     def client_bytes(self, device: str = "cpu") -> dict[str, int]:
         """One data owner's training memory: frozen emulator, trained weights, their gradients
-        and AdamW state (float32), saved activations, process baseline."""
+        and AdamW state (float32), saved activations, the head's temporaries, process baseline."""
         frozen = self.frozen_params * self.dtype_bytes
         parts = {"weights": frozen + 4 * self.trainable_params, "gradients": 4 * self.trainable_params,
                  "optimizer": 8 * self.trainable_params, "activations": self.activation_bytes,
-                 "baseline": int(PROCESS_BASELINE[device])}
+                 "transient": self.transient_bytes, "baseline": int(PROCESS_BASELINE[device])}
         return parts | {"total": sum(parts.values())}
 
     @property
@@ -206,6 +209,7 @@ def estimate(config, emulator: EmulatorConfig, finetune: FinetuneConfig, batch_s
     return Estimate(full_params=sum(p.numel() for p in full.parameters()), emulator_params=emulator_params,
                     trainable_params=sum(p.numel() for p in trainable), frozen_params=frozen, dtype_bytes=_bytes(dtype),
                     activation_bytes=activations, batch_size=batch_size, seq_len=seq_len,
+                    transient_bytes=2 * batch_size * max(1, math.ceil(seq_len * answer_fraction)) * config.vocab_size * 4,
                     checkpoint_bytes=_bytes(stored), shipped_bytes=_bytes(shipped))
 
 

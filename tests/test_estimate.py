@@ -26,6 +26,9 @@ def test_the_estimate_counts_what_building_and_training_make(family):
     assert est.frozen_params == sum(p.numel() for p in trained.parameters() if not p.requires_grad)
     assert est.activation_bytes > 0
     assert est.round_bytes == {"down": 4 * est.trainable_params, "up": 4 * est.trainable_params}
+    # the head's temporaries: logits and their gradient, (2 x 4 answer rows, vocab) float32 each
+    assert est.transient_bytes == 2 * (2 * 4) * full.config.vocab_size * 4
+    assert est.client_bytes()["transient"] == est.transient_bytes
 
 
 def test_saved_activations_match_a_real_step_and_grow_with_the_batch():
