@@ -141,7 +141,8 @@ def plot_partitions(config: FedConfig, out: Path) -> None:
         ax.bar(range(len(counts)), rest, bottom=bottom, color="lightgrey", label=f"{len(values) - len(shown)} other")
     ax.set_xlabel("owner (partition id)")
     ax.set_ylabel("training items")
-    ax.set_title(f"{run.task}: {config.partition.kind} partition by {name}"[:80], fontsize=9)
+    task = run.task if len(run.task) <= 48 else run.task[:45] + "..."
+    ax.set_title(f"{config.partition.kind} partition by {name}\n{task}", fontsize=8)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "partitions.png", dpi=110)
