@@ -50,15 +50,19 @@ def write_results(out: Path, results: dict) -> None:
     """``results.json``, ``results.md`` and ``results.png`` in ``out``; every row's per-item
     record (``items``, see :meth:`recipes.single_owner.SingleOwner.evaluate`) moves to
     ``items/<entry>__<row>.loglik.json.gz`` and the row keeps its path as ``items_file``."""
+    written: dict[int, dict] = {}  # a row shared by entries (the full model's) gets one file
     for name, entry in results.get("emulators", {}).items():
         for row, values in entry["rows"].items():
-            if "items" in values:
-                entry["rows"][row] = values = dict(values)  # rows may be shared between entries
+            if id(values) in written:
+                entry["rows"][row] = written[id(values)]
+            elif "items" in values:
+                moved = dict(values)  # (the caller's row is left as it was)
                 path = Path("items") / f"{name}__{row}.loglik.json.gz"
                 (out / "items").mkdir(exist_ok=True)
                 with gzip.open(out / path, "wt") as handle:
-                    json.dump(values.pop("items"), handle)
-                values["items_file"] = str(path)
+                    json.dump(moved.pop("items"), handle)
+                moved["items_file"] = str(path)
+                entry["rows"][row] = written[id(values)] = moved
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
