@@ -225,12 +225,11 @@ class FederatedRun:
             else:
                 good.append(msg)
         answered = {m.metadata.src_node_id for m in replies}
-        failed += [p for p in partitions if p not in self.partition_to_node]  # left out at delivery: never sent
         timed_out = [p for p in partitions if p in self.partition_to_node and self.partition_to_node[p] not in answered]
         if timed_out:
             log.warning("round %d: owner(s) %s sent no reply within round_timeout=%g s: dropped from this round",
                         round_, timed_out, self.config.run.round_timeout)
-        failed += timed_out
+        failed += timed_out + [p for p in partitions if p not in self.partition_to_node]  # (never sent: left out)
         self._enough(round_, len(good), partitions, failed)
         good.sort(key=lambda m: self.node_to_partition[m.metadata.src_node_id])  # fixed order: same sums
         bytes_up = sum(m.content.array_records["arrays"].count_bytes() for m in good)
