@@ -79,6 +79,11 @@ class TensorFiles:
     def __contains__(self, key: str) -> bool:
         return key in self.file_key
 
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype of model key ``key`` (``F32``, ``BF16``, ...), from the header."""
+        file_key = self.file_key[key]
+        return self._header(self.shard_of[file_key])[0][file_key]["dtype"]
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor of model key ``key``, read from its shard."""
         file_key = self.file_key[key]
@@ -117,8 +122,9 @@ def meta_model(folder: str | Path) -> tuple[nn.Module, TensorFiles]:
     files = TensorFiles(folder)
     dtype = getattr(config, "dtype", None)
     if dtype is None:
-        first = next((files.get(k) for k in files.file_key if files.get(k).is_floating_point()), None)
-        dtype = first.dtype if first is not None else torch.float32
+        # the first floating tensor's dtype, from the headers alone (no tensor is read)
+        kinds = [files.dtype_name(k) for k in files.file_key]
+        dtype = next((DTYPES[n] for n in kinds if DTYPES[n].is_floating_point), torch.float32)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
