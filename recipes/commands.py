@@ -96,8 +96,8 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     ev = result.evaluation
     print(f"least important blocks first: {result.ranking()}")
     print(
-        f"held-out loss: full {ev['heldout_loss_full']:.3f}, half the middle harmonized "
-        f"{ev['heldout_loss_half_harmonized']:.3f}, dropped {ev['heldout_loss_half_dropped']:.3f}"
+        f"held-out loss: full {ev['heldout_loss_full']:.3f}; blocks {ev['replaced']} harmonized "
+        f"{ev['heldout_loss_harmonized']:.3f}, dropped {ev['heldout_loss_dropped']:.3f}"
     )
     print(f"{result.seconds:.1f} s ({result.seconds / config.steps:.2f} s/step)")
     print(f"wrote {out / 'layer_replace.json'} and {out / 'harmonizers.safetensors'}")

@@ -9,9 +9,28 @@ The model owner learns, on its own general text, (a) an importance score per mid
   advantage = reward minus the mean (standardised), ``s_i += lr * A * p_i (1 - p_i)`` for the
   blocks each candidate kept.
 
-A candidate draws ``u_i ~ U(0, p_i)`` with ``p_i = sigmoid(s_i)``, splits the middle blocks in
-consecutive groups and, in each group, keeps the blocks at or above the group median and replaces
-the others by their harmonizers (about half per group).
+A candidate draws ``u_i ~ U(0, p_i)`` with ``p_i = sigmoid(s_i)`` and replaces the blocks with the
+lowest draws by their harmonizers.
+
+Where we differ from the paper, and why (issue 15: with the paper's choices the replaced set of
+two seeds shared half its blocks):
+
+* ``selection = "global"`` (default): a candidate replaces ``round(alpha * n_middle)`` blocks, the
+  lowest draws over all middle blocks: the same share and the same global cut the emulator is
+  built with, so the scores are estimated under the comparison they are used for. The paper's
+  ``"group"`` selection (consecutive groups, the lower half of each replaced) is kept as an
+  option; there a group's replaced count is ``alpha * size`` rounded at random, so a group of one
+  block is replaced with probability ``alpha`` instead of never.
+* ``ranking = "regression"`` (default): the RL scores only steer the harmonizers' training (the
+  blocks likely to be replaced get the most practice). The ranking the emulator is built from is
+  then measured with the trained harmonizers: ``ranking_candidates`` candidates drawn uniformly at
+  ``alpha``, all scored on the same reward texts, and a least-squares fit of their losses on
+  which blocks each replaced; a block's score is the loss its replacement adds. The RL scores lock
+  in early (a block rarely kept is rarely updated), so two seeds ended in different sets;
+  the regression sees every block replaced about ``alpha * ranking_candidates`` times.
+  ``ranking = "rl"`` ranks by the RL scores, as the paper does.
+* The held-out texts are split in two: the RL rewards and the ranking fit use the first half, the
+  reported held-out loss the second, so the reported loss is not the one the ranking optimised.
 """
 
 from __future__ import annotations
@@ -42,6 +61,10 @@ class LayerReplaceConfig(Placement):
     batch_size: int = 8
     block_size: int = 128
     """Tokens per training sequence."""
+    alpha: float = 0.5
+    """Share of the middle blocks a candidate replaces: the deployed emulator's alpha."""
+    selection: str = "global"
+    """``global``: the ``alpha`` share with the lowest draws; ``group``: per consecutive group (the paper)."""
     group_size: int = 4
     num_candidates: int = 3
     rl_lr: float = 0.5
@@ -52,7 +75,15 @@ class LayerReplaceConfig(Placement):
     """At LM losses of 4-6 raw ``exp(-loss)`` advantages are ~1e-3 and scores barely move."""
     init_score: float = 0.0
     heldout_fraction: float = 0.1
-    """Share of the token blocks held out for RL rewards and the final evaluation."""
+    """Share of the token blocks held out: half for the RL rewards and the ranking fit, half for
+    the reported held-out loss."""
+    ranking: str = "regression"
+    """What the emulator is built from: ``regression`` (loss each block's replacement adds,
+    fitted at the end) or ``rl`` (the paper's scores)."""
+    ranking_candidates: int = 96
+    """Candidates scored for the regression ranking (each on every reward batch)."""
+    ranking_batches: int = 2
+    """Reward batches each ranking candidate is scored on."""
     eval_batches: int = 4
     max_train_blocks: int | None = None
     """Cap on token blocks read from the corpus (None: as many as the steps need, at most all)."""
@@ -69,6 +100,13 @@ class LayerReplaceConfig(Placement):
         if self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2 tokens, got {self.block_size}")
         check_num_adapter_layers(self.num_adapter_layers)
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha (the share of middle blocks a candidate replaces) must be in (0, 1), got {self.alpha}")
+        if self.selection not in SELECTIONS or self.ranking not in RANKINGS:
+            raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)} and ranking one of "
+                              f"{', '.join(RANKINGS)}; got {self.selection!r}, {self.ranking!r}")
+        if self.ranking_candidates < 2 or self.ranking_batches < 1:
+            raise ConfigError("ranking_candidates must be >= 2 and ranking_batches >= 1")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.rl_lr < 0 or self.harmonizer_lr <= 0:
@@ -81,7 +119,12 @@ class LayerReplaceConfig(Placement):
         the held-out share and the final evaluation."""
         if self.max_train_blocks:
             return self.max_train_blocks
-        return int(self.steps * self.batch_size / (1 - self.heldout_fraction)) + self.batch_size * (self.eval_batches + 1)
+        heldout = self.batch_size * (self.eval_batches + max(self.ranking_batches, 1) + 1)
+        return int(self.steps * self.batch_size / (1 - self.heldout_fraction)) + heldout
+
+
+SELECTIONS = ("global", "group")
+RANKINGS = ("regression", "rl")
 
 
 def check_num_adapter_layers(num_adapter_layers: int) -> None:
@@ -107,23 +150,31 @@ def middle_layers(num_layers: int, num_adapter_layers: int) -> list[int]:
 
 
 def sample_candidate(
-    scores: torch.Tensor, group_size: int, generator: torch.Generator
+    scores: torch.Tensor, alpha: float, generator: torch.Generator, selection: str = "global", group_size: int = 4,
 ) -> torch.Tensor:
     """Draw one candidate: a boolean keep-mask over the middle blocks.
 
     Parameters
     ----------
     scores:
-        ``(n_middle,)`` importance scores ``s_i``.
-    group_size:
-        Blocks per consecutive group; each group keeps those at or above its median draw.
+        ``(n_middle,)`` importance scores ``s_i``; ``u_i ~ U(0, sigmoid(s_i))``.
+    alpha:
+        Share of the blocks to replace (the lowest draws).
+    selection:
+        ``global``: ``round(alpha * n_middle)`` lowest draws overall; ``group``: in each run of
+        ``group_size`` consecutive blocks, ``alpha * size`` lowest draws, rounded at random.
     """
     p = torch.sigmoid(scores)
     u = torch.rand(scores.shape, generator=generator) * p  # u_i ~ U(0, p_i)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if selection == "global":
+        keep[torch.argsort(u)[: int(round(alpha * len(scores)))]] = False
+        return keep
     for start in range(0, len(scores), group_size):
         group = u[start : start + group_size]
-        keep[start : start + group_size] = group >= group.quantile(0.5)
+        share = alpha * len(group)
+        n = int(share) + int(float(torch.rand((), generator=generator)) < share - int(share))  # random rounding
+        keep[start + torch.argsort(group)[:n]] = False
     return keep
 
 
@@ -152,6 +203,7 @@ class LayerReplaceResult:
     """Scores, harmonizers and the record of one stage-1 run (what the artifact holds)."""
 
     scores: dict[int, float]
+    """What the emulator is ranked by (``config.ranking``): higher = more important."""
     harmonizers: dict[int, Harmonizer]
     config: LayerReplaceConfig
     source_model: str
@@ -164,6 +216,10 @@ class LayerReplaceResult:
     seconds: float = 0.0
     tokens_forward_backward: int = 0
     tokens_forward_only: int = 0
+    rl_scores: dict[int, float] = field(default_factory=dict)
+    """The paper's RL scores (the same as ``scores`` when ``config.ranking == "rl"``)."""
+    fit: dict[str, float] = field(default_factory=dict)
+    """The regression ranking's fit: candidates, batches, R^2."""
 
     def ranking(self) -> list[int]:
         """Middle blocks from least to most important (the first are replaced first)."""
@@ -202,7 +258,8 @@ class _Stage1:
 
     def candidate(self) -> tuple[torch.Tensor, dict[int, nn.Module]]:
         """A keep-mask over the middle blocks and the harmonizers standing in for the others."""
-        keep = sample_candidate(self.scores, self.config.group_size, self.generator)
+        c = self.config
+        keep = sample_candidate(self.scores, c.alpha, self.generator, c.selection, c.group_size)
         return keep, {m: self.harmonizers[m] for j, m in enumerate(self.middle) if not keep[j]}
 
     def harmonizer_step(self, train_ids: torch.Tensor) -> float:
@@ -252,11 +309,47 @@ class _Stage1:
         self.history["scores"].append(self.scores.tolist())
 
 
-def _split_heldout(token_ids: torch.Tensor, config: LayerReplaceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    n_heldout = max(1, int(round(len(token_ids) * config.heldout_fraction)))
+def _split_heldout(token_ids: torch.Tensor, config: LayerReplaceConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train, reward, report)`` token blocks: the held-out share split in two halves, the
+    first for RL rewards and the ranking fit, the second for the reported held-out loss."""
+    n_heldout = max(2, int(round(len(token_ids) * config.heldout_fraction)))
     if len(token_ids) - n_heldout < 1:
-        raise ConfigError(f"need at least 2 token blocks of {config.block_size} tokens, got {len(token_ids)}")
-    return token_ids[:-n_heldout], token_ids[-n_heldout:]
+        raise ConfigError(f"need at least 3 token blocks of {config.block_size} tokens, got {len(token_ids)}")
+    heldout = token_ids[-n_heldout:]
+    return token_ids[:-n_heldout], heldout[: n_heldout // 2], heldout[n_heldout // 2 :]
+
+
+@torch.no_grad()
+def regression_scores(model: nn.Module, reward_ids: torch.Tensor, harmonizers: dict[int, nn.Module],
+                      middle: list[int], config: LayerReplaceConfig, generator: torch.Generator,
+                      progress: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each middle block's score: the held-out loss its replacement by its harmonizer adds.
+
+    ``ranking_candidates`` candidates each replace a uniformly drawn ``alpha`` share of the
+    blocks and are scored on the same reward batches (so they differ only in what they replace);
+    the candidates' losses are fitted by least squares as a sum of one term per replaced block.
+    Every candidate replaces the same number of blocks, so the terms are known up to a common
+    shift: they are returned centred (``(n_middle,)``, mean 0), with the fit's R^2.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(middle)
+    k = int(round(config.alpha * n))
+    rows = min(len(reward_ids), config.ranking_batches * config.batch_size)
+    batches = [reward_ids[i : i + config.batch_size] for i in range(0, rows, config.batch_size)]
+    design = torch.zeros(config.ranking_candidates, n, dtype=torch.float64)  # (candidates, n_middle)
+    losses = torch.zeros(config.ranking_candidates, dtype=torch.float64)  # (candidates,)
+    for c in tqdm(range(config.ranking_candidates), desc="ranking fit", disable=not progress):
+        replaced = torch.randperm(n, generator=generator)[:k]
+        design[c, replaced] = 1.0
+        with swapped_blocks(model, {middle[j]: harmonizers[middle[j]] for j in replaced.tolist()}):
+            losses[c] = sum(float(lm_loss(model, b)) for b in batches) / len(batches)
+    coef = torch.linalg.lstsq(design, losses.unsqueeze(1)).solution.squeeze(1)  # (n_middle,)
+    residual = losses - design @ coef
+    total = ((losses - losses.mean()) ** 2).sum()
+    r2 = float(1 - (residual**2).sum() / total) if total > 0 else 1.0
+    fit = {"candidates": config.ranking_candidates, "batches": len(batches), "replaced_per_candidate": k, "r2": r2}
+    return (coef - coef.mean()).float(), fit
 
 
 def run_layer_replace(
@@ -287,11 +380,11 @@ def run_layer_replace(
     arch = architecture_of(model)
     num_layers = len(get_layers(model, arch))
     middle = middle_layers(num_layers, config.num_adapter_layers)
-    train_ids, heldout_ids = _split_heldout(token_ids, config)
+    train_ids, reward_ids, report_ids = _split_heldout(token_ids, config)
     fingerprint = model_fingerprint(model)  # before any cast: the artifact names the weights as given
     config.apply(model.requires_grad_(False))
     device = next(model.parameters()).device
-    train_ids, heldout_ids = train_ids.to(device), heldout_ids.to(device)
+    train_ids, reward_ids, report_ids = train_ids.to(device), reward_ids.to(device), report_ids.to(device)
     was_training = model.training
     model.eval()  # dropout off: rewards must compare candidates, not dropout noise
     run = _Stage1(model, middle, config)
@@ -300,15 +393,20 @@ def run_layer_replace(
     bar = tqdm(range(config.steps), desc="layer-replace", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         loss = run.harmonizer_step(train_ids)
-        rewards = run.rl_step(heldout_ids)
+        rewards = run.rl_step(reward_ids)
         run.record(loss, rewards)
         bar.set_postfix_str(f"loss={loss:.3f} {_ranking_text(run.scores, middle)}")
 
-    evaluation = _evaluate(model, heldout_ids, run.harmonizers, run.scores, middle, config, progress)
+    run.harmonizers_eval()
+    scores, fit = run.scores, {}
+    if config.ranking == "regression":
+        scores, fit = regression_scores(model, reward_ids, run.harmonizers, middle, config, run.generator, progress)
+    evaluation = _evaluate(model, report_ids, run.harmonizers, scores, middle, config, progress)
     model.train(was_training)
     run.harmonizers_eval()  # and on the CPU: the artifact is saved (and emulators built) from there
     return LayerReplaceResult(
-        scores={middle[j]: float(run.scores[j]) for j in range(len(middle))},
+        scores={middle[j]: float(scores[j]) for j in range(len(middle))},
+        rl_scores={middle[j]: float(run.scores[j]) for j in range(len(middle))}, fit=fit,
         harmonizers={i: h.to("cpu") for i, h in run.harmonizers.items()}, config=config,
         source_model=source_model, source_fingerprint=fingerprint, architecture=arch.name, num_layers=num_layers,
         hidden_size=int(model.config.hidden_size), history=run.history, evaluation=evaluation,
@@ -317,14 +415,15 @@ def run_layer_replace(
 
 
 @torch.no_grad()
-def _evaluate(model, heldout_ids, harmonizers, scores, middle, config, progress: bool = False) -> dict[str, float]:
-    """Held-out LM loss: full model vs half the middle replaced (by harmonizers / dropped)."""
+def _evaluate(model, report_ids, harmonizers, scores, middle, config, progress: bool = False) -> dict:
+    """Held-out LM loss on the report texts: the full model, and the ``alpha`` share of the middle
+    with the lowest scores replaced by harmonizers / dropped."""
     from tqdm.auto import tqdm
 
-    n = min(len(heldout_ids), config.eval_batches * config.batch_size)
-    ids = heldout_ids[:n]
+    n = min(len(report_ids), config.eval_batches * config.batch_size)
+    ids = report_ids[:n]
     order = torch.argsort(scores).tolist()
-    replaced = [middle[j] for j in order[: len(middle) // 2]]
+    replaced = sorted(middle[j] for j in order[: int(round(config.alpha * len(middle)))])
     bar = tqdm(total=3 * len(range(0, n, config.batch_size)), desc="held-out evaluation", disable=not progress)
 
     def mean_loss(replacements) -> float:
@@ -337,9 +436,10 @@ def _evaluate(model, heldout_ids, harmonizers, scores, middle, config, progress:
 
     result = {
         "heldout_loss_full": mean_loss({}),
-        "heldout_loss_half_harmonized": mean_loss({i: harmonizers[i] for i in replaced}),
-        "heldout_loss_half_dropped": mean_loss({i: _Identity() for i in replaced}),
+        "heldout_loss_harmonized": mean_loss({i: harmonizers[i] for i in replaced}),
+        "heldout_loss_dropped": mean_loss({i: _Identity() for i in replaced}),
         "heldout_tokens": int(ids.numel()),
+        "replaced": replaced,
     }
     bar.close()
     return result

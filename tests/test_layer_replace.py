@@ -3,24 +3,42 @@ import torch
 from scaleot_fed.arch import get_layers
 from scaleot_fed.artifact import load_artifact, save_artifact
 from scaleot_fed.harmonizer import Harmonizer
-from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace, sample_candidate, swapped_blocks
+from scaleot_fed.layer_replace import (
+    LayerReplaceConfig,
+    regression_scores,
+    run_layer_replace,
+    sample_candidate,
+    swapped_blocks,
+)
 
 from .conftest import tiny_model
 
 
-def test_candidate_keeps_half_of_each_group():
+def test_global_candidate_replaces_the_alpha_share():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(12)
-    for _ in range(20):
-        keep = sample_candidate(scores, group_size=4, generator=g)
-        assert keep.view(3, 4).sum(dim=1).tolist() == [2, 2, 2]
+    scores = torch.randn(13)
+    for alpha, replaced in ((0.5, 6), (0.25, 3), (0.75, 10)):  # round(alpha * 13)
+        for _ in range(10):
+            assert int((~sample_candidate(scores, alpha, g)).sum()) == replaced
+
+
+def test_group_candidate_replaces_half_of_each_group_and_sometimes_a_lone_block():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(13)  # groups of 4, 4, 4 and one lone block
+    lone = []
+    for _ in range(200):
+        keep = sample_candidate(scores, 0.5, g, selection="group", group_size=4)
+        assert keep[:12].view(3, 4).sum(dim=1).tolist() == [2, 2, 2]
+        lone.append(float(keep[12]))
+    assert 0.35 < sum(lone) / len(lone) < 0.65  # replaced with probability alpha, not never
 
 
 def test_candidate_favours_high_scores():
     g = torch.Generator().manual_seed(0)
     scores = torch.tensor([6.0, -6.0, 6.0, -6.0])
-    kept = torch.stack([sample_candidate(scores, 4, g) for _ in range(200)]).float().mean(0)
-    assert kept[0] > 0.8 and kept[2] > 0.8 and kept[1] < 0.2
+    for selection in ("global", "group"):
+        kept = torch.stack([sample_candidate(scores, 0.5, g, selection, 4) for _ in range(200)]).float().mean(0)
+        assert kept[0] > 0.8 and kept[2] > 0.8 and kept[1] < 0.2
 
 
 def test_swapped_blocks_restores_the_model(tokens):
@@ -44,6 +62,38 @@ def test_layer_replace_moves_scores_trains_harmonizers_and_leaves_model_intact(f
     assert any(h.up.weight.abs().sum() > 0 for h in result.harmonizers.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(result.history["loss"]) == 4 and result.tokens_forward_backward == 4 * 2 * 16
+
+
+def test_regression_ranking_finds_the_block_whose_replacement_hurts(tokens):
+    # a tiny model whose block 3 is made to matter: its harmonizer outputs garbage, the others
+    # stand in exactly (identity), so the fit must put block 3 on top
+    model = tiny_model("llama").eval()
+    config = _config(ranking_candidates=24, ranking_batches=1)
+    garbage = Harmonizer(32, 4)
+    torch.nn.init.normal_(garbage.up.weight, std=5.0)
+    harmonizers = {i: (garbage if i == 3 else _Keep(get_layers(model)[i])) for i in (2, 3, 4, 5)}
+    scores, fit = regression_scores(model, tokens[:4], harmonizers, [2, 3, 4, 5], config, torch.Generator().manual_seed(0))
+    assert int(torch.argmax(scores)) == 1 and abs(float(scores.sum())) < 1e-4
+    assert fit["replaced_per_candidate"] == 2 and fit["r2"] > 0.9
+
+
+class _Keep(torch.nn.Module):
+    """A stand-in that runs the original block: replacing it changes nothing."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+
+def test_rl_and_regression_rankings_and_separate_report_texts(tokens):
+    rl = run_layer_replace(tiny_model("llama"), tokens, _config(ranking="rl"), progress=False)
+    assert rl.scores == rl.rl_scores and not rl.fit
+    reg = run_layer_replace(tiny_model("llama"), tokens, _config(), progress=False)
+    assert reg.rl_scores == rl.rl_scores and reg.scores != reg.rl_scores and reg.fit["candidates"] == 96
+    assert len(reg.evaluation["replaced"]) == 2 and reg.evaluation["replaced"] == sorted(reg.ranking()[:2])
 
 
 def test_layer_replace_is_seeded(tokens):
