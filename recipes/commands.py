@@ -334,9 +334,12 @@ def cmd_study(args: argparse.Namespace) -> None:
         config.study.out = args.out
     _use_all_cores()
     summary = run_study(config, progress=not args.no_progress, overwrite=args.overwrite)
-    out = Path(config.study.out)
-    print((out / "summary.md").read_text())
-    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'frontier.png'} ({len(summary['cells'])} cells)")
+    results = Path(config.study.results or config.study.out)
+    verdicts = [f"  {c['verdict']:>13}: {c['claim']} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in summary["claims"]]
+    print("\n".join(["claims:", *verdicts]) if verdicts else "no claim has both sides scored yet")
+    print(f"wrote {results / 'REPORT.md'}, summary.json, rows.png, claims.png and items/ "
+          f"({sum(len(v) for v in summary['items_files'].values())} per-item files); the run is in {config.study.out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

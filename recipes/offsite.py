@@ -61,11 +61,12 @@ class OffsiteConfig(PipelineSections):
 
 
 def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | None = None,
-                       default_emulator: bool = True) -> dict:
+                       default_emulator: bool = True, extra: tuple[str, ...] = ()) -> dict:
     """The tables shared by ``offsite`` and ``study`` files: ``[<head>]``, ``[finetune]``,
-    ``[layer_replace]``, ``[distill]`` and ``[[emulator]]``, as keyword arguments of the config."""
+    ``[layer_replace]``, ``[distill]`` and ``[[emulator]]``, as keyword arguments of the config
+    (tables named in ``extra`` are allowed and left to the caller)."""
     data = load_toml(path)
-    known = {head, "finetune", "layer_replace", "distill", "emulator", "attack"}
+    known = {head, "finetune", "layer_replace", "distill", "emulator", "attack", *extra}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")

@@ -202,15 +202,18 @@ class SingleOwner:
     def full_zero_shot(self) -> dict:
         return self.cache("full_zero_shot", lambda: self.evaluate(self.full))
 
-    def full_finetune(self) -> dict:
-        """Every block of a copy of the full model trained with the same method."""
+    def full_finetune(self, key: str = "full_finetune", config: FinetuneConfig | None = None) -> dict:
+        """Every block of a copy of the full model trained with the owner's method, or with
+        ``config`` (the study's full-parameter sweep), cached as ``key``."""
+        config = dataclasses.replace(config or self.finetune, eval_items=len(self.dev))
+
         def compute() -> dict:
             model = copy.deepcopy(self.full)
-            trained = make_trainable(model, list(range(model.config.num_hidden_layers)), self.finetune)
-            result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress)
-            return self.evaluate(trained) | finetune_stats(result)
+            trained = make_trainable(model, list(range(model.config.num_hidden_layers)), config)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, config, progress=self.progress)
+            return self.evaluate(trained) | finetune_stats(result) | {"lr": config.lr, "mode": config.mode}
 
-        return self.cache("full_finetune", compute)
+        return self.cache(key, compute)
 
     def emulator_zero_shot(self, name: str, emulator: Emulator) -> dict:
         return self.cache(f"{name}/emulator_zero_shot", lambda: self.evaluate(emulator.model))

@@ -1,26 +1,50 @@
-"""A study: the offsite pipeline over a grid of emulators x tasks x fine-tuning modes.
+"""A study: the offsite pipeline over emulators x tasks x fine-tuning modes x seeds, with the
+claims it tests declared up front and decided by paired bootstrap intervals.
 
-Every emulator is built once (stage 1 and distillation once, their cost recorded); every
-(task, mode) is one offsite run whose rows are cached, so a stopped study continues where it
-was. The summary holds one cell per (task, mode, emulator): five rows, the gap, the build cost.
+The grid is a list of units (a stage-1 run, an emulator build, a training run, a scoring), each
+cached on disk as soon as it is done, so a stopped study continues where it was; a progress bar
+over the units' estimated cost gives the ETA. Every scoring keeps per-item log-likelihoods
+(``items/``), so any metric can be recomputed without rerunning. The seed governs everything
+random in a cell: stage 1 and the distillation of the seed-dependent emulators, the fine-tuning.
+
+Rows, per task (keys of the task's row cache):
+
+* ``full_zero_shot``;
+* ``full_finetune/lr<lr>/seed<s>``: full-parameter fine-tuning of every block; the first seed at
+  each learning rate of the sweep, the other seeds at the one with the lowest dev loss;
+* ``<emulator>[/seed<s>]/emulator_zero_shot`` (per seed when the emulator depends on it);
+* ``<cell>/seed<s>/emulator_finetune`` and ``.../plug_in``, a cell being an emulator in a mode;
+* ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
+  seed at each learning rate, the other seeds at the strongest (highest score on the items).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scaleot_fed.config import as_dict
+from scaleot_fed.artifact import load_artifact, save_artifact
+from scaleot_fed.config import as_dict, from_dict, load_toml
+from scaleot_fed.emulator import load_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import MODES
+from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
+from scaleot_fed.tasks import load_task
+from scaleot_fed.text import lambada_passages, token_blocks
 
-from .offsite import OffsiteConfig, PipelineSections, RunSection, read_pipeline_toml, run_offsite
-from .rundir import open_run_dir, write_json
-from .single_owner import EmulatorSection, prepare_emulator
+from .offsite import PipelineSections, _cached, read_pipeline_toml
+from .rundir import RowCache, open_run_dir
+from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 
 METRICS = ("acc", "acc_norm")
+ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
+"""What a claim may name after ``<cell>/`` (``gap``: plug-in minus emulator fine-tuned, per item)."""
 
 
 @dataclass
@@ -28,27 +52,41 @@ class StudySection:
     """``[study]``: the grid's fixed part."""
 
     out: str = "runs/study"
+    results: str | None = None
+    """Folder for what is committed: ``summary.json``, ``REPORT.md``, the plots and ``items/``
+    (default: the run folder)."""
     model: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "openbookqa", "hellaswag"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    metric: str = "acc"
+    """The primary metric, declared before running (OT's tables: lm-eval ``acc`` on every task);
+    the other is reported beside it."""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Per-task exceptions to ``metric``."""
     modes: list[str] = field(default_factory=lambda: ["lora"])
     train_limit: int | None = 2000
     dev_items: int = 64
-    eval_limit: int | None = 200
+    eval_limit: int | None = None
+    """Evaluation items per task (None: the whole validation split)."""
+    eval_limits: dict[str, int] = field(default_factory=dict)
+    """Per-task exceptions to ``eval_limit`` (e.g. ``{ hellaswag = 2000 }``)."""
     eval_batch_size: int = 16
-    full_finetune: bool = True
+    full_finetune_lrs: list[float] = field(default_factory=list)
+    """Full-parameter fine-tuning of the whole model, swept over these learning rates (empty: no
+    full fine-tuning row)."""
     variant_emulator: str | None = None
     """The PEFT comparison: the ``[[emulator]]`` (by name) that is also trained with ``variant_modes``."""
     variant_modes: list[str] = field(default_factory=list)
-    attack: bool = False
-    """Add the model-privacy row (``[attack]``) to every cell of the main modes."""
-    metrics: dict[str, str] = field(default_factory=dict)
-    """Summary metric per task, ``acc`` or ``acc_norm`` (unnamed tasks: ``acc``). Both are always
-    computed and kept in the cells; this picks what the table, averages and frontier show."""
+    attack_emulator: str | None = None
+    """The ``[[emulator]]`` attacked: a data owner fine-tunes every weight of it (``[attack]``)."""
+    attack_lrs: list[float] = field(default_factory=list)
+    resamples: int = 10_000
+    """Bootstrap resamples per confidence interval."""
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ConfigError("study.tasks is empty")
-        for name in ("dev_items", "eval_batch_size", "train_limit", "eval_limit"):
+        if not self.tasks or not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"study.tasks and study.seeds must be non-empty, seeds distinct; got {self.tasks}, {self.seeds}")
+        for name in ("dev_items", "eval_batch_size", "train_limit", "eval_limit", "resamples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"study.{name} must be >= 1, got {getattr(self, name)}")
         for key in ("modes", "variant_modes"):
@@ -56,200 +94,319 @@ class StudySection:
             if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
                 raise ConfigError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
         bad = {t: m for t, m in self.metrics.items() if t not in self.tasks or m not in METRICS}
-        if bad:
-            raise ConfigError(f"study.metrics maps a task of study.tasks to one of {', '.join(METRICS)}; "
-                             f"got {bad} with tasks {self.tasks}")
+        if self.metric not in METRICS or bad:
+            raise ConfigError(f"study.metric is one of {', '.join(METRICS)} and study.metrics maps a task of "
+                              f"study.tasks to one; got {self.metric!r}, {bad} with tasks {self.tasks}")
+        if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
+            raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
+        if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
+            raise ConfigError("study.full_finetune_lrs and study.attack_lrs must be positive learning rates")
         if bool(self.variant_emulator) != bool(self.variant_modes):
             raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
-                             "and the extra fine-tuning modes to train it with")
+                              "and the extra fine-tuning modes to train it with")
+        if bool(self.attack_emulator) != bool(self.attack_lrs):
+            raise ConfigError("study.attack_emulator and study.attack_lrs go together: name the emulator to "
+                              "attack and the attacker's learning rates (three or more to find the strongest)")
+
+    def metric_of(self, task: str) -> str:
+        return self.metrics.get(task, self.metric)
+
+    def eval_limit_of(self, task: str) -> int | None:
+        return self.eval_limits.get(task, self.eval_limit)
+
+
+@dataclass
+class ClaimSection:
+    """One ``[[claim]]``: "``a`` beats ``b``" (``greater``) or "``a`` is within ``margin`` of
+    ``b``" (``close``), rows named as in the module docstring without the seed and learning rate
+    (``full_finetune``, ``scaleot/plug_in``, ``scaleot/gap``). Declared before running."""
+
+    claim: str = ""
+    a: str = ""
+    b: str = ""
+    kind: str = "greater"
+    margin: float = 0.0
+    """For ``close``: the largest difference (a fraction, 0.02 = 2 points) still called close."""
+
+    def __post_init__(self) -> None:
+        if not (self.claim and self.a and self.b):
+            raise ConfigError("every [[claim]] needs claim (the sentence), a and b (the rows compared)")
+        if self.kind not in ("greater", "close") or (self.kind == "close") != (self.margin > 0):
+            raise ConfigError(f"[[claim]] {self.claim!r}: kind is 'greater', or 'close' with a margin > 0; "
+                              f"got kind {self.kind!r}, margin {self.margin}")
 
 
 @dataclass
 class StudyConfig(PipelineSections):
     study: StudySection = field(default_factory=StudySection)
+    claims: list[ClaimSection] = field(default_factory=list)
+
+    def cells(self) -> list[tuple[EmulatorSection, str]]:
+        """``(emulator, mode)`` pairs: every emulator in the main modes, the variant in its own."""
+        s = self.study
+        return [(e, m) for e in self.emulators
+                for m in s.modes + ([m for m in s.variant_modes if m not in s.modes] if e.name == s.variant_emulator else [])]
+
+    def cell_name(self, emulator: EmulatorSection, mode: str) -> str:
+        return emulator.name if mode == self.study.modes[0] else f"{emulator.name}:{mode}"
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    """Read a study TOML file: ``[study]`` plus the offsite tables, at least one ``[[emulator]]``."""
-    config = StudyConfig(**read_pipeline_toml(path, "study", StudySection, default_emulator=False))
+    """Read a study TOML file: ``[study]``, the offsite tables (at least one ``[[emulator]]``) and
+    the ``[[claim]]`` tables; every claim's rows must exist in the grid."""
+    values = read_pipeline_toml(path, "study", StudySection, default_emulator=False, extra=("claim",))
+    claims = load_toml(path).get("claim", [])
+    if not isinstance(claims, list):
+        raise ConfigError(f"{path}: write each claim as a [[claim]] table")
+    config = StudyConfig(**values, claims=[from_dict(ClaimSection, c, f"claim {i}") for i, c in enumerate(claims)])
     names = [e.name for e in config.emulators]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: emulator names must be unique (they name folders); got {names}")
-    if config.study.variant_emulator and config.study.variant_emulator not in names:
-        raise ConfigError(f"{path}: study.variant_emulator = {config.study.variant_emulator!r} is not one of "
-                          f"the [[emulator]] names {names}")
+    for key in ("variant_emulator", "attack_emulator"):
+        if getattr(config.study, key) and getattr(config.study, key) not in names:
+            raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
+                              f"[[emulator]] names {names}")
+    known = row_families(config)
+    for claim in config.claims:
+        for side in (claim.a, claim.b):
+            if side not in known:
+                raise ConfigError(f"{path}: [[claim]] {claim.claim!r} names {side!r}, not a row of this grid; "
+                                  f"rows: {', '.join(sorted(known))}")
     return config
 
 
-GRID_EXTENT = ("emulators", "study.tasks", "study.modes", "study.variant_emulator", "study.variant_modes",
-               "study.metrics", "study.attack")
+def row_families(config: StudyConfig) -> set[str]:
+    """The rows a claim may name: a row over its seeds (and, for swept rows, the chosen rate)."""
+    rows = {"full_zero_shot"} | ({"full_finetune"} if config.study.full_finetune_lrs else set())
+    for emulator, mode in config.cells():
+        rows |= {f"{config.cell_name(emulator, mode)}/{r}" for r in ROWS if r != "emulator_attack"}
+    if config.study.attack_emulator:
+        rows.add(f"{config.study.attack_emulator}/emulator_attack")
+    return rows
+
+
+GRID_EXTENT = ("emulators", "claims", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
+               "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
+               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
 
 
+def seeded(section: EmulatorSection) -> bool:
+    """Whether building the emulator draws random numbers (stage 1, distillation)."""
+    return section.needs_importance or section.distill
+
+
+@dataclass
+class Unit:
+    """One cached piece of the grid: ``done()`` says whether it is on disk, ``run()`` makes it."""
+
+    label: str
+    cost: float
+    """Estimated block-token passes (for the ETA: the bar's rate is measured in them)."""
+    done: Callable[[], bool]
+    run: Callable[[], object]
+
+
+class Grid:
+    """The study's units over one loaded full model, in the order they run: task by task, and in
+    a task seed by seed, so every comparison exists at the first seed before the next starts."""
+
+    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log) -> None:
+        self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
+        self.layers = int(full.config.num_hidden_layers)
+        self._pristine: dict[Path, object] = {}
+
+    # -- shared artefacts: stage 1 and emulators ------------------------------------------------
+    def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
+        return self.out / "stage1" / f"na{section.num_adapter_layers}-a{section.alpha}" / f"seed{seed}"
+
+    def stage1_config(self, section: EmulatorSection, seed: int) -> LayerReplaceConfig:
+        return dataclasses.replace(self.config.layer_replace, num_adapter_layers=section.num_adapter_layers,
+                                   alpha=section.alpha, seed=seed)
+
+    def stage1(self, section: EmulatorSection, seed: int) -> Path:
+        path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
+        if (path / "layer_replace.json").exists():
+            if load_artifact(path).meta["config"] != json_round_trip(as_dict(lr)):
+                raise ConfigError(f"{path} was trained with another [layer_replace] config; delete it to retrain, "
+                                  "or restore the config it was made with")
+            return path
+        self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
+        ids = token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
+        save_artifact(run_layer_replace(self.full, ids, lr, self.config.study.model, progress=False), path)
+        return path
+
+    def emulator_dir(self, section: EmulatorSection, seed: int) -> Path:
+        return self.out / "emulators" / (f"seed{seed}" if seeded(section) else "shared") / section.name / "emulator"
+
+    def emulator(self, section: EmulatorSection, seed: int):
+        """A fresh copy of the emulator (built once, on first use; the last two read are kept in
+        memory): training wraps the model in place, so every unit gets its own copy."""
+        edir = self.emulator_dir(section, seed)
+        if edir not in self._pristine:
+            if not (edir / "manifest.json").exists():
+                importance = str(self.stage1(section, seed)) if section.needs_importance else None
+                prepare_emulator(dataclasses.replace(section, importance=importance), self.full, self.tokenizer,
+                                 self.config.layer_replace, self.config.study.model, edir.parent.parent, self.log,
+                                 dataclasses.replace(self.config.distill, seed=seed))
+            self._pristine = dict(list(self._pristine.items())[-1:]) | {edir: load_emulator(edir)}
+        pristine = self._pristine[edir]
+        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
+
+    # -- the units of one task ----------------------------------------------------------------
+    def units(self, task: str) -> list[Unit]:
+        study, config = self.config.study, self.config
+        owner: dict[str, SingleOwner] = {}
+        rows = RowCache(self.out / task)
+
+        def get() -> SingleOwner:  # the task's data, read when a unit first needs it
+            if not owner:
+                owner["o"] = self.owner(task, rows)
+            return owner["o"]
+
+        n_eval, choices = self.eval_size(task)
+        evaluation = n_eval * choices * 40  # tokens per choice, about: only the ETA depends on it
+        train = config.finetune.steps * config.finetune.batch_size * 60
+        units: list[Unit] = []
+
+        def unit(label: str, key: str, cost: float, compute: Callable[[], object]) -> None:
+            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute))
+
+        unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
+        for seed in study.seeds:
+            for emulator, mode in config.cells():
+                self.cell_units(unit, get, emulator, mode, seed, evaluation, train)
+            for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None]):
+                units.append(self.swept(task, rows, get, "full_finetune", lr, seed,
+                                        (evaluation + 3 * train) * self.layers, study.full_finetune_lrs))
+            if study.attack_emulator:
+                section = next(e for e in config.emulators if e.name == study.attack_emulator)
+                for lr in (study.attack_lrs if seed == study.seeds[0] else [None]):
+                    units.append(self.swept(task, rows, get, f"{section.name}/attack", lr, seed,
+                                            (evaluation + 3 * train) * self.blocks(section), study.attack_lrs,
+                                            section=section))
+        return units
+
+    def cell_units(self, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
+                   train: float) -> None:
+        cell = self.config.cell_name(emulator, mode)
+        prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
+        blocks = self.blocks(emulator)
+        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
+             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
+        folder = self.out / "trained" / cell / f"seed{seed}"
+
+        def train_and_plug() -> dict:
+            owner = get()
+            owner.finetune = dataclasses.replace(self.config.finetune, mode=mode, seed=seed,
+                                                 eval_items=len(owner.dev))
+            return owner.emulator_finetune_and_plug_in(f"{cell}/seed{seed}", self.emulator(emulator, seed),
+                                                       trained_path(folder, mode))
+
+        unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
+             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug)
+
+    def swept(self, task: str, rows: RowCache, get, name: str, lr: float | None, seed: int, cost: float,
+              lrs: list[float], section: EmulatorSection | None = None) -> Unit:
+        """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
+        first = self.config.study.seeds[0]
+
+        def key() -> str | None:
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, attack=section is not None)
+            return None if rate is None else f"{name}/lr{rate:g}/seed{seed}/" + (
+                "emulator_attack" if section else "row")
+
+        def run() -> dict:
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, attack=section is not None)
+            owner = get()
+            ft = dataclasses.replace(self.config.attack if section else self.config.finetune, lr=rate, seed=seed)
+            if section is not None:
+                path = self.emulator_dir(section, seed)
+                self.emulator(section, seed)  # built if needed
+                return owner.attack(f"{name}/lr{rate:g}/seed{seed}", path, ft)
+            return owner.full_finetune(f"{name}/lr{rate:g}/seed{seed}/row", dataclasses.replace(ft, mode="full"))
+
+        label = f"{name} lr {lr:g} seed {seed}" if lr is not None else f"{name} seed {seed} (chosen rate)"
+        return Unit(f"{task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run)
+
+    # -- data and cost ------------------------------------------------------------------------
+    def owner(self, task: str, rows: RowCache) -> SingleOwner:
+        study = self.config.study
+        train_all = load_task(task, "train", study.train_limit)
+        if len(train_all) <= study.dev_items:
+            raise ConfigError(f"{task}: {len(train_all)} training items, need more than dev_items={study.dev_items}")
+        evaluation = load_task(task, "validation", study.eval_limit_of(task))
+        self.log(f"study: {task}: {len(train_all) - study.dev_items} train, {study.dev_items} dev, "
+                 f"{len(evaluation)} eval items")
+        return SingleOwner(self.full, self.tokenizer, train_all[: -study.dev_items], train_all[-study.dev_items :],
+                           evaluation, self.config.finetune, study.eval_batch_size, cache=_cached(rows, self.log))
+
+    def eval_size(self, task: str) -> tuple[int, float]:
+        items = load_task(task, "validation", self.config.study.eval_limit_of(task))
+        return len(items), sum(len(i.choices) for i in items) / max(1, len(items))
+
+    def blocks(self, section: EmulatorSection) -> float:
+        """Block-equivalents a token passes through in the emulator (for the ETA)."""
+        middle = self.layers - section.num_adapter_layers
+        return section.num_adapter_layers + middle * (1 - section.alpha) * (0.5 + 0.5 * section.rank_keep_ratio)
+
+
+def json_round_trip(value: dict) -> dict:
+    return json.loads(json.dumps(value))
+
+
+def model_facts(model) -> dict:
+    """Parameters per block and in the LM head, and the block count (for the FLOP budgets)."""
+    from scaleot_fed.arch import get_layers
+
+    layers = get_layers(model)
+    return {"block_params": sum(p.numel() for p in layers[0].parameters()), "layers": len(layers),
+            "head_params": int(model.config.vocab_size) * int(model.config.hidden_size)}
+
+
+def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool) -> float | None:
+    """The sweep's choice at the first seed: the lowest dev loss for fine-tuning; for the attack
+    the highest score on the items (the strongest attacker: the conservative choice for a
+    privacy claim). ``None`` while a rate of the sweep is missing."""
+    found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
+    if not lrs or any(v is None for v in found.values()):
+        return None
+    if attack:
+        return max(lrs, key=lambda lr: (found[lr]["acc"], -lr))
+    return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+
+
+REPORT_EVERY = 120.0
+"""Seconds between rewrites of the report while the grid runs (and once at the end)."""
+
+
 def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False) -> dict:
-    """Run (or resume) the grid; writes ``summary.json``, ``summary.md`` and ``frontier.png``."""
+    """Run (or resume) the grid; after every unit, rewrite the summary and the report
+    (:mod:`recipes.study_report`). Returns the summary."""
+    from tqdm.auto import tqdm
+
+    from .study_report import write_report
+
     study = config.study
     out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT)
-
-    built: dict[str, EmulatorSection] = {}
-
-    def ready(section: EmulatorSection) -> EmulatorSection:
-        # Built once, on first use, and from then on read from disk (stage 1 and the distillation
-        # too: their folders are the cache).
-        if section.path:
-            return section
-        if section.name not in built:
-            loaded = load_model(study.model)
-            prepare_emulator(section, loaded.model, loaded.tokenizer, config.layer_replace, study.model,
-                             out / "emulators", log, config.distill)
-            del loaded
-            built[section.name] = dataclasses.replace(
-                section, path=str(out / "emulators" / section.name / "emulator"))
-        return built[section.name]
-
-    cells: list[dict] = []
-    summary: dict = {}
-    # Task by task, so a long study has complete comparisons (every method on one task) early;
-    # each (task, mode) folder caches its rows, the full-model rows included, so a stopped study
-    # continues where it was and nothing is computed twice.
-    for task in study.tasks:
-        for section in config.emulators:
-            modes = study.modes + ([m for m in study.variant_modes if m not in study.modes]
-                                   if section.name == study.variant_emulator else [])
-            for mode in modes:
-                log(f"study: {section.name} on {task}, mode {mode}")
-                run = RunSection(out=str(out / task / mode), model=study.model, task=task,
-                                 train_limit=study.train_limit, dev_items=study.dev_items,
-                                 eval_limit=study.eval_limit, eval_batch_size=study.eval_batch_size,
-                                 # the full-model reference is trained in the study's main modes only
-                                 full_finetune=study.full_finetune and mode in study.modes,
-                                 attack=study.attack and mode in study.modes)
-                results = run_offsite(OffsiteConfig(run=run, finetune=dataclasses.replace(config.finetune, mode=mode),
-                                                    layer_replace=config.layer_replace, distill=config.distill,
-                                                    emulators=[ready(section)], attack=config.attack), progress=progress, log=log)
-                cells += [{"task": task, "mode": mode, "emulator": name} | entry
-                          for name, entry in results["emulators"].items()]
-            summary = {"model": study.model, "tasks": study.tasks, "modes": study.modes,
-                       "variant_emulator": study.variant_emulator, "variant_modes": study.variant_modes,
-                       "metrics": {t: study.metrics.get(t, METRICS[0]) for t in study.tasks},
-                       "n_eval": study.eval_limit, "finetune": as_dict(config.finetune), "cells": cells}
-            write_json(out / "summary.json", summary)
-            (out / "summary.md").write_text(summary_markdown(summary))
-            plot_frontier(summary, out / "frontier.png")
+    results = Path(study.results) if study.results else out
+    loaded = load_model(study.model)
+    grid = Grid(config, out, loaded.model, loaded.tokenizer, log)
+    facts = model_facts(loaded.model)
+    units = [u for task in study.tasks for u in grid.units(task)]
+    pending = [u for u in units if not u.done()]
+    log(f"study: {len(units)} units, {len(units) - len(pending)} done")
+    summary = write_report(config, out, results, facts)
+    bar = tqdm(total=sum(u.cost for u in pending) / 1e9, unit="G block-tokens", disable=not progress,
+               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}<{remaining}] {postfix}")
+    reported = time.monotonic()
+    for index, u in enumerate(pending):
+        bar.set_postfix_str(f"{index + 1}/{len(pending)} {u.label}")
+        if not u.done():  # (a swept row's key is only known once its sweep is done)
+            start = time.perf_counter()
+            u.run()
+            with (out / "units.jsonl").open("a") as handle:  # what the compute-used line adds up
+                handle.write(json.dumps({"unit": u.label, "seconds": time.perf_counter() - start}) + "\n")
+        bar.update(u.cost / 1e9)
+        if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
+            summary, reported = write_report(config, out, results, facts), time.monotonic()
+    bar.close()
     return summary
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _metrics(summary: dict) -> dict[str, str]:
-    """Each task's summary metric (summaries written before ``[study] metrics`` existed: ``acc``)."""
-    given = summary.get("metrics") or {}
-    return {t: given.get(t, METRICS[0]) for t in summary["tasks"]}
-
-
-def _standard_error(n: int, tasks: int = 1) -> float:
-    """One standard error, in points, of an accuracy near 50 % averaged over ``tasks`` tasks of
-    ``n`` items each (the worst case of sqrt(p (1 - p) / n))."""
-    return 100 * (0.25 / n / tasks) ** 0.5
-
-
-def _by_row(summary: dict) -> dict[tuple[str, str], dict[str, dict]]:
-    """``{(emulator, mode): {task: cell}}``, sorted by mode then emulator."""
-    table: dict[tuple[str, str], dict[str, dict]] = {}
-    for c in summary["cells"]:
-        table.setdefault((c["emulator"], c["mode"]), {})[c["task"]] = c
-    return dict(sorted(table.items(), key=lambda item: (item[0][1], item[0][0])))
-
-
-def common_tasks(summary: dict) -> list[str]:
-    """The tasks every (emulator, mode) row has a cell for: averages over anything else would
-    compare rows on different tasks."""
-    rows = _by_row(summary).values()
-    return [t for t in summary["tasks"] if rows and all(t in cells for cells in rows)]
-
-
-def cell_scores(cell: dict, metric: str = "acc") -> tuple[float, float, float]:
-    """``(plug-in, emulator fine-tuned, gap)`` of one cell, as fractions, in ``metric``."""
-    plug_in = cell["rows"]["plug_in"][metric]
-    emulator = cell["rows"]["emulator_finetune"][metric]
-    return plug_in, emulator, plug_in - emulator
-
-
-def summary_markdown(summary: dict) -> str:
-    """Plug-in accuracy, emulator-FT accuracy and gap per (emulator, mode), per task and averaged
-    over the tasks every row has."""
-    tasks = summary["tasks"]
-    metrics = _metrics(summary)
-    common = common_tasks(summary)
-    n = summary.get("n_eval")
-    header = [f"{t} ({metrics[t]})" for t in tasks]
-    lines = [f"# Study: {summary['model']}", "",
-             "Per task: plug-in / emulator fine-tuned / gap, in % of the task's metric. Full rows are shared. "
-             f"Average: over {', '.join(common) or 'no task every row has'}.",
-             *([f"n = {n} items per task: one standard error of one accuracy near 50 % is "
-                f"{_standard_error(n):.1f} points."] if n else []), "",
-             "| emulator | mode | trainable | " + " | ".join(header) + " | average | build cost |",
-             "|---|---|---|" + "---|" * (len(tasks) + 2)]
-    for (name, mode), cells in _by_row(summary).items():
-        scores = {t: cell_scores(c, metrics[t]) for t, c in cells.items()}
-        parts = ["n/a" if t not in scores else
-                 f"{100 * scores[t][0]:.1f} / {100 * scores[t][1]:.1f} / {100 * scores[t][2]:+.1f}" for t in tasks]
-        avg = [_mean([scores[t][i] for t in common]) for i in range(3)]
-        avg_text = f"{100 * avg[0]:.1f} / {100 * avg[1]:.1f} / {100 * avg[2]:+.1f}" if common else "n/a"
-        cost = next((c.get("build_cost") for c in cells.values() if c.get("build_cost")), None)
-        cost_text = "none" if not cost else f"{cost['kind']}: {cost['seconds']:.0f} s, {cost['tokens_forward_backward']:,} fb tokens"
-        trainable = next(iter(cells.values()))["rows"]["emulator_finetune"].get("trainable_params")
-        lines.append(f"| {name} | {mode} | {trainable or 0:,} | " + " | ".join(parts) + f" | {avg_text} | {cost_text} |")
-    for row in ("full_zero_shot", "full_finetune"):
-        values = {t: summary_row(summary, row, t) for t in tasks}
-        known = [values[t] for t in common]
-        avg_text = f"{100 * _mean(known):.1f}" if common and None not in known else ""
-        lines.append(f"| *{row.replace('_', ' ')}* | | | " + " | ".join(
-            "n/a" if v is None else f"{100 * v:.1f}" for v in values.values()) + f" | {avg_text} | |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_row(summary: dict, row: str, task: str) -> float | None:
-    """A shared full-model row (``full_zero_shot``/``full_finetune``) on one task, in its metric."""
-    metric = _metrics(summary)[task]
-    return next((c["rows"][row][metric] for c in summary["cells"] if c["task"] == task and row in c["rows"]), None)
-
-
-def plot_frontier(summary: dict, path: Path) -> None:
-    """Privacy-utility frontier: average plug-in accuracy vs average gap, one point per emulator
-    and mode, averaged over the tasks every row has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = _metrics(summary)
-    common = common_tasks(summary)
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for (name, mode), cells in _by_row(summary).items():
-        scores = [cell_scores(cells[t], metrics[t]) for t in common]
-        x = 100 * _mean([s[2] for s in scores])
-        y = 100 * _mean([s[0] for s in scores])
-        ax.scatter(x, y)
-        ax.annotate(f"{name} ({mode})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for row, style, label in (("full_finetune", "--", "full fine-tuning"), ("full_zero_shot", ":", "full zero-shot")):
-        values = [summary_row(summary, row, t) for t in common]
-        if common and None not in values:
-            ax.axhline(100 * _mean(values), linestyle=style, color="grey", label=label)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower left")
-    n = summary.get("n_eval")
-    if n and common:
-        # one standard error of a task-averaged accuracy near 50 %, so readers see what is noise
-        ax.text(0.99, 0.99, f"n = {n} per task: 1 SE of an average = {_standard_error(n, len(common)):.1f} points",
-                transform=ax.transAxes, fontsize=7, ha="right", va="top", color="grey")
-    ax.set_xlabel("gap = plug-in - emulator fine-tuned (points; larger = more privacy)")
-    ax.set_ylabel("plug-in accuracy (%)")
-    names = ", ".join(f"{t} ({metrics[t]})" for t in common) or "no common task"
-    ax.set_title(f"{summary['model']}, average over\n{names}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

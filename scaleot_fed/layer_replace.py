@@ -348,7 +348,8 @@ def regression_scores(model: nn.Module, reward_ids: torch.Tensor, harmonizers: d
     residual = losses - design @ coef
     total = ((losses - losses.mean()) ** 2).sum()
     r2 = float(1 - (residual**2).sum() / total) if total > 0 else 1.0
-    fit = {"candidates": config.ranking_candidates, "batches": len(batches), "replaced_per_candidate": k, "r2": r2}
+    fit = {"candidates": config.ranking_candidates, "batches": len(batches), "replaced_per_candidate": k, "r2": r2,
+           "tokens": config.ranking_candidates * sum(b.numel() for b in batches)}
     return (coef - coef.mean()).float(), fit
 
 
@@ -401,6 +402,7 @@ def run_layer_replace(
     scores, fit = run.scores, {}
     if config.ranking == "regression":
         scores, fit = regression_scores(model, reward_ids, run.harmonizers, middle, config, run.generator, progress)
+        run.tokens_f += fit["tokens"]  # the ranking's cost counts in stage 1's budget
     evaluation = _evaluate(model, report_ids, run.harmonizers, scores, middle, config, progress)
     model.train(was_training)
     run.harmonizers_eval()  # and on the CPU: the artifact is saved (and emulators built) from there

@@ -52,3 +52,19 @@ def test_seeds_are_averaged_per_item_and_closeness_needs_the_whole_interval_insi
         paired_bootstrap(np.ones(3), np.ones(4))
     with pytest.raises(ConfigError, match="margin"):
         result.verdict("close")
+
+
+def test_seed_resampling_widens_the_interval_by_the_training_noise():
+    # two "seeds" that disagree on every item: the item-only interval is 0 wide, the seed draw is not
+    a = np.stack([np.ones(400), np.zeros(400)])
+    b = np.full(400, 0.5)
+    result = paired_bootstrap(a, b)
+    assert result.difference == 0.0 and result.ci95[0] < -0.2 and result.ci95[1] > 0.2
+    assert result.verdict() == "inconclusive"
+
+
+def test_spearman_is_one_for_the_same_order_and_minus_one_reversed():
+    from scaleot_fed.stats import spearman
+
+    assert spearman([0.1, 0.5, 0.3], [1, 9, 4]) == pytest.approx(1.0)
+    assert spearman([0.1, 0.5, 0.3], [9, 1, 4]) == pytest.approx(-1.0)

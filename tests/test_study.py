@@ -1,34 +1,43 @@
+import gzip
 import json
+
+import pytest
 
 from recipes.cli import main
 
-
-def test_study_grid_with_distilled_baseline_resumes(tmp_path, tiny_model_dir, capsys):
-    (tmp_path / "model").symlink_to(tiny_model_dir)
-    (tmp_path / "study.toml").write_text(f"""
+STUDY = """
 [study]
-out = "{tmp_path / 'study'}"
-model = "{tmp_path / 'model'}"
+out = "{out}"
+results = "{results}"
+model = "{model}"
 tasks = ["piqa"]
+seeds = [0, 1]
 modes = ["lora"]
-variant_emulator = "scaleot"
-variant_modes = ["full", "adapter"]
 train_limit = 24
 dev_items = 4
-eval_limit = 4
+eval_limit = 6
 eval_batch_size = 4
-full_finetune = false
+full_finetune_lrs = [1e-4, 1e-3]
+attack_emulator = "scaleot"
+attack_lrs = [1e-5, 1e-3]
+resamples = 200
 
 [finetune]
 steps = 2
 batch_size = 4
 max_length = 64
 
+[attack]
+steps = 2
+batch_size = 4
+
 [layer_replace]
 steps = 2
 batch_size = 2
 block_size = 16
 harmonizer_rank = 4
+ranking_candidates = 4
+ranking_batches = 1
 
 [distill]
 steps = 2
@@ -43,33 +52,76 @@ alpha = 0.5
 distill = true
 
 [[emulator]]
+name = "uniform"
+strategy = "uniform-drop"
+num_adapter_layers = 2
+alpha = 0.5
+
+[[emulator]]
 name = "scaleot"
 strategy = "scaleot"
 num_adapter_layers = 2
 alpha = 0.5
 rank_keep_ratio = 0.5
-""")
+
+[[claim]]
+claim = "plug-in beats the emulator fine-tuned"
+a = "scaleot/plug_in"
+b = "scaleot/emulator_finetune"
+
+[[claim]]
+claim = "plug-in is close to full fine-tuning"
+a = "scaleot/plug_in"
+b = "full_finetune"
+kind = "close"
+margin = 0.05
+"""
+
+
+def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    results = tmp_path / "results"
+    (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model"))
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
-    # the PEFT variants run on the named emulator only
-    assert {(c["emulator"], c["mode"]) for c in summary["cells"]} == {
-        ("ot-distilled", "lora"), ("scaleot", "lora"), ("scaleot", "full"), ("scaleot", "adapter")}
-    trainable = {c["mode"]: c["rows"]["emulator_finetune"]["trainable_params"]
-                 for c in summary["cells"] if c["emulator"] == "scaleot"}
-    assert trainable["lora"] < trainable["adapter"] < trainable["full"]
-    assert "| scaleot | full |" in (tmp_path / "study" / "summary.md").read_text()
-    costs = {c["emulator"]: c["build_cost"] for c in summary["cells"]}
-    assert costs["ot-distilled"]["kind"] == "distillation" and costs["scaleot"]["kind"] == "layer-replace"
-    assert costs["ot-distilled"]["tokens_forward_backward"] == 2 * 2 * 16
-    assert (tmp_path / "study" / "frontier.png").stat().st_size > 1000
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["n_eval"] == {"piqa": 6}
+    # every claim decided from both seeds on both sides, its verdict following from its interval
+    assert [c["claim"] for c in summary["claims"]] == ["plug-in beats the emulator fine-tuned",
+                                                       "plug-in is close to full fine-tuning"]
+    for c in summary["claims"]:
+        assert c["seeds"] == [2, 2] and c["n"] == 6 and c["ci95"][0] <= c["difference"] <= c["ci95"][1]
+        lo, hi = c["ci95"]
+        if c["verdict"] == "holds":
+            assert lo > 0 if c["kind"] == "greater" else (-0.05 < lo and hi < 0.05)
+    rows = summary["rows"]
+    # seeded emulators (stage 1, distillation) are built per seed; uniform drop once
+    assert rows["scaleot/emulator_zero_shot"]["piqa"]["seeds"] == 2
+    assert rows["uniform/emulator_zero_shot"]["piqa"]["seeds"] == 1
+    # the sweeps: every rate at the first seed, the chosen one at the second
+    sweeps = summary["sweeps"]
+    assert [e["lr"] for e in sweeps["full_finetune"]["piqa"]] == [1e-4, 1e-3]
+    chosen = sweeps["full_finetune"]["piqa chosen"]
+    assert rows["full_finetune"]["piqa"]["rows"] == [f"full_finetune/lr{chosen:g}/seed{s}/row" for s in (0, 1)]
+    strongest = max(sweeps["scaleot/attack"]["piqa"], key=lambda e: e["acc"])["lr"]
+    assert sweeps["scaleot/attack"]["piqa chosen"] == strongest
+    # per-item files for every scored row, from which the row's accuracy is recomputed
+    files = summary["items_files"]["piqa"]
+    assert len(files) == len(list((tmp_path / "study" / "piqa" / "rows").glob("*.json")))
+    record = json.loads(gzip.open(results / files["scaleot/seed1/plug_in"], "rt").read())
+    correct = [max(range(len(s)), key=s.__getitem__) == g for s, g in zip(record["loglik"], record["gold"])]
+    assert sum(correct) / len(correct) == record["acc"]
+    stability = summary["stage1_stability"][0]
+    assert stability["seeds"] == ["seed0", "seed1"] and set(stability["scores"]["overlap"]) == {"seed0-seed1"}
+    assert summary["budgets"]["stage1"] and summary["budgets"]["distillation"]
+    report = (results / "REPORT.md").read_text()
+    assert "## Claims" in report and "plug-in beats the emulator fine-tuned" in report and "Stage 1 across seeds" in report
+    assert (results / "rows.png").stat().st_size > 1000 and (results / "claims.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     assert "computing" not in capsys.readouterr().out
 
 
 def test_study_variant_emulator_must_exist(tmp_path):
-    import pytest
-
     from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
 
@@ -79,31 +131,62 @@ def test_study_variant_emulator_must_exist(tmp_path):
         load_study_config(tmp_path / "s.toml")
 
 
-def _cell(task, emulator, plug_in, emulator_ft, norm_shift=0.0):
-    rows = {"plug_in": {"acc": plug_in, "acc_norm": plug_in + norm_shift},
-            "emulator_finetune": {"acc": emulator_ft, "acc_norm": emulator_ft, "trainable_params": 10}}
-    return {"task": task, "mode": "lora", "emulator": emulator, "rows": rows}
+def test_a_claim_must_name_rows_of_the_grid_and_a_close_claim_a_margin(tmp_path):
+    from recipes.study import load_study_config
+    from scaleot_fed.errors import ConfigError
+
+    head = '[study]\ntasks = ["piqa"]\n[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n'
+    (tmp_path / "s.toml").write_text(head + '[[claim]]\nclaim = "x"\na = "u/plug_in"\nb = "full_finetune"\n')
+    with pytest.raises(ConfigError, match="names 'full_finetune', not a row of this grid"):
+        load_study_config(tmp_path / "s.toml")  # no full_finetune_lrs: no full fine-tuning row
+    (tmp_path / "s.toml").write_text(head + '[[claim]]\nclaim = "x"\na = "u/plug_in"\nb = "u/gap"\nkind = "close"\n')
+    with pytest.raises(ConfigError, match="'close' with a margin > 0"):
+        load_study_config(tmp_path / "s.toml")
 
 
-def test_summary_averages_only_tasks_every_row_has_in_each_tasks_metric(tmp_path):
-    from recipes.study import common_tasks, plot_frontier, summary_markdown
+def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
+    """Rows written as a study writes them: the gap is plug-in minus emulator fine-tuned seed by
+    seed, the claim's interval comes from the items, the verdict from the interval."""
+    import numpy as np
 
-    # "b" lacks task t2: its average, and everyone else's, must be over t1 only, in t1's metric.
-    summary = {"model": "m", "tasks": ["t1", "t2"], "metrics": {"t1": "acc_norm", "t2": "acc"}, "n_eval": 100,
-               "cells": [_cell("t1", "a", 0.6, 0.5, norm_shift=0.1), _cell("t2", "a", 0.2, 0.1),
-                         _cell("t1", "b", 0.4, 0.4)]}
-    assert common_tasks(summary) == ["t1"]
-    text = summary_markdown(summary)
-    assert "| a | lora | 10 | 70.0 / 50.0 / +20.0 | 20.0 / 10.0 / +10.0 | 70.0 / 50.0 / +20.0 |" in text
-    assert "| b | lora | 10 | 40.0 / 40.0 / +0.0 | n/a | 40.0 / 40.0 / +0.0 |" in text
-    assert "t1 (acc_norm)" in text and "5.0 points" in text
-    plot_frontier(summary, tmp_path / "f.png")
-    assert (tmp_path / "f.png").stat().st_size > 1000
+    from recipes.rundir import RowCache
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import ClaimSection, StudyConfig, StudySection
+    from recipes.study_report import write_report
 
+    rng = np.random.default_rng(0)
 
+    def row(share_correct):
+        correct = rng.random(300) < share_correct
+        items = {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * 300,
+                 "choice_chars": [[5, 5]] * 300}
+        return {"acc": float(correct.mean()), "acc_norm": float(correct.mean()), "n": 300, "items": items}
+
+    rows = RowCache(tmp_path / "run" / "piqa")
+    rows.put("full_zero_shot", row(0.5))
+    rows.put("u/emulator_zero_shot", row(0.3))
+    for seed in (0, 1):
+        rows.put(f"u/seed{seed}/plug_in", row(0.8))
+        rows.put(f"u/seed{seed}/emulator_finetune", row(0.4))
+    claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"),
+              ClaimSection("the emulator is close to plug-in", "u/emulator_finetune", "u/plug_in", kind="close", margin=0.02),
+              ClaimSection("zero-shot beats plug-in", "full_zero_shot", "u/plug_in")]
+    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
+                                            variant_modes=["adapter"]),
+                         emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
+    assert [config.cell_name(e, m) for e, m in config.cells()] == ["u", "u:adapter"]
+    summary = write_report(config, tmp_path / "run", tmp_path / "results")
+    verdicts = {c["claim"]: c for c in summary["claims"]}
+    beats = verdicts["plug-in beats the emulator"]
+    assert beats["verdict"] == "holds" and 0.3 < beats["difference"] < 0.5 and beats["seeds"] == [2, 2]
+    assert verdicts["the emulator is close to plug-in"]["verdict"] == "does not hold"  # -0.4, far outside 0.02
+    assert verdicts["zero-shot beats plug-in"]["verdict"] == "does not hold"
+    gap = summary["rows"]["u/gap"]["piqa"]
+    plug, emu = (np.mean(summary["rows"][f"u/{r}"]["piqa"]["per_seed"]) for r in ("plug_in", "emulator_finetune"))
+    assert gap["mean"] == pytest.approx(plug - emu) and gap["seeds"] == 2
+    assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
+    assert "**holds**" in (tmp_path / "results" / "REPORT.md").read_text()
 def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
-    import pytest
-
     from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
 

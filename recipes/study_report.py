@@ -1,0 +1,405 @@
+"""The study's report, made from the run folder's rows alone: ``summary.json``, ``REPORT.md``,
+``rows.png`` (every row per task, mean over seeds with its 95 % interval), ``claims.png`` and the
+per-item files ``items/<task>/<row>.loglik.json.gz``. Rewritten after every unit, so a stopped
+study has a true report of what it has so far."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scaleot_fed.stats import correct_from_scores, paired_bootstrap, spearman
+
+from .rundir import write_json
+from .study import METRICS, StudyConfig, chosen_rate, seeded
+
+FAMILY_ORDER = ("full_zero_shot", "full_finetune")
+
+
+def load_rows(out: Path, task: str) -> dict[str, dict]:
+    """Every finished row of ``task``, by key."""
+    folder = out / task / "rows"
+    return {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} \
+        if folder.is_dir() else {}
+
+
+class _Resolver:
+    """Row families (a row over its seeds, as claims name them) resolved to rows of one task."""
+
+    def __init__(self, config: StudyConfig, rows: dict[str, dict], metric: str) -> None:
+        self.config, self.rows, self.metric = config, rows, metric
+        self.seeds = config.study.seeds
+
+    def keys(self, family: str) -> list[str]:
+        """The family's row keys that exist, one per seed (in seed order)."""
+        study = self.config.study
+        if family == "full_zero_shot":
+            keys = ["full_zero_shot"]
+        elif family == "full_finetune":
+            rate = chosen_rate(_Cache(self.rows), "full_finetune", study.full_finetune_lrs, self.seeds[0], attack=False)
+            keys = [] if rate is None else [f"full_finetune/lr{rate:g}/seed{s}/row" for s in self.seeds]
+        else:
+            cell, row = family.rsplit("/", 1)
+            name = cell.split(":")[0]
+            if row == "emulator_attack":
+                rate = chosen_rate(_Cache(self.rows), f"{name}/attack", study.attack_lrs, self.seeds[0], attack=True)
+                keys = [] if rate is None else [f"{name}/attack/lr{rate:g}/seed{s}/emulator_attack" for s in self.seeds]
+            elif row == "emulator_zero_shot":
+                section = next(e for e in self.config.emulators if e.name == name)
+                keys = ([f"{name}/seed{s}/emulator_zero_shot" for s in self.seeds] if seeded(section)
+                        else [f"{name}/emulator_zero_shot"])
+            else:
+                keys = [f"{cell}/seed{s}/{r}" for s in self.seeds
+                        for r in (["plug_in", "emulator_finetune"] if row == "gap" else [row])]
+        return [k for k in keys if k in self.rows]
+
+    def matrix(self, family: str) -> np.ndarray | None:
+        """``(seeds, items)`` per-item scores of the family in the task's metric (``gap``: plug-in
+        minus emulator fine-tuned, seed by seed); ``None`` while it has no finished seed."""
+        if family.endswith("/gap"):
+            cell = family.rsplit("/", 1)[0]
+            pairs = [(self._correct(f"{cell}/seed{s}/plug_in"), self._correct(f"{cell}/seed{s}/emulator_finetune"))
+                     for s in self.seeds]
+            found = [p - e for p, e in pairs if p is not None and e is not None]
+            return np.stack(found) if found else None
+        found = [c for c in (self._correct(k) for k in self.keys(family)) if c is not None]
+        return np.stack(found) if found else None
+
+    def _correct(self, key: str, metric: str | None = None) -> np.ndarray | None:
+        row = self.rows.get(key)
+        if row is None or "items" not in row:
+            return None
+        items = row["items"]
+        lengths = items["choice_chars"] if (metric or self.metric) == "acc_norm" else None
+        return correct_from_scores(items["loglik"], items["gold"], lengths)
+
+    def other(self, family: str) -> float | None:
+        """The family's mean over seeds in the other metric."""
+        other = next(m for m in METRICS if m != self.metric)
+        values = [self.rows[k][other] for k in self.keys(family) if other in self.rows[k]]
+        return float(np.mean(values)) if values and not family.endswith("/gap") else None
+
+
+class _Cache:
+    """The ``get`` of a row cache over an in-memory dict (what :func:`chosen_rate` reads)."""
+
+    def __init__(self, rows: dict[str, dict]) -> None:
+        self.rows = rows
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+
+def families(config: StudyConfig) -> list[str]:
+    """Every row family of the grid, in report order."""
+    from .study import row_families
+
+    known = row_families(config)
+    return [f for f in FAMILY_ORDER if f in known] + sorted(known - set(FAMILY_ORDER))
+
+
+def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | None = None) -> dict:
+    """Build the summary from ``out``'s rows and write it with ``REPORT.md``, the plots and the
+    per-item files to ``results``. Returns the summary."""
+    study = config.study
+    results.mkdir(parents=True, exist_ok=True)
+    rows_by_task = {t: load_rows(out, t) for t in study.tasks}
+    table, claims, n_eval, items_files = {}, [], {}, {}
+    resolvers = {t: _Resolver(config, rows_by_task[t], study.metric_of(t)) for t in study.tasks}
+    for task, resolver in resolvers.items():
+        n_eval[task] = next((r["n"] for r in rows_by_task[task].values() if "n" in r), 0)
+        items_files[task] = _write_items(rows_by_task[task], results / "items" / task)
+        for family in families(config):
+            m = resolver.matrix(family)
+            if m is None:
+                continue
+            c = paired_bootstrap(m, np.zeros(m.shape[1]), study.resamples)
+            table.setdefault(family, {})[task] = {
+                "metric": study.metric_of(task), "mean": c.difference, "ci95": list(c.ci95), "seeds": int(m.shape[0]),
+                "per_seed": [float(v) for v in m.mean(axis=1)], "other_metric_mean": resolver.other(family),
+                "rows": resolver.keys(family)}
+    for claim in config.claims:
+        claims += _claim(claim, resolvers, study)
+    summary = {
+        "model": study.model, "tasks": study.tasks, "seeds": study.seeds, "n_eval": n_eval,
+        "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
+        "rows": table, "claims": claims, "sweeps": _sweeps(config, rows_by_task),
+        "stage1_stability": stage1_stability(config, out), "budgets": budgets(config, out, facts or {}),
+        "compute_seconds": _compute_seconds(out), "items_files": items_files,
+    }
+    write_json(results / "summary.json", summary)
+    (results / "REPORT.md").write_text(report_markdown(summary))
+    plot_rows(summary, results / "rows.png")
+    plot_claims(summary, results / "claims.png")
+    return summary
+
+
+def _plain(section) -> dict:
+    from scaleot_fed.config import as_dict
+
+    return as_dict(section)
+
+
+def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
+    """The claim per task with both sides scored, and over all tasks (items pooled) once every
+    task has both sides at the same number of seeds."""
+    found, sides = [], {}
+    for task, resolver in resolvers.items():
+        a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
+        if a is None or b is None:
+            continue
+        sides[task] = (a, b)
+        found.append(_decide(claim, task, a, b, study.resamples))
+    shapes = {(a.shape[0], b.shape[0]) for a, b in sides.values()}
+    if len(sides) == len(resolvers) > 1 and len(shapes) == 1:
+        a = np.concatenate([a for a, _ in sides.values()], axis=1)
+        b = np.concatenate([b for _, b in sides.values()], axis=1)
+        found.append(_decide(claim, "all (items pooled)", a, b, study.resamples))
+    return found
+
+
+def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int) -> dict:
+    c = paired_bootstrap(a, b, resamples)
+    return {"claim": claim.claim, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
+            "margin": claim.margin, "difference": c.difference, "ci95": list(c.ci95), "n": c.n,
+            "seeds": list(c.seeds), "verdict": c.verdict(claim.kind, claim.margin)}
+
+
+def _write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
+    """Each scored row's per-item record, written once as ``<row>.loglik.json.gz``."""
+    written = {}
+    for key, row in rows.items():
+        if "items" not in row:
+            continue
+        path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt") as handle:
+                json.dump({"row": key, "acc": row["acc"], "acc_norm": row["acc_norm"]} | row["items"], handle)
+        written[key] = str(Path("items") / folder.name / path.name)
+    return written
+
+
+def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
+    """Per task, every learning rate of the full fine-tuning and attack sweeps at the first seed."""
+    study, seed = config.study, config.study.seeds[0]
+    swept = [("full_finetune", study.full_finetune_lrs, "row")]
+    if study.attack_emulator:
+        swept.append((f"{study.attack_emulator}/attack", study.attack_lrs, "emulator_attack"))
+    out: dict = {}
+    for task, rows in rows_by_task.items():
+        for name, lrs, leaf in swept:
+            for lr in lrs:
+                row = rows.get(f"{name}/lr{lr:g}/seed{seed}/{leaf}")
+                if row:
+                    out.setdefault(name, {}).setdefault(task, []).append(
+                        {"lr": lr, "acc": row["acc"], "acc_norm": row["acc_norm"], "best_dev_loss": row.get("best_dev_loss")})
+            chosen = chosen_rate(_Cache(rows), name, lrs, seed, attack=leaf != "row")
+            if chosen is not None:
+                out[name][task + " chosen"] = chosen
+    return out
+
+
+def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
+    """Per stage-1 setting (N_a, alpha): how much the seeds agree. Spearman correlation of the
+    scores of every pair of seeds, and the share of the replaced set (the ``alpha`` share with the
+    lowest scores, what the emulator replaces) two seeds have in common; for the ranking the
+    emulators were built from and for the RL scores."""
+    found = []
+    for folder in sorted((out / "stage1").glob("*")):
+        metas = {p.parent.name: json.loads((p).read_text()) for p in sorted(folder.glob("seed*/layer_replace.json"))}
+        if len(metas) < 2:
+            continue
+        alpha = next(iter(metas.values()))["config"]["alpha"]
+        entry: dict = {"setting": folder.name, "seeds": list(metas), "alpha": alpha}
+        for kind in ("scores", "rl_scores"):
+            per_seed = {s: {int(k): v for k, v in m[kind].items()} for s, m in metas.items() if m.get(kind)}
+            names = list(per_seed)
+            blocks = sorted(next(iter(per_seed.values())))
+            k = int(round(alpha * len(blocks)))
+            replaced = {s: set(sorted(blocks, key=lambda b, s=s: (per_seed[s][b], b))[:k]) for s in names}
+            pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1 :]]
+            entry[kind] = {
+                "spearman": {f"{x}-{y}": spearman([per_seed[x][b] for b in blocks], [per_seed[y][b] for b in blocks])
+                             for x, y in pairs},
+                "overlap": {f"{x}-{y}": len(replaced[x] & replaced[y]) / max(1, k) for x, y in pairs},
+                "replaced": {s: sorted(r) for s, r in replaced.items()},
+                "in_every_seed": sorted(set.intersection(*replaced.values())),
+            }
+        entry["heldout"] = {s: m["evaluation"] for s, m in metas.items()}
+        entry["seconds"] = {s: m["cost"]["seconds"] for s, m in metas.items()}
+        found.append(entry)
+    return found
+
+
+def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
+    """Stage 1 vs the distillation, per seed: seconds and FLOPs. FLOPs = 2 x parameters a token
+    passes through, per forward token, x3 with the backward: stage 1 runs candidates with the
+    ``alpha`` share of the middle replaced (harmonizers ~free) and an LM head over every
+    position; the distillation runs the teacher forward (no head) and the student forward and
+    backward, head included."""
+    if not facts:
+        return {}
+    block, head, layers = facts["block_params"], facts["head_params"], facts["layers"]
+    found: dict = {"stage1": {}, "distillation": {}}
+    for path in sorted((out / "stage1").glob("*/seed*/layer_replace.json")):
+        m = json.loads(path.read_text())
+        kept = layers - m["config"]["alpha"] * len(m["middle_layers"])
+        fit = m.get("ranking_fit") or {}
+        forward = m["cost"]["tokens_forward_only"] + (0 if "tokens" in fit else  # made before fits were counted
+                                                      fit.get("candidates", 0) * fit.get("batches", 0)
+                                                      * m["config"]["batch_size"] * m["config"]["block_size"])
+        flops = 2 * (kept * block + head) * (forward + 3 * m["cost"]["tokens_forward_backward"])
+        found["stage1"][f"{path.parent.parent.name}/{path.parent.name}"] = {"seconds": m["cost"]["seconds"], "flops": flops}
+    for path in sorted((out / "emulators").glob("seed*/*/emulator/manifest.json")):
+        m = json.loads(path.read_text())
+        cost = m.get("build_cost") or {}
+        if cost.get("kind") != "distillation":
+            continue
+        student = len(m.get("layout", [])) or layers
+        flops = 2 * layers * block * cost["tokens_forward_only"] + 6 * (student * block + head) * cost["tokens_forward_backward"]
+        found["distillation"][f"{path.parent.parent.name}/{path.parent.parent.parent.name}"] = {
+            "seconds": cost["seconds"], "flops": flops}
+    return found
+
+
+def _compute_seconds(out: Path) -> float:
+    """Wall seconds of every unit the study ran (its log), plus stage-1 runs made outside it."""
+    log = out / "units.jsonl"
+    total = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0.0
+    return float(total)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def report_markdown(summary: dict) -> str:
+    """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
+    stability and the budgets; every number from ``summary``."""
+    tasks, seeds = summary["tasks"], summary["seeds"]
+    lines = [f"# Study: {summary['model']}", "",
+             "Generated by `scaleot-fed study` from the run's rows (do not edit by hand). Seeds "
+             f"{seeds}; primary metric per task: " + ", ".join(f"{t} `{summary['metric'][t]}`" for t in tasks)
+             + " (declared before running; the other metric beside it).",
+             "Items scored: " + ", ".join(f"{t} {summary['n_eval'].get(t) or 'not yet'}" for t in tasks)
+             + f". Compute used so far: {summary['compute_seconds'] / 3600:.2f} h of units on this machine.", "",
+             "## Claims", "",
+             "Paired bootstrap over items and seeds (10,000 resamples); a verdict follows from the 95 % interval: "
+             "`greater` holds when the interval is above 0, does not hold when below; `close` holds when the "
+             "interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n.", "",
+             "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
+    for c in summary["claims"]:
+        margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""
+        lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
+                     f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
+                     f"**{c['verdict']}** |")
+    if not summary["claims"]:
+        lines.append("| (no claim has both sides scored yet) | | | | | | |")
+    lines += ["", "## Rows", "", "Mean over seeds of the primary metric (%), its 95 % interval, seeds, and the "
+              "other metric's mean in brackets. `gap` = plug-in minus emulator fine-tuned.", "",
+              "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for family, per_task in summary["rows"].items():
+        cells = []
+        for t in tasks:
+            r = per_task.get(t)
+            cells.append("" if r is None else f"{_pct(r['mean'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] "
+                         f"x{r['seeds']}" + (f" ({_pct(r['other_metric_mean'])})" if r["other_metric_mean"] is not None else ""))
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines += ["", "![rows](rows.png)", "", "![claims](claims.png)", ""]
+    for name, per_task in summary["sweeps"].items():
+        lines += [f"## Sweep: {name}", "", "At the first seed; fine-tuning keeps the lowest dev loss, the attack the "
+                  "highest score on the evaluation items (the strongest attacker).", "",
+                  "| task | lr | acc | acc_norm | best dev loss |", "|---|---|---|---|---|"]
+        for task, entries in per_task.items():
+            if task.endswith(" chosen"):
+                continue
+            for e in entries:
+                mark = " (chosen)" if per_task.get(task + " chosen") == e["lr"] else ""
+                dev = "" if e["best_dev_loss"] is None else f"{e['best_dev_loss']:.4f}"
+                lines.append(f"| {task} | {e['lr']:g}{mark} | {_pct(e['acc'])} | {_pct(e['acc_norm'])} | {dev} |")
+        lines.append("")
+    lines += ["## Stage 1 across seeds", ""]
+    for s in summary["stage1_stability"]:
+        lines += [f"Setting {s['setting']}, seeds {', '.join(s['seeds'])}: the replaced set is the alpha = {s['alpha']} "
+                  "share of middle blocks with the lowest scores.", "",
+                  "| scores | Spearman (pairs) | replaced-set overlap (pairs) | replaced by every seed |", "|---|---|---|---|"]
+        for kind in ("scores", "rl_scores"):
+            if kind in s:
+                k = s[kind]
+                lines.append(f"| {'ranking (built from)' if kind == 'scores' else 'RL scores (paper)'} | "
+                             + ", ".join(f"{v:.2f}" for v in k["spearman"].values()) + " | "
+                             + ", ".join(f"{100 * v:.0f} %" for v in k["overlap"].values()) + f" | {k['in_every_seed']} |")
+        lines += ["", "| seed | held-out loss: full | replaced by harmonizers | dropped | seconds |", "|---|---|---|---|---|"]
+        for seed, h in s["heldout"].items():
+            lines.append(f"| {seed} | {h['heldout_loss_full']:.3f} | {h.get('heldout_loss_harmonized', h.get('heldout_loss_half_harmonized', 0)):.3f} | "
+                         f"{h.get('heldout_loss_dropped', h.get('heldout_loss_half_dropped', 0)):.3f} | {s['seconds'][seed]:.0f} |")
+        lines.append("")
+    if not summary["stage1_stability"]:
+        lines += ["(fewer than two stage-1 seeds so far)", ""]
+    b = summary.get("budgets") or {}
+    if b:
+        lines += ["## Budgets: stage 1 vs the distilled (OT) emulator", "",
+                  "| run | seconds | TFLOPs |", "|---|---|---|"]
+        for kind in ("stage1", "distillation"):
+            for name, v in b.get(kind, {}).items():
+                lines.append(f"| {kind} {name} | {v['seconds']:.0f} | {v['flops'] / 1e12:.1f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(summary: dict, path: Path) -> None:
+    """Every row per task: mean over seeds with its 95 % interval as an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [f for f in summary["rows"] if not f.endswith("/gap")]
+    tasks = summary["tasks"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) * len(tasks)), 4.5))
+    width = 0.8 / max(1, len(rows))
+    for j, family in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for i, t in enumerate(tasks):
+            r = summary["rows"][family].get(t)
+            if r:
+                xs.append(i + (j - len(rows) / 2) * width)
+                ys.append(100 * r["mean"])
+                lo.append(100 * (r["mean"] - r["ci95"][0]))
+                hi.append(100 * (r["ci95"][1] - r["mean"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=family)
+    ax.set_xticks(range(len(tasks)), [f"{t} ({summary['metric'][t]})" for t in tasks])
+    ax.set_ylabel("% (mean over seeds, 95 % CI)")
+    if rows:
+        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_claims(summary: dict, path: Path) -> None:
+    """Each claim's difference per task with its 95 % interval (and the margin of close claims)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    claims = summary["claims"]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * max(4, len(claims)) + 1))
+    for i, c in enumerate(claims):
+        d, (lo, hi) = 100 * c["difference"], (100 * c["ci95"][0], 100 * c["ci95"][1])
+        color = {"holds": "tab:green", "does not hold": "tab:red"}.get(c["verdict"], "tab:grey")
+        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
+        if c["kind"] == "close":
+            ax.plot([-100 * c["margin"], 100 * c["margin"]], [i, i], "|", color="black")
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(claims)), [f"{c['claim'][:60]} [{c['task']}]" for c in claims], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("a - b (points), 95 % CI; green holds, red does not, grey inconclusive")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
