@@ -92,7 +92,7 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     print(f"layer-replace: {args.model}, {len(ids)} blocks of {config.block_size} tokens from {args.data!r}, {config.steps} steps")
     result = run_layer_replace(loaded.model, ids, config, source_model=args.model, progress=not args.no_progress)
     clear_output(args.out)
-    out = save_artifact(result, args.out)
+    out = save_artifact(result, args.out, data=args.data)
     ev = result.evaluation
     print(f"least important blocks first: {result.ranking()}")
     print(

@@ -160,6 +160,10 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: write each claim as a [[claim]] table")
     config = StudyConfig(**values, claims=[from_dict(ClaimSection, c, f"claim {i}") for i, c in enumerate(claims)])
     names = [e.name for e in config.emulators]
+    given = [e.name for e in config.emulators if e.path or e.importance]
+    if given:
+        raise ConfigError(f"{path}: the study builds every emulator itself, once per seed where stage 1 or the "
+                          f"distillation is random; remove path / importance from {given}")
     for key in ("variant_emulator", "attack_emulator"):
         if getattr(config.study, key) and getattr(config.study, key) not in names:
             raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
@@ -225,9 +229,13 @@ class Grid:
     def stage1(self, section: EmulatorSection, seed: int) -> Path:
         path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
         if (path / "layer_replace.json").exists():
-            if load_artifact(path).meta["config"] != json_round_trip(as_dict(lr)):
-                raise ConfigError(f"{path} was trained with another [layer_replace] config; delete it to retrain, "
-                                  "or restore the config it was made with")
+            meta = load_artifact(path).meta
+            same = {k: v for k, v in meta["config"].items() if k != "device"} == {
+                k: v for k, v in json_round_trip(as_dict(lr)).items() if k != "device"}
+            if not same or meta.get("data", "lambada") != "lambada":
+                raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
+                                  "retrain, or restore the config it was made with")
+            load_artifact(path).check_matches(self.full)
             return path
         self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
         ids = token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
@@ -273,8 +281,8 @@ class Grid:
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
         for seed in study.seeds:
             for emulator, mode in config.cells():
-                self.cell_units(unit, get, emulator, mode, seed, evaluation, train)
-            for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None]):
+                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train)
+            for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None] * bool(study.full_finetune_lrs)):
                 units.append(self.swept(task, rows, get, "full_finetune", lr, seed,
                                         (evaluation + 3 * train) * self.layers, study.full_finetune_lrs))
             if study.attack_emulator:
@@ -285,14 +293,14 @@ class Grid:
                                             section=section))
         return units
 
-    def cell_units(self, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
+    def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
                    train: float) -> None:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = self.blocks(emulator)
         unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
              lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
-        folder = self.out / "trained" / cell / f"seed{seed}"
+        folder = self.out / task / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
             owner = get()
@@ -309,13 +317,15 @@ class Grid:
         """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
         first = self.config.study.seeds[0]
 
+        metric = self.config.study.metric_of(task)
+
         def key() -> str | None:
-            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, attack=section is not None)
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None, metric)
             return None if rate is None else f"{name}/lr{rate:g}/seed{seed}/" + (
                 "emulator_attack" if section else "row")
 
         def run() -> dict:
-            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, attack=section is not None)
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None, metric)
             owner = get()
             ft = dataclasses.replace(self.config.attack if section else self.config.finetune, lr=rate, seed=seed)
             if section is not None:
@@ -362,16 +372,28 @@ def model_facts(model) -> dict:
             "head_params": int(model.config.vocab_size) * int(model.config.hidden_size)}
 
 
-def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool) -> float | None:
+def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool,
+                metric: str = "acc") -> float | None:
     """The sweep's choice at the first seed: the lowest dev loss for fine-tuning; for the attack
-    the highest score on the items (the strongest attacker: the conservative choice for a
+    the highest ``metric`` on the items (the strongest attacker: the conservative choice for a
     privacy claim). ``None`` while a rate of the sweep is missing."""
     found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
     if not lrs or any(v is None for v in found.values()):
         return None
     if attack:
-        return max(lrs, key=lambda lr: (found[lr]["acc"], -lr))
+        return max(lrs, key=lambda lr: (found[lr][metric], -lr))
     return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+
+
+def check_emulators_unchanged(out: Path, config: StudyConfig) -> None:
+    """Emulators may be added to a study, not changed under a name its cached rows already use."""
+    if not (out / "config.json").is_file():
+        return
+    before = {e["name"]: e for e in json.loads((out / "config.json").read_text()).get("emulators", [])}
+    changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json_round_trip(as_dict(e))]
+    if changed:
+        raise ConfigError(f"{out}: [[emulator]] {changed} changed under the same name, but its rows are cached; "
+                          "give the changed emulator a new name, or use --overwrite to start over")
 
 
 REPORT_EVERY = 120.0
@@ -386,6 +408,8 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     from .study_report import write_report
 
     study = config.study
+    if not overwrite:
+        check_emulators_unchanged(Path(study.out), config)
     out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT)
     results = Path(study.results) if study.results else out
     loaded = load_model(study.model)

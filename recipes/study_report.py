@@ -35,38 +35,43 @@ class _Resolver:
 
     def keys(self, family: str) -> list[str]:
         """The family's row keys that exist, one per seed (in seed order)."""
+        return [k for _, k in self.seeded_keys(family)]
+
+    def seeded_keys(self, family: str) -> list[tuple[int | None, str]]:
+        """``(seed, key)`` of the family's rows that exist (seed ``None``: a row no seed changes)."""
         study = self.config.study
         if family == "full_zero_shot":
-            keys = ["full_zero_shot"]
+            keys = [(None, "full_zero_shot")]
         elif family == "full_finetune":
-            rate = chosen_rate(_Cache(self.rows), "full_finetune", study.full_finetune_lrs, self.seeds[0], attack=False)
-            keys = [] if rate is None else [f"full_finetune/lr{rate:g}/seed{s}/row" for s in self.seeds]
+            rate = chosen_rate(_Cache(self.rows), "full_finetune", study.full_finetune_lrs, self.seeds[0], False)
+            keys = [] if rate is None else [(s, f"full_finetune/lr{rate:g}/seed{s}/row") for s in self.seeds]
         else:
             cell, row = family.rsplit("/", 1)
             name = cell.split(":")[0]
             if row == "emulator_attack":
-                rate = chosen_rate(_Cache(self.rows), f"{name}/attack", study.attack_lrs, self.seeds[0], attack=True)
-                keys = [] if rate is None else [f"{name}/attack/lr{rate:g}/seed{s}/emulator_attack" for s in self.seeds]
+                rate = chosen_rate(_Cache(self.rows), f"{name}/attack", study.attack_lrs, self.seeds[0], True, self.metric)
+                keys = [] if rate is None else [(s, f"{name}/attack/lr{rate:g}/seed{s}/emulator_attack")
+                                                for s in self.seeds]
             elif row == "emulator_zero_shot":
                 section = next(e for e in self.config.emulators if e.name == name)
-                keys = ([f"{name}/seed{s}/emulator_zero_shot" for s in self.seeds] if seeded(section)
-                        else [f"{name}/emulator_zero_shot"])
+                keys = ([(s, f"{name}/seed{s}/emulator_zero_shot") for s in self.seeds] if seeded(section)
+                        else [(None, f"{name}/emulator_zero_shot")])
             else:
-                keys = [f"{cell}/seed{s}/{r}" for s in self.seeds
-                        for r in (["plug_in", "emulator_finetune"] if row == "gap" else [row])]
-        return [k for k in keys if k in self.rows]
+                keys = [(s, f"{cell}/seed{s}/{row}") for s in self.seeds]
+        return [(s, k) for s, k in keys if k in self.rows]
 
-    def matrix(self, family: str) -> np.ndarray | None:
+    def matrix(self, family: str) -> tuple[np.ndarray, list] | None:
         """``(seeds, items)`` per-item scores of the family in the task's metric (``gap``: plug-in
-        minus emulator fine-tuned, seed by seed); ``None`` while it has no finished seed."""
+        minus emulator fine-tuned, seed by seed) and the seeds of its rows; ``None`` while it has
+        no finished seed."""
         if family.endswith("/gap"):
             cell = family.rsplit("/", 1)[0]
-            pairs = [(self._correct(f"{cell}/seed{s}/plug_in"), self._correct(f"{cell}/seed{s}/emulator_finetune"))
-                     for s in self.seeds]
-            found = [p - e for p, e in pairs if p is not None and e is not None]
-            return np.stack(found) if found else None
-        found = [c for c in (self._correct(k) for k in self.keys(family)) if c is not None]
-        return np.stack(found) if found else None
+            found = {s: (self._correct(f"{cell}/seed{s}/plug_in"), self._correct(f"{cell}/seed{s}/emulator_finetune"))
+                     for s in self.seeds}
+            found = {s: p - e for s, (p, e) in found.items() if p is not None and e is not None}
+        else:
+            found = {s: self._correct(k) for s, k in self.seeded_keys(family)}
+        return (np.stack(list(found.values())), list(found)) if found else None
 
     def _correct(self, key: str, metric: str | None = None) -> np.ndarray | None:
         row = self.rows.get(key)
@@ -113,9 +118,10 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         n_eval[task] = next((r["n"] for r in rows_by_task[task].values() if "n" in r), 0)
         items_files[task] = _write_items(rows_by_task[task], results / "items" / task)
         for family in families(config):
-            m = resolver.matrix(family)
-            if m is None:
+            found = resolver.matrix(family)
+            if found is None:
                 continue
+            m = found[0]
             c = paired_bootstrap(m, np.zeros(m.shape[1]), study.resamples)
             table.setdefault(family, {})[task] = {
                 "metric": study.metric_of(task), "mean": c.difference, "ci95": list(c.ci95), "seeds": int(m.shape[0]),
@@ -128,7 +134,7 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
         "rows": table, "claims": claims, "sweeps": _sweeps(config, rows_by_task),
         "stage1_stability": stage1_stability(config, out), "budgets": budgets(config, out, facts or {}),
-        "compute_seconds": _compute_seconds(out), "items_files": items_files,
+        "compute_seconds": _compute_seconds(out), "items_files": items_files, "resamples": study.resamples,
     }
     write_json(results / "summary.json", summary)
     (results / "REPORT.md").write_text(report_markdown(summary))
@@ -144,25 +150,26 @@ def _plain(section) -> dict:
 
 
 def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
-    """The claim per task with both sides scored, and over all tasks (items pooled) once every
-    task has both sides at the same number of seeds."""
+    """The claim per task with both sides scored, and over all tasks (the mean of the tasks'
+    differences, items drawn within each task) once every task has both sides from the same seeds."""
     found, sides = [], {}
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
         if a is None or b is None:
             continue
         sides[task] = (a, b)
-        found.append(_decide(claim, task, a, b, study.resamples))
-    shapes = {(a.shape[0], b.shape[0]) for a, b in sides.values()}
-    if len(sides) == len(resolvers) > 1 and len(shapes) == 1:
-        a = np.concatenate([a for a, _ in sides.values()], axis=1)
-        b = np.concatenate([b for _, b in sides.values()], axis=1)
-        found.append(_decide(claim, "all (items pooled)", a, b, study.resamples))
+        found.append(_decide(claim, task, a[0], b[0], study.resamples))
+    seeds = {(tuple(a[1]), tuple(b[1])) for a, b in sides.values()}
+    if len(sides) == len(resolvers) > 1 and len(seeds) == 1:
+        a = np.concatenate([a[0] for a, _ in sides.values()], axis=1)
+        b = np.concatenate([b[0] for _, b in sides.values()], axis=1)
+        strata = [a[0].shape[1] for a, _ in sides.values()]
+        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata))
     return found
 
 
-def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int) -> dict:
-    c = paired_bootstrap(a, b, resamples)
+def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None) -> dict:
+    c = paired_bootstrap(a, b, resamples, strata=strata)
     return {"claim": claim.claim, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
             "margin": claim.margin, "difference": c.difference, "ci95": list(c.ci95), "n": c.n,
             "seeds": list(c.seeds), "verdict": c.verdict(claim.kind, claim.margin)}
@@ -197,7 +204,7 @@ def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
                 if row:
                     out.setdefault(name, {}).setdefault(task, []).append(
                         {"lr": lr, "acc": row["acc"], "acc_norm": row["acc_norm"], "best_dev_loss": row.get("best_dev_loss")})
-            chosen = chosen_rate(_Cache(rows), name, lrs, seed, attack=leaf != "row")
+            chosen = chosen_rate(_Cache(rows), name, lrs, seed, leaf != "row", study.metric_of(task))
             if chosen is not None:
                 out[name][task + " chosen"] = chosen
     return out
@@ -217,6 +224,8 @@ def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
         entry: dict = {"setting": folder.name, "seeds": list(metas), "alpha": alpha}
         for kind in ("scores", "rl_scores"):
             per_seed = {s: {int(k): v for k, v in m[kind].items()} for s, m in metas.items() if m.get(kind)}
+            if len(per_seed) < 2:  # (artifacts made before RL scores were kept apart have none)
+                continue
             names = list(per_seed)
             blocks = sorted(next(iter(per_seed.values())))
             k = int(round(alpha * len(blocks)))
@@ -237,10 +246,11 @@ def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
 
 def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
     """Stage 1 vs the distillation, per seed: seconds and FLOPs. FLOPs = 2 x parameters a token
-    passes through, per forward token, x3 with the backward: stage 1 runs candidates with the
-    ``alpha`` share of the middle replaced (harmonizers ~free) and an LM head over every
-    position; the distillation runs the teacher forward (no head) and the student forward and
-    backward, head included."""
+    passes through, per forward token. Stage 1 runs candidates with the ``alpha`` share of the
+    middle replaced (harmonizers ~free) and an LM head over every position; its backward pass
+    through frozen weights computes activation gradients only (x2 in all). The distillation runs
+    the teacher forward (no head) and the student forward and backward with weight gradients (x3),
+    head included."""
     if not facts:
         return {}
     block, head, layers = facts["block_params"], facts["head_params"], facts["layers"]
@@ -252,7 +262,7 @@ def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
         forward = m["cost"]["tokens_forward_only"] + (0 if "tokens" in fit else  # made before fits were counted
                                                       fit.get("candidates", 0) * fit.get("batches", 0)
                                                       * m["config"]["batch_size"] * m["config"]["block_size"])
-        flops = 2 * (kept * block + head) * (forward + 3 * m["cost"]["tokens_forward_backward"])
+        flops = 2 * (kept * block + head) * (forward + 2 * m["cost"]["tokens_forward_backward"])
         found["stage1"][f"{path.parent.parent.name}/{path.parent.name}"] = {"seconds": m["cost"]["seconds"], "flops": flops}
     for path in sorted((out / "emulators").glob("seed*/*/emulator/manifest.json")):
         m = json.loads(path.read_text())
@@ -288,7 +298,7 @@ def report_markdown(summary: dict) -> str:
              "Items scored: " + ", ".join(f"{t} {summary['n_eval'].get(t) or 'not yet'}" for t in tasks)
              + f". Compute used so far: {summary['compute_seconds'] / 3600:.2f} h of units on this machine.", "",
              "## Claims", "",
-             "Paired bootstrap over items and seeds (10,000 resamples); a verdict follows from the 95 % interval: "
+             f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples); a verdict follows from the 95 % interval: "
              "`greater` holds when the interval is above 0, does not hold when below; `close` holds when the "
              "interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n.", "",
              "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]

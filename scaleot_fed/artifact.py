@@ -29,8 +29,9 @@ ARTIFACT_JSON = "layer_replace.json"
 ARTIFACT_WEIGHTS = "harmonizers.safetensors"
 
 
-def save_artifact(result: LayerReplaceResult, out_dir: str | Path) -> Path:
-    """Write the artifact folder: ``harmonizers.safetensors`` + ``layer_replace.json``."""
+def save_artifact(result: LayerReplaceResult, out_dir: str | Path, data: str = "lambada") -> Path:
+    """Write the artifact folder: ``harmonizers.safetensors`` + ``layer_replace.json`` (``data``
+    names the text stage 1 was trained on)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -42,6 +43,7 @@ def save_artifact(result: LayerReplaceResult, out_dir: str | Path) -> Path:
         "scaleot_fed_version": __version__,
         "source_model": result.source_model,
         "source_fingerprint": result.source_fingerprint,
+        "data": data,
         "architecture": result.architecture,
         "num_layers": result.num_layers,
         "hidden_size": result.hidden_size,

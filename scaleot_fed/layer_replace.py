@@ -120,7 +120,9 @@ class LayerReplaceConfig(Placement):
         if self.max_train_blocks:
             return self.max_train_blocks
         heldout = self.batch_size * (self.eval_batches + max(self.ranking_batches, 1) + 1)
-        return int(self.steps * self.batch_size / (1 - self.heldout_fraction)) + heldout
+        # each held-out half must hold its batches whatever the step count
+        halves = math.ceil(2 * self.batch_size * max(self.eval_batches, self.ranking_batches) / self.heldout_fraction)
+        return max(int(self.steps * self.batch_size / (1 - self.heldout_fraction)) + heldout, halves)
 
 
 SELECTIONS = ("global", "group")
@@ -335,6 +337,9 @@ def regression_scores(model: nn.Module, reward_ids: torch.Tensor, harmonizers: d
 
     n = len(middle)
     k = int(round(config.alpha * n))
+    if config.ranking_candidates <= n:
+        raise ConfigError(f"ranking_candidates ({config.ranking_candidates}) must exceed the {n} middle blocks for "
+                          f"the ranking fit to be determined; use at least {2 * n}")
     rows = min(len(reward_ids), config.ranking_batches * config.batch_size)
     batches = [reward_ids[i : i + config.batch_size] for i in range(0, rows, config.batch_size)]
     design = torch.zeros(config.ranking_candidates, n, dtype=torch.float64)  # (candidates, n_middle)
@@ -381,6 +386,11 @@ def run_layer_replace(
     arch = architecture_of(model)
     num_layers = len(get_layers(model, arch))
     middle = middle_layers(num_layers, config.num_adapter_layers)
+    replaced = int(round(config.alpha * len(middle)))
+    if not 0 < replaced < len(middle):
+        raise ConfigError(f"alpha = {config.alpha} replaces {replaced} of the {len(middle)} middle blocks: a candidate "
+                          "must replace at least one and keep at least one; choose alpha between "
+                          f"{0.5 / len(middle):.3f} and {1 - 0.5 / len(middle):.3f}")
     train_ids, reward_ids, report_ids = _split_heldout(token_ids, config)
     fingerprint = model_fingerprint(model)  # before any cast: the artifact names the weights as given
     config.apply(model.requires_grad_(False))
@@ -424,7 +434,8 @@ def _evaluate(model, report_ids, harmonizers, scores, middle, config, progress: 
 
     n = min(len(report_ids), config.eval_batches * config.batch_size)
     ids = report_ids[:n]
-    order = torch.argsort(scores).tolist()
+    # ties broken by block index, as the emulator's layout breaks them
+    order = sorted(range(len(middle)), key=lambda j: (float(scores[j]), middle[j]))
     replaced = sorted(middle[j] for j in order[: int(round(config.alpha * len(middle)))])
     bar = tqdm(total=3 * len(range(0, n, config.batch_size)), desc="held-out evaluation", disable=not progress)
 

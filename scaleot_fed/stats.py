@@ -1,9 +1,9 @@
 """Paired comparisons of per-item results: bootstrap confidence intervals and verdicts.
 
 Two models scored on the same items are compared item by item: a bootstrap draws items with
-replacement (the same draw for both models) and, for a model trained with several seeds, draws
-its seeds with replacement too (a two-level bootstrap), so the interval covers both the item
-sample and the training noise the seeds show. A claim
+replacement (the same draw for both models) from the seed-averaged per-item difference, and adds
+how far the mean moves when a model's seeds are drawn with replacement, so the interval covers
+both the item sample and the training noise the seeds show. A claim
 is a direction (``greater``: A beats B) or a closeness (``close``: A within ``margin`` of B); its
 verdict follows from the interval alone.
 """
@@ -53,32 +53,52 @@ class Comparison:
         raise ConfigError(f"claim kind must be 'greater' or 'close', got {kind!r}")
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> Comparison:
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0,
+                     strata: list[int] | None = None) -> Comparison:
     """Compare per-item results ``a`` ``(seeds_a, items)`` and ``b`` ``(seeds_b, items)`` (1-D:
-    one seed) on the same items: the difference of means (each side's seeds averaged), and the
-    2.5 / 97.5 percentiles of the difference over ``resamples`` draws of the items and, on each
-    side, of its seeds."""
+    one seed) on the same items.
+
+    The difference is of the seed-averaged means (with ``strata``, item counts of consecutive
+    groups such as tasks: the mean of the groups' means). Its interval: the 2.5 / 97.5
+    percentiles over ``resamples`` of (items drawn with replacement, within each stratum, from the
+    per-item difference of the seed averages) plus, per side with several seeds, the shift its
+    seeds' means show when drawn with replacement, scaled by ``sqrt(S / (S - 1))`` so that S
+    seeds do not understate the seed variance. Items carry the item and per-item training noise;
+    the shift adds what a seed moves every item by, which averaging over items cannot remove.
+    """
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
         raise ConfigError(f"paired comparison needs the same items on both sides, got {a.shape[1]} and {b.shape[1]}")
-    n = a.shape[1]
+    strata = strata or [a.shape[1]]
+    if sum(strata) != a.shape[1] or min(strata) < 1:
+        raise ConfigError(f"strata {strata} must be positive item counts summing to {a.shape[1]}")
+    bounds = np.cumsum([0, *strata])
+    groups = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def macro(x: np.ndarray) -> np.ndarray:  # (..., items) -> (...,): the mean of the strata's means
+        return np.mean([x[..., g].mean(axis=-1) for g in groups], axis=0)
+
+    per_item = a.mean(axis=0) - b.mean(axis=0)  # (items,)
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
+    means = np.zeros(resamples)
     for start in range(0, resamples, CHUNK):  # (chunk, items) draws at a time: bounded memory
         m = min(CHUNK, resamples - start)
-        per_item = _seed_draw(a, m, rng) - _seed_draw(b, m, rng)  # (chunk, items)
-        draws = rng.integers(0, n, size=(m, n))
-        means[start : start + m] = np.take_along_axis(per_item, draws, axis=1).mean(axis=1)
+        parts = []
+        for g in groups:
+            values = per_item[g]
+            parts.append(values[rng.integers(0, values.size, size=(m, values.size))].mean(axis=1))
+        means[start : start + m] = np.mean(parts, axis=0) + _seed_shift(macro(a), m, rng) - _seed_shift(macro(b), m, rng)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return Comparison(float((a.mean(axis=0) - b.mean(axis=0)).mean()), (float(lo), float(hi)), n,
-                      (a.shape[0], b.shape[0]))
+    return Comparison(float(macro(per_item)), (float(lo), float(hi)), a.shape[1], (a.shape[0], b.shape[0]))
 
 
-def _seed_draw(x: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    """``m`` resamples of ``x``'s seeds (rows), each averaged per item: ``(m, items)``."""
-    if x.shape[0] == 1:
-        return np.broadcast_to(x[0], (m, x.shape[1]))
-    return x[rng.integers(0, x.shape[0], size=(m, x.shape[0]))].mean(axis=1)  # (m, seeds, items) -> (m, items)
+def _seed_shift(seed_means: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """``m`` draws of how far a resample of the seeds moves the mean: ``(m,)`` (zeros for one seed)."""
+    s = seed_means.size
+    if s == 1:
+        return np.zeros(m)
+    drawn = seed_means[rng.integers(0, s, size=(m, s))].mean(axis=1)  # (m,)
+    return (drawn - seed_means.mean()) * np.sqrt(s / (s - 1))
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -68,3 +68,22 @@ def test_spearman_is_one_for_the_same_order_and_minus_one_reversed():
 
     assert spearman([0.1, 0.5, 0.3], [1, 9, 4]) == pytest.approx(1.0)
     assert spearman([0.1, 0.5, 0.3], [9, 1, 4]) == pytest.approx(-1.0)
+
+
+def test_seed_noise_is_counted_once_and_strata_give_the_mean_of_the_groups():
+    # 3 seeds x 500 items, per-item training noise only (no seed-wide shift, no true difference):
+    # the interval must be about as wide as the items-only one on the seed averages, not wider
+    rng = np.random.default_rng(3)
+    truth = (rng.random(500) < 0.6).astype(float)
+    a = np.stack([np.where(rng.random(500) < 0.2, 1 - truth, truth) for _ in range(3)])
+    b = np.stack([np.where(rng.random(500) < 0.2, 1 - truth, truth) for _ in range(3)])
+    both = paired_bootstrap(a, b, resamples=4000)
+    items_only = paired_bootstrap(a.mean(0), b.mean(0), resamples=4000)
+    width = lambda c: c.ci95[1] - c.ci95[0]  # noqa: E731
+    assert width(both) < 1.3 * width(items_only)
+    # strata: two tasks of 100 and 300 items, a wins all of the first and none of the second
+    x = np.r_[np.ones(100), np.zeros(300)]
+    result = paired_bootstrap(x, np.zeros(400), strata=[100, 300])
+    assert result.difference == pytest.approx(0.5) and result.ci95 == (0.5, 0.5)
+    with pytest.raises(ConfigError, match="strata"):
+        paired_bootstrap(x, np.zeros(400), strata=[100, 200])

@@ -36,7 +36,7 @@ steps = 2
 batch_size = 2
 block_size = 16
 harmonizer_rank = 4
-ranking_candidates = 4
+ranking_candidates = 8
 ranking_batches = 1
 
 [distill]
