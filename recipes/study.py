@@ -259,6 +259,22 @@ class Grid:
         pristine = self._pristine[edir]
         return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
 
+    def stage1_units(self) -> list[Unit]:
+        """Stage 1 for every seed first: shared by the tasks, and its stability across seeds is
+        one of the study's results."""
+        units, seen = [], set()
+        for section in self.config.emulators:
+            for seed in self.config.study.seeds:
+                path = self.stage1_dir(section, seed)
+                if section.needs_importance and path not in seen:
+                    seen.add(path)
+                    cost = self.config.layer_replace.steps * self.config.layer_replace.batch_size * \
+                        self.config.layer_replace.block_size * 6 * self.layers
+                    units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", cost,
+                                      lambda p=path: (p / "layer_replace.json").exists(),
+                                      lambda s=section, k=seed: self.stage1(s, k)))
+        return units
+
     # -- the units of one task ----------------------------------------------------------------
     def units(self, task: str) -> list[Unit]:
         study, config = self.config.study, self.config
@@ -415,7 +431,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     loaded = load_model(study.model)
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log)
     facts = model_facts(loaded.model)
-    units = [u for task in study.tasks for u in grid.units(task)]
+    units = grid.stage1_units() + [u for task in study.tasks for u in grid.units(task)]
     pending = [u for u in units if not u.done()]
     log(f"study: {len(units)} units, {len(units) - len(pending)} done")
     summary = write_report(config, out, results, facts)
