@@ -187,7 +187,7 @@ def row_families(config: StudyConfig) -> set[str]:
     return rows
 
 
-GRID_EXTENT = ("emulators", "claims", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
+GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
