@@ -435,8 +435,9 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     pending = [u for u in units if not u.done()]
     log(f"study: {len(units)} units, {len(units) - len(pending)} done")
     summary = write_report(config, out, results, facts)
-    bar = tqdm(total=sum(u.cost for u in pending) / 1e9, unit="G block-tokens", disable=not progress,
-               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}<{remaining}] {postfix}")
+    # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
+    bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
     reported = time.monotonic()
     for index, u in enumerate(pending):
         bar.set_postfix_str(f"{index + 1}/{len(pending)} {u.label}")
@@ -445,7 +446,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
             u.run()
             with (out / "units.jsonl").open("a") as handle:  # what the compute-used line adds up
                 handle.write(json.dumps({"unit": u.label, "seconds": time.perf_counter() - start}) + "\n")
-        bar.update(u.cost / 1e9)
+        bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
             summary, reported = write_report(config, out, results, facts), time.monotonic()
     bar.close()
