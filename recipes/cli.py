@@ -19,6 +19,7 @@ from . import commands as c  # noqa: E402
 
 OVERWRITE_HELP = "replace what --out holds (without it, a non-empty --out is refused)"
 MODEL_HELP = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
+DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
 def _stage_parsers(sub) -> None:
@@ -35,6 +36,9 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--adapters", dest="num_adapter_layers", type=int, help="alias of --num-adapter-layers")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="a model too big for one device: spread its blocks over the GPUs (and CPU) as it loads, in "
+                        "--dtype (accelerate); each harmonizer trains on its block's device; instead of --device")
     c.add_dataclass_arguments(p, LayerReplaceConfig)
     p.set_defaults(func=c.cmd_layer_replace)
 
@@ -82,7 +86,7 @@ def _model_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="precision of the weights (the forward runs under autocast)")
-    p.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
                    help="a full model too big for one device: spread its blocks over the GPUs (and CPU) as it "
                         "loads, in --dtype (accelerate); instead of --device")
     p.add_argument("--json", action="store_true", help="print one JSON object")

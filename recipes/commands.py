@@ -78,6 +78,7 @@ def _use_all_cores() -> None:
 
 def cmd_layer_replace(args: argparse.Namespace) -> None:
     from scaleot_fed.artifact import save_artifact
+    from scaleot_fed.devices import resolve_dtype
     from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
     from scaleot_fed.models import load_model
     from scaleot_fed.text import load_text_corpus, token_blocks
@@ -86,7 +87,10 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     check_output(args.out, args.overwrite)
     _use_all_cores()
     print(f"layer-replace: loading {args.model} ...", flush=True)
-    loaded = load_model(args.model)
+    if args.device_map:  # loaded straight into dtype, spread over the devices (never whole in float32)
+        loaded = load_model(args.model, dtype=resolve_dtype(config.dtype), device_map=args.device_map)
+    else:
+        loaded = load_model(args.model)
     texts = load_text_corpus(args.data)
     ids = token_blocks(loaded.tokenizer, texts, config.block_size, max_blocks=config.blocks_needed())
     print(f"layer-replace: {args.model}, {len(ids)} blocks of {config.block_size} tokens from {args.data!r}, {config.steps} steps")

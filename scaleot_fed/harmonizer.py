@@ -37,6 +37,8 @@ class Harmonizer(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # under a device map the block before may sit on another device (a no-op otherwise)
+        hidden_states = hidden_states.to(self.down.weight.device)
         return hidden_states + self.up(nn.functional.gelu(self.down(hidden_states)))
 
     def extra_repr(self) -> str:

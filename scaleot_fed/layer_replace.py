@@ -246,8 +246,10 @@ class _Stage1:
         torch.manual_seed(config.seed)  # harmonizer initialisation
         self.generator = torch.Generator().manual_seed(config.seed)  # on the CPU: same draws on any device
         hidden = int(model.config.hidden_size)
-        device = next(model.parameters()).device
-        self.harmonizers = {i: Harmonizer(hidden, config.harmonizer_rank).to(device) for i in middle}  # float32
+        blocks = get_layers(model)
+        # each harmonizer where its block is (one device, or a device map's), in float32
+        self.harmonizers = {i: Harmonizer(hidden, config.harmonizer_rank).to(next(blocks[i].parameters()).device)
+                            for i in middle}
         params = [p for h in self.harmonizers.values() for p in h.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.harmonizer_lr, weight_decay=config.weight_decay)
         self.scores = torch.full((len(middle),), float(config.init_score))
@@ -393,7 +395,9 @@ def run_layer_replace(
                           f"{0.5 / len(middle):.3f} and {1 - 0.5 / len(middle):.3f}")
     train_ids, reward_ids, report_ids = _split_heldout(token_ids, config)
     fingerprint = model_fingerprint(model)  # before any cast: the artifact names the weights as given
-    config.apply(model.requires_grad_(False))
+    model.requires_grad_(False)
+    if not getattr(model, "hf_device_map", None):  # a device-mapped model stays where accelerate put it
+        config.apply(model)
     device = next(model.parameters()).device
     train_ids, reward_ids, report_ids = train_ids.to(device), reward_ids.to(device), report_ids.to(device)
     was_training = model.training

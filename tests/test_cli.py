@@ -165,6 +165,22 @@ def test_evaluate_with_a_device_map_scores_as_the_placed_model(workspace, capsys
     assert rc == 0 and json.loads(mapped) == json.loads(plain)
 
 
+def test_layer_replace_over_a_device_map_trains_what_the_placed_model_trains(workspace, capsys, tmp_path):
+    """Stage 1 of a model spread by accelerate (here over the CPU): each harmonizer on its block's
+    device; the same seed gives the same scores and harmonizers as the plain path."""
+    from scaleot_fed.artifact import load_artifact
+
+    args = ["layer-replace", "--model", str(workspace / "model"), "--adapters", "2", "--steps", "2", "--batch-size", "2",
+            "--block-size", "16", "--harmonizer-rank", "4", "--ranking-candidates", "8", "--ranking-batches", "1",
+            "--eval-batches", "1", "--no-progress"]
+    assert run(args + ["--out", str(tmp_path / "plain")], capsys)[0] == 0
+    assert run(args + ["--out", str(tmp_path / "mapped"), "--device-map", "auto"], capsys)[0] == 0
+    plain, mapped = load_artifact(tmp_path / "plain"), load_artifact(tmp_path / "mapped")
+    assert mapped.scores == pytest.approx(plain.scores, abs=1e-5) and mapped.meta["data"] == "lambada"
+    for i, h in plain.harmonizers.items():
+        assert torch.allclose(mapped.harmonizers[i].down.weight, h.down.weight, atol=1e-5)
+
+
 def test_streaming_build_and_plug_in_commands(workspace, capsys, tmp_path):
     """``build-emulator --stream`` writes the emulator the in-memory command writes, byte for byte;
     ``plug-in --stream`` a sharded model with an index that loads."""
