@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ class TensorFiles:
     pages of a mapped checkpoint count in the reader's resident memory for as long as the map
     lives, which would bring the whole checkpoint back into the process."""
 
-    def __init__(self, folder: str | Path, base_model_prefix: str = "") -> None:
+    def __init__(self, folder: str | Path, base_model_prefix: str = "", renames: list[tuple[str, str]] = ()) -> None:
         self.folder = Path(folder)
         self._headers: dict[str, tuple[dict, int]] = {}
         if (self.folder / INDEX).is_file():
@@ -61,6 +62,11 @@ class TensorFiles:
             raise ConfigError(f"{self.folder} holds no {SINGLE} or {INDEX}: streaming reads safetensors "
                               "checkpoints; run without --stream")
         self.file_key = {k: k for k in self.shard_of}  # model key -> key in the files
+        for pattern, replacement in renames:  # transformers' renames of older checkpoint keys
+            for key in self.shard_of:
+                renamed = re.sub(pattern, replacement, key)
+                if renamed != key:
+                    self.file_key.setdefault(renamed, key)
         if base_model_prefix:
             for key in self.shard_of:
                 if not key.startswith(base_model_prefix + "."):
@@ -128,7 +134,20 @@ def meta_model(folder: str | Path) -> tuple[nn.Module, TensorFiles]:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval(), TensorFiles(folder, model.base_model_prefix)
+    return model.eval(), TensorFiles(folder, model.base_model_prefix, checkpoint_renames(model))
+
+
+def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:
+    """The key renames ``from_pretrained`` applies to this model's checkpoints (GPT-NeoX files
+    name the head ``embed_out``, the model ``lm_head``), as ``(pattern, replacement)``. Only
+    plain renames: conversions that merge tensors are not streamed (the key is reported missing)."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without conversion mappings renames nothing
+        return []
+    return [(t.source_patterns[0], t.target_patterns[0]) for t in extract_weight_conversions_for_model(model) or []
+            if type(t) is WeightRenaming and len(t.source_patterns) == len(t.target_patterns) == 1]
 
 
 def _tied(model: nn.Module) -> dict[str, str]:

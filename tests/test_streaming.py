@@ -25,7 +25,7 @@ def _sharded(tmp_path, family, num_layers=8):
 
 
 @pytest.mark.parametrize("family,strategy", [("llama", "scaleot"), ("gemma3_text", "uniform-drop"),
-                                             ("phi3", "uniform-drop")])  # (GPT-2: the test further down)
+                                             ("phi3", "uniform-drop"), ("gpt_neox", "uniform-drop")])  # (GPT-2: below)
 def test_streaming_build_writes_the_in_memory_emulator_byte_for_byte(tmp_path, tokens, family, strategy):
     folder = _sharded(tmp_path, family)
     model = load_model(str(folder), tokenizer=False).model
