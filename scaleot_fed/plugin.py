@@ -8,16 +8,18 @@ model with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from .arch import architecture_of, block_index_of_key
+from .arch import architecture_of, block_index_of_key, get_layers
 from .errors import ConfigError, IntegrityError
 from .files import save_tensors, usual_mode
 from .models import base_model_reference, model_fingerprint
@@ -203,6 +205,41 @@ def plug_in_trained(full: nn.Module, model: nn.Module, emulator) -> nn.Module:
     with tempfile.TemporaryDirectory() as tmp:
         name = "lora" if hasattr(model, "peft_config") else "state.safetensors"
         return plug_in_path(copy.deepcopy(full), emulator.manifest, export_trained(model, emulator, Path(tmp) / name))
+
+
+@contextlib.contextmanager
+def plugged_in_place(full: nn.Module, model: nn.Module, emulator) -> Iterator[nn.Module]:
+    """``full`` itself with what was trained on ``emulator`` plugged in (the same export as
+    :func:`plug_in_trained`), for the duration of the ``with``; its adapter blocks are put back
+    afterwards. Copies the adapter blocks (a few percent of the model), not the whole model: a
+    server scoring every round does not hold a second full model."""
+    blocks = get_layers(full)
+    originals = {i: copy.deepcopy(blocks[i]) for i in emulator.manifest["adapter_layers"]}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            name = "lora" if hasattr(model, "peft_config") else "state.safetensors"
+            # merge_and_unload hands back ``full`` (LoRA merged into its blocks); a state is copied in
+            plugged = plug_in_path(full, emulator.manifest, export_trained(model, emulator, Path(tmp) / name))
+        yield plugged
+    finally:
+        for i, block in originals.items():  # also undoes added bottleneck modules
+            blocks[i] = block
+
+
+@contextlib.contextmanager
+def plugged_for_scoring(full: nn.Module, model: nn.Module, emulator, placement) -> Iterator[nn.Module]:
+    """The plug-in model placed for scoring (``placement``: a :class:`~scaleot_fed.devices.Placement`):
+    ``full`` itself (:func:`plugged_in_place`) when the placement is where ``full`` already is,
+    else a placed copy, so ``full`` never changes device or precision."""
+    from .devices import resolve_device, resolve_dtype
+
+    here, there = next(full.parameters()), resolve_device(placement.device)
+    if (here.device.type, here.device.index or 0) == (there.type, there.index or 0) and \
+            here.dtype == resolve_dtype(placement.dtype):
+        with plugged_in_place(full, model, emulator) as plugged:
+            yield placement.apply(plugged, training=False)
+    else:
+        yield placement.apply(plug_in_trained(full, model, emulator), training=False)
 
 
 def save_plugged(model: nn.Module, tokenizer, out: str | Path) -> Path:

@@ -28,7 +28,7 @@ from scaleot_fed.errors import ConfigError, RunError
 from scaleot_fed.finetune import make_trainable
 from scaleot_fed.manifest import check_shippable
 from scaleot_fed.models import load_model
-from scaleot_fed.plugin import plug_in_trained
+from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
 
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
@@ -285,10 +285,10 @@ class FederatedRun:
 
     def plug_in_eval(self) -> tuple[dict, dict[int, dict]]:
         """The plug-in's scores on the evaluation items, and per owner on its held-out items."""
-        model = self.plugged_model()
-        self.config.run.eval_placement().apply(model, training=False)
-        return score_with_owners(model, self.tokenizer, self.eval_items, owner_eval_items(self.config),
-                                 self.config.run.eval_batch_size)
+        self._load_into_trainable()
+        with plugged_for_scoring(self.full, self.trainable, self.emulator, self.config.run.eval_placement()) as model:
+            return score_with_owners(model, self.tokenizer, self.eval_items, owner_eval_items(self.config),
+                                     self.config.run.eval_batch_size)
 
     # ------------------------------------------------------------------ checkpoints and reports
 

@@ -143,3 +143,25 @@ def test_plugged_model_round_trips_through_save_pretrained(tokens, tmp_path):
     assert all(torch.equal(saved[k], emulator.adapter_state_dict()[k]) for k in written)  # the trained values
     assert torch.allclose(_logits(reloaded, tokens), _logits(model, tokens), atol=1e-6)
     assert not torch.allclose(_logits(reloaded, tokens), before, atol=1e-3)  # and they make a difference
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+def test_plugging_in_place_scores_as_a_copy_and_restores_the_full_model(mode, tokens):
+    """The server's per-round scoring plugs into its own full model and puts the adapter blocks
+    back: the logits equal the copied plug-in's and the full model is bitwise what it was."""
+    from scaleot_fed.devices import Placement
+    from scaleot_fed.finetune import FinetuneConfig, make_trainable
+    from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
+
+    full = tiny_model("llama")
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    emulator = build_emulator(full, EmulatorConfig("uniform-drop", 2, 0.5))
+    trained = make_trainable(emulator.model, list(emulator.adapter_positions()), FinetuneConfig(mode=mode))
+    with torch.no_grad():
+        for p in (p for p in trained.parameters() if p.requires_grad):
+            p.add_(0.1 * torch.randn_like(p))
+    expected = plug_in_trained(full, trained, emulator).eval()(input_ids=tokens[:2]).logits
+    with plugged_for_scoring(full, trained, emulator, Placement("cpu", "float32")) as model:
+        assert torch.allclose(model.eval()(input_ids=tokens[:2]).logits, expected, atol=1e-5)
+    after = full.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
