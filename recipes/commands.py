@@ -19,7 +19,6 @@ from scaleot_fed.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m"
 
 
-
 def _scalar_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -63,8 +62,6 @@ def _toml_section(args: argparse.Namespace, section: str) -> dict:
     if unknown:
         raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads [{section}]")
     return data.get(section, {})
-
-
 
 
 def _use_all_cores() -> None:
@@ -334,8 +331,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     from .study import load_study_config, run_study
 
     config = load_study_config(args.config)
-    if args.out:
-        config.study.out = args.out
+    config.study.out = args.out or config.study.out
     _use_all_cores()
     summary = run_study(config, progress=not args.no_progress, overwrite=args.overwrite)
     results = Path(config.study.results or config.study.out)

@@ -25,177 +25,31 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from scaleot_fed.artifact import load_artifact, save_artifact
-from scaleot_fed.config import as_dict, from_dict, load_toml
+from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import load_emulator
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.finetune import MODES
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
 from scaleot_fed.tasks import load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 
-from .offsite import PipelineSections, _cached, read_pipeline_toml
+from .offsite import _cached
 from .rundir import RowCache, open_run_dir
 from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
-
-METRICS = ("acc", "acc_norm")
-ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
-"""What a claim may name after ``<cell>/`` (``gap``: plug-in minus emulator fine-tuned, per item)."""
-
-
-@dataclass
-class StudySection:
-    """``[study]``: the grid's fixed part."""
-
-    out: str = "runs/study"
-    results: str | None = None
-    """Folder for what is committed: ``summary.json``, ``REPORT.md``, the plots and ``items/``
-    (default: the run folder)."""
-    model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "openbookqa", "hellaswag"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    metric: str = "acc"
-    """The primary metric, declared before running (OT's tables: lm-eval ``acc`` on every task);
-    the other is reported beside it."""
-    metrics: dict[str, str] = field(default_factory=dict)
-    """Per-task exceptions to ``metric``."""
-    modes: list[str] = field(default_factory=lambda: ["lora"])
-    train_limit: int | None = 2000
-    dev_items: int = 64
-    eval_limit: int | None = None
-    """Evaluation items per task (None: the whole validation split)."""
-    eval_limits: dict[str, int] = field(default_factory=dict)
-    """Per-task exceptions to ``eval_limit`` (e.g. ``{ hellaswag = 2000 }``)."""
-    eval_batch_size: int = 16
-    full_finetune_lrs: list[float] = field(default_factory=list)
-    """Full-parameter fine-tuning of the whole model, swept over these learning rates (empty: no
-    full fine-tuning row)."""
-    variant_emulator: str | None = None
-    """The PEFT comparison: the ``[[emulator]]`` (by name) that is also trained with ``variant_modes``."""
-    variant_modes: list[str] = field(default_factory=list)
-    attack_emulator: str | None = None
-    """The ``[[emulator]]`` attacked: a data owner fine-tunes every weight of it (``[attack]``)."""
-    attack_lrs: list[float] = field(default_factory=list)
-    resamples: int = 10_000
-    """Bootstrap resamples per confidence interval."""
-
-    def __post_init__(self) -> None:
-        if not self.tasks or not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"study.tasks and study.seeds must be non-empty, seeds distinct; got {self.tasks}, {self.seeds}")
-        for name in ("dev_items", "eval_batch_size", "train_limit", "eval_limit", "resamples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"study.{name} must be >= 1, got {getattr(self, name)}")
-        for key in ("modes", "variant_modes"):
-            modes = getattr(self, key)
-            if [m for m in modes if m not in MODES] or (key == "modes" and not modes):
-                raise ConfigError(f"study.{key} must be a list of {', '.join(MODES)}; got {modes}")
-        bad = {t: m for t, m in self.metrics.items() if t not in self.tasks or m not in METRICS}
-        if self.metric not in METRICS or bad:
-            raise ConfigError(f"study.metric is one of {', '.join(METRICS)} and study.metrics maps a task of "
-                              f"study.tasks to one; got {self.metric!r}, {bad} with tasks {self.tasks}")
-        if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
-            raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
-        if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
-            raise ConfigError("study.full_finetune_lrs and study.attack_lrs must be positive learning rates")
-        if bool(self.variant_emulator) != bool(self.variant_modes):
-            raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
-                              "and the extra fine-tuning modes to train it with")
-        if bool(self.attack_emulator) != bool(self.attack_lrs):
-            raise ConfigError("study.attack_emulator and study.attack_lrs go together: name the emulator to "
-                              "attack and the attacker's learning rates (three or more to find the strongest)")
-
-    def metric_of(self, task: str) -> str:
-        return self.metrics.get(task, self.metric)
-
-    def eval_limit_of(self, task: str) -> int | None:
-        return self.eval_limits.get(task, self.eval_limit)
-
-
-@dataclass
-class ClaimSection:
-    """One ``[[claim]]``: "``a`` beats ``b``" (``greater``) or "``a`` is within ``margin`` of
-    ``b``" (``close``), rows named as in the module docstring without the seed and learning rate
-    (``full_finetune``, ``scaleot/plug_in``, ``scaleot/gap``). Declared before running."""
-
-    claim: str = ""
-    a: str = ""
-    b: str = ""
-    kind: str = "greater"
-    margin: float = 0.0
-    """For ``close``: the largest difference (a fraction, 0.02 = 2 points) still called close."""
-
-    def __post_init__(self) -> None:
-        if not (self.claim and self.a and self.b):
-            raise ConfigError("every [[claim]] needs claim (the sentence), a and b (the rows compared)")
-        if self.kind not in ("greater", "close") or (self.kind == "close") != (self.margin > 0):
-            raise ConfigError(f"[[claim]] {self.claim!r}: kind is 'greater', or 'close' with a margin > 0; "
-                              f"got kind {self.kind!r}, margin {self.margin}")
-
-
-@dataclass
-class StudyConfig(PipelineSections):
-    study: StudySection = field(default_factory=StudySection)
-    claims: list[ClaimSection] = field(default_factory=list)
-
-    def cells(self) -> list[tuple[EmulatorSection, str]]:
-        """``(emulator, mode)`` pairs: every emulator in the main modes, the variant in its own."""
-        s = self.study
-        return [(e, m) for e in self.emulators
-                for m in s.modes + ([m for m in s.variant_modes if m not in s.modes] if e.name == s.variant_emulator else [])]
-
-    def cell_name(self, emulator: EmulatorSection, mode: str) -> str:
-        return emulator.name if mode == self.study.modes[0] else f"{emulator.name}:{mode}"
-
-
-def load_study_config(path: str | Path) -> StudyConfig:
-    """Read a study TOML file: ``[study]``, the offsite tables (at least one ``[[emulator]]``) and
-    the ``[[claim]]`` tables; every claim's rows must exist in the grid."""
-    values = read_pipeline_toml(path, "study", StudySection, default_emulator=False, extra=("claim",))
-    claims = load_toml(path).get("claim", [])
-    if not isinstance(claims, list):
-        raise ConfigError(f"{path}: write each claim as a [[claim]] table")
-    config = StudyConfig(**values, claims=[from_dict(ClaimSection, c, f"claim {i}") for i, c in enumerate(claims)])
-    names = [e.name for e in config.emulators]
-    given = [e.name for e in config.emulators if e.path or e.importance]
-    if given:
-        raise ConfigError(f"{path}: the study builds every emulator itself, once per seed where stage 1 or the "
-                          f"distillation is random; remove path / importance from {given}")
-    for key in ("variant_emulator", "attack_emulator"):
-        if getattr(config.study, key) and getattr(config.study, key) not in names:
-            raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
-                              f"[[emulator]] names {names}")
-    known = row_families(config)
-    for claim in config.claims:
-        for side in (claim.a, claim.b):
-            if side not in known:
-                raise ConfigError(f"{path}: [[claim]] {claim.claim!r} names {side!r}, not a row of this grid; "
-                                  f"rows: {', '.join(sorted(known))}")
-    return config
-
-
-def row_families(config: StudyConfig) -> set[str]:
-    """The rows a claim may name: a row over its seeds (and, for swept rows, the chosen rate)."""
-    rows = {"full_zero_shot"} | ({"full_finetune"} if config.study.full_finetune_lrs else set())
-    for emulator, mode in config.cells():
-        rows |= {f"{config.cell_name(emulator, mode)}/{r}" for r in ROWS if r != "emulator_attack"}
-    if config.study.attack_emulator:
-        rows.add(f"{config.study.attack_emulator}/emulator_attack")
-    return rows
-
-
-GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
-               "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
-               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs")
-"""Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
-
-
-def seeded(section: EmulatorSection) -> bool:
-    """Whether building the emulator draws random numbers (stage 1, distillation)."""
-    return section.needs_importance or section.distill
+from .study_config import (  # noqa: F401  (the study's public names, re-exported)
+    GRID_EXTENT,
+    METRICS,
+    ClaimSection,
+    StudyConfig,
+    StudySection,
+    load_study_config,
+    row_families,
+    seeded,
+)
 
 
 @dataclass
