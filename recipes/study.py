@@ -83,13 +83,14 @@ class Grid:
     def stage1(self, section: EmulatorSection, seed: int) -> Path:
         path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
         if (path / "layer_replace.json").exists():
-            meta = load_artifact(path).meta
+            artifact = load_artifact(path)  # read once: its record and its source check
+            meta = artifact.meta
             same = {k: v for k, v in meta["config"].items() if k != "device"} == {
                 k: v for k, v in json_round_trip(as_dict(lr)).items() if k != "device"}
             if not same or meta.get("data", "lambada") != "lambada":
                 raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
                                   "retrain, or restore the config it was made with")
-            load_artifact(path).check_matches(self.full)
+            artifact.check_matches(self.full)
             return path
         self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
         ids = token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
