@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale-only", action="store_true",
                         help="only the growing populations (e.g. --clients 10 100 1000 --per-round 4)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only (e): the first population's peak memory vs what it must hold")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "federated.json"))
     args = parser.parse_args()
 
@@ -201,8 +203,10 @@ def main() -> None:
         del loaded, emulator
         os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(tmp / "client-cache")  # clients start without it
 
-        if not args.scale_only:
+        if not (args.scale_only or args.memory_only):
             report["overhead"] = overhead(args, tmp, emulator_path)
+        if args.memory_only:
+            args.clients = args.clients[:1]
 
         # (e) and scale: peak memory of the whole process tree for growing populations
         for n in args.clients:
@@ -245,6 +249,9 @@ def main() -> None:
                   f"{need['ray_daemons'] / 2**20:.0f} MB + server {need['server'] / 2**20:.0f} MB + {actors} actors x "
                   f"{need['owner'] / 2**20:.0f} MB)")
     report["full_model_bytes"] = full_bytes
+    if args.memory_only and Path(args.out).exists():  # (e) alone: the file keeps its (c) measurement
+        report = json.loads(Path(args.out).read_text()) | {k: report[k] for k in ("memory", "full_model_bytes")} | {
+            "memory_runs": report["runs"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

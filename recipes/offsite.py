@@ -20,7 +20,7 @@ from scaleot_fed.tasks import load_task
 
 from .attack import AttackConfig
 from .report import emulator_entry, write_results
-from .rundir import RowCache, open_run_dir
+from .rundir import RowCache, cached_rows, open_run_dir
 from .single_owner import EmulatorSection, SingleOwner, TaskRunSection, prepare_emulator, trained_path
 
 
@@ -96,18 +96,6 @@ def load_offsite_config(path: str | Path, overrides: dict | None = None) -> Offs
     return OffsiteConfig(**read_pipeline_toml(path, "run", RunSection, overrides))
 
 
-def _cached(rows: RowCache, log):
-    def cache(key: str, compute) -> dict:
-        found = rows.get(key)
-        if found is None:
-            log(f"  computing {key} ...")
-            found = rows.put(key, compute())
-        log(f"  {key}: acc {found['acc']:.4f} acc_norm {found['acc_norm']:.4f}")
-        return found
-
-    return cache
-
-
 def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner:
     """The owner's data (a bad task name fails before any model is loaded) and the full model."""
     run = config.run
@@ -120,7 +108,7 @@ def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner
     loaded = load_model(run.model)
     return SingleOwner(loaded.model, loaded.tokenizer, train, dev, evaluation,
                        dataclasses.replace(config.finetune, eval_items=len(dev)), run.eval_batch_size, progress,
-                       cache=_cached(RowCache(out), log), eval_placement=run.eval_placement())
+                       cache=cached_rows(RowCache(out), log), eval_placement=run.eval_placement())
 
 
 ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators")

@@ -185,3 +185,17 @@ class RowCache:
     def put(self, key: str, value: dict) -> dict:
         write_json(self._path(key), value)
         return value
+
+
+def cached_rows(rows: RowCache, log):
+    """A :class:`recipes.single_owner.SingleOwner` ``cache`` over ``rows``: a row is computed once,
+    logged with its scores, and read back on every later call (and on resume)."""
+    def cache(key: str, compute) -> dict:
+        found = rows.get(key)
+        if found is None:
+            log(f"  computing {key} ...")
+            found = rows.put(key, compute())
+        log(f"  {key}: acc {found['acc']:.4f} acc_norm {found['acc_norm']:.4f}")
+        return found
+
+    return cache

@@ -15,7 +15,9 @@ Rows, per task (keys of the task's row cache):
 * ``<emulator>[/seed<s>]/emulator_zero_shot`` (per seed when the emulator depends on it);
 * ``<cell>/seed<s>/emulator_finetune`` and ``.../plug_in``, a cell being an emulator in a mode;
 * ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
-  seed at each learning rate, the other seeds at the strongest (highest score on the items).
+  seed at each learning rate, the other seeds at the strongest (highest score on the items);
+* ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
+  (:mod:`recipes.study_federated`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ from scaleot_fed.models import load_model
 from scaleot_fed.tasks import load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 
-from .offsite import _cached
-from .rundir import RowCache, open_run_dir
+from .rundir import RowCache, cached_rows, open_run_dir
 from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from .study_config import (  # noqa: F401  (the study's public names, re-exported)
     GRID_EXTENT,
@@ -50,6 +51,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     row_families,
     seeded,
 )
+from .study_federated import federated_setup, run_federated
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Grid:
         self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
+        self.federated_task, self.federated_emulator = federated_setup(config)
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
     def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
@@ -162,7 +165,23 @@ class Grid:
                     units.append(self.swept(task, rows, get, f"{section.name}/attack", lr, seed,
                                             (evaluation + 3 * train) * self.blocks(section), study.attack_lrs,
                                             section=section))
+        if task == self.federated_task:
+            units += self.federated_units(task, rows, evaluation, train)
         return units
+
+    def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
+        """Per seed, the federation and its centralised twin (trained with the same steps in all)."""
+        name = next(e for e in self.config.emulators if e.name == self.federated_emulator)
+
+        def run(seed: int) -> dict:
+            self.emulator(name, seed)  # built if needed
+            return run_federated(self.config, task, seed, self.emulator_dir(name, seed),
+                                 self.out / task / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
+
+        cost = 2 * (2 * train * self.blocks(name)) + evaluation * (4 * self.blocks(name) + 2 * self.layers)
+        return [Unit(f"{task}: federated and centralised seed {s}", cost,
+                     lambda s=s: rows.get(f"centralised/seed{s}/plug_in") is not None, lambda s=s: run(s))
+                for s in self.config.study.seeds]
 
     def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
                    train: float) -> None:
@@ -218,7 +237,7 @@ class Grid:
         self.log(f"study: {task}: {len(train_all) - study.dev_items} train, {study.dev_items} dev, "
                  f"{len(evaluation)} eval items")
         return SingleOwner(self.full, self.tokenizer, train_all[: -study.dev_items], train_all[-study.dev_items :],
-                           evaluation, self.config.finetune, study.eval_batch_size, cache=_cached(rows, self.log))
+                           evaluation, self.config.finetune, study.eval_batch_size, cache=cached_rows(rows, self.log))
 
     def eval_size(self, task: str) -> tuple[int, float]:
         items = load_task(task, "validation", self.config.study.eval_limit_of(task))

@@ -16,6 +16,8 @@ from .single_owner import EmulatorSection
 METRICS = ("acc", "acc_norm")
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
 """What a claim may name after ``<cell>/`` (``gap``: plug-in minus emulator fine-tuned, per item)."""
+FEDERATED_SIDES = ("federated", "centralised")
+"""With ``[study] federated``: the federation's rows and its pooled-data twin's, named like cells."""
 
 
 @dataclass
@@ -51,6 +53,10 @@ class StudySection:
     attack_emulator: str | None = None
     """The ``[[emulator]]`` attacked: a data owner fine-tunes every weight of it (``[attack]``)."""
     attack_lrs: list[float] = field(default_factory=list)
+    federated: str | None = None
+    """A simulation config (``simulations/configs/...``) run once per seed on its ``[run] task``
+    with the ``[[emulator]]`` its ``[emulator] name`` names: the rows ``federated/...`` and, on the
+    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study_federated`)."""
     resamples: int = 10_000
     """Bootstrap resamples per confidence interval."""
 
@@ -139,6 +145,10 @@ def load_study_config(path: str | Path) -> StudyConfig:
         if getattr(config.study, key) and getattr(config.study, key) not in names:
             raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
                               f"[[emulator]] names {names}")
+    if config.study.federated:
+        from .study_federated import check_federated
+
+        check_federated(config, str(path))
     known = row_families(config)
     for claim in config.claims:
         for side in (claim.a, claim.b):
@@ -155,12 +165,14 @@ def row_families(config: StudyConfig) -> set[str]:
         rows |= {f"{config.cell_name(emulator, mode)}/{r}" for r in ROWS if r != "emulator_attack"}
     if config.study.attack_emulator:
         rows.add(f"{config.study.attack_emulator}/emulator_attack")
+    if config.study.federated:
+        rows |= {f"{side}/{r}" for side in FEDERATED_SIDES for r in ("emulator_finetune", "plug_in", "gap")}
     return rows
 
 
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
-               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs")
+               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
 
 

@@ -74,6 +74,7 @@ class FederatedRun:
         self.stopped: str | None = None
         self.deployed = False  # owners bring their own data (a deployment), not our partitions
         self.owner_metrics: dict[int, dict] = {}  # the last round's train metrics, per owner
+        self.last_plug_in: tuple | None = None  # (aggregate, its plug-in row with items) of the last evaluation
 
     # ------------------------------------------------------------------ setup
 
@@ -198,7 +199,8 @@ class FederatedRun:
         ``owners``), and the emulator with the aggregate when ``emulator_eval``."""
         eval_start, row = time.time(), {}
         overall, per_owner = self.plug_in_eval()
-        row |= {f"plug_in_{k}": v for k, v in overall.items() if k != "n"}
+        self.last_plug_in = (self.arrays, overall)  # the final table's plug-in row, if nothing changes after
+        row |= {f"plug_in_{k}": v for k, v in overall.items() if k not in ("n", "items")}
         for p, metrics in per_owner.items():
             owners.setdefault(p, {}).update(metrics)
         if self.config.run.emulator_eval:  # the emulator the owners hold, with the aggregate

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from torch import nn
 
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.evaluate import accuracy_from_scores, score_items
+from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.tasks import MCItem
 from strategies import pad_rank, slice_rank
@@ -137,10 +137,11 @@ def owner_eval_items(config: FedConfig) -> dict[int, list[MCItem]]:
 
 def score_with_owners(model: nn.Module, tokenizer, items: list[MCItem], owners: dict[int, list[MCItem]],
                       batch_size: int) -> tuple[dict, dict[int, dict]]:
-    """Scores on ``items``, and per owner on its own items, from one pass over all of them."""
+    """Scores on ``items`` (with their per-item record under ``items``), and per owner on its own
+    items, from one pass over all of them."""
     everything = list(items) + [i for part in owners.values() for i in part]
     scores = score_items(model, tokenizer, everything, batch_size=batch_size)
-    overall = accuracy_from_scores(items, scores[:len(items)])
+    overall = accuracy_from_scores(items, scores[:len(items)]) | {"items": item_record(items, scores[:len(items)])}
     per_owner, start = {}, len(items)
     for owner, part in owners.items():
         metrics = accuracy_from_scores(part, scores[start:start + len(part)])

@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from recipes.report import emulator_entry, write_results
-from recipes.rundir import write_json
+from recipes.rundir import RowCache, cached_rows, write_json
 from recipes.single_owner import SingleOwner, trained_path
 from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import WEIGHTS, load_emulator
@@ -20,6 +21,8 @@ from scaleot_fed.plugin import save_plugged
 
 from .config import FedConfig
 from .partition import client_data, item_table, partition_indices, train_items
+
+log = logging.getLogger("scaleot_fed.federation")
 
 if TYPE_CHECKING:
     from .federation import FederatedRun
@@ -161,8 +164,10 @@ def _pooled_owner(fed: FederatedRun, pool: bool) -> SingleOwner:
     ft = copy.deepcopy(config.finetune)
     ft.steps = run.num_rounds * run.clients_per_round * ft.steps
     ft.eval_items, ft.eval_every = len(dev), max(1, ft.steps // 4)
+    # rows are kept in the run folder as they finish: a run resumed after a failure in the final
+    # table does not compute them again (a new run starts from an empty folder)
     return SingleOwner(fed.full, fed.tokenizer, pooled, dev, fed.eval_items, ft, run.eval_batch_size,
-                       eval_placement=run.eval_placement())
+                       eval_placement=run.eval_placement(), cache=cached_rows(RowCache(fed.out), log.info))
 
 
 def final_table(fed: FederatedRun) -> dict:
@@ -183,7 +188,10 @@ def final_table(fed: FederatedRun) -> dict:
                                                       trained_path(fed.out / "centralised", config.finetune.mode))
     plugged = fed.plugged_model()
     save_plugged(plugged, fed.tokenizer, fed.out / "plugged")
-    federated = {"emulator_finetune": owner.evaluate(fed.trainable), "plug_in": owner.evaluate(plugged)}
+    last = fed.last_plug_in  # the last round scored this aggregate's plug-in already: not twice
+    federated = {"emulator_finetune": owner.cache("federated/emulator_finetune", lambda: owner.evaluate(fed.trainable)),
+                 "plug_in": owner.cache("federated/plug_in", lambda: last[1] if last and last[0] is fed.arrays
+                                        else owner.evaluate(plugged))}
     entry_config = as_dict(config.emulator)
     emulators = {f"federated-{config.strategy.name}": emulator_entry(rows | federated, fed.emulator.manifest,
                                                                      entry_config)}

@@ -195,3 +195,98 @@ def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
                                          '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
         with pytest.raises(ConfigError, match="study.metrics"):
             load_study_config(tmp_path / "s.toml")
+
+
+FEDERATED_STUDY = """
+[study]
+out = "{out}"
+model = "{model}"
+tasks = ["piqa"]
+seeds = [3]
+train_limit = 24
+dev_items = 4
+eval_limit = 6
+eval_batch_size = 4
+federated = "{fed}"
+resamples = 200
+
+[finetune]
+steps = 2
+batch_size = 4
+max_length = 64
+
+[[emulator]]
+name = "uniform"
+strategy = "uniform-drop"
+num_adapter_layers = 2
+alpha = 0.5
+
+[[claim]]
+claim = "federated is close to centralised"
+a = "federated/plug_in"
+b = "centralised/plug_in"
+kind = "close"
+margin = 0.5
+"""
+
+FEDERATION = """
+[run]
+model = "{model}"
+task = "piqa"
+num_rounds = 1
+num_clients = 2
+clients_per_round = 2
+train_limit = 24
+client_eval = false
+[partition]
+kind = "iid"
+[finetune]
+mode = "lora"
+steps = 2
+batch_size = 4
+max_length = 64
+[emulator]
+name = "uniform"
+"""
+
+
+def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The federation runs once per seed on the study's items and emulator; its rows and the
+    pooled-data twin's join the grid, and a claim between them is decided item by item."""
+    monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model"))
+    (tmp_path / "study.toml").write_text(FEDERATED_STUDY.format(out=tmp_path / "study", model=tmp_path / "model",
+                                                                fed=tmp_path / "fed.toml"))
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    (claim,) = summary["claims"]
+    assert claim["n"] == 6 and claim["seeds"] == [1, 1] and claim["ci95"][0] <= claim["difference"] <= claim["ci95"][1]
+    fed_run = tmp_path / "study" / "piqa" / "federated" / "seed3"
+    config = json.loads((fed_run / "config.json").read_text())
+    # the study's seed, items and emulator, not the simulation file's own
+    assert config["run"]["seed"] == 3 and config["finetune"]["seed"] == 3 and config["run"]["eval_limit"] == 6
+    assert config["emulator"]["path"].endswith("emulators/shared/uniform/emulator")
+    results = json.loads((fed_run / "results.json").read_text())
+    assert results["emulators"]["centralised"]["steps"] == 4  # 1 round x 2 owners x 2 steps
+    rows = summary["rows"]
+    assert {"federated/plug_in", "federated/gap", "centralised/plug_in"} <= set(rows)
+    items = {k: json.loads(gzip.open(tmp_path / "study" / v, "rt").read()) for k, v in summary["items_files"]["piqa"].items()}
+    assert items["federated/seed3/plug_in"]["gold"] == items["full_zero_shot"]["gold"]
+    # the last round's plug-in scoring is the final table's row (one scoring, not two)
+    rounds = json.loads((fed_run / "metrics.json").read_text())["rounds"]
+    assert rounds[-1]["plug_in_acc"] == items["federated/seed3/plug_in"]["acc"]
+    capsys.readouterr()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    assert "computing" not in capsys.readouterr().out
+
+
+def test_study_federated_config_must_fit_the_grid(tmp_path):
+    from recipes.study import load_study_config
+    from scaleot_fed.errors import ConfigError
+
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m").replace('"uniform"', '"other"'))
+    (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["arc_easy"]\nfederated = "{tmp_path / "fed.toml"}"\n'
+                                     '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+    with pytest.raises(ConfigError, match="'other' is not one of the .* task 'piqa' is not one of study.tasks"):
+        load_study_config(tmp_path / "s.toml")
