@@ -36,6 +36,7 @@ from scaleot_fed.emulator import load_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
+from scaleot_fed.rerank import rerank, rerank_changes
 from scaleot_fed.tasks import load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 
@@ -87,18 +88,31 @@ class Grid:
         path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
         if (path / "layer_replace.json").exists():
             artifact = load_artifact(path)  # read once: its record and its source check
-            meta = artifact.meta
-            same = {k: v for k, v in meta["config"].items() if k != "device"} == {
-                k: v for k, v in json_round_trip(as_dict(lr)).items() if k != "device"}
-            if not same or meta.get("data", "lambada") != "lambada":
+            changes = rerank_changes(artifact.meta, lr)
+            if changes is None or artifact.meta.get("data", "lambada") != "lambada":
                 raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
                                   "retrain, or restore the config it was made with")
             artifact.check_matches(self.full)
+            if changes:  # only the ranking's settings: measured again with the trained harmonizers
+                built = [str(d) for e in self.config.emulators if self.stage1_dir(e, seed) == path and e.needs_importance
+                         and ((d := self.emulator_dir(e, seed)) / "manifest.json").exists()]
+                if built:
+                    raise ConfigError(f"{path}: {', '.join(changes)} changed, but {built} were built from its ranking; "
+                                      "delete them and their rows to rebuild, or restore the ranking settings")
+                self.log(f"study: stage 1 seed {seed}: ranking again ({', '.join(changes)} changed)")
+                save_artifact(rerank(self.full, self.stage1_text(lr), artifact, lr), path)
             return path
         self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
-        ids = token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
-        save_artifact(run_layer_replace(self.full, ids, lr, self.config.study.model, progress=False), path)
+        save_artifact(run_layer_replace(self.full, self.stage1_text(lr), lr, self.config.study.model, progress=False), path)
         return path
+
+    def stage1_text(self, lr: LayerReplaceConfig):
+        return token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
+
+    def stage1_current(self, section: EmulatorSection, seed: int) -> bool:
+        """Whether the seed's stage 1 is on disk with the config's ranking settings."""
+        meta = self.stage1_dir(section, seed) / "layer_replace.json"
+        return meta.exists() and rerank_changes(json.loads(meta.read_text()), self.stage1_config(section, seed)) == []
 
     def emulator_dir(self, section: EmulatorSection, seed: int) -> Path:
         return self.out / "emulators" / (f"seed{seed}" if seeded(section) else "shared") / section.name / "emulator"
@@ -129,7 +143,7 @@ class Grid:
                     cost = self.config.layer_replace.steps * self.config.layer_replace.batch_size * \
                         self.config.layer_replace.block_size * 6 * self.layers
                     units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", cost,
-                                      lambda p=path: (p / "layer_replace.json").exists(),
+                                      lambda s=section, k=seed: self.stage1_current(s, k),
                                       lambda s=section, k=seed: self.stage1(s, k)))
         return units
 

@@ -64,6 +64,12 @@ class _Identity(nn.Module):
         return hidden_states
 
 
+def ranking_generator(config) -> torch.Generator:
+    """The ranking fit's own draws, seeded by the config's seed (offset from the RL's stream), so a
+    rerank of a saved artifact (:mod:`scaleot_fed.rerank`) draws what a fresh run draws."""
+    return torch.Generator().manual_seed(config.seed + 7919)
+
+
 @torch.no_grad()
 def regression_scores(model: nn.Module, reward_ids: torch.Tensor, harmonizers: dict[int, nn.Module],
                       middle: list[int], config, generator: torch.Generator,

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .arch import architecture_of, get_layers
-from .candidates import heldout_losses, regression_scores, sample_candidate, swapped_blocks
+from .candidates import heldout_losses, ranking_generator, regression_scores, sample_candidate, swapped_blocks
 from .devices import Placement
 from .errors import ConfigError
 from .harmonizer import Harmonizer
@@ -264,7 +264,7 @@ class _Stage1:
         self.history["scores"].append(self.scores.tolist())
 
 
-def _split_heldout(token_ids: torch.Tensor, config: LayerReplaceConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_heldout(token_ids: torch.Tensor, config: LayerReplaceConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(train, reward, report)`` token blocks: the held-out share split in two halves, the
     first for RL rewards and the ranking fit, the second for the reported held-out loss."""
     n_heldout = max(2, int(round(len(token_ids) * config.heldout_fraction)))
@@ -306,7 +306,7 @@ def run_layer_replace(model: nn.Module, token_ids: torch.Tensor, config: LayerRe
     num_layers = len(get_layers(model, arch))
     middle = middle_layers(num_layers, config.num_adapter_layers)
     _check_alpha(config.alpha, len(middle))
-    train_ids, reward_ids, report_ids = _split_heldout(token_ids, config)
+    train_ids, reward_ids, report_ids = split_heldout(token_ids, config)
     fingerprint = model_fingerprint(model)  # before any cast: the artifact names the weights as given
     model.requires_grad_(False)
     if not getattr(model, "hf_device_map", None):  # a device-mapped model stays where accelerate put it
@@ -328,7 +328,8 @@ def run_layer_replace(model: nn.Module, token_ids: torch.Tensor, config: LayerRe
     run.harmonizers_eval()  # (and later on the CPU: the artifact is saved and emulators built from there)
     scores, fit = run.scores, {}
     if config.ranking == "regression":
-        scores, fit = regression_scores(model, reward_ids, run.harmonizers, middle, config, run.generator, progress)
+        scores, fit = regression_scores(model, reward_ids, run.harmonizers, middle, config, ranking_generator(config),
+                                        progress)
         run.tokens_f += fit["tokens"]  # the ranking's cost counts in stage 1's budget
     evaluation = heldout_losses(model, report_ids, run.harmonizers, scores, middle, config, progress)
     model.train(was_training)

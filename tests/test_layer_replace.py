@@ -113,3 +113,32 @@ def test_artifact_round_trip(tokens, tmp_path):
     for i, h in result.harmonizers.items():
         assert torch.equal(artifact.harmonizers[i](x), h(x))
     assert {"seconds", "tokens_forward_backward"} <= set(artifact.meta["cost"])
+
+
+def test_rerank_draws_what_a_fresh_run_draws_and_more_candidates_change_only_the_ranking(tokens, tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.rerank import rerank, rerank_changes
+
+    model = tiny_model("llama")
+    config = _config(ranking_candidates=12, ranking_batches=1)
+    artifact = load_artifact(save_artifact(run_layer_replace(model, tokens, config, "tiny", progress=False), tmp_path))
+    assert rerank_changes(artifact.meta, config) == []
+    same = rerank(model, tokens, artifact, config)  # the harmonizers as saved, the ranking's own draws
+    assert same.scores == pytest.approx(artifact.scores, abs=1e-6) and same.evaluation["replaced"] == artifact.meta[
+        "evaluation"]["replaced"]
+    more = dataclasses.replace(config, ranking_candidates=48, ranking_batches=2)
+    assert rerank_changes(artifact.meta, more) == ["ranking_batches", "ranking_candidates"]
+    again = rerank(model, tokens, artifact, more)
+    assert again.fit["candidates"] == 48 and again.scores != same.scores
+    assert again.rl_scores == {int(k): v for k, v in artifact.meta["rl_scores"].items()}
+    cost = artifact.meta["cost"]
+    old_fit = artifact.meta["ranking_fit"]["tokens"]  # (the tiny text has one reward batch: 4x the candidates)
+    assert again.fit["tokens"] == 4 * old_fit and again.tokens_forward_only == cost["tokens_forward_only"] - old_fit + 4 * old_fit
+    assert again.tokens_forward_backward == cost["tokens_forward_backward"]
+    with pytest.raises(ConfigError, match="only ranking_candidates, ranking_batches may change"):
+        rerank(model, tokens, artifact, dataclasses.replace(config, steps=8))
+    assert rerank_changes(artifact.meta, dataclasses.replace(config, steps=8)) is None
