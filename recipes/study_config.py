@@ -172,8 +172,10 @@ def row_families(config: StudyConfig) -> set[str]:
 
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
-               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated")
-"""Config keys a resumed study may change: they add or relabel cells, never change a finished one."""
+               "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
+               "layer_replace.ranking_candidates", "layer_replace.ranking_batches")
+"""Config keys a resumed study may change: they add or relabel cells, never change a finished one
+(the ranking's settings re-rank saved stage-1 runs, refused once emulators were built from them)."""
 
 
 def seeded(section: EmulatorSection) -> bool:

@@ -119,6 +119,12 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     capsys.readouterr()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     assert "computing" not in capsys.readouterr().out
+    # the ranking's settings may change on resume (saved stage-1 runs are re-ranked), but not
+    # under emulators already built from the old ranking
+    (tmp_path / "study.toml").write_text((tmp_path / "study.toml").read_text().replace("ranking_candidates = 8",
+                                                                                      "ranking_candidates = 12"))
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
+    assert "ranking_candidates changed, but" in capsys.readouterr().err
 
 
 def test_study_variant_emulator_must_exist(tmp_path):
