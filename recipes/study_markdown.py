@@ -80,17 +80,22 @@ def _stage1(summary: dict) -> list[str]:
     for s in summary["stage1_stability"]:
         lines += [f"Setting {s['setting']}, seeds {', '.join(s['seeds'])}: the replaced set is the alpha = {s['alpha']} "
                   "share of middle blocks with the lowest scores.", "",
-                  "| scores | Spearman (pairs) | replaced-set overlap (pairs) | replaced by every seed |", "|---|---|---|---|"]
+                  "| scores | Spearman (pairs; mean) | replaced-set overlap (pairs; mean) | replaced by every seed |",
+                  "|---|---|---|---|"]
         for kind in ("scores", "rl_scores"):
             if kind in s:
                 k = s[kind]
                 lines.append(f"| {'ranking (built from)' if kind == 'scores' else 'RL scores (paper)'} | "
-                             + ", ".join(f"{v:.2f}" for v in k["spearman"].values()) + " | "
-                             + ", ".join(f"{100 * v:.0f} %" for v in k["overlap"].values()) + f" | {k['in_every_seed']} |")
-        lines += ["", "| seed | held-out loss: full | replaced by harmonizers | dropped | seconds |", "|---|---|---|---|---|"]
+                             + ", ".join(f"{v:.2f}" for v in k["spearman"].values()) + f"; {k['spearman_mean']:.2f} | "
+                             + ", ".join(f"{100 * v:.0f} %" for v in k["overlap"].values())
+                             + f"; {100 * k['overlap_mean']:.1f} % | {k['in_every_seed']} |")
+        lines += ["", "| seed | held-out loss: full | replaced by harmonizers | dropped | seconds | ranking fit: "
+                  "candidates x batches, R^2 |", "|---|---|---|---|---|---|"]
         for seed, h in s["heldout"].items():
+            fit = s.get("ranking_fit", {}).get(seed)
             lines.append(f"| {seed} | {h['heldout_loss_full']:.3f} | {h['heldout_loss_harmonized']:.3f} | "
-                         f"{h['heldout_loss_dropped']:.3f} | {s['seconds'][seed]:.0f} |")
+                         f"{h['heldout_loss_dropped']:.3f} | {s['seconds'][seed]:.0f} | "
+                         + (f"{fit['candidates']} x {fit['batches']}, {fit['r2']:.2f} |" if fit else "- |"))
         lines.append("")
     return lines + (["(fewer than two stage-1 seeds so far)", ""] if not summary["stage1_stability"] else [])
 

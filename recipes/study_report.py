@@ -240,8 +240,11 @@ def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
                 "replaced": {s: sorted(r) for s, r in replaced.items()},
                 "in_every_seed": sorted(set.intersection(*replaced.values())),
             }
+            entry[kind] |= {f"{m}_mean": float(np.mean(list(entry[kind][m].values()))) for m in ("spearman", "overlap")}
         entry["heldout"] = {s: m["evaluation"] for s, m in metas.items()}
         entry["seconds"] = {s: m["cost"]["seconds"] for s, m in metas.items()}
+        entry["ranking_fit"] = {s: {k: m["ranking_fit"][k] for k in ("candidates", "batches", "r2")}
+                                for s, m in metas.items() if m.get("ranking_fit")}
         found.append(entry)
     return found
 

@@ -28,6 +28,8 @@ two seeds shared half its blocks):
   which blocks each replaced; a block's score is the loss its replacement adds. The RL scores lock
   in early (a block rarely kept is rarely updated), so two seeds ended in different sets;
   the regression sees every block replaced about ``alpha * ranking_candidates`` times.
+  The fit's candidates come from a generator of their own, so a saved artifact can be re-ranked
+  with more candidates without training again (:mod:`scaleot_fed.rerank`).
   ``ranking = "rl"`` ranks by the RL scores, as the paper does.
 * The held-out texts are split in two: the RL rewards and the ranking fit use the first half, the
   reported held-out loss the second, so the reported loss is not the one the ranking optimised.
