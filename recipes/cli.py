@@ -124,6 +124,9 @@ def _pipeline_parsers(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=func)
+        if name == "study":
+            p.add_argument("--report-only", action="store_true",
+                           help="rewrite REPORT.md and summary.json from the finished rows; run nothing")
 
 
 def _federation_parsers(sub) -> None:

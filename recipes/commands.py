@@ -329,17 +329,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from .study import load_study_config, run_study
+    from .study_markdown import closing_text
+    from .study_report import report_study
 
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out
     _use_all_cores()
-    summary = run_study(config, progress=not args.no_progress, overwrite=args.overwrite)
-    results = Path(config.study.results or config.study.out)
-    verdicts = [f"  {c['verdict']:>13}: {c['claim']} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
-                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in summary["claims"]]
-    print("\n".join(["claims:", *verdicts]) if verdicts else "no claim has both sides scored yet")
-    print(f"wrote {results / 'REPORT.md'}, summary.json, rows.png, claims.png and items/ "
-          f"({sum(len(v) for v in summary['items_files'].values())} per-item files); the run is in {config.study.out}")
+    if args.report_only:
+        print(closing_text(report_study(config), config))
+    else:
+        print(closing_text(run_study(config, not args.no_progress, overwrite=args.overwrite), config))
 
 
 def cmd_info(args: argparse.Namespace) -> None:

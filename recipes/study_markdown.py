@@ -163,3 +163,13 @@ def plot_claims(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def closing_text(summary: dict, config) -> str:
+    """What the ``study`` command prints at the end: the claims' verdicts and where it wrote what."""
+    verdicts = [f"  {c['verdict']:>13}: {c['claim']} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in summary["claims"]]
+    files = sum(len(v) for v in summary["items_files"].values())
+    return "\n".join((["claims:", *verdicts] if verdicts else ["no claim has both sides scored yet"]) + [
+        f"wrote {Path(config.study.results or config.study.out) / 'REPORT.md'}, summary.json, rows.png, claims.png "
+        f"and items/ ({files} per-item files); the run is in {config.study.out}"])

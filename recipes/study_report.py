@@ -286,3 +286,17 @@ def _compute_seconds(out: Path) -> float:
     log = out / "units.jsonl"
     total = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0.0
     return float(total)
+
+
+def report_study(config: StudyConfig) -> dict:
+    """Rewrite the report from the rows on disk, running nothing (it only reads the run folder, so
+    it may run beside the study itself). Returns the summary."""
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.models import load_model
+
+    from .study import model_facts
+
+    out = Path(config.study.out)
+    if not (out / "config.json").exists():
+        raise ConfigError(f"{out} holds no study yet; run `scaleot-fed study --config ...` first")
+    return write_report(config, out, Path(config.study.results or out), model_facts(load_model(config.study.model).model))

@@ -119,6 +119,9 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     capsys.readouterr()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     assert "computing" not in capsys.readouterr().out
+    (results / "REPORT.md").unlink()  # the report alone, from the rows on disk
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--report-only"]) == 0
+    assert (results / "REPORT.md").read_text() == report and "claims:" in capsys.readouterr().out
     # the ranking's settings may change on resume (saved stage-1 runs are re-ranked), but not
     # under emulators already built from the old ranking
     (tmp_path / "study.toml").write_text((tmp_path / "study.toml").read_text().replace("ranking_candidates = 8",
