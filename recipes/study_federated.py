@@ -66,7 +66,7 @@ def run_federated(config: StudyConfig, task: str, seed: int, emulator_dir: Path,
         started = has_checkpoint(folder)  # a stopped run resumes; one stopped before round 1 starts again
         simulate(fed, resume=started, overwrite=not started)
     done = RowCache(folder)
-    for side, prefix in zip(FEDERATED_SIDES, ("federated", section.name)):
+    for side, prefix in zip(FEDERATED_SIDES, (f"{section.name}/federated", section.name)):
         for row in ROWS:
             found = done.get(f"{prefix}/{row}")
             if found is None:
