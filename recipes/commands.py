@@ -96,10 +96,8 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
     out = save_artifact(result, args.out, data=args.data)
     ev = result.evaluation
     print(f"least important blocks first: {result.ranking()}")
-    print(
-        f"held-out loss: full {ev['heldout_loss_full']:.3f}; blocks {ev['replaced']} harmonized "
-        f"{ev['heldout_loss_harmonized']:.3f}, dropped {ev['heldout_loss_dropped']:.3f}"
-    )
+    print(f"held-out loss: full {ev['heldout_loss_full']:.3f}; blocks {ev['replaced']} harmonized "
+          f"{ev['heldout_loss_harmonized']:.3f}, dropped {ev['heldout_loss_dropped']:.3f}")
     print(f"{result.seconds:.1f} s ({result.seconds / config.steps:.2f} s/step)")
     print(f"wrote {out / 'layer_replace.json'} and {out / 'harmonizers.safetensors'}")
 
@@ -328,6 +326,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
+    from simulations.study_rows import StudyFederation
+
     from .study import load_study_config, run_study
     from .study_markdown import closing_text
     from .study_report import report_study
@@ -335,10 +335,11 @@ def cmd_study(args: argparse.Namespace) -> None:
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out
     _use_all_cores()
-    if args.report_only:
-        print(closing_text(report_study(config), config))
-    else:
-        print(closing_text(run_study(config, not args.no_progress, overwrite=args.overwrite), config))
+    # the federated rows come from the simulations package, a program beside the study
+    federation = StudyFederation.load(config, args.config) if config.study.federated else None
+    summary = report_study(config) if args.report_only else run_study(
+        config, not args.no_progress, overwrite=args.overwrite, federation=federation)
+    print(closing_text(summary, config))
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ Rows, per task (keys of the task's row cache):
 * ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
   seed at each learning rate, the other seeds at the strongest (highest score on the items);
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`recipes.study_federated`).
+  (:mod:`simulations.study_rows`, given to :func:`run_study` by the ``study`` command).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     row_families,
     seeded,
 )
-from .study_federated import federated_setup, run_federated
 
 
 @dataclass
@@ -70,11 +69,11 @@ class Grid:
     """The study's units over one loaded full model, in the order they run: task by task, and in
     a task seed by seed, so every comparison exists at the first seed before the next starts."""
 
-    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log) -> None:
+    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None) -> None:
         self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
+        self.federation = federation
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
-        self.federated_task, self.federated_emulator = federated_setup(config)
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
     def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
@@ -179,18 +178,18 @@ class Grid:
                     units.append(self.swept(task, rows, get, f"{section.name}/attack", lr, seed,
                                             (evaluation + 3 * train) * self.blocks(section), study.attack_lrs,
                                             section=section))
-        if task == self.federated_task:
+        if self.federation is not None and task == self.federation.task:
             units += self.federated_units(task, rows, evaluation, train)
         return units
 
     def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
         """Per seed, the federation and its centralised twin (trained with the same steps in all)."""
-        name = next(e for e in self.config.emulators if e.name == self.federated_emulator)
+        name = next(e for e in self.config.emulators if e.name == self.federation.emulator)
 
         def run(seed: int) -> dict:
             self.emulator(name, seed)  # built if needed
-            return run_federated(self.config, task, seed, self.emulator_dir(name, seed),
-                                 self.out / task / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
+            return self.federation.run(task, seed, self.emulator_dir(name, seed),
+                                       self.out / task / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
 
         cost = 2 * (2 * train * self.blocks(name)) + evaluation * (4 * self.blocks(name) + 2 * self.layers)
         return [Unit(f"{task}: federated and centralised seed {s}", cost,
@@ -304,20 +303,25 @@ REPORT_EVERY = 120.0
 """Seconds between rewrites of the report while the grid runs (and once at the end)."""
 
 
-def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False) -> dict:
+def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False,
+              federation=None) -> dict:
     """Run (or resume) the grid; after every unit, rewrite the summary and the report
-    (:mod:`recipes.study_report`). Returns the summary."""
+    (:mod:`recipes.study_report`). ``federation`` runs the ``[study] federated`` rows (a
+    :class:`simulations.study_rows.StudyFederation`, which the ``study`` command passes). Returns
+    the summary."""
     from tqdm.auto import tqdm
 
     from .study_report import write_report
 
     study = config.study
+    if study.federated and federation is None:
+        raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
     if not overwrite:
         check_emulators_unchanged(Path(study.out), config)
     out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT)
     results = Path(study.results) if study.results else out
     loaded = load_model(study.model)
-    grid = Grid(config, out, loaded.model, loaded.tokenizer, log)
+    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation)
     facts = model_facts(loaded.model)
     units = grid.stage1_units() + [u for task in study.tasks for u in grid.units(task)]
     pending = [u for u in units if not u.done()]

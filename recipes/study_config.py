@@ -56,7 +56,7 @@ class StudySection:
     federated: str | None = None
     """A simulation config (``simulations/configs/...``) run once per seed on its ``[run] task``
     with the ``[[emulator]]`` its ``[emulator] name`` names: the rows ``federated/...`` and, on the
-    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study_federated`)."""
+    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`simulations.study_rows`)."""
     resamples: int = 10_000
     """Bootstrap resamples per confidence interval."""
 
@@ -145,10 +145,6 @@ def load_study_config(path: str | Path) -> StudyConfig:
         if getattr(config.study, key) and getattr(config.study, key) not in names:
             raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
                               f"[[emulator]] names {names}")
-    if config.study.federated:
-        from .study_federated import check_federated
-
-        check_federated(config, str(path))
     known = row_families(config)
     for claim in config.claims:
         for side in (claim.a, claim.b):

@@ -169,10 +169,7 @@ class FederatedRun:
             timing["seconds_client_eval"] = time.time() - start - timing["seconds_train"]
 
         row = {
-            "round": round_,
-            "clients": partitions,
-            "successful": row.pop("successful"),
-            "failed": row.pop("failed"),
+            "round": round_, "clients": partitions, "successful": row.pop("successful"), "failed": row.pop("failed"),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
             "update_norm": float(train_metrics["update-norm"]) if train_metrics and "update-norm" in train_metrics else None,
             "client_val_loss": float(eval_metrics["client-val-loss"]) if eval_metrics else None,

@@ -290,12 +290,15 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
     assert "computing" not in capsys.readouterr().out
 
 
-def test_study_federated_config_must_fit_the_grid(tmp_path):
-    from recipes.study import load_study_config
+def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
+    from recipes.study import load_study_config, run_study
     from scaleot_fed.errors import ConfigError
 
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m").replace('"uniform"', '"other"'))
     (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["arc_easy"]\nfederated = "{tmp_path / "fed.toml"}"\n'
-                                     '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
-    with pytest.raises(ConfigError, match="'other' is not one of the .* task 'piqa' is not one of study.tasks"):
-        load_study_config(tmp_path / "s.toml")
+                                     f'out = "{tmp_path / "out"}"\n[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--no-progress"]) == 2  # before any work
+    assert "'other' is not one of the [[emulator]] names ['u']; its task 'piqa' is not one of study.tasks" in \
+        capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="start the study with `scaleot-fed study`"):
+        run_study(load_study_config(tmp_path / "s.toml"))  # the library alone cannot run simulations
