@@ -72,11 +72,11 @@ def main() -> None:
                    "batches": fit["batches"], "r2": fit["r2"], "overlap_with_shipped": overlap, "spearman": rho,
                    "seconds": time.perf_counter() - start}
             report.append(row)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))  # after every draw: a stopped run keeps its draws
             print(f"{folder} draw {draw}: {config.ranking_candidates} candidates x {fit['batches']} batches, "
                   f"R^2 {fit['r2']:.2f}: replaced set shares {overlap:.0%} with the shipped one "
                   f"({len(shipped)} blocks), Spearman {rho:.2f} ({row['seconds']:.0f} s)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 
 
