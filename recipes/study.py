@@ -91,8 +91,9 @@ class Grid:
             if changes is None or artifact.meta.get("data", "lambada") != "lambada":
                 raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
                                   "retrain, or restore the config it was made with")
-            artifact.check_matches(self.full)
-            if changes:  # only the ranking's settings: measured again with the trained harmonizers
+            if not changes:
+                artifact.check_matches(self.full)  # (a rerank checks it itself)
+            else:  # only the ranking's settings: measured again with the trained harmonizers
                 built = [str(d) for e in self.config.emulators if self.stage1_dir(e, seed) == path and e.needs_importance
                          and ((d := self.emulator_dir(e, seed)) / "manifest.json").exists()]
                 if built:
