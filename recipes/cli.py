@@ -50,6 +50,8 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,
                    help="SRC: share of attention rank kept in kept middle blocks (default 1 = off)")
     p.add_argument("--importance", help="layer-replace artifact folder (scaleot, importance-drop)")
+    p.add_argument("--calibration", default="lambada",
+                   help="text crash clusters the blocks on: 'lambada' (offline), a .txt/.jsonl file or a folder")
     p.add_argument("--dtype", default=EmulatorConfig.dtype, choices=("auto", "float32", "bfloat16", "float16"),
                    help="precision the emulator is stored and shipped in (auto: the model's; bfloat16 halves it)")
     p.add_argument("--out", required=True, help="emulator folder to write")

@@ -105,15 +105,18 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
 def cmd_build_emulator(args: argparse.Namespace) -> None:
     from scaleot_fed.artifact import load_artifact
     from scaleot_fed.config import from_dict
+    from scaleot_fed.crash import calibration_tokens
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
     from scaleot_fed.emulator_build import build_emulator
     from scaleot_fed.models import load_model
+    from scaleot_fed.text import load_text_corpus
 
     # Validated before anything heavy is loaded.
     config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
                                         "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
                                         "dtype": args.dtype})
     importance = load_artifact(args.importance) if args.importance else None
+    texts = load_text_corpus(args.calibration) if config.strategy == "crash" else None
     check_output(args.out, args.overwrite)
     if args.stream:
         from scaleot_fed.models import saved_tokenizer
@@ -128,7 +131,8 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
           f"rank_keep_ratio={config.rank_keep_ratio} (SRC factorises each kept middle block) ...", flush=True)
-    emulator = build_emulator(loaded.model, config, importance, source_model=args.model)
+    emulator = build_emulator(loaded.model, config, importance, source_model=args.model,
+                              calibration=texts and calibration_tokens(loaded.tokenizer, texts))
     clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
     print(emulator.summary())
@@ -158,23 +162,10 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     print(f"wrote the plugged-in model to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
-def load_any_model(spec: str):
-    """A full model (folder, hub id, alias) or an emulator folder, as (model, tokenizer, emulator
-    or None). A folder that claims to be an emulator (:func:`looks_like_emulator`) loads as one or
-    is refused, never as a plain model."""
-    from scaleot_fed.emulator import load_emulator, looks_like_emulator
-    from scaleot_fed.models import load_model
-
-    if looks_like_emulator(spec):
-        emulator = load_emulator(spec)
-        return emulator.model, emulator.tokenizer, emulator
-    loaded = load_model(spec)
-    return loaded.model, loaded.tokenizer, None
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from scaleot_fed.devices import place, resolve_device, resolve_dtype
     from scaleot_fed.evaluate import evaluate_multiple_choice, perplexity
+    from scaleot_fed.models import load_model_or_emulator
     from scaleot_fed.tasks import load_task
     from scaleot_fed.text import load_text_corpus, token_blocks
 
@@ -191,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, dtype=dtype, device_map=args.device_map)
         model, tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
     else:
-        model, tokenizer, _ = load_any_model(args.model)
+        model, tokenizer, _ = load_model_or_emulator(args.model)
         place(model.requires_grad_(False), device, dtype)  # scoring trains nothing: every weight in dtype
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
@@ -209,6 +200,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
+    from scaleot_fed.models import load_model_or_emulator
     from scaleot_fed.plugin import export_trained, save_plugged
     from scaleot_fed.tasks import load_task
 
@@ -222,7 +214,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _use_all_cores()
     print(f"finetune: loading {args.model}; {len(train)} train / {len(dev)} dev items; the dev loss is "
           "measured before the first step and at every eval_every steps ...", flush=True)
-    model, tokenizer, emulator = load_any_model(args.model)  # an emulator trains its adapter blocks only
+    model, tokenizer, emulator = load_model_or_emulator(args.model)  # an emulator trains its adapter blocks only
     positions = (list(emulator.adapter_positions()) if emulator is not None
                  else list(range(model.config.num_hidden_layers)))
     trained = make_trainable(model, positions, config)

@@ -260,7 +260,8 @@ class Grid:
     def blocks(self, section: EmulatorSection) -> float:
         """Block-equivalents a token passes through in the emulator (for the ETA)."""
         middle = self.layers - section.num_adapter_layers
-        return section.num_adapter_layers + middle * (1 - section.alpha) * (0.5 + 0.5 * section.rank_keep_ratio)
+        runs = 1.0 if section.strategy == "crash" else 1 - section.alpha  # crash's shared positions run too
+        return section.num_adapter_layers + middle * runs * (0.5 + 0.5 * section.rank_keep_ratio)
 
 
 def json_round_trip(value: dict) -> dict:

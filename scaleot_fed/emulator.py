@@ -11,6 +11,9 @@ Strategies differ only in which middle blocks go and what stands in for them:
 * ``importance-drop``: the same lowest-score blocks are removed outright (no harmonizers).
 * ``uniform-drop``: evenly spaced middle blocks are kept (Offsite-Tuning's emulator without
   distillation); no stage-1 artifact needed.
+* ``crash``: adjacent middle blocks clustered by representation similarity on calibration text;
+  each cluster keeps one block and its other positions run that block's weights again (CRaSh,
+  :mod:`scaleot_fed.crash`); the full depth, the kept blocks' parameters.
 
 The saved folder is self-sufficient for a data owner (config, tokenizer, weights, manifest) and
 holds no full-rank copy of any replaced or compressed block.
@@ -28,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers, set_layers
+from .crash import shared_copy
 from .devices import place, resolve_dtype
 from .errors import ConfigError, IntegrityError
 from .files import save_tensors
@@ -36,7 +40,7 @@ from .layer_replace import check_num_adapter_layers
 from .manifest import manifest_summary
 from .src import FusedLowRankLinear, LowRankLinear
 
-STRATEGIES = ("scaleot", "importance-drop", "uniform-drop")
+STRATEGIES = ("scaleot", "importance-drop", "uniform-drop", "crash")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MANIFEST_FORMAT = "scaleot-fed/emulator"
@@ -56,7 +60,7 @@ class EmulatorConfig:
     Attributes
     ----------
     strategy:
-        ``scaleot``, ``importance-drop`` or ``uniform-drop``.
+        ``scaleot``, ``importance-drop``, ``uniform-drop`` or ``crash``.
     num_adapter_layers:
         ``N_a``: trainable blocks, half at the bottom and half at the top; even, >= 2.
     alpha:
@@ -277,7 +281,7 @@ def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file,
     by_block: dict[int, list[dict]] = {}
     for record in manifest.get("compression", []):
         by_block.setdefault(record["block"], []).append(record)
-    blocks = []
+    blocks: list[nn.Module] = []
     for position, entry in enumerate(manifest["layout"]):
         if entry["kind"] == "harmonizer":
             blocks.append(Harmonizer(hidden, int(manifest["harmonizer_rank"])))
@@ -288,6 +292,13 @@ def load_emulator(path: str | Path, tokenizer: bool = True, hasher=sha256_file,
             parent = block.get_submodule(parent_path)
             setattr(parent, attr, _compressed_projection(record, getattr(parent, attr), arch))
         blocks.append(block)
+    at = {e["source"]: p for p, e in enumerate(manifest["layout"]) if e["kind"] != "shared"}
+    for position, entry in enumerate(manifest["layout"]):
+        if entry["kind"] == "shared":  # its weights are the kept block's (stored once)
+            if entry.get("of") not in at:
+                raise IntegrityError(f"{path / MANIFEST}: position {position} shares block {entry.get('of')}, "
+                                     "which the emulator does not hold; get the emulator again")
+            blocks[position] = shared_copy(blocks[at[entry["of"]]])
     set_layers(model, blocks)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)

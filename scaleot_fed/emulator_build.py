@@ -20,6 +20,7 @@ from torch import nn
 from . import __version__
 from .arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
 from .artifact import LayerReplaceArtifact
+from .crash import plan_sharing, shared_copy
 from .devices import model_dtype, place, resolve_dtype
 from .emulator import MANIFEST_FORMAT, Emulator, EmulatorConfig
 from .errors import ConfigError
@@ -29,19 +30,29 @@ from .src import CompressionRecord, FusedLowRankLinear, LowRankLinear, rank_for_
 
 
 def plan_layout(
-    num_layers: int, config: EmulatorConfig, scores: dict[int, float] | None = None
+    num_layers: int, config: EmulatorConfig, scores: dict[int, float] | None = None,
+    shared_from: dict[int, int] | None = None,
 ) -> list[dict]:
     """Decide, per source block, what the emulator holds (pure function, no weights).
+
+    ``shared_from`` (``crash`` only): replaced block -> the kept block it runs again
+    (:func:`scaleot_fed.crash.plan_sharing`).
 
     Returns
     -------
     list of dict
         One entry per emulator position: ``{"source": i, "kind": k}`` with ``k`` in
-        ``adapter``, ``block``, ``compressed``, ``harmonizer``. Dropped blocks have no entry.
+        ``adapter``, ``block``, ``compressed``, ``harmonizer``, or ``shared`` (with ``"of": j``,
+        the kept block whose weights it runs). Dropped blocks have no entry.
     """
     middle = middle_layers(num_layers, config.num_adapter_layers)
     n_replace = int(round(config.alpha * len(middle)))
-    if config.strategy == "uniform-drop":
+    if config.strategy == "crash":
+        if shared_from is None:
+            raise ConfigError("the crash strategy needs the full model's block similarities on calibration text; "
+                              "build it in memory (not --stream) with calibration token blocks")
+        replaced = set(shared_from)
+    elif config.strategy == "uniform-drop":
         n_keep = len(middle) - n_replace
         keep_pos = set(np.linspace(0, len(middle) - 1, n_keep).round().astype(int).tolist()) if n_keep else set()
         replaced = {m for j, m in enumerate(middle) if j not in keep_pos}
@@ -63,6 +74,8 @@ def plan_layout(
         elif i in replaced:
             if config.strategy == "scaleot":
                 layout.append({"source": i, "kind": "harmonizer"})
+            elif config.strategy == "crash":
+                layout.append({"source": i, "kind": "shared", "of": shared_from[i]})
         else:
             layout.append({"source": i, "kind": "compressed" if compress else "block"})
     return layout
@@ -129,6 +142,7 @@ def build_emulator(
     config: EmulatorConfig,
     importance: LayerReplaceArtifact | None = None,
     source_model: str = "",
+    calibration: torch.Tensor | None = None,
 ) -> Emulator:
     """Build an emulator from the full model (which is left unchanged).
 
@@ -143,14 +157,27 @@ def build_emulator(
         this very model.
     source_model:
         Name recorded in the manifest.
+    calibration:
+        ``(sequences, length)`` token ids the ``crash`` strategy clusters the blocks on (ignored
+        by the other strategies).
 
     A checkpoint too big for memory: :func:`scaleot_fed.streaming.build_emulator_streaming`.
     """
     arch = architecture_of(model)
     facts = source_facts(model, model_fingerprint(model))
-    layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts))
+    sharing = None
+    if config.strategy == "crash":
+        middle = middle_layers(facts["num_layers"], config.num_adapter_layers)
+        sharing = plan_sharing(model, calibration, middle, len(middle) - int(round(config.alpha * len(middle))))
+    layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts),
+                         sharing and sharing["shared_from"])
     emulator_model, records = _assemble(model, arch, layout, config, importance)
-    return finish_emulator(emulator_model, facts, arch, layout, config, importance, records, source_model)
+    emulator = finish_emulator(emulator_model, facts, arch, layout, config, importance, records, source_model)
+    if sharing is not None:  # what the clustering saw, for the report (JSON keys are strings)
+        emulator.manifest["sharing"] = {"clusters": sharing["clusters"], "kept": sharing["kept"],
+                                        "block_similarity": sharing["similarity"],
+                                        "calibration_tokens": int(calibration.numel())}
+    return emulator
 
 
 def finish_emulator(emulator_model: nn.Module, facts: dict, arch: Architecture, layout: list[dict],
@@ -170,18 +197,20 @@ def _assemble(model: nn.Module, arch: Architecture, layout: list[dict], config: 
     """A copy of ``model`` whose blocks follow ``layout`` (harmonizers, compressed, kept)."""
     emulator_model = copy.deepcopy(model)
     source_blocks = get_layers(emulator_model, arch)
-    blocks: list[nn.Module] = []
+    blocks: dict[int, nn.Module] = {}
     records: list[CompressionRecord] = []
     for entry in layout:
         src = entry["source"]
         if entry["kind"] == "harmonizer":
-            blocks.append(copy.deepcopy(importance.harmonizers[src]))
-        else:
-            block = source_blocks[src]
+            blocks[src] = copy.deepcopy(importance.harmonizers[src])
+        elif entry["kind"] != "shared":
+            blocks[src] = source_blocks[src]
             if entry["kind"] == "compressed":
-                records.extend(compress_block(block, arch, src, config.rank_keep_ratio))
-            blocks.append(block)
-    set_layers(emulator_model, blocks, [e["source"] for e in layout])
+                records.extend(compress_block(blocks[src], arch, src, config.rank_keep_ratio))
+    for entry in layout:  # after the kept blocks: a shared position runs its kept block as compressed
+        if entry["kind"] == "shared":
+            blocks[entry["source"]] = shared_copy(blocks[entry["of"]])
+    set_layers(emulator_model, [blocks[e["source"]] for e in layout], [e["source"] for e in layout])
     emulator_model.eval()
     return emulator_model, records
 
@@ -191,7 +220,8 @@ def _manifest(facts: dict, emulator_model: nn.Module, arch: Architecture, layout
               source_model: str) -> dict:
     """What the emulator is, block by block, and where it came from (``manifest.json``)."""
     num_layers = facts["num_layers"]
-    kinds = {k: [e["source"] for e in layout if e["kind"] == k] for k in ("adapter", "block", "compressed", "harmonizer")}
+    kinds = {k: [e["source"] for e in layout if e["kind"] == k]
+             for k in ("adapter", "block", "compressed", "harmonizer", "shared")}
     present = {e["source"] for e in layout}
     return {
         "format": MANIFEST_FORMAT,
@@ -209,8 +239,10 @@ def _manifest(facts: dict, emulator_model: nn.Module, arch: Architecture, layout
         "adapter_layers": kinds["adapter"],
         "kept_layers": sorted(kinds["block"] + kinds["compressed"]),
         "compressed_layers": kinds["compressed"],
-        "replaced_layers": [i for i in range(num_layers) if i not in present or i in kinds["harmonizer"]],
+        "replaced_layers": [i for i in range(num_layers)
+                            if i not in present or i in kinds["harmonizer"] or i in kinds["shared"]],
         "harmonizer_layers": kinds["harmonizer"],
+        "shared_layers": {str(e["source"]): e["of"] for e in layout if e["kind"] == "shared"},
         "dropped_layers": [i for i in range(num_layers) if i not in present],
         "harmonizer_rank": importance.meta["harmonizer_rank"] if kinds["harmonizer"] else None,
         "importance": (

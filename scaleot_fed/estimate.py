@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from .arch import architecture_of, get_layers, set_layers
+from .crash import shared_copy
 from .devices import resolve_dtype
 from .emulator import EmulatorConfig
 from .emulator_build import plan_layout
 from .errors import ConfigError
 from .finetune import FinetuneConfig, make_trainable
 from .harmonizer import Harmonizer
+from .layer_replace import middle_layers
 from .src import FusedLowRankLinear, LowRankLinear, rank_for_ratio
 
 PROCESS_BASELINE = {"cpu": 0.55e9, "cuda": 0.5e9}
@@ -90,7 +92,10 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
     arch = architecture_of(full)
     blocks = get_layers(full, arch)
     scores = {i: float(i) for i in range(len(blocks))}  # which blocks go does not change the sizes
-    layout = plan_layout(len(blocks), config, scores)
+    middle = middle_layers(len(blocks), config.num_adapter_layers)
+    n_keep = len(middle) - int(round(config.alpha * len(middle)))
+    shared_from = {m: middle[0] for m in middle[n_keep:]} if config.strategy == "crash" else None
+    layout = plan_layout(len(blocks), config, scores, shared_from)
     model = copy.deepcopy(full)
     source = get_layers(model, arch)
     new = []
@@ -98,6 +103,9 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
         for entry in layout:
             if entry["kind"] == "harmonizer":
                 new.append(Harmonizer(int(full.config.hidden_size), harmonizer_rank))
+                continue
+            if entry["kind"] == "shared":  # the first kept block comes first: copy it as built
+                new.append(shared_copy(new[[e["source"] for e in layout].index(entry["of"])]))
                 continue
             block = source[entry["source"]]
             if entry["kind"] == "compressed":

@@ -281,3 +281,16 @@ def fingerprint_of(items) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample)
     return digest.hexdigest()[:16]
+
+
+def load_model_or_emulator(spec: str):
+    """A full model (folder, hub id, alias) or an emulator folder, as ``(model, tokenizer, emulator
+    or None)``. A folder that claims to be an emulator (:func:`~scaleot_fed.emulator.looks_like_emulator`)
+    loads as one or is refused, never as a plain model."""
+    from .emulator import load_emulator, looks_like_emulator  # here: emulator imports models (via text)
+
+    if looks_like_emulator(spec):
+        emulator = load_emulator(spec)
+        return emulator.model, emulator.tokenizer, emulator
+    loaded = load_model(spec)
+    return loaded.model, loaded.tokenizer, None

@@ -41,11 +41,12 @@ def test_alpha0_full_rank_emulator_equals_full_model(family, tokens, tmp_path):
     assert torch.allclose(_logits(reloaded.model, tokens), _logits(model, tokens), atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["scaleot", "importance-drop", "uniform-drop"])
+@pytest.mark.parametrize("strategy", ["scaleot", "importance-drop", "uniform-drop", "crash"])
 def test_saved_emulator_holds_no_original_weight_of_replaced_or_compressed_blocks(family, strategy, tokens, tmp_path):
     model = tiny_model(family)
     artifact = _artifact(model, tokens, tmp_path)
-    emulator = build_emulator(model, EmulatorConfig(strategy, 2, alpha=0.5, rank_keep_ratio=0.5), artifact)
+    emulator = build_emulator(model, EmulatorConfig(strategy, 2, alpha=0.5, rank_keep_ratio=0.5), artifact,
+                              calibration=tokens)
     out = save_emulator(emulator, tmp_path / "emu")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["replaced_layers"] and manifest["compressed_layers"]
