@@ -20,6 +20,9 @@ def manifest_summary(m: dict) -> str:
         f"  replaced          : {m['replaced_layers']} (harmonizers: {m['harmonizer_layers']})",
         f"  parameters        : {m['num_params']:,} of {m['source_num_params']:,} ({ratio:.1%})",
     ]
+    if m.get("shared_layers"):  # CRaSh: the position runs the kept block's weights again
+        pairs = ", ".join(f"{k}->{v}" for k, v in m["shared_layers"].items())
+        lines.insert(-1, f"  shared (position -> the kept block it runs): {pairs}")
     if m.get("compression"):
         errors = [c["relative_error"] for c in m["compression"]]
         lines.append(f"  SRC relative Frobenius error: mean {np.mean(errors):.3f}, max {np.max(errors):.3f}")

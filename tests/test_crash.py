@@ -64,6 +64,7 @@ def test_crash_emulator_shares_kept_blocks_stores_them_once_and_reloads_equal(to
         assert all(a is b for a, b in zip(layers[pos].parameters(), layers[kept].parameters()))
         assert layers[pos].self_attn is not layers[kept].self_attn and layers[pos].self_attn.layer_idx == pos
 
+    assert all(f"{p}->{k}" in emulator.summary() for p, k in shared.items())  # what `info` prints
     out = save_emulator(emulator, tmp_path / "emu")
     stored = load_file(str(out / "model.safetensors"))
     unique = {p.data_ptr() for p in emulator.model.parameters()}
