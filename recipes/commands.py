@@ -131,8 +131,8 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
           f"rank_keep_ratio={config.rank_keep_ratio} (SRC factorises each kept middle block) ...", flush=True)
-    emulator = build_emulator(loaded.model, config, importance, source_model=args.model,
-                              calibration=texts and calibration_tokens(loaded.tokenizer, texts))
+    calibration = calibration_tokens(loaded.tokenizer, texts) if texts is not None else None
+    emulator = build_emulator(loaded.model, config, importance, source_model=args.model, calibration=calibration)
     clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
     print(emulator.summary())

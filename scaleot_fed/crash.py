@@ -131,15 +131,22 @@ def central_member(cluster: list[int], similarity: np.ndarray) -> int:
     return cluster[int(np.argmax(scores))]
 
 
-def plan_sharing(model: nn.Module, calibration: torch.Tensor | None, middle: list[int], n_keep: int) -> dict:
+def kept_count(middle: list[int], alpha: float) -> int:
+    """Clusters (one kept block each) for the ``alpha`` share of ``middle`` replaced; at least one."""
+    n_keep = len(middle) - int(round(alpha * len(middle)))
+    if n_keep < 1:
+        raise ConfigError(f"the crash strategy keeps one block per cluster: alpha = {alpha} leaves none of the "
+                          f"{len(middle)} middle blocks; use alpha < 1")
+    return n_keep
+
+
+def plan_sharing(model: nn.Module, calibration: torch.Tensor | None, middle: list[int], alpha: float) -> dict:
     """Which middle block each middle position runs: ``{"clusters": [[source, ...], ...],
     "kept": [source, ...], "shared_from": {source: kept source}, "similarity": [[...]]}``."""
+    n_keep = kept_count(middle, alpha)
     if calibration is None:
         raise ConfigError("the crash strategy clusters blocks on calibration text: pass token blocks "
                           "(build-emulator reads them from --calibration)")
-    if n_keep < 1:
-        raise ConfigError("the crash strategy keeps one block per cluster: alpha must leave at least one "
-                          f"of the {len(middle)} middle blocks (alpha < 1)")
     similarity = block_similarity(model, calibration, middle)
     clusters = [[middle[i] for i in c] for c in cluster_adjacent(similarity, n_keep)]
     position = {m: i for i, m in enumerate(middle)}

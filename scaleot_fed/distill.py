@@ -60,7 +60,7 @@ def _distilled_positions(manifest: dict) -> tuple[list[int], int]:
     """The student's middle block positions, and the teacher block its last one must match: both
     middle stacks end right before the top adapters."""
     layout = manifest["layout"]
-    if any(e["kind"] == "harmonizer" for e in layout):
+    if any(e["kind"] in ("harmonizer", "shared") for e in layout):
         raise ConfigError("distillation is the Offsite-Tuning baseline: build it from a uniform-drop emulator")
     middle_positions = [p for p, e in enumerate(layout) if e["kind"] != "adapter"]
     if not middle_positions:

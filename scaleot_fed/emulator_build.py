@@ -168,7 +168,7 @@ def build_emulator(
     sharing = None
     if config.strategy == "crash":
         middle = middle_layers(facts["num_layers"], config.num_adapter_layers)
-        sharing = plan_sharing(model, calibration, middle, len(middle) - int(round(config.alpha * len(middle))))
+        sharing = plan_sharing(model, calibration, middle, config.alpha)
     layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts),
                          sharing and sharing["shared_from"])
     emulator_model, records = _assemble(model, arch, layout, config, importance)
@@ -210,7 +210,8 @@ def _assemble(model: nn.Module, arch: Architecture, layout: list[dict], config: 
     for entry in layout:  # after the kept blocks: a shared position runs its kept block as compressed
         if entry["kind"] == "shared":
             blocks[entry["source"]] = shared_copy(blocks[entry["of"]])
-    set_layers(emulator_model, [blocks[e["source"]] for e in layout], [e["source"] for e in layout])
+    # a shared position takes its kept block's per-layer config (attention type, ...): it runs that block
+    set_layers(emulator_model, [blocks[e["source"]] for e in layout], [e.get("of", e["source"]) for e in layout])
     emulator_model.eval()
     return emulator_model, records
 

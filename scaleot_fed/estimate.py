@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import architecture_of, get_layers, set_layers
-from .crash import shared_copy
+from .crash import kept_count, shared_copy
 from .devices import resolve_dtype
 from .emulator import EmulatorConfig
 from .emulator_build import plan_layout
@@ -93,8 +93,9 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
     blocks = get_layers(full, arch)
     scores = {i: float(i) for i in range(len(blocks))}  # which blocks go does not change the sizes
     middle = middle_layers(len(blocks), config.num_adapter_layers)
-    n_keep = len(middle) - int(round(config.alpha * len(middle)))
-    shared_from = {m: middle[0] for m in middle[n_keep:]} if config.strategy == "crash" else None
+    shared_from = None
+    if config.strategy == "crash":  # the first kept blocks, the rest shared
+        shared_from = {m: middle[0] for m in middle[kept_count(middle, config.alpha):]}
     layout = plan_layout(len(blocks), config, scores, shared_from)
     model = copy.deepcopy(full)
     source = get_layers(model, arch)
@@ -123,7 +124,7 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
                         low = LowRankLinear(in_f, out_f, rank_for_ratio(out_f, in_f, config.rank_keep_ratio), bias=bias)
                     setattr(parent, attr, low)
             new.append(block)
-    set_layers(model, new, [e["source"] for e in layout])
+    set_layers(model, new, [e.get("of", e["source"]) for e in layout])
     return model, layout
 
 

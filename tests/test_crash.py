@@ -89,6 +89,14 @@ def test_crash_refuses_missing_calibration_and_alpha_one(tokens):
         build_emulator(model, EmulatorConfig("crash", 2, alpha=0.5))
     with pytest.raises(ConfigError, match="alpha < 1"):
         build_emulator(model, EmulatorConfig("crash", 2, alpha=1.0), calibration=tokens)
+    from scaleot_fed.estimate import estimate
+    from scaleot_fed.finetune import FinetuneConfig
+
+    from .conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="alpha < 1"):  # the estimate says the same, before any model exists
+        estimate(tiny_config("llama", 6), EmulatorConfig("crash", 2, alpha=1.0), FinetuneConfig(), batch_size=1,
+                 seq_len=8)
 
 
 def test_the_estimate_counts_a_crash_emulator_as_built(tokens):
@@ -107,3 +115,16 @@ def test_the_estimate_counts_a_crash_emulator_as_built(tokens):
                        batch_size=2, seq_len=16)
     assert est.emulator_params == dropped.emulator_params  # the same blocks held ...
     assert est.activation_bytes > dropped.activation_bytes  # ... run over the full depth
+
+
+def test_a_shared_position_takes_its_kept_blocks_attention_type(tokens, tmp_path):
+    full = tiny_model("gemma2", num_layers=10)  # sliding and full attention alternate
+    emulator = build_emulator(full, EmulatorConfig("crash", 2, alpha=0.5), calibration=tokens)
+    shared = {int(p): k for p, k in emulator.manifest["shared_layers"].items()}
+    assert any(full.config.layer_types[p] != full.config.layer_types[k] for p, k in shared.items())
+    for p, k in shared.items():  # config and module agree: the kept block truly runs again
+        assert emulator.model.config.layer_types[p] == full.config.layer_types[k]
+    reloaded = load_emulator(save_emulator(emulator, tmp_path / "emu"), tokenizer=False)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model(input_ids=tokens[:2]).logits, emulator.model(input_ids=tokens[:2]).logits,
+                              atol=1e-5)
