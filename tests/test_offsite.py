@@ -51,6 +51,12 @@ name = "uniform"
 strategy = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
+
+[[emulator]]
+name = "crash"
+strategy = "crash"
+num_adapter_layers = 2
+alpha = 0.5
 """
     (tmp_path / "offsite.toml").write_text(config)
     return tmp_path
@@ -61,7 +67,7 @@ def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
     out = capsys.readouterr().out
     assert "computing full_finetune" in out and "Gap" in out
     results = json.loads((setup / "run" / "results.json").read_text())
-    for name in ("scaleot", "uniform"):
+    for name in ("scaleot", "uniform", "crash"):
         e = results["emulators"][name]
         assert set(e["rows"]) == {"full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in"}
         assert e["gap"] == pytest.approx(e["rows"]["plug_in"]["acc"] - e["rows"]["emulator_finetune"]["acc"])
