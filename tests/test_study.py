@@ -302,3 +302,14 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
         capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="start the study with `scaleot-fed study`"):
         run_study(load_study_config(tmp_path / "s.toml"))  # the library alone cannot run simulations
+
+
+def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
+    from recipes.study_markdown import _claims
+
+    claim = {"claim": "a beats b", "task": "piqa", "kind": "greater", "margin": 0.0, "difference": 0.05,
+             "ci95": [0.01, 0.09], "n": 100, "verdict": "holds"}
+    partial = _claims({"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": [1, 1]}]})
+    complete = _claims({"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": [3, 1]}]})
+    assert "**holds** (provisional: 1 of 3 seeds) |" in partial[-1]
+    assert complete[-1].endswith("**holds** |")  # full_zero_shot has one seed: the trained side decides
