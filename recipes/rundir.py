@@ -17,23 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.files import write_atomic
 
 LOCK = ".lock"
 _HELD: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
 
 
-def unique_tmp(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process or thread uses."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
 def write_json(path: Path, value: Any, indent: int | None = 1) -> Path:
     """Write ``value`` as JSON through a temporary file and a rename, so a reader (or a resumed
     run) never sees half a file."""
-    tmp = unique_tmp(path)
-    tmp.write_text(json.dumps(value, indent=indent))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(value, indent=indent))
 
 
 def check_writable(out: str | Path) -> None:

@@ -32,18 +32,20 @@ def _claims(summary: dict) -> list[str]:
              f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples); a verdict follows from the "
              "95 % interval: `greater` holds when the interval is above 0, does not hold when below; `close` holds "
              "when the interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n. "
-             "A verdict from fewer seeds than the study's is provisional: the seeds still to come can move it.",
+             "A verdict from fewer seeds than either side will have is provisional: the seeds still to come can "
+             "move it.",
              "", "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""
-        partial = max(c["seeds"]) < len(summary["seeds"])
-        verdict = f"**{c['verdict']}**" + (f" (provisional: {max(c['seeds'])} of {len(summary['seeds'])} seeds)"
-                                           if partial else "")
+        expected = c.get("seeds_expected") or [len(summary["seeds"])] * 2
+        partial = any(got < want for got, want in zip(c["seeds"], expected))
+        verdict = f"**{c['verdict']}**" + (f" (provisional: seeds {c['seeds'][0]} of {expected[0]}, "
+                                           f"{c['seeds'][1]} of {expected[1]})" if partial else "")
         lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
                      f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
                      f"{verdict} |")
-    if not summary["claims"]:
-        lines.append("| (no claim has both sides scored yet) | | | | | | |")
+    for claim in summary.get("pending_claims", []):
+        lines.append(f"| {claim} | | | | | | pending: a side not scored yet |")
     return lines
 
 

@@ -6,12 +6,14 @@ study has a true report of what it has so far."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from scaleot_fed.stats import correct_from_scores, paired_bootstrap, spearman
+from scaleot_fed.files import write_atomic
+from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
 from .rundir import write_json
 from .study import METRICS, StudyConfig, chosen_rate, seeded
@@ -39,6 +41,14 @@ class _Resolver:
 
     def seeded_keys(self, family: str) -> list[tuple[int | None, str]]:
         """``(seed, key)`` of the family's rows that exist (seed ``None``: a row no seed changes)."""
+        return [(s, k) for s, k in self.planned_keys(family) if k in self.rows]
+
+    def expected_seeds(self, family: str) -> int:
+        """How many seeds the family has once the grid is done (1: a row no seed changes)."""
+        return len(self.planned_keys(family)) or len(self.seeds)  # (a sweep not yet decided: every seed)
+
+    def planned_keys(self, family: str) -> list[tuple[int | None, str]]:
+        """``(seed, key)`` of every row of the family the grid makes (none for a sweep not yet decided)."""
         study = self.config.study
         if family == "full_zero_shot":
             keys = [(None, "full_zero_shot")]
@@ -58,7 +68,7 @@ class _Resolver:
                         else [(None, f"{name}/emulator_zero_shot")])
             else:
                 keys = [(s, f"{cell}/seed{s}/{row}") for s in self.seeds]
-        return [(s, k) for s, k in keys if k in self.rows]
+        return keys
 
     def matrix(self, family: str) -> tuple[np.ndarray, list] | None:
         """``(seeds, items)`` per-item scores of the family in the task's metric (``gap``: plug-in
@@ -122,24 +132,25 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
             if found is None:
                 continue
             m = found[0]
-            c = paired_bootstrap(m, np.zeros(m.shape[1]), study.resamples)
+            c = bootstrap(m, np.zeros(m.shape[1]), study.resamples)
             table.setdefault(family, {})[task] = {
                 "metric": study.metric_of(task), "mean": c.difference, "ci95": list(c.ci95), "seeds": int(m.shape[0]),
                 "per_seed": [float(v) for v in m.mean(axis=1)], "other_metric_mean": resolver.other(family),
                 "rows": resolver.keys(family)}
     for claim in config.claims:
         claims += _claim(claim, resolvers, study)
+    pending = [c.claim for c in config.claims if not any(d["claim"] == c.claim for d in claims)]
     summary = {
         "model": study.model, "tasks": study.tasks, "seeds": study.seeds, "n_eval": n_eval,
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
-        "rows": table, "claims": claims, "sweeps": _sweeps(config, rows_by_task),
+        "rows": table, "claims": claims, "pending_claims": pending, "sweeps": _sweeps(config, rows_by_task),
         "stage1_stability": stage1_stability(config, out), "budgets": budgets(config, out, facts or {}),
         "compute_seconds": _compute_seconds(out), "items_files": items_files, "resamples": study.resamples,
     }
     from .study_markdown import plot_claims, plot_rows, report_markdown
 
     write_json(results / "summary.json", summary)
-    (results / "REPORT.md").write_text(report_markdown(summary))
+    write_atomic(results / "REPORT.md", report_markdown(summary))
     plot_rows(summary, results / "rows.png")
     plot_claims(summary, results / "claims.png")
     return summary
@@ -160,34 +171,52 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
         if a is None or b is None:
             continue
         sides[task] = (a, b)
-        found.append(_decide(claim, task, a[0], b[0], study.resamples))
+        expected = [resolver.expected_seeds(claim.a), resolver.expected_seeds(claim.b)]
+        found.append(_decide(claim, task, a[0], b[0], study.resamples) | {"seeds_expected": expected})
     seeds = {(tuple(a[1]), tuple(b[1])) for a, b in sides.values()}
     if len(sides) == len(resolvers) > 1 and len(seeds) == 1:
         a = np.concatenate([a[0] for a, _ in sides.values()], axis=1)
         b = np.concatenate([b[0] for _, b in sides.values()], axis=1)
         strata = [a[0].shape[1] for a, _ in sides.values()]
-        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata))
+        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata)
+                     | {"seeds_expected": found[-1]["seeds_expected"]})
     return found
 
 
 def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None) -> dict:
-    c = paired_bootstrap(a, b, resamples, strata=strata)
+    c = bootstrap(a, b, resamples, strata)
     return {"claim": claim.claim, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
             "margin": claim.margin, "difference": c.difference, "ci95": list(c.ci95), "n": c.n,
             "seeds": list(c.seeds), "verdict": c.verdict(claim.kind, claim.margin)}
 
 
+_BOOTSTRAPS: dict[str, Comparison] = {}
+
+
+def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None) -> Comparison:
+    """:func:`paired_bootstrap`, remembered by its inputs: the study rewrites its report after every
+    unit, and a unit changes a few rows of a report whose bootstraps draw ~2e9 items in all."""
+    digest = hashlib.sha256(repr((a.shape, b.shape, resamples, strata)).encode())
+    for x in (a, b):
+        digest.update(np.ascontiguousarray(x, dtype=float).tobytes())
+    key = digest.hexdigest()
+    if key not in _BOOTSTRAPS:
+        _BOOTSTRAPS[key] = paired_bootstrap(a, b, resamples, strata=strata)
+    return _BOOTSTRAPS[key]
+
+
 def _write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
-    """Each scored row's per-item record, written once as ``<row>.loglik.json.gz``."""
+    """Each scored row's per-item record as ``<row>.loglik.json.gz``, rewritten (atomically, with
+    no timestamp in the gzip header, so an unchanged row gives the same bytes) when the row changed."""
     written = {}
     for key, row in rows.items():
         if "items" not in row:
             continue
         path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
-        if not path.exists():
+        text = json.dumps({"row": key, "acc": row["acc"], "acc_norm": row["acc_norm"]} | row["items"])
+        if not path.exists() or gzip.decompress(path.read_bytes()).decode() != text:
             folder.mkdir(parents=True, exist_ok=True)
-            with gzip.open(path, "wt") as handle:
-                json.dump({"row": key, "acc": row["acc"], "acc_norm": row["acc_norm"]} | row["items"], handle)
+            write_atomic(path, gzip.compress(text.encode(), mtime=0))
         written[key] = str(Path("items") / folder.name / path.name)
     return written
 

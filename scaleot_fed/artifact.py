@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .config import as_dict
 from .errors import IntegrityError
-from .files import save_tensors
+from .files import save_tensors, write_atomic
 from .harmonizer import Harmonizer
 from .layer_replace import LayerReplaceResult
 from .models import model_fingerprint
@@ -65,7 +65,7 @@ def save_artifact(result: LayerReplaceResult, out_dir: str | Path, data: str = "
         },
         "history": result.history,
     }
-    (out / ARTIFACT_JSON).write_text(json.dumps(meta, indent=1))
+    write_atomic(out / ARTIFACT_JSON, json.dumps(meta, indent=1))
     return out
 
 

@@ -34,7 +34,7 @@ from .arch import Architecture, architecture_of, get_layers, set_layers
 from .crash import shared_copy
 from .devices import place, resolve_dtype
 from .errors import ConfigError, IntegrityError
-from .files import save_tensors
+from .files import save_tensors, write_atomic
 from .harmonizer import Harmonizer
 from .layer_replace import check_num_adapter_layers
 from .manifest import manifest_summary
@@ -180,7 +180,7 @@ def save_emulator(emulator: Emulator, out_dir: str | Path, tokenizer=None) -> Pa
              for k, v in _deduplicated_state(emulator.model).items()}
     save_tensors(state, out / WEIGHTS, metadata={"format": MANIFEST_FORMAT})
     emulator.manifest["weights_sha256"] = sha256_file(out / WEIGHTS)
-    (out / MANIFEST).write_text(json.dumps(emulator.manifest, indent=1))
+    write_atomic(out / MANIFEST, json.dumps(emulator.manifest, indent=1))  # last: it marks the folder complete
     return out
 
 

@@ -1,4 +1,5 @@
-"""Writing weight files with the permissions users expect.
+"""Writing files: weight files with the permissions users expect, and files a reader must never
+see half-written.
 
 safetensors (and so ``save_pretrained``) creates its files with mode 600 whatever the umask; a
 model folder meant to be shared (an emulator sent to data owners, a plugged-in model) then is
@@ -8,6 +9,7 @@ unreadable to the group. Every weight file we write gets the usual ``0o666 & ~um
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -38,3 +40,21 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     """``safetensors.torch.save_file`` with the usual permissions."""
     save_file(tensors, str(path), metadata=metadata)
     usual_mode(path)
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so a reader (or a resumed
+    run, for which this file marks the work done) never sees half a file."""
+    path = Path(path)
+    tmp = unique_tmp(path)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+    return path

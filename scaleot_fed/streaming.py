@@ -29,7 +29,7 @@ from .arch import architecture_of, block_index_of_key, get_layers, set_layers
 from .artifact import LayerReplaceArtifact
 from .emulator import Emulator, EmulatorConfig, save_emulator
 from .errors import ConfigError, IntegrityError
-from .files import save_tensors
+from .files import save_tensors, write_atomic
 from .models import fingerprint_of
 
 INDEX = "model.safetensors.index.json"
@@ -327,7 +327,7 @@ def plug_in_streaming(folder: str | Path, manifest: dict, trained: str | Path, o
     missing = sorted(set(updates) - done)
     if missing:
         raise IntegrityError(f"trained tensors {missing[:3]} have no counterpart in {folder}")
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    write_atomic(out / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix in SIDE_FILES and path.name != INDEX:
             shutil.copy2(path, out / path.name)

@@ -24,9 +24,8 @@ import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file
 
-from recipes.rundir import unique_tmp
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.files import save_tensors
+from scaleot_fed.files import save_tensors, unique_tmp
 
 log = logging.getLogger("scaleot_fed.federation")
 LATEST, PREVIOUS = "checkpoint", "checkpoint.prev"

@@ -179,7 +179,8 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
         rows.put(f"u/seed{seed}/emulator_finetune", row(0.4))
     claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"),
               ClaimSection("the emulator is close to plug-in", "u/emulator_finetune", "u/plug_in", kind="close", margin=0.02),
-              ClaimSection("zero-shot beats plug-in", "full_zero_shot", "u/plug_in")]
+              ClaimSection("zero-shot beats plug-in", "full_zero_shot", "u/plug_in"),
+              ClaimSection("adapters beat LoRA", "u:adapter/plug_in", "u/plug_in")]
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
                                             variant_modes=["adapter"]),
                          emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
@@ -194,7 +195,21 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     plug, emu = (np.mean(summary["rows"][f"u/{r}"]["piqa"]["per_seed"]) for r in ("plug_in", "emulator_finetune"))
     assert gap["mean"] == pytest.approx(plug - emu) and gap["seeds"] == 2
     assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
-    assert "**holds**" in (tmp_path / "results" / "REPORT.md").read_text()
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "**holds** |" in report  # both sides have every seed they will have: not provisional
+    # a side no seed changes will have one seed; a claim with a side not scored yet is listed as pending
+    assert verdicts["zero-shot beats plug-in"]["seeds_expected"] == [1, 2] and beats["seeds_expected"] == [2, 2]
+    assert summary["pending_claims"] == ["adapters beat LoRA"] and "| adapters beat LoRA | | | | | | pending" in report
+
+    # a row scored again (a run folder's unit deleted and rerun) refreshes its per-item file; the others keep their bytes
+    items = tmp_path / "results" / summary["items_files"]["piqa"]["u/seed0/plug_in"]
+    other = tmp_path / "results" / summary["items_files"]["piqa"]["full_zero_shot"]
+    before = other.read_bytes()
+    rows.put("u/seed0/plug_in", row(0.1))
+    write_report(config, tmp_path / "run", tmp_path / "results")
+    assert json.loads(gzip.decompress(items.read_bytes()))["acc"] < 0.3 and other.read_bytes() == before
+
+
 def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
     from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
@@ -211,7 +226,7 @@ FEDERATED_STUDY = """
 out = "{out}"
 model = "{model}"
 tasks = ["piqa"]
-seeds = [3]
+seeds = [3, 4]
 train_limit = 24
 dev_items = 4
 eval_limit = 6
@@ -260,8 +275,9 @@ name = "uniform"
 
 
 def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    """The federation runs once per seed on the study's items and emulator; its rows and the
-    pooled-data twin's join the grid, and a claim between them is decided item by item."""
+    """The federation runs once per seed on the study's items and emulator (Ray started and shut
+    down once per seed in the one study process); its rows and the pooled-data twin's join the
+    grid, and a claim between them is decided item by item."""
     monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
     (tmp_path / "model").symlink_to(tiny_model_dir)
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model"))
@@ -270,7 +286,7 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     (claim,) = summary["claims"]
-    assert claim["n"] == 6 and claim["seeds"] == [1, 1] and claim["ci95"][0] <= claim["difference"] <= claim["ci95"][1]
+    assert claim["n"] == 6 and claim["seeds"] == [2, 2] and claim["ci95"][0] <= claim["difference"] <= claim["ci95"][1]
     fed_run = tmp_path / "study" / "piqa" / "federated" / "seed3"
     config = json.loads((fed_run / "config.json").read_text())
     # the study's seed, items and emulator, not the simulation file's own
@@ -309,7 +325,11 @@ def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
 
     claim = {"claim": "a beats b", "task": "piqa", "kind": "greater", "margin": 0.0, "difference": 0.05,
              "ci95": [0.01, 0.09], "n": 100, "verdict": "holds"}
-    partial = _claims({"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": [1, 1]}]})
-    complete = _claims({"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": [3, 1]}]})
-    assert "**holds** (provisional: 1 of 3 seeds) |" in partial[-1]
-    assert complete[-1].endswith("**holds** |")  # full_zero_shot has one seed: the trained side decides
+
+    def verdict(seeds: list[int], expected: list[int]) -> str:
+        summary = {"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": seeds, "seeds_expected": expected}]}
+        return _claims(summary)[-1]
+
+    assert verdict([1, 1], [3, 3]).endswith("**holds** (provisional: seeds 1 of 3, 1 of 3) |")
+    assert verdict([3, 2], [3, 3]).endswith("**holds** (provisional: seeds 3 of 3, 2 of 3) |")  # either side short
+    assert verdict([3, 1], [3, 1]).endswith("**holds** |")  # e.g. vs full_zero_shot, which has one seed
