@@ -117,45 +117,51 @@ def _budgets(summary: dict) -> list[str]:
     return lines + [""]
 
 
+ROW_COLORS = {"plug_in": "tab:green", "emulator_finetune": "tab:orange", "emulator_zero_shot": "tab:grey",
+              "emulator_attack": "tab:red"}
+"""A row's colour by what it is (its family's last part); the full model's rows are black."""
+
+
 def plot_rows(summary: dict, path: Path) -> None:
-    """Every row per task: mean over seeds with its 95 % interval as an error bar."""
+    """Every row, one panel per task with rows: mean over seeds with its 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [f for f in summary["rows"] if not f.endswith("/gap")]
-    tasks = summary["tasks"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) * len(tasks)), 4.5))
-    width = 0.8 / max(1, len(rows))
-    for j, family in enumerate(rows):
-        xs, ys, lo, hi = [], [], [], []
-        for i, t in enumerate(tasks):
-            r = summary["rows"][family].get(t)
+    tasks = [t for t in summary["tasks"] if any(t in summary["rows"][f] for f in rows)] or summary["tasks"][:1]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks) + 3, 0.25 * max(4, len(rows)) + 1),
+                             sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, family in enumerate(rows):
+            r = summary["rows"][family].get(task)
             if r:
-                xs.append(i + (j - len(rows) / 2) * width)
-                ys.append(100 * r["mean"])
-                lo.append(100 * (r["mean"] - r["ci95"][0]))
-                hi.append(100 * (r["ci95"][1] - r["mean"]))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=family)
-    ax.set_xticks(range(len(tasks)), [f"{t} ({summary['metric'][t]})" for t in tasks])
-    ax.set_ylabel("% (mean over seeds, 95 % CI)")
-    if rows:
-        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+                mean, (lo, hi) = 100 * r["mean"], (100 * r["ci95"][0], 100 * r["ci95"][1])
+                ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", markersize=3, capsize=2,
+                            color=ROW_COLORS.get(family.rsplit("/", 1)[-1], "black"))
+        ax.set_title(f"{task} ({summary['metric'][task]}, %)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0][0].set_yticks(range(len(rows)), rows, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.supxlabel("mean over seeds with its 95 % interval", fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def plot_claims(summary: dict, path: Path) -> None:
     """Each claim's difference per task with its 95 % interval (and the margin of close claims)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     claims = summary["claims"]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(4, len(claims)) + 1))
+    labels = [textwrap.fill(f"{c['claim']} [{c['task']}]", 60) for c in claims]
+    fig, ax = plt.subplots(figsize=(9, 0.2 * max(8, sum(label.count("\n") + 1.5 for label in labels)) + 1))
     for i, c in enumerate(claims):
         d, (lo, hi) = 100 * c["difference"], (100 * c["ci95"][0], 100 * c["ci95"][1])
         color = {"holds": "tab:green", "does not hold": "tab:red"}.get(c["verdict"], "tab:grey")
@@ -163,11 +169,10 @@ def plot_claims(summary: dict, path: Path) -> None:
         if c["kind"] == "close":
             ax.plot([-100 * c["margin"], 100 * c["margin"]], [i, i], "|", color="black")
     ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_yticks(range(len(claims)), [f"{c['claim'][:60]} [{c['task']}]" for c in claims], fontsize=6)
+    ax.set_yticks(range(len(claims)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("a - b (points), 95 % CI; green holds, red does not, grey inconclusive")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_xlabel("a - b (points), 95 % CI; green holds, red does not, grey inconclusive; | the margin of a close claim")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
