@@ -32,8 +32,8 @@ def _claims(summary: dict) -> list[str]:
              f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples); a verdict follows from the "
              "95 % interval: `greater` holds when the interval is above 0, does not hold when below; `close` holds "
              "when the interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n. "
-             "A verdict from fewer seeds than either side will have is provisional: the seeds still to come can "
-             "move it.",
+             "A verdict is provisional while either side has fewer seeds than it will have: the seeds still to "
+             "come can move it.",
              "", "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""

@@ -214,11 +214,19 @@ def _write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
             continue
         path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
         text = json.dumps({"row": key, "acc": row["acc"], "acc_norm": row["acc_norm"]} | row["items"])
-        if not path.exists() or gzip.decompress(path.read_bytes()).decode() != text:
+        if _stored_text(path) != text:
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(path, gzip.compress(text.encode(), mtime=0))
         written[key] = str(Path("items") / folder.name / path.name)
     return written
+
+
+def _stored_text(path: Path) -> str | None:
+    """What a per-item file holds (None if absent or damaged, e.g. cut short by a kill: rewritten)."""
+    try:
+        return gzip.decompress(path.read_bytes()).decode()
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
 
 
 def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:

@@ -52,9 +52,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     run, for which this file marks the work done) never sees half a file."""
     path = Path(path)
     tmp = unique_tmp(path)
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    tmp.replace(path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        tmp.replace(path)
+    except BaseException:  # (a full disk, a signal): no hidden half-file left beside the real one
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -201,13 +201,21 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     assert verdicts["zero-shot beats plug-in"]["seeds_expected"] == [1, 2] and beats["seeds_expected"] == [2, 2]
     assert summary["pending_claims"] == ["adapters beat LoRA"] and "| adapters beat LoRA | | | | | | pending" in report
 
-    # a row scored again (a run folder's unit deleted and rerun) refreshes its per-item file; the others keep their bytes
+    # a row scored again (a run folder's unit deleted and rerun) refreshes its per-item file and the
+    # claims on it; the other files are left alone, and a damaged one (a kill mid-write) is rewritten
     items = tmp_path / "results" / summary["items_files"]["piqa"]["u/seed0/plug_in"]
     other = tmp_path / "results" / summary["items_files"]["piqa"]["full_zero_shot"]
-    before = other.read_bytes()
+    damaged = tmp_path / "results" / summary["items_files"]["piqa"]["u/seed1/plug_in"]
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    before = other.stat()
     rows.put("u/seed0/plug_in", row(0.1))
-    write_report(config, tmp_path / "run", tmp_path / "results")
-    assert json.loads(gzip.decompress(items.read_bytes()))["acc"] < 0.3 and other.read_bytes() == before
+    again = write_report(config, tmp_path / "run", tmp_path / "results")
+    assert json.loads(gzip.decompress(items.read_bytes()))["acc"] < 0.3
+    assert json.loads(gzip.decompress(damaged.read_bytes()))["row"] == "u/seed1/plug_in"
+    after = other.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    moved = next(c for c in again["claims"] if c["claim"] == "plug-in beats the emulator")
+    assert moved["difference"] < beats["difference"] - 0.2  # seed 0's plug-in fell from ~0.8 to ~0.1
 
 
 def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
