@@ -37,14 +37,14 @@ def _claims(summary: dict) -> list[str]:
              "", "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""
-        expected = c.get("seeds_expected") or [len(summary["seeds"])] * 2
+        expected = c["seeds_expected"]
         partial = any(got < want for got, want in zip(c["seeds"], expected))
         verdict = f"**{c['verdict']}**" + (f" (provisional: seeds {c['seeds'][0]} of {expected[0]}, "
                                            f"{c['seeds'][1]} of {expected[1]})" if partial else "")
         lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
                      f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
                      f"{verdict} |")
-    for claim in summary.get("pending_claims", []):
+    for claim in summary["pending_claims"]:
         lines.append(f"| {claim} | | | | | | pending: a side not scored yet |")
     return lines
 
