@@ -33,7 +33,8 @@ def _claims(summary: dict) -> list[str]:
              "95 % interval: `greater` holds when the interval is above 0, does not hold when below; `close` holds "
              "when the interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n. "
              "A verdict is provisional while either side has fewer seeds than it will have: the seeds still to "
-             "come can move it.",
+             f"come can move it. Each interval is 95 % for its own line, not adjusted for the {len(summary['claims'])} "
+             "lines here: where a true difference is 0, about 1 line in 20 still reads as decided by chance.",
              "", "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""
