@@ -37,7 +37,6 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
 from scaleot_fed.rerank import rerank, rerank_changes
-from scaleot_fed.tasks import load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from .rundir import RowCache, cached_rows, open_run_dir
@@ -52,6 +51,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     row_families,
     seeded,
 )
+from .study_data import TASK_DATA, check_task_data, emulator_blocks, task_items, task_tokens
 
 
 @dataclass
@@ -158,9 +158,8 @@ class Grid:
                 owner["o"] = self.owner(task, rows)
             return owner["o"]
 
-        n_eval, choices = self.eval_size(task)
-        evaluation = n_eval * choices * 40  # tokens per choice, about: only the ETA depends on it
-        train = config.finetune.steps * config.finetune.batch_size * 60
+        tokens = task_tokens(self.tokenizer, study, task, config.finetune)
+        evaluation, train = tokens.scoring, tokens.training
         units: list[Unit] = []
 
         def unit(label: str, key: str, cost: float, compute: Callable[[], object]) -> None:
@@ -177,7 +176,7 @@ class Grid:
                 section = next(e for e in config.emulators if e.name == study.attack_emulator)
                 for lr in (study.attack_lrs if seed == study.seeds[0] else [None]):
                     units.append(self.swept(task, rows, get, f"{section.name}/attack", lr, seed,
-                                            (evaluation + 3 * train) * self.blocks(section), study.attack_lrs,
+                                            (evaluation + 3 * train) * emulator_blocks(self.layers, section), study.attack_lrs,
                                             section=section))
         if self.federation is not None and task == self.federation.task:
             units += self.federated_units(task, rows, evaluation, train)
@@ -192,7 +191,7 @@ class Grid:
             return self.federation.run(task, seed, self.emulator_dir(name, seed),
                                        self.out / task / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
 
-        cost = 2 * (2 * train * self.blocks(name)) + evaluation * (4 * self.blocks(name) + 2 * self.layers)
+        cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
         return [Unit(f"{task}: federated and centralised seed {s}", cost,
                      lambda s=s: rows.get(f"centralised/seed{s}/plug_in") is not None, lambda s=s: run(s))
                 for s in self.config.study.seeds]
@@ -201,8 +200,10 @@ class Grid:
                    train: float) -> None:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
-        blocks = self.blocks(emulator)
-        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
+        blocks, d = emulator_blocks(self.layers, emulator), self.config.distill
+        built = not emulator.distill or (self.emulator_dir(emulator, seed) / "manifest.json").exists()
+        build = 0 if built else d.steps * d.batch_size * d.block_size * (self.layers + 3 * blocks)  # (built first)
+        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks + build,
              lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
         folder = self.out / task / "trained" / cell / f"seed{seed}"
 
@@ -244,24 +245,11 @@ class Grid:
     # -- data and cost ------------------------------------------------------------------------
     def owner(self, task: str, rows: RowCache) -> SingleOwner:
         study = self.config.study
-        train_all = load_task(task, "train", study.train_limit)
-        if len(train_all) <= study.dev_items:
-            raise ConfigError(f"{task}: {len(train_all)} training items, need more than dev_items={study.dev_items}")
-        evaluation = load_task(task, "validation", study.eval_limit_of(task))
-        self.log(f"study: {task}: {len(train_all) - study.dev_items} train, {study.dev_items} dev, "
-                 f"{len(evaluation)} eval items")
-        return SingleOwner(self.full, self.tokenizer, train_all[: -study.dev_items], train_all[-study.dev_items :],
-                           evaluation, self.config.finetune, study.eval_batch_size, cache=cached_rows(rows, self.log))
-
-    def eval_size(self, task: str) -> tuple[int, float]:
-        items = load_task(task, "validation", self.config.study.eval_limit_of(task))
-        return len(items), sum(len(i.choices) for i in items) / max(1, len(items))
-
-    def blocks(self, section: EmulatorSection) -> float:
-        """Block-equivalents a token passes through in the emulator (for the ETA)."""
-        middle = self.layers - section.num_adapter_layers
-        runs = 1.0 if section.strategy == "crash" else 1 - section.alpha  # crash's shared positions run too
-        return section.num_adapter_layers + middle * runs * (0.5 + 0.5 * section.rank_keep_ratio)
+        train, dev, evaluation = task_items(study, task)
+        self.log(f"study: {task}: {len(train)} train, {len(dev)} dev, {len(evaluation)} eval items"
+                 + (" (a fixed random subset)" if task in study.random_subsets else ""))
+        return SingleOwner(self.full, self.tokenizer, train, dev, evaluation, self.config.finetune,
+                           study.eval_batch_size, cache=cached_rows(rows, self.log))
 
 
 def json_round_trip(value: dict) -> dict:
@@ -290,11 +278,14 @@ def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: 
     return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
 
 
-def check_emulators_unchanged(out: Path, config: StudyConfig) -> None:
-    """Emulators may be added to a study, not changed under a name its cached rows already use."""
+def check_resume(out: Path, config: StudyConfig) -> None:
+    """Emulators may be added to a study, not changed under a name its cached rows already use; a
+    task's items may change only while it has no results (:func:`recipes.study_data.check_task_data`)."""
     if not (out / "config.json").is_file():
         return
-    before = {e["name"]: e for e in json.loads((out / "config.json").read_text()).get("emulators", [])}
+    saved = json.loads((out / "config.json").read_text())
+    check_task_data(out, saved.get("study", {}), config.study)
+    before = {e["name"]: e for e in saved.get("emulators", [])}
     changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json_round_trip(as_dict(e))]
     if changed:
         raise ConfigError(f"{out}: [[emulator]] {changed} changed under the same name, but its rows are cached; "
@@ -319,8 +310,8 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     if study.federated and federation is None:
         raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
     if not overwrite:
-        check_emulators_unchanged(Path(study.out), config)
-    out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT)
+        check_resume(Path(study.out), config)
+    out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT + TASK_DATA)
     results = Path(study.results) if study.results else out
     loaded = load_model(study.model)
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation)

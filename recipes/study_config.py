@@ -43,6 +43,10 @@ class StudySection:
     """Evaluation items per task (None: the whole validation split)."""
     eval_limits: dict[str, int] = field(default_factory=dict)
     """Per-task exceptions to ``eval_limit`` (e.g. ``{ hellaswag = 2000 }``)."""
+    random_subsets: list[str] = field(default_factory=list)
+    """Tasks whose ``train_limit`` / eval limit keep a fixed pseudo-random subset, the same in every
+    cell (:mod:`recipes.study_data`), instead of the first items: for files ordered by source
+    (HellaSwag's first 2,000 validation items are all ActivityNet, none WikiHow)."""
     eval_batch_size: int = 16
     full_finetune_lrs: list[float] = field(default_factory=list)
     """Full-parameter fine-tuning of the whole model, swept over these learning rates (empty: no
@@ -76,6 +80,8 @@ class StudySection:
                               f"study.tasks to one; got {self.metric!r}, {bad} with tasks {self.tasks}")
         if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
             raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
+        if [t for t in self.random_subsets if t not in self.tasks]:
+            raise ConfigError(f"study.random_subsets names tasks of study.tasks, got {self.random_subsets}")
         if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
             raise ConfigError("study.full_finetune_lrs and study.attack_lrs must be positive learning rates")
         if bool(self.variant_emulator) != bool(self.variant_modes):

@@ -13,12 +13,18 @@ Every item carries its content fields (``MCItem.fields``): ``task`` always, plus
 say about the content (HellaSwag's ``activity_label``, ARC's exam ``source``) and a user file's
 extra columns. Partitioners skew owners on them. ``"piqa+arc_easy"`` names a mixture of built-in
 tasks (each limited to ``limit`` items), for owners that hold different tasks.
+
+``limit`` keeps the first items (lm-eval's ``--limit``) or, with ``sample_seed``, a fixed
+pseudo-random sample: where a file is ordered by source (HellaSwag lists every ActivityNet item
+before the WikiHow ones, so its first 2,000 validation items are all ActivityNet), the first items
+are not a sample of the task.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -226,7 +232,8 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
     return [_item_from_record(r, f"{path} item {i}") for i, r in enumerate(records)]
 
 
-def load_task(task: str, split: str = "validation", limit: int | None = None) -> list[MCItem]:
+def load_task(task: str, split: str = "validation", limit: int | None = None,
+              sample_seed: int | None = None) -> list[MCItem]:
     """Items of a built-in task (by name), a mixture of them, or a user file/folder (by path).
 
     Parameters
@@ -239,6 +246,8 @@ def load_task(task: str, split: str = "validation", limit: int | None = None) ->
         ``train`` or ``validation``.
     limit:
         Keep the first ``limit`` items, in order (lm-eval's ``--limit``); per task in a mixture.
+    sample_seed:
+        With ``limit``: keep the subset :func:`sample_items` draws with this seed instead.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -250,7 +259,7 @@ def load_task(task: str, split: str = "validation", limit: int | None = None) ->
         if unknown or len(set(parts)) != len(parts):
             raise ConfigError(f"task mixture {task!r}: join distinct built-in tasks with '+' ({', '.join(TASKS)}); "
                               f"{'unknown: ' + ', '.join(unknown) if unknown else 'a task is repeated'}")
-        return [item for part in parts for item in load_task(part, split, limit)]
+        return [item for part in parts for item in load_task(part, split, limit, sample_seed)]
     if task in TASKS:
         items = _with_task(_load_builtin(TASKS[task], split), task)
     elif Path(task).exists():
@@ -261,4 +270,19 @@ def load_task(task: str, split: str = "validation", limit: int | None = None) ->
         raise ConfigError(
             f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}; or give a .jsonl/.csv file or datasets folder"
         )
-    return items[:limit] if limit is not None else items
+    if limit is None:
+        return items
+    return items[:limit] if sample_seed is None else sample_items(items, limit, sample_seed)
+
+
+def sample_items(items: list[MCItem], limit: int, seed: int) -> list[MCItem]:
+    """``limit`` items drawn uniformly without replacement, in the order drawn (so any slice of
+    the result, a dev set say, is a sample too): those with the smallest sha256 of ``seed`` and
+    their content. The draw depends on no RNG implementation and follows an item if its file is
+    reordered, so a subset is the same on every machine."""
+    def key(index: int) -> tuple[str, int]:
+        item = items[index]
+        text = "\x1f".join((str(seed), item.context, *item.choices, str(item.gold)))
+        return hashlib.sha256(text.encode()).hexdigest(), index
+
+    return [items[i] for i in sorted(range(len(items)), key=key)[:limit]]

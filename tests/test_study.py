@@ -5,6 +5,8 @@ import pytest
 
 from recipes.cli import main
 
+from .conftest import write_items
+
 STUDY = """
 [study]
 out = "{out}"
@@ -128,6 +130,11 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
                                                                                       "ranking_candidates = 12"))
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
     assert "ranking_candidates changed, but" in capsys.readouterr().err
+    # nor may a task's items change under its finished rows
+    (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model")
+                                         .replace("eval_limit = 6", "eval_limit = 6\nrandom_subsets = [\"piqa\"]"))
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
+    assert "the items of ['piqa'] changed" in capsys.readouterr().err
 
 
 def test_study_variant_emulator_must_exist(tmp_path):
@@ -227,6 +234,41 @@ def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
                                          '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
         with pytest.raises(ConfigError, match="study.metrics"):
             load_study_config(tmp_path / "s.toml")
+
+
+def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
+    from recipes.study import StudySection
+    from recipes.study_data import check_task_data
+    from scaleot_fed.errors import ConfigError
+
+    saved = {"tasks": ["piqa", "hellaswag"], "eval_limits": {"hellaswag": 2000}}  # saved before random_subsets
+    (tmp_path / "piqa" / "rows").mkdir(parents=True)
+    (tmp_path / "hellaswag" / "rows").mkdir(parents=True)  # an empty folder: no results
+    (tmp_path / "piqa" / "rows" / "full_zero_shot.json").write_text("{}")
+    for change in ({"random_subsets": ["hellaswag"]}, {"eval_limits": {"hellaswag": 3000}}, {}):
+        check_task_data(tmp_path, saved, StudySection(**saved | change))
+    for change in ({"random_subsets": ["piqa"]}, {"train_limit": 1000}, {"eval_limit": 100}):
+        with pytest.raises(ConfigError, match=r"the items of \['piqa'\] changed"):
+            check_task_data(tmp_path, saved, StudySection(**saved | change))
+    with pytest.raises(ConfigError, match="study.random_subsets"):
+        StudySection(tasks=["piqa"], random_subsets=["hellaswag"])
+
+
+def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
+    from recipes.study import StudySection
+    from recipes.study_data import task_tokens
+    from scaleot_fed.finetune import FinetuneConfig
+
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    write_items(short, 40, 0)
+    long.write_text("".join(json.dumps({"context": "Question: " + "say it again " * 30 + f"{i}\nAnswer:",
+                                        "choices": ["a long answer " * 5, "b"], "gold": 0}) + "\n" for i in range(40)))
+    study = StudySection(tasks=[str(short), str(long)], train_limit=None, dev_items=4)
+    ft = FinetuneConfig(steps=10, batch_size=4, max_length=48)
+    a, b = (task_tokens(gpt2_tokenizer, study, str(t), ft) for t in (short, long))
+    contexts = [len(gpt2_tokenizer(json.loads(line)["context"])["input_ids"]) for line in long.read_text().splitlines()]
+    assert b.scoring > sum(contexts) and b.scoring > 5 * a.scoring
+    assert b.training == 10 * 4 * 48 and a.training < b.training / 3  # capped at max_length, padded per batch
 
 
 FEDERATED_STUDY = """

@@ -150,3 +150,20 @@ def test_hellaswag_and_sciq_validation():
     assert all(len(i.choices) == 4 and "[" not in i.context for i in hs)
     sciq = load_task("sciq", "validation")
     assert len(sciq) == 1000 and all(i.gold == 3 for i in sciq[:10])
+
+
+def test_a_sampled_limit_draws_a_fixed_content_keyed_sample(tmp_path):
+    from scaleot_fed.tasks import sample_items
+
+    items = [MCItem(f"Question: item {i}\nAnswer:", ("yes", "no"), i % 2) for i in range(200)]
+    drawn = sample_items(items, 40, seed=0)
+    assert len(set(drawn)) == 40 and set(drawn) <= set(items)
+    assert drawn == sample_items(items, 40, seed=0) != sample_items(items, 40, seed=1)
+    assert drawn != items[:40] and max(items.index(i) for i in drawn) > 100  # from the whole file
+    assert drawn == sample_items(items[::-1], 40, seed=0)  # keyed by content: the file's order does not matter
+    assert sample_items(items, 60, seed=0)[:40] == drawn  # a larger draw extends a smaller one
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "gold": i.gold}) + "\n"
+                            for i in items))
+    assert load_task(str(path), "validation", 40, sample_seed=0) == drawn
+    assert load_task(str(path), "validation", 40) == items[:40]  # lm-eval's --limit without a seed

@@ -1,0 +1,95 @@
+"""The study's data and what its ETA weighs.
+
+A task's items are its first ``train_limit`` / eval-limit items, or for the tasks in
+``[study] random_subsets`` a fixed pseudo-random subset (:func:`scaleot_fed.tasks.sample_items`):
+the same in every cell, so rows stay paired item by item. Items may change while a task has no
+results, never under finished rows (:func:`check_task_data`).
+
+The ETA counts tokens with the model's tokenizer on the task's own items: tasks differ about six
+times in tokens per choice (OpenBookQA ~7, HellaSwag ~40), so a count per item would misjudge
+every task but the one it was fitted on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.evaluate import TARGET_DELIMITER
+from scaleot_fed.finetune import FinetuneConfig
+from scaleot_fed.tasks import MCItem, load_task
+
+from .single_owner import EmulatorSection
+from .study_config import StudySection
+
+SUBSET_SEED = 0
+"""The seed of ``random_subsets``' draw: fixed, not a study seed, so every cell sees the same items."""
+
+
+def sample_seed(study: StudySection, task: str) -> int | None:
+    return SUBSET_SEED if task in study.random_subsets else None
+
+
+def task_items(study: StudySection, task: str) -> tuple[list[MCItem], list[MCItem], list[MCItem]]:
+    """``(train, dev, evaluation)`` of a task: the last ``dev_items`` of its training items are the dev set."""
+    seed = sample_seed(study, task)
+    train_all = load_task(task, "train", study.train_limit, seed)
+    if len(train_all) <= study.dev_items:
+        raise ConfigError(f"{task}: {len(train_all)} training items, need more than dev_items={study.dev_items}")
+    evaluation = load_task(task, "validation", study.eval_limit_of(task), seed)
+    return train_all[: -study.dev_items], train_all[-study.dev_items :], evaluation
+
+
+@dataclass(frozen=True)
+class TaskTokens:
+    """Tokens a task's units push through the model (the ETA's weights, not a measurement)."""
+
+    scoring: int
+    """One scoring of the evaluation items: each context once, then its choices (the packed path)."""
+    training: float
+    """One fine-tuning run: its steps' batches, each padded to its longest example."""
+
+
+def task_tokens(tokenizer, study: StudySection, task: str, finetune: FinetuneConfig) -> TaskTokens:
+    train, _, evaluation = task_items(study, task)
+    contexts = tokenizer([i.context for i in evaluation])["input_ids"]
+    choices = tokenizer([TARGET_DELIMITER + c for i in evaluation for c in i.choices])["input_ids"]
+    examples = tokenizer([i.context + TARGET_DELIMITER + i.choices[i.gold] for i in train])["input_ids"]
+    lengths = [min(len(ids), finetune.max_length) for ids in examples]
+    random.Random(0).shuffle(lengths)  # batches of random examples, as training draws them
+    size = finetune.batch_size
+    padded = [max(lengths[i : i + size]) * len(lengths[i : i + size]) for i in range(0, len(lengths), size)]
+    return TaskTokens(scoring=sum(map(len, contexts)) + sum(map(len, choices)),
+                      training=finetune.steps * size * sum(padded) / len(lengths))
+
+
+def emulator_blocks(layers: int, section: EmulatorSection) -> float:
+    """Block-equivalents a token passes through in the emulator (for the ETA)."""
+    middle = layers - section.num_adapter_layers
+    runs = 1.0 if section.strategy == "crash" else 1 - section.alpha  # crash's shared positions run too
+    return section.num_adapter_layers + middle * runs * (0.5 + 0.5 * section.rank_keep_ratio)
+
+
+ITEM_KEYS = ("train_limit", "dev_items", "eval_limit", "eval_limits", "random_subsets")
+TASK_DATA = tuple(f"study.{key}" for key in ITEM_KEYS)
+"""``[study]`` keys that choose a task's items: a resumed study may change them for tasks with no results."""
+
+
+def check_task_data(out: Path, before: dict, study: StudySection) -> None:
+    """Refuse a change of a task's items (``before``: the run's saved ``[study]``) where the task has
+    results in ``out``: its rows and trained adapters were made on the old items."""
+    defaults = StudySection()  # (for keys a run saved before they existed)
+    old = {k: before.get(k, getattr(defaults, k)) for k in ITEM_KEYS}
+    new = {k: getattr(study, k) for k in ITEM_KEYS}
+
+    def items(s: dict, task: str) -> tuple:
+        return s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"]
+
+    changed = [t for t in study.tasks if items(old, t) != items(new, t)
+               and any(p.is_file() for p in (out / t).rglob("*"))]
+    if changed:
+        raise ConfigError(f"{out}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
+                          "results made on the old items; restore the old values, or delete the tasks' folders "
+                          "to score them again")
