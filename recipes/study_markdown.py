@@ -24,6 +24,8 @@ def _head(summary: dict) -> list[str]:
             f"{summary['seeds']}; primary metric per task: " + ", ".join(f"{t} `{summary['metric'][t]}`" for t in tasks)
             + " (declared before running; the other metric beside it).",
             "Items scored: " + ", ".join(f"{t} {summary['n_eval'].get(t) or 'not yet'}" for t in tasks)
+            + (f" (limited splits keep their first items, but in {', '.join(summary['random_subsets'])} a fixed "
+               "sample)" if summary["random_subsets"] else "")
             + f". Compute used so far: {summary['compute_seconds'] / 3600:.2f} h of units on this machine.", ""]
 
 

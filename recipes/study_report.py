@@ -142,6 +142,7 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
     pending = [c.claim for c in config.claims if not any(d["claim"] == c.claim for d in claims)]
     summary = {
         "model": study.model, "tasks": study.tasks, "seeds": study.seeds, "n_eval": n_eval,
+        "random_subsets": study.random_subsets,
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
         "rows": table, "claims": claims, "pending_claims": pending, "sweeps": _sweeps(config, rows_by_task),
         "stage1_stability": stage1_stability(config, out), "budgets": budgets(config, out, facts or {}),

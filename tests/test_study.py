@@ -189,7 +189,7 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
               ClaimSection("zero-shot beats plug-in", "full_zero_shot", "u/plug_in"),
               ClaimSection("adapters beat LoRA", "u:adapter/plug_in", "u/plug_in")]
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
-                                            variant_modes=["adapter"]),
+                                            variant_modes=["adapter"], random_subsets=["piqa"]),
                          emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
     assert [config.cell_name(e, m) for e, m in config.cells()] == ["u", "u:adapter"]
     summary = write_report(config, tmp_path / "run", tmp_path / "results")
@@ -204,6 +204,7 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "**holds** |" in report  # both sides have every seed they will have: not provisional
+    assert "Items scored: piqa 300 (limited splits keep their first items, but in piqa a fixed sample)" in report
     # a side no seed changes will have one seed; a claim with a side not scored yet is listed as pending
     assert verdicts["zero-shot beats plug-in"]["seeds_expected"] == [1, 2] and beats["seeds_expected"] == [2, 2]
     assert summary["pending_claims"] == ["adapters beat LoRA"] and "| adapters beat LoRA | | | | | | pending" in report
