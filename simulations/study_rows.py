@@ -50,6 +50,9 @@ class StudyFederation:
             problems.append(f"its [emulator] name {fed.emulator.name!r} is not one of the [[emulator]] names {names}")
         if fed.run.task not in config.study.tasks:
             problems.append(f"its task {fed.run.task!r} is not one of study.tasks {config.study.tasks}")
+        if fed.run.task in config.study.random_subsets and config.study.eval_limit_of(fed.run.task) is not None:
+            problems.append(f"its task {fed.run.task!r} is in study.random_subsets with an eval limit, but a "
+                            "simulation scores the task's first items: take it out of random_subsets, or score it whole")
         if fed.run.model != config.study.model:
             problems.append(f"its model {fed.run.model!r} is not study.model {config.study.model!r}")
         if problems:

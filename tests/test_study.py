@@ -369,6 +369,13 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
         capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="start the study with `scaleot-fed study`"):
         run_study(load_study_config(tmp_path / "s.toml"))  # the library alone cannot run simulations
+    # a federation scores its task's first items: not a study's fixed sample of them
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m"))
+    (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["piqa"]\nfederated = "{tmp_path / "fed.toml"}"\n'
+                                     f'out = "{tmp_path / "out"}"\neval_limit = 6\nrandom_subsets = ["piqa"]\n'
+                                     '[[emulator]]\nname = "uniform"\nstrategy = "uniform-drop"\n')
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--no-progress"]) == 2
+    assert "'piqa' is in study.random_subsets with an eval limit" in capsys.readouterr().err
 
 
 def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
