@@ -97,7 +97,9 @@ def lock_run_dir(out: str | Path) -> Path:
     """
     out = Path(out).resolve()
     if out in _HELD:
-        return out
+        if (out / LOCK).exists():
+            return out
+        os.close(_HELD.pop(out))  # the folder was deleted while we held it: lock the new one
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -132,8 +134,7 @@ def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = Fals
     check_writable(out)
     lock_run_dir(out)
     if (out / "config.json").is_file():
-        changed = [k for k in changed_keys(json.loads((out / "config.json").read_text()), json.loads(json.dumps(config)))
-                   if k.split(".")[0] not in may_change and k not in may_change]
+        changed = config_changes(json.loads((out / "config.json").read_text()), config, may_change)
         if changed and not overwrite:
             raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
                               "use --overwrite to start over, or choose another --out")
@@ -146,6 +147,13 @@ def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = Fals
         _clear(out)
     write_json(out / "config.json", config)
     return out
+
+
+def config_changes(saved: dict[str, Any], config: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys of ``config`` that differ from the ``saved`` snapshot, but those in
+    ``may_change`` (a section name or a dotted key)."""
+    return [k for k in changed_keys(saved, json.loads(json.dumps(config)))
+            if k.split(".")[0] not in may_change and k not in may_change]
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -39,6 +39,7 @@ from scaleot_fed.models import load_model
 from scaleot_fed.rerank import rerank, rerank_changes
 from scaleot_fed.text import lambada_passages, token_blocks
 
+from . import study_ledger as ledger
 from .rundir import RowCache, cached_rows, open_run_dir
 from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from .study_config import (  # noqa: F401  (the study's public names, re-exported)
@@ -278,13 +279,14 @@ def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: 
     return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
 
 
-def check_resume(out: Path, config: StudyConfig) -> None:
-    """Emulators may be added to a study, not changed under a name its cached rows already use; a
-    task's items may change only while it has no results (:func:`recipes.study_data.check_task_data`)."""
-    if not (out / "config.json").is_file():
+def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
+    """Emulators may be added to a study, not changed under a name its cached rows (in the run
+    folder or the ledger) already use; a task's items may change only while it has no results
+    (:func:`recipes.study_data.check_task_data`)."""
+    saved = ledger.saved_config(out, results)
+    if saved is None:
         return
-    saved = json.loads((out / "config.json").read_text())
-    check_task_data(out, saved.get("study", {}), config.study)
+    check_task_data([out, results / "items"], saved.get("study", {}), config.study)
     before = {e["name"]: e for e in saved.get("emulators", [])}
     changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json_round_trip(as_dict(e))]
     if changed:
@@ -309,10 +311,13 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     study = config.study
     if study.federated and federation is None:
         raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
+    results = Path(study.results or study.out)
     if not overwrite:
-        check_resume(Path(study.out), config)
+        check_resume(Path(study.out), results, config)
     out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT + TASK_DATA)
-    results = Path(study.results) if study.results else out
+    if overwrite and results.resolve() != out.resolve():
+        ledger.clear(results)
+    ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
     loaded = load_model(study.model)
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation)
     facts = model_facts(loaded.model)
@@ -329,8 +334,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
         if not u.done():  # (a swept row's key is only known once its sweep is done)
             start = time.perf_counter()
             u.run()
-            with (out / "units.jsonl").open("a") as handle:  # what the compute-used line adds up
-                handle.write(json.dumps({"unit": u.label, "seconds": time.perf_counter() - start}) + "\n")
+            ledger.log_unit(results, u.label, time.perf_counter() - start)  # what the compute-used line adds up
         bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
             summary, reported = write_report(config, out, results, facts), time.monotonic()

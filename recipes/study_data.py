@@ -77,9 +77,10 @@ TASK_DATA = tuple(f"study.{key}" for key in ITEM_KEYS)
 """``[study]`` keys that choose a task's items: a resumed study may change them for tasks with no results."""
 
 
-def check_task_data(out: Path, before: dict, study: StudySection) -> None:
+def check_task_data(folders: list[Path], before: dict, study: StudySection) -> None:
     """Refuse a change of a task's items (``before``: the run's saved ``[study]``) where the task has
-    results in ``out``: its rows and trained adapters were made on the old items."""
+    results in one of ``folders`` (the run folder, the ledger's items): its rows and trained
+    adapters were made on the old items."""
     defaults = StudySection()  # (for keys a run saved before they existed)
     old = {k: before.get(k, getattr(defaults, k)) for k in ITEM_KEYS}
     new = {k: getattr(study, k) for k in ITEM_KEYS}
@@ -88,8 +89,8 @@ def check_task_data(out: Path, before: dict, study: StudySection) -> None:
         return s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"]
 
     changed = [t for t in study.tasks if items(old, t) != items(new, t)
-               and any(p.is_file() for p in (out / t).rglob("*"))]
+               and any(p.is_file() for f in folders for p in (f / t).rglob("*"))]
     if changed:
-        raise ConfigError(f"{out}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
+        raise ConfigError(f"{folders[0]}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
                           "results made on the old items; restore the old values, or delete the tasks' folders "
-                          "to score them again")
+                          "(in the run folder and in the results' items/) to score them again")

@@ -1,31 +1,35 @@
-"""The study's report, made from the run folder's rows alone: ``summary.json``, ``REPORT.md``,
-``rows.png`` (every row per task, mean over seeds with its 95 % interval), ``claims.png`` and the
-per-item files ``items/<task>/<row>.loglik.json.gz``. Rewritten after every unit, so a stopped
-study has a true report of what it has so far."""
+"""The study's report, made from the run folder's rows and the ledger alone: ``summary.json``,
+``REPORT.md``, ``rows.png`` (every row per task, mean over seeds with its 95 % interval),
+``claims.png`` and the per-item files ``items/<task>/<row>.loglik.json.gz``
+(:mod:`recipes.study_ledger`). Rewritten after every unit, so a stopped study has a true report
+of what it has so far."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from scaleot_fed.config import as_dict
 from scaleot_fed.files import write_atomic
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
+from . import study_ledger as ledger
 from .rundir import write_json
 from .study import METRICS, StudyConfig, chosen_rate, seeded
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 
 
-def load_rows(out: Path, task: str) -> dict[str, dict]:
-    """Every finished row of ``task``, by key."""
+def load_rows(out: Path, task: str, results: Path | None = None) -> dict[str, dict]:
+    """Every finished row of ``task``, by key: the run folder's, and the ledger's in ``results``
+    that the run folder lacks (a fresh checkout has only those)."""
     folder = out / task / "rows"
-    return {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} \
+    found = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} \
         if folder.is_dir() else {}
+    return (ledger.ledger_rows(results, task) if results else {}) | found
 
 
 class _Resolver:
@@ -117,16 +121,16 @@ def families(config: StudyConfig) -> list[str]:
 
 
 def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | None = None) -> dict:
-    """Build the summary from ``out``'s rows and write it with ``REPORT.md``, the plots and the
-    per-item files to ``results``. Returns the summary."""
+    """Build the summary from ``out``'s rows and write it with ``REPORT.md``, the plots, the
+    per-item files and the ledger to ``results``. Returns the summary."""
     study = config.study
-    results.mkdir(parents=True, exist_ok=True)
-    rows_by_task = {t: load_rows(out, t) for t in study.tasks}
+    records = ledger.record(out, results, as_dict(config))
+    rows_by_task = {t: load_rows(out, t, results) for t in study.tasks}
     table, claims, n_eval, items_files = {}, [], {}, {}
     resolvers = {t: _Resolver(config, rows_by_task[t], study.metric_of(t)) for t in study.tasks}
     for task, resolver in resolvers.items():
         n_eval[task] = next((r["n"] for r in rows_by_task[task].values() if "n" in r), 0)
-        items_files[task] = _write_items(rows_by_task[task], results / "items" / task)
+        items_files[task] = ledger.write_items(rows_by_task[task], results / "items" / task)
         for family in families(config):
             found = resolver.matrix(family)
             if found is None:
@@ -145,8 +149,8 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "random_subsets": study.random_subsets,
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
         "rows": table, "claims": claims, "pending_claims": pending, "sweeps": _sweeps(config, rows_by_task),
-        "stage1_stability": stage1_stability(config, out), "budgets": budgets(config, out, facts or {}),
-        "compute_seconds": _compute_seconds(out), "items_files": items_files, "resamples": study.resamples,
+        "stage1_stability": stage1_stability(records), "budgets": budgets(records, facts or {}),
+        "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
     from .study_markdown import plot_claims, plot_rows, report_markdown
 
@@ -206,30 +210,6 @@ def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | 
     return _BOOTSTRAPS[key]
 
 
-def _write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
-    """Each scored row's per-item record as ``<row>.loglik.json.gz``, rewritten (atomically, with
-    no timestamp in the gzip header, so an unchanged row gives the same bytes) when the row changed."""
-    written = {}
-    for key, row in rows.items():
-        if "items" not in row:
-            continue
-        path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
-        text = json.dumps({"row": key, "acc": row["acc"], "acc_norm": row["acc_norm"]} | row["items"])
-        if _stored_text(path) != text:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, gzip.compress(text.encode(), mtime=0))
-        written[key] = str(Path("items") / folder.name / path.name)
-    return written
-
-
-def _stored_text(path: Path) -> str | None:
-    """What a per-item file holds (None if absent or damaged, e.g. cut short by a kill: rewritten)."""
-    try:
-        return gzip.decompress(path.read_bytes()).decode()
-    except (OSError, EOFError, UnicodeDecodeError):
-        return None
-
-
 def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
     """Per task, every learning rate of the full fine-tuning and attack sweeps at the first seed."""
     study, seed = config.study, config.study.seeds[0]
@@ -250,14 +230,14 @@ def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
     return out
 
 
-def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
+def stage1_stability(records: Path) -> list[dict]:
     """Per stage-1 setting (N_a, alpha): how much the seeds agree. Spearman correlation of the
     scores of every pair of seeds, and the share of the replaced set (the ``alpha`` share with the
     lowest scores, what the emulator replaces) two seeds have in common; for the ranking the
     emulators were built from and for the RL scores."""
     found = []
-    for folder in sorted((out / "stage1").glob("*")):
-        metas = {p.parent.name: json.loads((p).read_text()) for p in sorted(folder.glob("seed*/layer_replace.json"))}
+    for folder in sorted((records / "stage1").glob("*")):  # the ledger's stage-1 records
+        metas = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))}
         if len(metas) < 2:
             continue
         alpha = next(iter(metas.values()))["config"]["alpha"]
@@ -287,7 +267,7 @@ def stage1_stability(config: StudyConfig, out: Path) -> list[dict]:
     return found
 
 
-def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
+def budgets(records: Path, facts: dict) -> dict:
     """Stage 1 vs the distillation, per seed: seconds and FLOPs. FLOPs = 2 x parameters a token
     passes through, per forward token. Stage 1 runs candidates with the ``alpha`` share of the
     middle replaced (harmonizers ~free) and an LM head over every position; its backward pass
@@ -298,7 +278,7 @@ def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
         return {}
     block, head, layers = facts["block_params"], facts["head_params"], facts["layers"]
     found: dict = {"stage1": {}, "distillation": {}}
-    for path in sorted((out / "stage1").glob("*/seed*/layer_replace.json")):
+    for path in sorted((records / "stage1").glob("*/seed*.json")):
         m = json.loads(path.read_text())
         kept = layers - m["config"]["alpha"] * len(m["middle_layers"])
         fit = m.get("ranking_fit") or {}
@@ -306,35 +286,30 @@ def budgets(config: StudyConfig, out: Path, facts: dict) -> dict:
                                                       fit.get("candidates", 0) * fit.get("batches", 0)
                                                       * m["config"]["batch_size"] * m["config"]["block_size"])
         flops = 2 * (kept * block + head) * (forward + 2 * m["cost"]["tokens_forward_backward"])
-        found["stage1"][f"{path.parent.parent.name}/{path.parent.name}"] = {"seconds": m["cost"]["seconds"], "flops": flops}
-    for path in sorted((out / "emulators").glob("seed*/*/emulator/manifest.json")):
+        found["stage1"][f"{path.parent.name}/{path.stem}"] = {"seconds": m["cost"]["seconds"], "flops": flops}
+    for path in sorted((records / "emulators").glob("seed*/*.json")):
         m = json.loads(path.read_text())
         cost = m.get("build_cost") or {}
         if cost.get("kind") != "distillation":
             continue
         student = len(m.get("layout", [])) or layers
         flops = 2 * layers * block * cost["tokens_forward_only"] + 6 * (student * block + head) * cost["tokens_forward_backward"]
-        found["distillation"][f"{path.parent.parent.name}/{path.parent.parent.parent.name}"] = {
+        found["distillation"][f"{path.stem}/{path.parent.name}"] = {
             "seconds": cost["seconds"], "flops": flops}
     return found
 
 
-def _compute_seconds(out: Path) -> float:
-    """Wall seconds of every unit the study ran (its log), plus stage-1 runs made outside it."""
-    log = out / "units.jsonl"
-    total = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0.0
-    return float(total)
-
-
 def report_study(config: StudyConfig) -> dict:
-    """Rewrite the report from the rows on disk, running nothing (it only reads the run folder, so
-    it may run beside the study itself). Returns the summary."""
+    """Rewrite the report from the rows on disk, running nothing (it only reads the run folder and
+    the ledger, so it may run beside the study itself, or in a fresh checkout from the committed
+    results alone). Returns the summary."""
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
 
-    from .study import model_facts
+    from .study import GRID_EXTENT, TASK_DATA, model_facts
 
     out = Path(config.study.out)
-    if not (out / "config.json").exists():
+    results = Path(config.study.results or out)
+    if not (out / "config.json").exists() and not ledger.check_config(results, as_dict(config), GRID_EXTENT + TASK_DATA):
         raise ConfigError(f"{out} holds no study yet; run `scaleot-fed study --config ...` first")
-    return write_report(config, out, Path(config.study.results or out), model_facts(load_model(config.study.model).model))
+    return write_report(config, out, results, model_facts(load_model(config.study.model).model))

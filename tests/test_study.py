@@ -1,5 +1,6 @@
 import gzip
 import json
+import shutil
 
 import pytest
 
@@ -135,6 +136,25 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
                                          .replace("eval_limit = 6", "eval_limit = 6\nrandom_subsets = [\"piqa\"]"))
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
     assert "the items of ['piqa'] changed" in capsys.readouterr().err
+    # a fresh checkout: the run folder (weights, row caches) is gone, the committed results are
+    # kept. The report comes from the ledger alone; the study rebuilds stage 1 from its seeds (the
+    # same records) and computes no row again
+    (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model"))
+    shutil.rmtree(tmp_path / "study")
+    (results / "REPORT.md").unlink()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--report-only"]) == 0
+    assert (results / "REPORT.md").read_text() == report and not (tmp_path / "study").exists()
+    capsys.readouterr()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert "restored" in log and "computing" not in log and "stage 1 (" in log
+    again = json.loads((results / "summary.json").read_text())
+    assert again["claims"] == summary["claims"] and again["rows"] == summary["rows"]
+
+    def ranked(stability: list[dict]) -> list:  # what an emulator is built from
+        return [(e["setting"], e["scores"]["replaced"], e["rl_scores"]["replaced"]) for e in stability]
+
+    assert ranked(again["stage1_stability"]) == ranked(summary["stage1_stability"]), again["stage1_stability"]
 
 
 def test_study_variant_emulator_must_exist(tmp_path):
@@ -242,15 +262,19 @@ def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
     from recipes.study_data import check_task_data
     from scaleot_fed.errors import ConfigError
 
-    saved = {"tasks": ["piqa", "hellaswag"], "eval_limits": {"hellaswag": 2000}}  # saved before random_subsets
-    (tmp_path / "piqa" / "rows").mkdir(parents=True)
-    (tmp_path / "hellaswag" / "rows").mkdir(parents=True)  # an empty folder: no results
-    (tmp_path / "piqa" / "rows" / "full_zero_shot.json").write_text("{}")
+    saved = {"tasks": ["piqa", "hellaswag", "arc_easy"], "eval_limits": {"hellaswag": 2000}}  # before random_subsets
+    run, items = tmp_path / "run", tmp_path / "results" / "items"
+    (run / "piqa" / "rows").mkdir(parents=True)
+    (run / "hellaswag" / "rows").mkdir(parents=True)  # an empty folder: no results
+    (run / "piqa" / "rows" / "full_zero_shot.json").write_text("{}")
+    (items / "arc_easy").mkdir(parents=True)  # results kept only in the ledger count too
+    (items / "arc_easy" / "full_zero_shot.loglik.json.gz").write_bytes(b"")
     for change in ({"random_subsets": ["hellaswag"]}, {"eval_limits": {"hellaswag": 3000}}, {}):
-        check_task_data(tmp_path, saved, StudySection(**saved | change))
-    for change in ({"random_subsets": ["piqa"]}, {"train_limit": 1000}, {"eval_limit": 100}):
-        with pytest.raises(ConfigError, match=r"the items of \['piqa'\] changed"):
-            check_task_data(tmp_path, saved, StudySection(**saved | change))
+        check_task_data([run, items], saved, StudySection(**saved | change))
+    for change, refused in (({"random_subsets": ["piqa"]}, "'piqa'"), ({"train_limit": 1000}, "'piqa', 'arc_easy'"),
+                            ({"eval_limit": 100}, "'piqa', 'arc_easy'")):
+        with pytest.raises(ConfigError, match=rf"the items of \[{refused}\] changed"):
+            check_task_data([run, items], saved, StudySection(**saved | change))
     with pytest.raises(ConfigError, match="study.random_subsets"):
         StudySection(tasks=["piqa"], random_subsets=["hellaswag"])
 

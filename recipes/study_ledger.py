@@ -1,0 +1,176 @@
+"""The study's ledger: what a study keeps in its results folder (committed) so that a fresh
+checkout, with no run folder, continues the grid and rewrites the report without recomputing a
+finished row.
+
+The run folder holds the weights (stage 1's harmonizers, the emulators, trained adapters): large,
+never committed, and rebuilt from their seed when lost. Everything else the report reads is small
+and lives beside the report:
+
+* ``items/<task>/<row>.loglik.json.gz``: a scored row, whole: ``acc``, ``acc_norm``, its other
+  fields under ``record`` (dev losses, training stats) and its per-item log-likelihoods;
+* ``ledger/config.json``: the config the rows were made with (checked like the run folder's);
+* ``ledger/units.jsonl``: the wall seconds of every unit the study ran (the compute-used line);
+* ``ledger/stage1/<setting>/seed<s>.json`` and ``ledger/emulators/<seed>/<name>.json``: stage 1's
+  record and each emulator's manifest without their weights (stability, budgets).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.files import write_atomic
+
+from .rundir import RowCache, config_changes, write_json
+
+LEDGER = "ledger"
+SCORES = ("acc", "acc_norm")
+
+
+def ledger_dir(results: Path) -> Path:
+    return Path(results) / LEDGER
+
+
+def item_text(key: str, row: dict) -> str:
+    """A scored row's per-item file: every field of the row, the per-item record flattened in as
+    the files have always had it (``loglik``, ``gold``, ``choice_chars``)."""
+    record = {k: v for k, v in row.items() if k not in ("items", *SCORES)}
+    return json.dumps({"row": key} | {k: row[k] for k in SCORES} | {"record": record} | row["items"])
+
+
+def row_from_items(data: dict) -> dict:
+    """The row a per-item file holds (inverse of :func:`item_text`)."""
+    items = {k: v for k, v in data.items() if k not in ("row", "record", *SCORES)}
+    return {k: data[k] for k in SCORES} | data.get("record", {}) | {"items": items}
+
+
+def read_items(path: Path) -> dict | None:
+    """A per-item file's content (None if absent or damaged, e.g. cut short by a kill)."""
+    text = _stored_text(path)
+    try:
+        return None if text is None else json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _stored_text(path: Path) -> str | None:
+    try:
+        return gzip.decompress(path.read_bytes()).decode()
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
+
+
+def write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
+    """Each scored row as ``<row>.loglik.json.gz`` in ``folder``, rewritten (atomically, with no
+    timestamp in the gzip header, so an unchanged row gives the same bytes) when the row changed.
+    Returns ``{row key: path relative to the results folder}``."""
+    written = {}
+    for key, row in rows.items():
+        if "items" not in row:
+            continue
+        path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
+        text = item_text(key, row)
+        if _stored_text(path) != text:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, gzip.compress(text.encode(), mtime=0))
+        written[key] = str(Path("items") / folder.name / path.name)
+    return written
+
+
+def saved_config(out: Path, results: Path) -> dict | None:
+    """The config a study's results were made with: the run folder's, else the ledger's."""
+    for path in (Path(out) / "config.json", ledger_dir(results) / "config.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def check_config(results: Path, config: dict, may_change: tuple[str, ...]) -> bool:
+    """Whether ``results`` holds a ledger; refused (one line) if it was made with another config
+    than ``config``, up to the keys in ``may_change``."""
+    saved = ledger_dir(results) / "config.json"
+    if not saved.is_file():
+        return False
+    changed = config_changes(json.loads(saved.read_text()), config, may_change)
+    if changed:
+        raise ConfigError(f"{results} holds a study made with another config (changed: {', '.join(changed[:8])}); "
+                          "restore that config, use --overwrite to start over, or set another [study] results")
+    return True
+
+
+def ledger_rows(results: Path, task: str, log=None) -> dict[str, dict]:
+    """The rows of ``task`` the ledger holds, by key (a damaged file is left out, and said)."""
+    rows = {}
+    for path in sorted((Path(results) / "items" / task).glob("*.loglik.json.gz")):
+        key = path.name.removesuffix(".loglik.json.gz").replace("__", "/")
+        if (data := read_items(path)) is not None:
+            rows[key] = row_from_items(data)
+        elif log:
+            log(f"study: {path} is damaged; its row will be computed again")
+    return rows
+
+
+def restore(out: Path, results: Path, config: dict, tasks: list[str], may_change: tuple[str, ...], log) -> int:
+    """Put the ledger's rows that the run folder ``out`` lacks back into its row caches (a fresh
+    checkout, a deleted run folder), after :func:`check_config`. An emulator's fine-tuned row comes
+    back only with its plug-in row: the plug-in needs the trained adapters, which are gone with the
+    run folder, so the unit reruns both. Returns how many rows came back."""
+    if Path(results).resolve() == Path(out).resolve() or not check_config(results, config, may_change):
+        return 0
+    restored = 0
+    for task in tasks:
+        cache, found = RowCache(Path(out) / task), ledger_rows(results, task, log)
+        for key, row in found.items():
+            sibling = key.removesuffix("/emulator_finetune") + "/plug_in"
+            if cache.get(key) is None and not (key.endswith("/emulator_finetune") and sibling not in found):
+                cache.put(key, row)
+                restored += 1
+    if restored:
+        log(f"study: restored {restored} finished rows from {results}/items (the run folder did not have them); "
+            "to compute a row again, delete its file there too")
+    return restored
+
+
+def record(out: Path, results: Path, config: dict) -> Path:
+    """Copy the run folder's small records into the ledger: the config, stage 1's records and the
+    emulators' manifests (a record the run folder has lost is kept). Returns the ledger folder."""
+    ledger = ledger_dir(results)
+    ledger.mkdir(parents=True, exist_ok=True)
+    write_json(ledger / "config.json", config)
+    for path in sorted(Path(out).glob("stage1/*/seed*/layer_replace.json")):
+        _keep(path, ledger / "stage1" / path.parent.parent.name / f"{path.parent.name}.json")
+    for path in sorted(Path(out).glob("emulators/*/*/emulator/manifest.json")):
+        _keep(path, ledger / "emulators" / path.parent.parent.parent.name / f"{path.parent.parent.name}.json")
+    return ledger
+
+
+def _keep(source: Path, target: Path) -> None:
+    text = source.read_text()
+    if not target.is_file() or target.read_text() != text:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, text)
+
+
+def log_unit(results: Path, label: str, seconds: float) -> None:
+    """Append one unit's wall seconds to the ledger's compute log."""
+    path = ledger_dir(results) / "units.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"unit": label, "seconds": seconds}) + "\n")
+
+
+def compute_seconds(results: Path) -> float:
+    """Wall seconds of every unit the study ran, by its compute log."""
+    path = ledger_dir(results) / "units.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return float(sum(json.loads(line)["seconds"] for line in lines if line.strip()))
+
+
+def clear(results: Path) -> None:
+    """Remove the rows and records of the ledger (``--overwrite``: the study starts over)."""
+    for folder in (Path(results) / "items", ledger_dir(results)):
+        if folder.is_dir():
+            shutil.rmtree(folder)

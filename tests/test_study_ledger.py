@@ -1,0 +1,82 @@
+"""The study's ledger (recipes.study_ledger): a fresh checkout gets its finished rows back from
+the committed results, and only rows made with the same config."""
+
+import gzip
+import json
+
+import pytest
+
+from recipes import study_ledger as ledger
+from recipes.rundir import RowCache
+from scaleot_fed.errors import ConfigError
+
+
+def _row(acc: float, **record) -> dict:
+    items = {"loglik": [[-1.0, -2.0], [-3.0, -0.5]], "gold": [0, 1], "choice_chars": [[3, 4], [5, 6]]}
+    return {"acc": acc, "acc_norm": acc / 2, "n": 2} | record | {"items": items}
+
+
+def test_a_fresh_run_folder_gets_the_ledgers_rows_back(tmp_path):
+    run, results, config = tmp_path / "run", tmp_path / "results", {"study": {"seeds": [0], "tasks": ["piqa"]}}
+    rows = {"full_zero_shot": _row(0.5),
+            "full_finetune/lr0.0001/seed0/row": _row(0.75, best_dev_loss=2.5, lr=1e-4, mode="full"),
+            "u/seed0/emulator_finetune": _row(0.25, best_step=50), "u/seed0/plug_in": _row(0.5),
+            "u/seed1/emulator_finetune": _row(0.25)}  # (its plug-in never finished)
+    files = ledger.write_items(rows, results / "items" / "piqa")
+    ledger.record(run, results, config)
+    # the per-item file keeps the layout readers know, and the row's other fields under "record"
+    stored = json.loads(gzip.open(results / files["full_finetune/lr0.0001/seed0/row"], "rt").read())
+    assert stored["gold"] == [0, 1] and stored["acc"] == 0.75 and stored["record"]["best_dev_loss"] == 2.5
+    logged = []
+    assert ledger.restore(tmp_path / "fresh", results, config, ["piqa"], (), logged.append) == 4
+    cache = RowCache(tmp_path / "fresh" / "piqa")
+    for key in ("full_zero_shot", "full_finetune/lr0.0001/seed0/row", "u/seed0/emulator_finetune", "u/seed0/plug_in"):
+        assert cache.get(key) == rows[key]  # every field, the items included
+    # a fine-tuned emulator row without its plug-in stays out: the plug-in needs its trained
+    # adapters, gone with the run folder, so its unit runs again
+    assert cache.get("u/seed1/emulator_finetune") is None and "restored 4 finished rows" in logged[0]
+    # rows already in the run folder win, and a second restore brings nothing
+    cache.put("full_zero_shot", _row(0.1))
+    assert ledger.restore(tmp_path / "fresh", results, config, ["piqa"], (), logged.append) == 0
+    assert cache.get("full_zero_shot")["acc"] == 0.1
+
+
+def test_a_ledger_made_with_another_config_is_refused(tmp_path):
+    results, config = tmp_path / "results", {"study": {"seeds": [0], "train_limit": 100}}
+    ledger.write_items({"full_zero_shot": _row(0.5)}, results / "items" / "piqa")
+    ledger.record(tmp_path / "run", results, config)
+    changed = {"study": {"seeds": [0], "train_limit": 200}}
+    with pytest.raises(ConfigError, match=r"another config \(changed: study.train_limit\)"):
+        ledger.restore(tmp_path / "fresh", results, changed, ["piqa"], (), print)
+    assert not (tmp_path / "fresh").exists()
+    # keys that only add to the grid may change
+    more = {"study": {"seeds": [0, 1], "train_limit": 100}}
+    assert ledger.restore(tmp_path / "fresh", results, more, ["piqa"], ("study.seeds",), print) == 1
+
+
+def test_a_damaged_per_item_file_is_computed_again(tmp_path):
+    results, config = tmp_path / "results", {"study": {}}
+    files = ledger.write_items({"a/seed0/plug_in": _row(0.5), "b/seed0/plug_in": _row(0.5)}, results / "items" / "piqa")
+    ledger.record(tmp_path / "run", results, config)
+    path = results / files["a/seed0/plug_in"]
+    path.write_bytes(path.read_bytes()[:20])  # cut short by a kill
+    logged = []
+    assert ledger.restore(tmp_path / "fresh", results, config, ["piqa"], (), logged.append) == 1
+    assert "is damaged" in logged[0] and RowCache(tmp_path / "fresh" / "piqa").get("a/seed0/plug_in") is None
+    # and written whole again from the row when the report next runs
+    ledger.write_items({"a/seed0/plug_in": _row(0.5)}, results / "items" / "piqa")
+    assert ledger.read_items(path)["acc"] == 0.5
+
+
+def test_the_compute_log_and_records_outlive_the_run_folder(tmp_path):
+    run, results = tmp_path / "run", tmp_path / "results"
+    (run / "stage1" / "na2-a0.5" / "seed0").mkdir(parents=True)
+    (run / "stage1" / "na2-a0.5" / "seed0" / "layer_replace.json").write_text('{"scores": {"1": 0.5}}')
+    ledger.log_unit(results, "stage 1 seed 0", 30.0)
+    ledger.log_unit(results, "piqa: full zero-shot", 12.5)
+    records = ledger.record(run, results, {})
+    assert json.loads((records / "stage1" / "na2-a0.5" / "seed0.json").read_text()) == {"scores": {"1": 0.5}}
+    (run / "stage1" / "na2-a0.5" / "seed0" / "layer_replace.json").unlink()
+    ledger.record(run, results, {})  # a record the run folder lost is kept
+    assert (records / "stage1" / "na2-a0.5" / "seed0.json").is_file()
+    assert ledger.compute_seconds(results) == 42.5
