@@ -52,7 +52,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     row_families,
     seeded,
 )
-from .study_data import TASK_DATA, check_task_data, emulator_blocks, task_items, task_tokens
+from .study_data import TASK_DATA, check_task_data, emulator_blocks, eta_line, task_items, task_tokens
 
 
 @dataclass
@@ -322,8 +322,12 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation)
     facts = model_facts(loaded.model)
     units = grid.stage1_units() + [u for task in study.tasks for u in grid.units(task)]
-    pending = [u for u in units if not u.done()]
+    done = [u.done() for u in units]
+    pending = [u for u, d in zip(units, done) if not d]
     log(f"study: {len(units)} units, {len(units) - len(pending)} done")
+    if eta := eta_line(sum(u.cost for u, d in zip(units, done) if d), ledger.compute_seconds(results),
+                       [(u.label, u.cost) for u in pending]):
+        log(eta)
     summary = write_report(config, out, results, facts)
     # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
     bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,

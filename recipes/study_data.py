@@ -94,3 +94,19 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
         raise ConfigError(f"{folders[0]}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
                           "results made on the old items; restore the old values, or delete the tasks' folders "
                           "(in the run folder and in the results' items/) to score them again")
+
+
+def eta_line(finished: float, seconds: float, pending: list[tuple[str, float]]) -> str | None:
+    """What is left, per task, at the rate the compute log measured: ``seconds`` (the log's total)
+    over ``finished`` (the estimated cost of the units done), times each pending ``(label, cost)``.
+    Units run twice (rebuilt weights) or beside other work count in the log, so it errs long.
+    ``None`` before any unit has run."""
+    if finished <= 0 or seconds <= 0 or not pending:
+        return None
+    rate = seconds / finished
+    hours: dict[str, float] = {}
+    for label, cost in pending:  # "<task>: ..." or "stage 1 ..."
+        group = label.split(":")[0] if ":" in label else "stage 1"
+        hours[group] = hours.get(group, 0.0) + cost * rate / 3600
+    return (f"study: left at the compute log's rate ({rate * 1e6:.1f} s per M block-tokens): "
+            + ", ".join(f"{k} {v:.1f} h" for k, v in hours.items()) + f"; {sum(hours.values()):.1f} h in all")

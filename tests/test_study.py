@@ -296,6 +296,16 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     assert b.training == 10 * 4 * 48 and a.training < b.training / 3  # capped at max_length, padded per batch
 
 
+def test_the_eta_is_the_compute_logs_rate_times_what_is_left():
+    from recipes.study_data import eta_line
+
+    assert eta_line(0.0, 0.0, [("piqa: full zero-shot", 1e6)]) is None  # nothing has run: no rate yet
+    # 3,600 s for 2 M block-tokens done: 1,800 s per M; 1 M of stage 1 and 3 M of piqa are left
+    line = eta_line(2e6, 3600.0, [("stage 1 na4-a0.5 seed 2", 1e6), ("piqa: full zero-shot", 1e6),
+                                  ("piqa: u seed 0 fine-tune + plug-in", 2e6)])
+    assert line.endswith("(1800.0 s per M block-tokens): stage 1 0.5 h, piqa 1.5 h; 2.0 h in all")
+
+
 FEDERATED_STUDY = """
 [study]
 out = "{out}"
