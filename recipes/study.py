@@ -52,7 +52,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     row_families,
     seeded,
 )
-from .study_data import TASK_DATA, check_task_data, emulator_blocks, eta_line, task_items, task_tokens
+from .study_data import TASK_DATA, check_task_data, emulator_blocks, eta_line, model_facts, task_items, task_tokens
 
 
 @dataclass
@@ -70,9 +70,10 @@ class Grid:
     """The study's units over one loaded full model, in the order they run: task by task, and in
     a task seed by seed, so every comparison exists at the first seed before the next starts."""
 
-    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None) -> None:
+    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None,
+                 records: Path | None = None) -> None:
         self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
-        self.federation = federation
+        self.federation, self.records = federation, records
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
 
@@ -111,9 +112,12 @@ class Grid:
         return token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
 
     def stage1_current(self, section: EmulatorSection, seed: int) -> bool:
-        """Whether the seed's stage 1 is on disk with the config's ranking settings."""
-        meta = self.stage1_dir(section, seed) / "layer_replace.json"
-        return meta.exists() and rerank_changes(json.loads(meta.read_text()), self.stage1_config(section, seed)) == []
+        """Whether the seed's stage 1 is on disk, or recorded in the ledger (its weights rebuilt when
+        an emulator needs them), with the config's ranking settings."""
+        path = self.stage1_dir(section, seed)
+        recorded = self.records / "stage1" / path.parent.name / f"{path.name}.json" if self.records else None
+        meta = next((p for p in (path / "layer_replace.json", recorded) if p and p.exists()), None)
+        return meta is not None and rerank_changes(json.loads(meta.read_text()), self.stage1_config(section, seed)) == []
 
     def emulator_dir(self, section: EmulatorSection, seed: int) -> Path:
         return self.out / "emulators" / (f"seed{seed}" if seeded(section) else "shared") / section.name / "emulator"
@@ -134,7 +138,7 @@ class Grid:
 
     def stage1_units(self) -> list[Unit]:
         """Stage 1 for every seed first: shared by the tasks, and its stability across seeds is
-        one of the study's results."""
+        one of the study's results (a seed the ledger records is rebuilt when an emulator needs it)."""
         units, seen = [], set()
         for section in self.config.emulators:
             for seed in self.config.study.seeds:
@@ -253,17 +257,6 @@ class Grid:
                            study.eval_batch_size, cache=cached_rows(rows, self.log))
 
 
-def json_round_trip(value: dict) -> dict:
-    return json.loads(json.dumps(value))
-
-
-def model_facts(model) -> dict:
-    """Parameters per block and in the LM head, and the block count (for the FLOP budgets)."""
-    from scaleot_fed.arch import get_layers
-
-    layers = get_layers(model)
-    return {"block_params": sum(p.numel() for p in layers[0].parameters()), "layers": len(layers),
-            "head_params": int(model.config.vocab_size) * int(model.config.hidden_size)}
 
 
 def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool,
@@ -288,7 +281,7 @@ def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
         return
     check_task_data([out, results / "items"], saved.get("study", {}), config.study)
     before = {e["name"]: e for e in saved.get("emulators", [])}
-    changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json_round_trip(as_dict(e))]
+    changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json.loads(json.dumps(as_dict(e)))]
     if changed:
         raise ConfigError(f"{out}: [[emulator]] {changed} changed under the same name, but its rows are cached; "
                           "give the changed emulator a new name, or use --overwrite to start over")
@@ -319,7 +312,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
         ledger.clear(results)
     ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
     loaded = load_model(study.model)
-    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation)
+    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
     facts = model_facts(loaded.model)
     units = grid.stage1_units() + [u for task in study.tasks for u in grid.units(task)]
     done = [u.done() for u in units]

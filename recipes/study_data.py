@@ -110,3 +110,12 @@ def eta_line(finished: float, seconds: float, pending: list[tuple[str, float]]) 
         hours[group] = hours.get(group, 0.0) + cost * rate / 3600
     return (f"study: left at the compute log's rate ({rate * 1e6:.1f} s per M block-tokens): "
             + ", ".join(f"{k} {v:.1f} h" for k, v in hours.items()) + f"; {sum(hours.values()):.1f} h in all")
+
+
+def model_facts(model) -> dict:
+    """Parameters per block and in the LM head, and the block count (for the FLOP budgets)."""
+    from scaleot_fed.arch import get_layers
+
+    layers = get_layers(model)
+    return {"block_params": sum(p.numel() for p in layers[0].parameters()), "layers": len(layers),
+            "head_params": int(model.config.vocab_size) * int(model.config.hidden_size)}
