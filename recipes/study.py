@@ -76,6 +76,7 @@ class Grid:
         self.federation, self.records = federation, records
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
+        self._costed: set[Path] = set()  # emulators whose build an earlier unit's cost already holds
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
     def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
@@ -206,8 +207,10 @@ class Grid:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks, d = emulator_blocks(self.layers, emulator), self.config.distill
-        built = not emulator.distill or (self.emulator_dir(emulator, seed) / "manifest.json").exists()
-        build = 0 if built else d.steps * d.batch_size * d.block_size * (self.layers + 3 * blocks)  # (built first)
+        edir = self.emulator_dir(emulator, seed)  # a distillation is costed in the first unit of the grid to use it
+        build = 0 if not emulator.distill or (edir / "manifest.json").exists() or edir in self._costed else \
+            d.steps * d.batch_size * d.block_size * (self.layers + 3 * blocks)
+        self._costed.add(edir)
         unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks + build,
              lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
         folder = self.out / task / "trained" / cell / f"seed{seed}"

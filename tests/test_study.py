@@ -306,6 +306,26 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     assert b.training == 10 * 4 * 48 and a.training < b.training / 3  # capped at max_length, padded per batch
 
 
+def test_a_distillation_is_costed_once_in_the_first_unit_that_builds_it(tmp_path, tiny_model_dir, gpt2_tokenizer,
+                                                                        monkeypatch):
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import Grid, StudyConfig, StudySection
+    from scaleot_fed.models import load_model
+
+    write_items(tmp_path / "a.jsonl", 20, 0)
+    write_items(tmp_path / "b.jsonl", 20, 0)  # the same items: the same scoring and training cost
+    monkeypatch.chdir(tmp_path)
+    tasks = ["a.jsonl", "b.jsonl"]  # (task names: each task's rows live in <run>/<task>/)
+    config = StudyConfig(study=StudySection(tasks=tasks, seeds=[0], train_limit=None, dev_items=4),
+                         emulators=[EmulatorSection(name="ot", strategy="uniform-drop", num_adapter_layers=2,
+                                                    alpha=0.5, distill=True)])
+    grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
+    first, second = ({u.label.split(": ", 1)[1]: u.cost for u in grid.units(t)} for t in tasks)
+    d = config.distill
+    assert first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"] == d.steps * d.batch_size * d.block_size * (6 + 3 * 4)
+    assert {k: v for k, v in first.items() if "zero-shot" not in k} == {k: v for k, v in second.items() if "zero-shot" not in k}
+
+
 def test_the_eta_is_the_compute_logs_rate_times_what_is_left():
     from recipes.study_data import eta_line
 
