@@ -51,6 +51,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     load_study_config,
     row_families,
     seeded,
+    task_folder,
 )
 from .study_data import TASK_DATA, check_task_data, emulator_blocks, eta_line, model_facts, task_items, task_tokens
 
@@ -77,6 +78,7 @@ class Grid:
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
         self._costed: set[Path] = set()  # emulators whose build an earlier unit's cost already holds
+        self._items: dict[str, tuple] = {}  # (train, dev, evaluation) per task, read once
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
     def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
@@ -157,14 +159,15 @@ class Grid:
     def units(self, task: str) -> list[Unit]:
         study, config = self.config.study, self.config
         owner: dict[str, SingleOwner] = {}
-        rows = RowCache(self.out / task)
+        rows = RowCache(self.out / task_folder(task))
 
         def get() -> SingleOwner:  # the task's data, read when a unit first needs it
             if not owner:
                 owner["o"] = self.owner(task, rows)
             return owner["o"]
 
-        tokens = task_tokens(self.tokenizer, study, task, config.finetune)
+        train_items, _, eval_items = self.items(task)
+        tokens = task_tokens(self.tokenizer, train_items, eval_items, config.finetune)
         evaluation, train = tokens.scoring, tokens.training
         units: list[Unit] = []
 
@@ -195,7 +198,7 @@ class Grid:
         def run(seed: int) -> dict:
             self.emulator(name, seed)  # built if needed
             return self.federation.run(task, seed, self.emulator_dir(name, seed),
-                                       self.out / task / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
+                                       self.out / task_folder(task) / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
 
         cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
         return [Unit(f"{task}: federated and centralised seed {s}", cost,
@@ -213,7 +216,7 @@ class Grid:
         self._costed.add(edir)
         unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks + build,
              lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
-        folder = self.out / task / "trained" / cell / f"seed{seed}"
+        folder = self.out / task_folder(task) / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
             owner = get()
@@ -250,16 +253,20 @@ class Grid:
         label = f"{name} lr {lr:g} seed {seed}" if lr is not None else f"{name} seed {seed} (chosen rate)"
         return Unit(f"{task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run)
 
-    # -- data and cost ------------------------------------------------------------------------
+    # -- data -------------------------------------------------------------------------------
+    def items(self, task: str) -> tuple:
+        """``(train, dev, evaluation)`` of ``task`` (:func:`recipes.study_data.task_items`), read once."""
+        if task not in self._items:
+            self._items[task] = task_items(self.config.study, task)
+        return self._items[task]
+
     def owner(self, task: str, rows: RowCache) -> SingleOwner:
         study = self.config.study
-        train, dev, evaluation = task_items(study, task)
+        train, dev, evaluation = self.items(task)
         self.log(f"study: {task}: {len(train)} train, {len(dev)} dev, {len(evaluation)} eval items"
                  + (" (a fixed random subset)" if task in study.random_subsets else ""))
         return SingleOwner(self.full, self.tokenizer, train, dev, evaluation, self.config.finetune,
                            study.eval_batch_size, cache=cached_rows(rows, self.log))
-
-
 
 
 def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool,
@@ -324,7 +331,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     if eta := eta_line(sum(u.cost for u, d in zip(units, done) if d), ledger.compute_seconds(results),
                        [(u.label, u.cost) for u in pending]):
         log(eta)
-    summary = write_report(config, out, results, facts)
+    summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
     # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
     bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
@@ -337,6 +344,6 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
             ledger.log_unit(results, u.label, time.perf_counter() - start)  # what the compute-used line adds up
         bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
-            summary, reported = write_report(config, out, results, facts), time.monotonic()
+            summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()
     bar.close()
     return summary

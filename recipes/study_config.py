@@ -3,6 +3,7 @@ the row families a claim may name (see :mod:`recipes.study` for the rows themsel
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,6 +179,13 @@ GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resam
                "layer_replace.ranking_candidates", "layer_replace.ranking_batches")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one
 (the ranking's settings re-rank saved stage-1 runs, refused once emulators were built from them)."""
+
+
+def task_folder(task: str) -> str:
+    """The folder name of a task's rows and items (in the run folder and in ``items/``): a built-in
+    task's (or mixture's) name as it is; a file given by path, that path made one name
+    (``data/mine.jsonl`` -> ``data_mine.jsonl``), so it stays inside the study's folders."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", task).strip("_.") or "task"
 
 
 def seeded(section: EmulatorSection) -> bool:

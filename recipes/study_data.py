@@ -22,7 +22,7 @@ from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.tasks import MCItem, load_task
 
 from .single_owner import EmulatorSection
-from .study_config import StudySection
+from .study_config import StudySection, task_folder
 
 SUBSET_SEED = 0
 """The seed of ``random_subsets``' draw: fixed, not a study seed, so every cell sees the same items."""
@@ -52,8 +52,8 @@ class TaskTokens:
     """One fine-tuning run: its steps' batches, each padded to its longest example."""
 
 
-def task_tokens(tokenizer, study: StudySection, task: str, finetune: FinetuneConfig) -> TaskTokens:
-    train, _, evaluation = task_items(study, task)
+def task_tokens(tokenizer, train: list[MCItem], evaluation: list[MCItem], finetune: FinetuneConfig) -> TaskTokens:
+    """What a task's units push through the model: ``train`` and ``evaluation`` from :func:`task_items`."""
     contexts = tokenizer([i.context for i in evaluation])["input_ids"]
     choices = tokenizer([TARGET_DELIMITER + c for i in evaluation for c in i.choices])["input_ids"]
     examples = tokenizer([i.context + TARGET_DELIMITER + i.choices[i.gold] for i in train])["input_ids"]
@@ -89,7 +89,7 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
         return s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"]
 
     changed = [t for t in study.tasks if items(old, t) != items(new, t)
-               and any(p.is_file() for f in folders for p in (f / t).rglob("*"))]
+               and any(p.is_file() for f in folders for p in (f / task_folder(t)).rglob("*"))]
     if changed:
         raise ConfigError(f"{folders[0]}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
                           "results made on the old items; restore the old values, or delete the tasks' folders "

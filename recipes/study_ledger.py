@@ -25,6 +25,7 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
 
 from .rundir import RowCache, config_changes, write_json
+from .study_config import task_folder
 
 LEDGER = "ledger"
 SCORES = ("acc", "acc_norm")
@@ -104,7 +105,7 @@ def check_config(results: Path, config: dict, may_change: tuple[str, ...]) -> bo
 def ledger_rows(results: Path, task: str, log=None) -> dict[str, dict]:
     """The rows of ``task`` the ledger holds, by key (a damaged file is left out, and said)."""
     rows = {}
-    for path in sorted((Path(results) / "items" / task).glob("*.loglik.json.gz")):
+    for path in sorted((Path(results) / "items" / task_folder(task)).glob("*.loglik.json.gz")):
         key = path.name.removesuffix(".loglik.json.gz").replace("__", "/")
         if (data := read_items(path)) is not None:
             rows[key] = row_from_items(data)
@@ -122,7 +123,7 @@ def restore(out: Path, results: Path, config: dict, tasks: list[str], may_change
         return 0
     restored = 0
     for task in tasks:
-        cache, found = RowCache(Path(out) / task), ledger_rows(results, task, log)
+        cache, found = RowCache(Path(out) / task_folder(task)), ledger_rows(results, task, log)
         for key, row in found.items():
             sibling = key.removesuffix("/emulator_finetune") + "/plug_in"
             if cache.get(key) is None and not (key.endswith("/emulator_finetune") and sibling not in found):

@@ -18,7 +18,7 @@ from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap,
 
 from . import study_ledger as ledger
 from .rundir import write_json
-from .study import METRICS, StudyConfig, chosen_rate, seeded
+from .study import METRICS, StudyConfig, chosen_rate, seeded, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 
@@ -26,7 +26,7 @@ FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 def load_rows(out: Path, task: str, results: Path | None = None) -> dict[str, dict]:
     """Every finished row of ``task``, by key: the run folder's, and the ledger's in ``results``
     that the run folder lacks (a fresh checkout has only those)."""
-    folder = out / task / "rows"
+    folder = out / task_folder(task) / "rows"
     found = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} \
         if folder.is_dir() else {}
     return (ledger.ledger_rows(results, task) if results else {}) | found
@@ -120,17 +120,19 @@ def families(config: StudyConfig) -> list[str]:
     return [f for f in FAMILY_ORDER if f in known] + sorted(known - set(FAMILY_ORDER))
 
 
-def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | None = None) -> dict:
+def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | None = None,
+                 merge_ledger: bool = True) -> dict:
     """Build the summary from ``out``'s rows and write it with ``REPORT.md``, the plots, the
-    per-item files and the ledger to ``results``. Returns the summary."""
+    per-item files and the ledger to ``results``. ``merge_ledger``: add the ledger's rows that
+    ``out`` lacks (a running study has restored them into ``out`` already). Returns the summary."""
     study = config.study
     records = ledger.record(out, results, as_dict(config))
-    rows_by_task = {t: load_rows(out, t, results) for t in study.tasks}
+    rows_by_task = {t: load_rows(out, t, results if merge_ledger else None) for t in study.tasks}
     table, claims, n_eval, items_files = {}, [], {}, {}
     resolvers = {t: _Resolver(config, rows_by_task[t], study.metric_of(t)) for t in study.tasks}
     for task, resolver in resolvers.items():
         n_eval[task] = next((r["n"] for r in rows_by_task[task].values() if "n" in r), 0)
-        items_files[task] = ledger.write_items(rows_by_task[task], results / "items" / task)
+        items_files[task] = ledger.write_items(rows_by_task[task], results / "items" / task_folder(task))
         for family in families(config):
             found = resolver.matrix(family)
             if found is None:

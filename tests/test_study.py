@@ -291,7 +291,7 @@ def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
 
 def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     from recipes.study import StudySection
-    from recipes.study_data import task_tokens
+    from recipes.study_data import task_items, task_tokens
     from scaleot_fed.finetune import FinetuneConfig
 
     short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
@@ -300,7 +300,7 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
                                         "choices": ["a long answer " * 5, "b"], "gold": 0}) + "\n" for i in range(40)))
     study = StudySection(tasks=[str(short), str(long)], train_limit=None, dev_items=4)
     ft = FinetuneConfig(steps=10, batch_size=4, max_length=48)
-    a, b = (task_tokens(gpt2_tokenizer, study, str(t), ft) for t in (short, long))
+    a, b = (task_tokens(gpt2_tokenizer, *task_items(study, str(t))[::2], ft) for t in (short, long))
     contexts = [len(gpt2_tokenizer(json.loads(line)["context"])["input_ids"]) for line in long.read_text().splitlines()]
     assert b.scoring > sum(contexts) and b.scoring > 5 * a.scoring
     assert b.training == 10 * 4 * 48 and a.training < b.training / 3  # capped at max_length, padded per batch
@@ -456,3 +456,26 @@ def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
     assert verdict([1, 1], [3, 3]).endswith("**holds** (provisional: seeds 1 of 3, 1 of 3) |")
     assert verdict([3, 2], [3, 3]).endswith("**holds** (provisional: seeds 3 of 3, 2 of 3) |")  # either side short
     assert verdict([3, 1], [3, 1]).endswith("**holds** |")  # e.g. vs full_zero_shot, which has one seed
+
+
+def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny_model_dir):
+    """A user's task file (absolute path) is one folder name in the run folder and in ``items/``;
+    nothing is written beside the file."""
+    from recipes.study import StudyConfig, StudySection, run_study, task_folder
+    from recipes.study_report import report_study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_items(data / "mine.jsonl", 16, 0)
+    task = str(data / "mine.jsonl")
+    assert task_folder("arc_easy") == "arc_easy" and task_folder("piqa+arc_easy") == "piqa+arc_easy"
+    assert task_folder(task) == task_folder(task.lstrip("/")) and "/" not in task_folder(task)
+    config = StudyConfig(study=StudySection(out=str(tmp_path / "run"), results=str(tmp_path / "results"),
+                                            model=str(tiny_model_dir), tasks=[task], seeds=[0], train_limit=None,
+                                            dev_items=4, eval_limit=6, eval_batch_size=4, resamples=100))
+    summary = run_study(config)
+    assert summary["n_eval"] == {task: 6} and [p.name for p in data.iterdir()] == ["mine.jsonl"]
+    assert (tmp_path / "run" / task_folder(task) / "rows" / "full_zero_shot.json").is_file()
+    assert summary["items_files"][task] == {"full_zero_shot": f"items/{task_folder(task)}/full_zero_shot.loglik.json.gz"}
+    shutil.rmtree(tmp_path / "run")  # the ledger alone reports it
+    assert report_study(config)["rows"] == summary["rows"]
