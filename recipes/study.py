@@ -53,7 +53,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     seeded,
     task_folder,
 )
-from .study_data import TASK_DATA, check_task_data, emulator_blocks, eta_line, model_facts, task_items, task_tokens
+from .study_data import TASK_DATA, emulator_blocks, eta_line, model_facts, task_items, task_tokens
 
 
 @dataclass
@@ -171,7 +171,10 @@ class Grid:
         evaluation, train = tokens.scoring, tokens.training
         units: list[Unit] = []
 
-        def unit(label: str, key: str, cost: float, compute: Callable[[], object]) -> None:
+        def unit(label: str, key: str, cost: float, compute: Callable[[], object],
+                 builds: tuple[EmulatorSection, int] | None = None) -> None:
+            if builds is not None and rows.get(key) is None:  # the first pending unit to need it pays its build
+                cost += self.build_cost(*builds)
             units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute))
 
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
@@ -209,13 +212,9 @@ class Grid:
                    train: float) -> None:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
-        blocks, d = emulator_blocks(self.layers, emulator), self.config.distill
-        edir = self.emulator_dir(emulator, seed)  # a distillation is costed in the first unit of the grid to use it
-        build = 0 if not emulator.distill or (edir / "manifest.json").exists() or edir in self._costed else \
-            d.steps * d.batch_size * d.block_size * (self.layers + 3 * blocks)
-        self._costed.add(edir)
-        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks + build,
-             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)))
+        blocks = emulator_blocks(self.layers, emulator)
+        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
+             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)), builds=(emulator, seed))
         folder = self.out / task_folder(task) / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
@@ -226,7 +225,16 @@ class Grid:
                                                        trained_path(folder, mode))
 
         unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
-             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug)
+             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, builds=(emulator, seed))
+
+    def build_cost(self, section: EmulatorSection, seed: int) -> float:
+        """A distillation's cost, for the first unit that asks while the emulator is not on disk
+        (then 0: it is built once, whichever task's unit runs first)."""
+        edir, d = self.emulator_dir(section, seed), self.config.distill
+        if not section.distill or edir in self._costed or (edir / "manifest.json").exists():
+            return 0.0
+        self._costed.add(edir)
+        return d.steps * d.batch_size * d.block_size * (self.layers + 3 * emulator_blocks(self.layers, section))
 
     def swept(self, task: str, rows: RowCache, get, name: str, lr: float | None, seed: int, cost: float,
               lrs: list[float], section: EmulatorSection | None = None) -> Unit:
@@ -282,21 +290,6 @@ def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: 
     return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
 
 
-def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
-    """Emulators may be added to a study, not changed under a name its cached rows (in the run
-    folder or the ledger) already use; a task's items may change only while it has no results
-    (:func:`recipes.study_data.check_task_data`)."""
-    saved = ledger.saved_config(out, results)
-    if saved is None:
-        return
-    check_task_data([out, results / "items"], saved.get("study", {}), config.study)
-    before = {e["name"]: e for e in saved.get("emulators", [])}
-    changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json.loads(json.dumps(as_dict(e)))]
-    if changed:
-        raise ConfigError(f"{out}: [[emulator]] {changed} changed under the same name, but its rows are cached; "
-                          "give the changed emulator a new name, or use --overwrite to start over")
-
-
 REPORT_EVERY = 120.0
 """Seconds between rewrites of the report while the grid runs (and once at the end)."""
 
@@ -316,7 +309,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
         raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
     results = Path(study.results or study.out)
     if not overwrite:
-        check_resume(Path(study.out), results, config)
+        ledger.check_resume(Path(study.out), results, config)
     out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT + TASK_DATA)
     if overwrite and results.resolve() != out.resolve():
         ledger.clear(results)
@@ -328,7 +321,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     done = [u.done() for u in units]
     pending = [u for u, d in zip(units, done) if not d]
     log(f"study: {len(units)} units, {len(units) - len(pending)} done")
-    if eta := eta_line(sum(u.cost for u, d in zip(units, done) if d), ledger.compute_seconds(results),
+    if eta := eta_line(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d),
                        [(u.label, u.cost) for u in pending]):
         log(eta)
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
@@ -341,7 +334,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
         if not u.done():  # (a swept row's key is only known once its sweep is done)
             start = time.perf_counter()
             u.run()
-            ledger.log_unit(results, u.label, time.perf_counter() - start)  # what the compute-used line adds up
+            ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost)  # compute used; the ETA's rate
         bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
             summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()

@@ -96,19 +96,24 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
                           "(in the run folder and in the results' items/) to score them again")
 
 
-def eta_line(finished: float, seconds: float, pending: list[tuple[str, float]]) -> str | None:
-    """What is left, per task, at the rate the compute log measured: ``seconds`` (the log's total)
-    over ``finished`` (the estimated cost of the units done), times each pending ``(label, cost)``.
-    Units run twice (rebuilt weights) or beside other work count in the log, so it errs long.
+def eta_line(log: list[dict], finished: float, pending: list[tuple[str, float]]) -> str | None:
+    """What is left, per task, at the rate the compute ``log`` measured (seconds per estimated
+    block-token pass) times each pending ``(label, cost)``. The rate is that of the units that
+    logged their cost; before any did, the log's total seconds over ``finished`` (the cost of
+    the units done), which errs long (units run twice, or beside other work, count in it).
     ``None`` before any unit has run."""
-    if finished <= 0 or seconds <= 0 or not pending:
+    timed = [(e["seconds"], e["cost"]) for e in log if e.get("cost")]
+    seconds, cost = (sum(s for s, _ in timed), sum(c for _, c in timed)) if timed else \
+        (sum(e["seconds"] for e in log), finished)
+    if cost <= 0 or seconds <= 0 or not pending:
         return None
-    rate = seconds / finished
+    rate = seconds / cost
     hours: dict[str, float] = {}
-    for label, cost in pending:  # "<task>: ..." or "stage 1 ..."
+    for label, c in pending:  # "<task>: ..." or "stage 1 ..."
         group = label.split(":")[0] if ":" in label else "stage 1"
-        hours[group] = hours.get(group, 0.0) + cost * rate / 3600
-    return (f"study: left at the compute log's rate ({rate * 1e6:.1f} s per M block-tokens): "
+        hours[group] = hours.get(group, 0.0) + c * rate / 3600
+    source = f"{len(timed)} timed units" if timed else "the compute log's total"
+    return (f"study: left at the rate of {source} ({rate * 1e6:.1f} s per M block-tokens): "
             + ", ".join(f"{k} {v:.1f} h" for k, v in hours.items()) + f"; {sum(hours.values()):.1f} h in all")
 
 

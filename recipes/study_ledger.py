@@ -21,11 +21,13 @@ import json
 import shutil
 from pathlib import Path
 
+from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
 
 from .rundir import RowCache, config_changes, write_json
-from .study_config import task_folder
+from .study_config import StudyConfig, task_folder
+from .study_data import check_task_data
 
 LEDGER = "ledger"
 SCORES = ("acc", "acc_norm")
@@ -102,6 +104,21 @@ def check_config(results: Path, config: dict, may_change: tuple[str, ...]) -> bo
     return True
 
 
+def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
+    """Emulators may be added to a study, not changed under a name its cached rows (in the run
+    folder or the ledger) already use; a task's items may change only while it has no results
+    (:func:`recipes.study_data.check_task_data`)."""
+    saved = saved_config(out, results)
+    if saved is None:
+        return
+    check_task_data([out, Path(results) / "items"], saved.get("study", {}), config.study)
+    before = {e["name"]: e for e in saved.get("emulators", [])}
+    changed = [e.name for e in config.emulators if e.name in before and before[e.name] != json.loads(json.dumps(as_dict(e)))]
+    if changed:
+        raise ConfigError(f"{out}: [[emulator]] {changed} changed under the same name, but its rows are cached; "
+                          "give the changed emulator a new name, or use --overwrite to start over")
+
+
 def ledger_rows(results: Path, task: str, log=None) -> dict[str, dict]:
     """The rows of ``task`` the ledger holds, by key (a damaged file is left out, and said)."""
     rows = {}
@@ -155,19 +172,25 @@ def _keep(source: Path, target: Path) -> None:
         write_atomic(target, text)
 
 
-def log_unit(results: Path, label: str, seconds: float) -> None:
-    """Append one unit's wall seconds to the ledger's compute log."""
+def log_unit(results: Path, label: str, seconds: float, cost: float) -> None:
+    """Append one unit's wall seconds and estimated cost (block-token passes, as it was when the
+    unit ran: a build it paid for is in it) to the ledger's compute log."""
     path = ledger_dir(results) / "units.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        handle.write(json.dumps({"unit": label, "seconds": seconds}) + "\n")
+        handle.write(json.dumps({"unit": label, "seconds": seconds, "cost": cost}) + "\n")
+
+
+def compute_log(results: Path) -> list[dict]:
+    """The compute log's entries: ``unit``, ``seconds`` and (logged since 2026-11-30) ``cost``."""
+    path = ledger_dir(results) / "units.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def compute_seconds(results: Path) -> float:
     """Wall seconds of every unit the study ran, by its compute log."""
-    path = ledger_dir(results) / "units.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return float(sum(json.loads(line)["seconds"] for line in lines if line.strip()))
+    return float(sum(e["seconds"] for e in compute_log(results)))
 
 
 def clear(results: Path) -> None:

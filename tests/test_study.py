@@ -306,7 +306,7 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     assert b.training == 10 * 4 * 48 and a.training < b.training / 3  # capped at max_length, padded per batch
 
 
-def test_a_distillation_is_costed_once_in_the_first_unit_that_builds_it(tmp_path, tiny_model_dir, gpt2_tokenizer,
+def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(tmp_path, tiny_model_dir, gpt2_tokenizer,
                                                                         monkeypatch):
     from recipes.single_owner import EmulatorSection
     from recipes.study import Grid, StudyConfig, StudySection
@@ -324,16 +324,32 @@ def test_a_distillation_is_costed_once_in_the_first_unit_that_builds_it(tmp_path
     d = config.distill
     assert first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"] == d.steps * d.batch_size * d.block_size * (6 + 3 * 4)
     assert {k: v for k, v in first.items() if "zero-shot" not in k} == {k: v for k, v in second.items() if "zero-shot" not in k}
+    # the weights are gone but the first task's zero-shot row is kept (a lost run folder): the
+    # build goes to the next unit that will run, the cell's fine-tuning
+    from recipes.rundir import RowCache
+
+    RowCache(tmp_path / "run" / "a.jsonl").put("ot/seed0/emulator_zero_shot", {"acc": 0.5})
+    grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
+    again = {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[0])}
+    build = first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"]
+    assert again["ot seed 0 fine-tune + plug-in"] == first["ot seed 0 fine-tune + plug-in"] + build
+    assert {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[1])} == second
 
 
-def test_the_eta_is_the_compute_logs_rate_times_what_is_left():
+def test_the_eta_is_the_timed_units_rate_times_what_is_left():
     from recipes.study_data import eta_line
 
-    assert eta_line(0.0, 0.0, [("piqa: full zero-shot", 1e6)]) is None  # nothing has run: no rate yet
-    # 3,600 s for 2 M block-tokens done: 1,800 s per M; 1 M of stage 1 and 3 M of piqa are left
-    line = eta_line(2e6, 3600.0, [("stage 1 na4-a0.5 seed 2", 1e6), ("piqa: full zero-shot", 1e6),
-                                  ("piqa: u seed 0 fine-tune + plug-in", 2e6)])
+    left = [("stage 1 na4-a0.5 seed 2", 1e6), ("piqa: full zero-shot", 1e6), ("piqa: u seed 0 fine-tune + plug-in", 2e6)]
+    assert eta_line([], 0.0, left) is None  # nothing has run: no rate yet
+    # a log without costs (older studies): its 3,600 s over the 2 M block-tokens done, 1,800 s per M
+    untimed = [{"unit": "stage 1 na4-a0.5 seed 0", "seconds": 3600.0}]
+    line = eta_line(untimed, 2e6, left)
     assert line.endswith("(1800.0 s per M block-tokens): stage 1 0.5 h, piqa 1.5 h; 2.0 h in all")
+    # units that logged their cost set the rate (900 s per M), the untimed lump is left out
+    timed = untimed + [{"unit": "piqa: full zero-shot", "seconds": 450.0, "cost": 3e5},
+                       {"unit": "piqa: v zero-shot", "seconds": 450.0, "cost": 7e5}]
+    assert eta_line(timed, 3e6, left).endswith("(900.0 s per M block-tokens): stage 1 0.2 h, piqa 0.8 h; 1.0 h in all")
+    assert "2 timed units" in eta_line(timed, 3e6, left)
 
 
 FEDERATED_STUDY = """

@@ -72,11 +72,12 @@ def test_the_compute_log_and_records_outlive_the_run_folder(tmp_path):
     run, results = tmp_path / "run", tmp_path / "results"
     (run / "stage1" / "na2-a0.5" / "seed0").mkdir(parents=True)
     (run / "stage1" / "na2-a0.5" / "seed0" / "layer_replace.json").write_text('{"scores": {"1": 0.5}}')
-    ledger.log_unit(results, "stage 1 seed 0", 30.0)
-    ledger.log_unit(results, "piqa: full zero-shot", 12.5)
+    ledger.log_unit(results, "stage 1 seed 0", 30.0, 1e6)
+    ledger.log_unit(results, "piqa: full zero-shot", 12.5, 2e5)
     records = ledger.record(run, results, {})
     assert json.loads((records / "stage1" / "na2-a0.5" / "seed0.json").read_text()) == {"scores": {"1": 0.5}}
     (run / "stage1" / "na2-a0.5" / "seed0" / "layer_replace.json").unlink()
     ledger.record(run, results, {})  # a record the run folder lost is kept
     assert (records / "stage1" / "na2-a0.5" / "seed0.json").is_file()
     assert ledger.compute_seconds(results) == 42.5
+    assert [e["cost"] for e in ledger.compute_log(results)] == [1e6, 2e5]
