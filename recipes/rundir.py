@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from scaleot_fed.files import write_atomic
 
 LOCK = ".lock"
 _HELD: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
+OWN_LOCK_WAIT = 30.0
+"""Seconds :func:`lock_run_dir` waits for a lock this process released but a forked child still holds."""
 
 
 def write_json(path: Path, value: Any, indent: int | None = 1) -> Path:
@@ -102,13 +105,21 @@ def lock_run_dir(out: str | Path) -> Path:
         os.close(_HELD.pop(out))  # the folder was deleted while we held it: lock the new one
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError(f"run folder {out} is in use by another run (PID {holder}); wait for it to end "
-                          "or choose another --out") from None
+    deadline = time.monotonic() + OWN_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            # our own PID: a lock this process released, still held by a child forked while it was
+            # held (the lock belongs to the open file, which fork shares until the child execs or exits)
+            if holder == str(os.getpid()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            os.close(fd)
+            raise ConfigError(f"run folder {out} is in use by another run (PID {holder}); wait for it to end "
+                              "or choose another --out") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[out] = fd

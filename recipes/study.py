@@ -48,6 +48,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     ClaimSection,
     StudyConfig,
     StudySection,
+    chosen_rate,
     load_study_config,
     row_families,
     seeded,
@@ -65,6 +66,8 @@ class Unit:
     """Estimated block-token passes (for the ETA: the bar's rate is measured in them)."""
     done: Callable[[], bool]
     run: Callable[[], object]
+    needs: tuple[EmulatorSection, int] | None = None
+    """The emulator (section, seed) it builds if that is not on disk (its build is charged once)."""
 
 
 class Grid:
@@ -77,7 +80,7 @@ class Grid:
         self.federation, self.records = federation, records
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
-        self._costed: set[Path] = set()  # emulators whose build an earlier unit's cost already holds
+        self._costed: set[Path] = set()  # emulators, stage-1 runs whose build an earlier unit's cost holds
         self._items: dict[str, tuple] = {}  # (train, dev, evaluation) per task, read once
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
@@ -148,9 +151,7 @@ class Grid:
                 path = self.stage1_dir(section, seed)
                 if section.needs_importance and path not in seen:
                     seen.add(path)
-                    cost = self.config.layer_replace.steps * self.config.layer_replace.batch_size * \
-                        self.config.layer_replace.block_size * 6 * self.layers
-                    units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", cost,
+                    units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", self.stage1_cost(),
                                       lambda s=section, k=seed: self.stage1_current(s, k),
                                       lambda s=section, k=seed: self.stage1(s, k)))
         return units
@@ -172,10 +173,8 @@ class Grid:
         units: list[Unit] = []
 
         def unit(label: str, key: str, cost: float, compute: Callable[[], object],
-                 builds: tuple[EmulatorSection, int] | None = None) -> None:
-            if builds is not None and rows.get(key) is None:  # the first pending unit to need it pays its build
-                cost += self.build_cost(*builds)
-            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute))
+                 needs: tuple[EmulatorSection, int] | None = None) -> None:
+            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs))
 
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
         for seed in study.seeds:
@@ -192,6 +191,9 @@ class Grid:
                                             section=section))
         if self.federation is not None and task == self.federation.task:
             units += self.federated_units(task, rows, evaluation, train)
+        for u in units:  # the first pending unit to need an emulator that is not on disk pays its build
+            if u.needs is not None and not u.done():
+                u.cost += self.build_cost(*u.needs)
         return units
 
     def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
@@ -205,7 +207,7 @@ class Grid:
 
         cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
         return [Unit(f"{task}: federated and centralised seed {s}", cost,
-                     lambda s=s: rows.get(f"centralised/seed{s}/plug_in") is not None, lambda s=s: run(s))
+                     lambda s=s: rows.get(f"centralised/seed{s}/plug_in") is not None, lambda s=s: run(s), (name, s))
                 for s in self.config.study.seeds]
 
     def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
@@ -214,7 +216,7 @@ class Grid:
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
         unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
-             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)), builds=(emulator, seed))
+             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed))
         folder = self.out / task_folder(task) / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
@@ -225,23 +227,31 @@ class Grid:
                                                        trained_path(folder, mode))
 
         unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
-             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, builds=(emulator, seed))
+             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed))
+
+    def stage1_cost(self) -> float:  # a forward and backward through every block, per token
+        return (lr := self.config.layer_replace).steps * lr.batch_size * lr.block_size * 6 * self.layers
 
     def build_cost(self, section: EmulatorSection, seed: int) -> float:
-        """A distillation's cost, for the first unit that asks while the emulator is not on disk
-        (then 0: it is built once, whichever task's unit runs first)."""
-        edir, d = self.emulator_dir(section, seed), self.config.distill
-        if not section.distill or edir in self._costed or (edir / "manifest.json").exists():
+        """What building the emulator costs while it is not on disk: its distillation, and its
+        stage 1 where only the ledger's record of it is left; charged once (then 0), to the first
+        unit that asks, whichever task's unit that is."""
+        edir, stage1, d = self.emulator_dir(section, seed), self.stage1_dir(section, seed), self.config.distill
+        if edir in self._costed or (edir / "manifest.json").exists():
             return 0.0
         self._costed.add(edir)
-        return d.steps * d.batch_size * d.block_size * (self.layers + 3 * emulator_blocks(self.layers, section))
+        cost = d.steps * d.batch_size * d.block_size * (self.layers + 3 * emulator_blocks(self.layers, section)) \
+            if section.distill else 0.0
+        if section.needs_importance and stage1 not in self._costed and not (stage1 / "layer_replace.json").exists() \
+                and self.stage1_current(section, seed):  # (else its own pending unit holds the cost)
+            self._costed.add(stage1)
+            cost += self.stage1_cost()
+        return cost
 
     def swept(self, task: str, rows: RowCache, get, name: str, lr: float | None, seed: int, cost: float,
               lrs: list[float], section: EmulatorSection | None = None) -> Unit:
         """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
-        first = self.config.study.seeds[0]
-
-        metric = self.config.study.metric_of(task)
+        first, metric = self.config.study.seeds[0], self.config.study.metric_of(task)
 
         def key() -> str | None:
             rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None, metric)
@@ -259,7 +269,8 @@ class Grid:
             return owner.full_finetune(f"{name}/lr{rate:g}/seed{seed}/row", dataclasses.replace(ft, mode="full"))
 
         label = f"{name} lr {lr:g} seed {seed}" if lr is not None else f"{name} seed {seed} (chosen rate)"
-        return Unit(f"{task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run)
+        return Unit(f"{task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run,
+                    (section, seed) if section is not None else None)
 
     # -- data -------------------------------------------------------------------------------
     def items(self, task: str) -> tuple:
@@ -275,19 +286,6 @@ class Grid:
                  + (" (a fixed random subset)" if task in study.random_subsets else ""))
         return SingleOwner(self.full, self.tokenizer, train, dev, evaluation, self.config.finetune,
                            study.eval_batch_size, cache=cached_rows(rows, self.log))
-
-
-def chosen_rate(rows: RowCache, name: str, lrs: list[float], seed: int, attack: bool,
-                metric: str = "acc") -> float | None:
-    """The sweep's choice at the first seed: the lowest dev loss for fine-tuning; for the attack
-    the highest ``metric`` on the items (the strongest attacker: the conservative choice for a
-    privacy claim). ``None`` while a rate of the sweep is missing."""
-    found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
-    if not lrs or any(v is None for v in found.values()):
-        return None
-    if attack:
-        return max(lrs, key=lambda lr: (found[lr][metric], -lr))
-    return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
 
 
 REPORT_EVERY = 120.0

@@ -3,6 +3,7 @@ the row families a claim may name (see :mod:`recipes.study` for the rows themsel
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,10 @@ class StudySection:
                               f"study.tasks to one; got {self.metric!r}, {bad} with tasks {self.tasks}")
         if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
             raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
+        folders = [task_folder(t) for t in self.tasks]
+        if len(set(folders)) != len(folders) or set(folders) & set(RUN_FOLDER_NAMES):
+            raise ConfigError(f"study.tasks {self.tasks} would share a folder, or take one the run folder uses "
+                              f"({', '.join(RUN_FOLDER_NAMES)}), as {folders}; name each task's file differently")
         if [t for t in self.random_subsets if t not in self.tasks]:
             raise ConfigError(f"study.random_subsets names tasks of study.tasks, got {self.random_subsets}")
         if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
@@ -173,6 +178,20 @@ def row_families(config: StudyConfig) -> set[str]:
     return rows
 
 
+def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool,
+                metric: str = "acc") -> float | None:
+    """The sweep's choice at the first seed: the lowest dev loss for fine-tuning; for the attack
+    the highest ``metric`` on the items (the strongest attacker: the conservative choice for a
+    privacy claim). ``rows``: a :class:`recipes.rundir.RowCache`, or anything with its ``get``.
+    ``None`` while a rate of the sweep is missing."""
+    found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
+    if not lrs or any(v is None for v in found.values()):
+        return None
+    if attack:
+        return max(lrs, key=lambda lr: (found[lr][metric], -lr))
+    return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+
+
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
@@ -181,11 +200,17 @@ GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resam
 (the ranking's settings re-rank saved stage-1 runs, refused once emulators were built from them)."""
 
 
+RUN_FOLDER_NAMES = ("stage1", "emulators", "config.json", "units.jsonl")
+"""What the run folder holds beside its tasks' folders."""
+
+
 def task_folder(task: str) -> str:
     """The folder name of a task's rows and items (in the run folder and in ``items/``): a built-in
     task's (or mixture's) name as it is; a file given by path, that path made one name
-    (``data/mine.jsonl`` -> ``data_mine.jsonl``), so it stays inside the study's folders."""
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", task).strip("_.") or "task"
+    (``data/mine.jsonl`` -> ``data_mine.jsonl``), so it stays inside the study's folders; a long
+    one, its end and a hash of the whole (a file name has at most 255 bytes)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", task).strip("_.") or "task"
+    return name if len(name) <= 96 else f"{name[-80:].lstrip('_.')}-{hashlib.sha1(task.encode()).hexdigest()[:10]}"
 
 
 def seeded(section: EmulatorSection) -> bool:

@@ -7,9 +7,11 @@ never committed, and rebuilt from their seed when lost. Everything else the repo
 and lives beside the report:
 
 * ``items/<task>/<row>.loglik.json.gz``: a scored row, whole: ``acc``, ``acc_norm``, its other
-  fields under ``record`` (dev losses, training stats) and its per-item log-likelihoods;
+  fields under ``record`` (dev losses, training stats) and its per-item log-likelihoods
+  (``<task>``: :func:`recipes.study_config.task_folder`, the task's name unless given by path);
 * ``ledger/config.json``: the config the rows were made with (checked like the run folder's);
-* ``ledger/units.jsonl``: the wall seconds of every unit the study ran (the compute-used line);
+* ``ledger/units.jsonl``: the wall seconds and estimated cost of every unit the study ran (the
+  compute-used line; the ETA's rate);
 * ``ledger/stage1/<setting>/seed<s>.json`` and ``ledger/emulators/<seed>/<name>.json``: stage 1's
   record and each emulator's manifest without their weights (stability, budgets).
 """

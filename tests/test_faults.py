@@ -254,3 +254,19 @@ def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, t
 def test_a_missing_task_file_is_reported_as_missing(tiny_model_dir, tmp_path, capsys):
     code, err = _main("evaluate", "--model", str(tiny_model_dir), "--task", str(tmp_path / "nope.jsonl"), capsys=capsys)
     assert code == 2 and f"task file {tmp_path / 'nope.jsonl'} does not exist" in err
+
+
+def test_a_lock_released_while_a_forked_child_still_holds_it_is_waited_for(tmp_path):
+    """flock belongs to the open file, which a forked child shares until it execs or exits: our own
+    released lock, still held that way, is taken once the child is gone (another PID's is refused)."""
+    out = lock_run_dir(tmp_path / "run")
+    child = os.fork()
+    if child == 0:  # the child: holds the lock's open file for a moment, then exits
+        time.sleep(1.0)
+        os._exit(0)
+    unlock_run_dir(out)
+    try:
+        assert lock_run_dir(out) == out  # waited for the child, then locked
+    finally:
+        unlock_run_dir(out)
+        os.waitpid(child, 0)

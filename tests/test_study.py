@@ -308,14 +308,17 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
 
 def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(tmp_path, tiny_model_dir, gpt2_tokenizer,
                                                                         monkeypatch):
+    import dataclasses
+
     from recipes.single_owner import EmulatorSection
-    from recipes.study import Grid, StudyConfig, StudySection
+    from recipes.study import Grid, StudyConfig, StudySection, task_folder
+    from scaleot_fed.config import as_dict
     from scaleot_fed.models import load_model
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     write_items(tmp_path / "b.jsonl", 20, 0)  # the same items: the same scoring and training cost
     monkeypatch.chdir(tmp_path)
-    tasks = ["a.jsonl", "b.jsonl"]  # (task names: each task's rows live in <run>/<task>/)
+    tasks = ["a.jsonl", "b.jsonl"]  # (task names: each task's rows live in <run>/<task_folder(task)>/)
     config = StudyConfig(study=StudySection(tasks=tasks, seeds=[0], train_limit=None, dev_items=4),
                          emulators=[EmulatorSection(name="ot", strategy="uniform-drop", num_adapter_layers=2,
                                                     alpha=0.5, distill=True)])
@@ -328,12 +331,24 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     # build goes to the next unit that will run, the cell's fine-tuning
     from recipes.rundir import RowCache
 
-    RowCache(tmp_path / "run" / "a.jsonl").put("ot/seed0/emulator_zero_shot", {"acc": 0.5})
+    RowCache(tmp_path / "run" / task_folder(tasks[0])).put("ot/seed0/emulator_zero_shot", {"acc": 0.5})
     grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
     again = {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[0])}
     build = first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"]
     assert again["ot seed 0 fine-tune + plug-in"] == first["ot seed 0 fine-tune + plug-in"] + build
     assert {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[1])} == second
+    # a ScaleOT emulator whose stage 1 only the ledger records: its first unit pays the rerun too
+    scaleot = EmulatorSection(name="s", strategy="scaleot", num_adapter_layers=2, alpha=0.5)
+    config = dataclasses.replace(config, emulators=[scaleot])
+    grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
+    (stage1,) = grid.stage1_units()
+    assert not stage1.done() and grid.units(tasks[0])[1].cost == second["ot/seed0 zero-shot"]  # its own unit pays
+    record = tmp_path / "ledger" / "stage1" / "na2-a0.5" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config": as_dict(grid.stage1_config(scaleot, 0))}))
+    grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print, records=tmp_path / "ledger")
+    (stage1,) = grid.stage1_units()
+    assert stage1.done() and grid.units(tasks[0])[1].cost == second["ot/seed0 zero-shot"] + stage1.cost
 
 
 def test_the_eta_is_the_timed_units_rate_times_what_is_left():
@@ -479,13 +494,16 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
     nothing is written beside the file."""
     from recipes.study import StudyConfig, StudySection, run_study, task_folder
     from recipes.study_report import report_study
+    from scaleot_fed.errors import ConfigError
 
     data = tmp_path / "data"
     data.mkdir()
     write_items(data / "mine.jsonl", 16, 0)
     task = str(data / "mine.jsonl")
     assert task_folder("arc_easy") == "arc_easy" and task_folder("piqa+arc_easy") == "piqa+arc_easy"
-    assert task_folder(task) == task_folder(task.lstrip("/")) and "/" not in task_folder(task)
+    assert "/" not in task_folder(task) and len(task_folder("/a" * 200 + ".jsonl")) < 100
+    with pytest.raises(ConfigError, match="would share a folder"):  # two paths that make one name
+        StudySection(tasks=[task, task.lstrip("/")])
     config = StudyConfig(study=StudySection(out=str(tmp_path / "run"), results=str(tmp_path / "results"),
                                             model=str(tiny_model_dir), tasks=[task], seeds=[0], train_limit=None,
                                             dev_items=4, eval_limit=6, eval_batch_size=4, resamples=100))
