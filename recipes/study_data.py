@@ -98,21 +98,24 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
 
 def eta_line(log: list[dict], finished: float, pending: list[tuple[str, float]]) -> str | None:
     """What is left, per task, at the rate the compute ``log`` measured (seconds per estimated
-    block-token pass) times each pending ``(label, cost)``. The rate is that of the units that
-    logged their cost; before any did, the log's total seconds over ``finished`` (the cost of
-    the units done), which errs long (units run twice, or beside other work, count in it).
-    ``None`` before any unit has run."""
-    timed = [(e["seconds"], e["cost"]) for e in log if e.get("cost")]
-    seconds, cost = (sum(s for s, _ in timed), sum(c for _, c in timed)) if timed else \
-        (sum(e["seconds"] for e in log), finished)
-    if cost <= 0 or seconds <= 0 or not pending:
+    block-token pass) times each pending ``(label, cost)``. The rate is the cost-weighted median
+    of the units that logged their cost: a unit slowed by other work beside it (a CI run) moves
+    it little. Before any unit did, it is the log's total seconds over ``finished`` (the cost of
+    the units done), which errs long. ``None`` before any unit has run."""
+    timed = sorted((e["seconds"] / e["cost"], e["cost"]) for e in log if e.get("cost") and e["seconds"] > 0)
+    if timed:
+        half, seen = sum(c for _, c in timed) / 2, 0.0
+        rate = next(r for r, c in timed if (seen := seen + c) >= half)
+    else:
+        seconds = sum(e["seconds"] for e in log)
+        rate = seconds / finished if finished > 0 and seconds > 0 else 0.0
+    if rate <= 0 or not pending:
         return None
-    rate = seconds / cost
     hours: dict[str, float] = {}
     for label, c in pending:  # "<task>: ..." or "stage 1 ..."
         group = label.split(":")[0] if ":" in label else "stage 1"
         hours[group] = hours.get(group, 0.0) + c * rate / 3600
-    source = f"{len(timed)} timed units" if timed else "the compute log's total"
+    source = f"{len(timed)} timed units (median)" if timed else "the compute log's total"
     return (f"study: left at the rate of {source} ({rate * 1e6:.1f} s per M block-tokens): "
             + ", ".join(f"{k} {v:.1f} h" for k, v in hours.items()) + f"; {sum(hours.values()):.1f} h in all")
 

@@ -360,11 +360,13 @@ def test_the_eta_is_the_timed_units_rate_times_what_is_left():
     untimed = [{"unit": "stage 1 na4-a0.5 seed 0", "seconds": 3600.0}]
     line = eta_line(untimed, 2e6, left)
     assert line.endswith("(1800.0 s per M block-tokens): stage 1 0.5 h, piqa 1.5 h; 2.0 h in all")
-    # units that logged their cost set the rate (900 s per M), the untimed lump is left out
-    timed = untimed + [{"unit": "piqa: full zero-shot", "seconds": 450.0, "cost": 3e5},
-                       {"unit": "piqa: v zero-shot", "seconds": 450.0, "cost": 7e5}]
-    assert eta_line(timed, 3e6, left).endswith("(900.0 s per M block-tokens): stage 1 0.2 h, piqa 0.8 h; 1.0 h in all")
-    assert "2 timed units" in eta_line(timed, 3e6, left)
+    # units that logged their cost set the rate, the untimed lump left out: the cost-weighted
+    # median (720 s per M), which one unit slowed by other work beside it (9,000 s per M) moves little
+    timed = untimed + [{"unit": "piqa: full zero-shot", "seconds": 450.0, "cost": 5e5},
+                       {"unit": "piqa: v zero-shot", "seconds": 720.0, "cost": 1e6},
+                       {"unit": "piqa: w zero-shot", "seconds": 4500.0, "cost": 5e5}]
+    assert eta_line(timed, 3e6, left).endswith("(720.0 s per M block-tokens): stage 1 0.2 h, piqa 0.6 h; 0.8 h in all")
+    assert "3 timed units (median)" in eta_line(timed, 3e6, left)
 
 
 FEDERATED_STUDY = """
