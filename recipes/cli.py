@@ -129,6 +129,8 @@ def _pipeline_parsers(sub) -> None:
         if name == "study":
             p.add_argument("--report-only", action="store_true",
                            help="rewrite REPORT.md and summary.json from the finished rows; run nothing")
+            p.add_argument("--plan", action="store_true",
+                           help="list the units left, their cost and time, and the ETA; run, lock and write nothing")
 
 
 def _federation_parsers(sub) -> None:

@@ -329,6 +329,11 @@ def cmd_study(args: argparse.Namespace) -> None:
     _use_all_cores()
     # the federated rows come from the simulations package, a program beside the study
     federation = StudyFederation.load(config, args.config) if config.study.federated else None
+    if args.plan:
+        from .study_plan import plan_study
+
+        plan_study(config, federation=federation)
+        return
     summary = report_study(config) if args.report_only else run_study(
         config, not args.no_progress, overwrite=args.overwrite, federation=federation)
     print(closing_text(summary, config))

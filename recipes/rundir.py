@@ -145,11 +145,7 @@ def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = Fals
     check_writable(out)
     lock_run_dir(out)
     if (out / "config.json").is_file():
-        changed = config_changes(json.loads((out / "config.json").read_text()), config, may_change)
-        if changed and not overwrite:
-            raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
-                              "use --overwrite to start over, or choose another --out")
-        if changed:
+        if check_run_config(out, config, may_change, overwrite):
             _clear(out)
     elif _has_content(out):
         if not overwrite:
@@ -158,6 +154,17 @@ def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = Fals
         _clear(out)
     write_json(out / "config.json", config)
     return out
+
+
+def check_run_config(out: Path, config: dict[str, Any], may_change: tuple[str, ...] = (),
+                     overwrite: bool = False) -> list[str]:
+    """The keys of ``config`` that differ from the run in ``out`` (:func:`config_changes`); any is
+    an error unless ``overwrite`` (the caller then starts over)."""
+    changed = config_changes(json.loads((Path(out) / "config.json").read_text()), config, may_change)
+    if changed and not overwrite:
+        raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
+                          "use --overwrite to start over, or choose another --out")
+    return changed
 
 
 def config_changes(saved: dict[str, Any], config: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:
@@ -184,8 +191,7 @@ class RowCache:
     resume. Keys may contain ``/`` (``emulator/row``)."""
 
     def __init__(self, out: Path) -> None:
-        self.dir = out / "rows"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key.replace('/', '__')}.json"
@@ -195,6 +201,7 @@ class RowCache:
         return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, key: str, value: dict) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self._path(key), value)
         return value
 

@@ -288,6 +288,20 @@ class Grid:
                            study.eval_batch_size, cache=cached_rows(rows, self.log))
 
 
+def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=None) -> tuple[list[Unit], list[bool], dict]:
+    """The grid over the loaded model, in run order: its units, whether each is done (logged with
+    the ETA) and the model's facts (for the budgets). What a run and a plan start from."""
+    loaded = load_model(config.study.model)
+    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
+    units = grid.stage1_units() + [u for task in config.study.tasks for u in grid.units(task)]
+    done = [u.done() for u in units]
+    log(f"study: {len(units)} units, {sum(done)} done")
+    if eta := eta_line(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d),
+                       [(u.label, u.cost) for u, d in zip(units, done) if not d]):
+        log(eta)
+    return units, done, model_facts(loaded.model)
+
+
 REPORT_EVERY = 120.0
 """Seconds between rewrites of the report while the grid runs (and once at the end)."""
 
@@ -312,16 +326,8 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     if overwrite and results.resolve() != out.resolve():
         ledger.clear(results)
     ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
-    loaded = load_model(study.model)
-    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
-    facts = model_facts(loaded.model)
-    units = grid.stage1_units() + [u for task in study.tasks for u in grid.units(task)]
-    done = [u.done() for u in units]
+    units, done, facts = open_grid(config, out, results, log, federation)
     pending = [u for u, d in zip(units, done) if not d]
-    log(f"study: {len(units)} units, {len(units) - len(pending)} done")
-    if eta := eta_line(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d),
-                       [(u.label, u.cost) for u in pending]):
-        log(eta)
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
     # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
     bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,

@@ -96,26 +96,30 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
                           "(in the run folder and in the results' items/) to score them again")
 
 
-def eta_line(log: list[dict], finished: float, pending: list[tuple[str, float]]) -> str | None:
-    """What is left, per task, at the rate the compute ``log`` measured (seconds per estimated
-    block-token pass) times each pending ``(label, cost)``. The rate is the cost-weighted median
-    of the units that logged their cost: a unit slowed by other work beside it (a CI run) moves
-    it little. Before any unit did, it is the log's total seconds over ``finished`` (the cost of
-    the units done), which errs long. ``None`` before any unit has run."""
+def unit_rate(log: list[dict], finished: float) -> tuple[float, str]:
+    """Seconds per estimated block-token pass, as the compute ``log`` measured it, and where it
+    comes from. The rate is the cost-weighted median of the units that logged their cost: a unit
+    slowed by other work beside it (a CI run) moves it little. Before any unit did, it is the
+    log's total seconds over ``finished`` (the cost of the units done), which errs long; 0.0
+    before any unit has run."""
     timed = sorted((e["seconds"] / e["cost"], e["cost"]) for e in log if e.get("cost") and e["seconds"] > 0)
     if timed:
         half, seen = sum(c for _, c in timed) / 2, 0.0
-        rate = next(r for r, c in timed if (seen := seen + c) >= half)
-    else:
-        seconds = sum(e["seconds"] for e in log)
-        rate = seconds / finished if finished > 0 and seconds > 0 else 0.0
+        return next(r for r, c in timed if (seen := seen + c) >= half), f"{len(timed)} timed units (median)"
+    seconds = sum(e["seconds"] for e in log)
+    return (seconds / finished if finished > 0 and seconds > 0 else 0.0), "the compute log's total"
+
+
+def eta_line(log: list[dict], finished: float, pending: list[tuple[str, float]]) -> str | None:
+    """What is left, per task, at :func:`unit_rate` times each pending ``(label, cost)``;
+    ``None`` before any unit has run."""
+    rate, source = unit_rate(log, finished)
     if rate <= 0 or not pending:
         return None
     hours: dict[str, float] = {}
     for label, c in pending:  # "<task>: ..." or "stage 1 ..."
         group = label.split(":")[0] if ":" in label else "stage 1"
         hours[group] = hours.get(group, 0.0) + c * rate / 3600
-    source = f"{len(timed)} timed units (median)" if timed else "the compute log's total"
     return (f"study: left at the rate of {source} ({rate * 1e6:.1f} s per M block-tokens): "
             + ", ".join(f"{k} {v:.1f} h" for k, v in hours.items()) + f"; {sum(hours.values()):.1f} h in all")
 

@@ -85,6 +85,11 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     (tmp_path / "model").symlink_to(tiny_model_dir)
     results = tmp_path / "results"
     (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model"))
+    # a plan lists every unit before anything ran (no rate yet, so no times) and writes nothing
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--plan"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(planned) > 10 and all(line.endswith("M block-tokens") for line in planned)
+    assert not (tmp_path / "study").exists() and not results.exists()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["n_eval"] == {"piqa": 6}
@@ -134,8 +139,9 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     # nor may a task's items change under its finished rows
     (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model")
                                          .replace("eval_limit = 6", "eval_limit = 6\nrandom_subsets = [\"piqa\"]"))
-    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
-    assert "the items of ['piqa'] changed" in capsys.readouterr().err
+    for flag in ("--no-progress", "--plan"):  # a plan refuses what the study would
+        assert main(["study", "--config", str(tmp_path / "study.toml"), flag]) == 2
+        assert "the items of ['piqa'] changed" in capsys.readouterr().err
     # a fresh checkout: the run folder (weights, row caches) is gone, the committed results are
     # kept. The report comes from the ledger alone, and a rerun computes nothing: stage 1 is in
     # the ledger, its weights rebuilt only when an emulator needs them
@@ -157,6 +163,12 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
               for row in ("emulator_finetune", "plug_in")}
     lost.unlink()
     shutil.rmtree(tmp_path / "study")
+    # the plan of a fresh checkout: the committed rows count as done, as a resume restores them
+    capsys.readouterr()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--plan"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(planned) == 1 and planned[0].startswith("  piqa: scaleot seed 1 fine-tune + plug-in: ")
+    assert planned[0].endswith(" min") and not (tmp_path / "study").exists()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     log = capsys.readouterr().out
     assert "stage 1 (2 steps) seed 1" in log and "computing scaleot/seed1/plug_in" in log
