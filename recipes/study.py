@@ -171,9 +171,13 @@ class Grid:
         tokens = task_tokens(self.tokenizer, train_items, eval_items, config.finetune)
         evaluation, train = tokens.scoring, tokens.training
         units: list[Unit] = []
+        keys: set[str] = set()
 
         def unit(label: str, key: str, cost: float, compute: Callable[[], object],
                  needs: tuple[EmulatorSection, int] | None = None) -> None:
+            if key in keys:  # an unseeded emulator's zero-shot, met again at a later seed or mode
+                return
+            keys.add(key)
             units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs))
 
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())

@@ -89,6 +89,8 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--plan"]) == 0
     planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert len(planned) > 10 and all(line.endswith("M block-tokens") for line in planned)
+    # one unit per row: the unseeded uniform drop's zero-shot once, though the grid has two seeds
+    assert len(set(planned)) == len(planned) and sum("uniform zero-shot" in line for line in planned) == 1
     assert not (tmp_path / "study").exists() and not results.exists()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     summary = json.loads((results / "summary.json").read_text())
