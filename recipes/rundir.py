@@ -144,27 +144,27 @@ def open_run_dir(out: str | Path, config: dict[str, Any], overwrite: bool = Fals
     out = Path(out)
     check_writable(out)
     lock_run_dir(out)
-    if (out / "config.json").is_file():
-        if check_run_config(out, config, may_change, overwrite):
-            _clear(out)
-    elif _has_content(out):
-        if not overwrite:
-            raise ConfigError(f"{out} is not empty and holds no run of ours; use --overwrite to replace its "
-                              "content, or choose another --out")
+    if check_run_dir(out, config, may_change, overwrite):
         _clear(out)
     write_json(out / "config.json", config)
     return out
 
 
-def check_run_config(out: Path, config: dict[str, Any], may_change: tuple[str, ...] = (),
-                     overwrite: bool = False) -> list[str]:
-    """The keys of ``config`` that differ from the run in ``out`` (:func:`config_changes`); any is
-    an error unless ``overwrite`` (the caller then starts over)."""
-    changed = config_changes(json.loads((Path(out) / "config.json").read_text()), config, may_change)
-    if changed and not overwrite:
-        raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
-                          "use --overwrite to start over, or choose another --out")
-    return changed
+def check_run_dir(out: Path, config: dict[str, Any], may_change: tuple[str, ...] = (), overwrite: bool = False) -> bool:
+    """Whether ``out`` must be emptied before a run with ``config``: it holds a run made with another
+    config (:func:`config_changes`), or content that is not a run of ours. Either is an error unless
+    ``overwrite``. Reads only."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        changed = config_changes(json.loads((out / "config.json").read_text()), config, may_change)
+        if changed and not overwrite:
+            raise ConfigError(f"{out} holds a run made with another config (changed: {', '.join(changed[:8])}); "
+                              "use --overwrite to start over, or choose another --out")
+        return bool(changed)
+    if _has_content(out) and not overwrite:
+        raise ConfigError(f"{out} is not empty and holds no run of ours; use --overwrite to replace its "
+                          "content, or choose another --out")
+    return _has_content(out)
 
 
 def config_changes(saved: dict[str, Any], config: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:

@@ -1,11 +1,11 @@
 """``scaleot-fed study --plan``: what a resume would run next, each unit's cost and time, and the
 ETA, without running anything.
 
-A plan takes no lock and writes nothing, so it may read a run folder a study is working in (a
-unit it is in the middle of shows as pending). Where the run folder holds no run yet (a fresh
-checkout), the plan restores the committed ledger into a scratch folder, as a resume would into
-the run folder, so its units and costs (an emulator's rebuild included) are the ones the study
-would start with.
+A plan takes no lock and writes nothing in the run or results folders, so it may look at a study
+that is running (a unit in the middle of its work shows as pending). It refuses what a resume
+would refuse, and counts as done what a resume would: the run folder's rows and the committed
+ledger's, which a resume restores into the run folder and the plan into a scratch view of it
+(links to the run folder's files, in the temporary folder).
 """
 
 from __future__ import annotations
@@ -16,34 +16,49 @@ from pathlib import Path
 from scaleot_fed.config import as_dict
 
 from . import study_ledger as ledger
-from .rundir import check_run_config
+from .rundir import LOCK, check_run_dir
 from .study import GRID_EXTENT, StudyConfig, open_grid
 from .study_data import TASK_DATA, unit_rate
 
 
 def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[str, float]]:
-    """Log the pending units of the study ``config`` in run order, with their estimated cost
-    (million block-token passes) and time at the measured rate, then the ETA per task.
+    """Log the ETA line of the study ``config``, then its pending units in run order with their
+    estimated cost (million block-token passes) and time at the measured rate.
 
-    Raises :class:`scaleot_fed.errors.ConfigError` where the study itself would refuse to resume
-    (a changed config, changed task items). Returns the pending ``(label, cost)`` pairs.
+    Raises :class:`scaleot_fed.errors.ConfigError` where a resume would refuse (another config in
+    the run folder or the ledger, changed task items). Returns the pending ``(label, cost)`` pairs.
     """
     study = config.study
     out, results, may_change = Path(study.out), Path(study.results or study.out), GRID_EXTENT + TASK_DATA
     ledger.check_resume(out, results, config)
+    check_run_dir(out, as_dict(config), may_change)
     with tempfile.TemporaryDirectory(prefix="scaleot-study-plan-") as scratch:
-        if (out / "config.json").is_file():
-            check_run_config(out, as_dict(config), may_change)
-            where = out
-        else:
-            where = Path(scratch)
-            ledger.restore(where, results, as_dict(config), study.tasks, may_change, lambda *_: None)
-        units, done, _ = open_grid(config, where, results, log, federation)
-    finished = sum(u.cost for u, d in zip(units, done) if d)
-    rate, _ = unit_rate(ledger.compute_log(results), finished)
+        view = mirror(out, Path(scratch))
+        ledger.restore(view, results, as_dict(config), study.tasks, may_change, lambda *_: None)
+        units, done, _ = open_grid(config, view, results, log, federation)
+    rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
     for label, cost in pending:
         log(f"  {label}: {cost / 1e6:.1f} M block-tokens" + (f", ~{cost * rate / 60:.1f} min" if rate > 0 else ""))
     if not pending:
         log("study: nothing left to run; `scaleot-fed study --report-only` rewrites the report")
     return pending
+
+
+def mirror(out: Path, view: Path) -> Path:
+    """A view of the run folder ``out`` in the empty folder ``view``: a link to each of its
+    entries, but every ``rows/`` folder rebuilt of links to its files, so that rows written into
+    the view (a restore) land there, never in ``out``. Returns ``view``."""
+    for entry in sorted(out.iterdir()) if out.is_dir() else ():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and (entry / "rows").is_dir():  # a task's folder
+            mirror(entry, view / entry.name)
+        elif entry.name == "rows" and entry.is_dir():
+            (view / "rows").mkdir(parents=True)
+            for row in entry.iterdir():
+                (view / "rows" / row.name).symlink_to(row.resolve())
+        else:
+            view.mkdir(parents=True, exist_ok=True)
+            (view / entry.name).symlink_to(entry.resolve())
+    return view
