@@ -10,6 +10,23 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def interval(claim: dict) -> str:
+    """A claim's 95 % interval in points. One decimal, or as many more as it takes to keep a bound
+    off a boundary it is not on (0; +-margin): ``+0.04`` decides nothing a ``+0.0`` would not
+    show, and an exact boundary prints bare (``0.0``), so the printed interval shows the verdict's
+    reason."""
+    marks = (0.0,) + ((100 * claim["margin"], -100 * claim["margin"]) if claim["kind"] == "close" else ())
+
+    def bound(x: float) -> str:
+        points = 100 * x
+        if points in marks:
+            return f"{points:.1f}" if points else "0.0"
+        digits = next((d for d in range(1, 7) if all(round(points, d) != m for m in marks)), 7)
+        return f"{points:+.{digits}f}"
+
+    return f"[{bound(claim['ci95'][0])}, {bound(claim['ci95'][1])}]"
+
+
 def report_markdown(summary: dict) -> str:
     """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
     stability and the budgets; every number from ``summary``."""
@@ -24,8 +41,8 @@ def _head(summary: dict) -> list[str]:
             f"{summary['seeds']}; primary metric per task: " + ", ".join(f"{t} `{summary['metric'][t]}`" for t in tasks)
             + " (declared before running; the other metric beside it).",
             "Items scored: " + ", ".join(f"{t} {summary['n_eval'].get(t) or 'not yet'}" for t in tasks)
-            + (f" (limited splits keep their first items, but in {', '.join(summary['random_subsets'])} a fixed "
-               "sample)" if summary["random_subsets"] else "")
+            + (" (a limited split, evaluation or training, keeps its first items; in "
+               f"{', '.join(summary['random_subsets'])} a fixed sample instead)" if summary["random_subsets"] else "")
             + f". Compute used so far: {summary['compute_seconds'] / 3600:.2f} h of units on this machine.", ""]
 
 
@@ -45,7 +62,7 @@ def _claims(summary: dict) -> list[str]:
         verdict = f"**{c['verdict']}**" + (f" (provisional: seeds {c['seeds'][0]} of {expected[0]}, "
                                            f"{c['seeds'][1]} of {expected[1]})" if partial else "")
         lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
-                     f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
+                     f"{interval(c)} | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
                      f"{verdict} |")
     for claim in summary["pending_claims"]:
         lines.append(f"| {claim} | | | | | | pending: a side not scored yet |")
@@ -95,8 +112,9 @@ def _stage1(summary: dict) -> list[str]:
             if kind in s:
                 k = s[kind]
                 lines.append(f"| {'ranking (built from)' if kind == 'scores' else 'RL scores (paper)'} | "
-                             + ", ".join(f"{v:.2f}" for v in k["spearman"].values()) + f"; {k['spearman_mean']:.2f} | "
-                             + ", ".join(f"{100 * v:.0f} %" for v in k["overlap"].values())
+                             + ", ".join(f"{pair} {v:.2f}" for pair, v in k["spearman"].items())
+                             + f"; {k['spearman_mean']:.2f} | "
+                             + ", ".join(f"{pair} {100 * v:.0f} %" for pair, v in k["overlap"].items())
                              + f"; {100 * k['overlap_mean']:.1f} % | {k['in_every_seed']} |")
         lines += ["", "| seed | held-out loss: full | replaced by harmonizers | dropped | seconds | ranking fit: "
                   "candidates x batches, R^2 |", "|---|---|---|---|---|---|"]
@@ -141,7 +159,7 @@ def plot_rows(summary: dict, path: Path) -> None:
             r = summary["rows"][family].get(task)
             if r:
                 mean, (lo, hi) = 100 * r["mean"], (100 * r["ci95"][0], 100 * r["ci95"][1])
-                ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", markersize=3, capsize=2,
+                ax.errorbar(mean, i, xerr=_spread(mean, lo, hi), fmt="o", markersize=3, capsize=2,
                             color=ROW_COLORS.get(family.rsplit("/", 1)[-1], "black"))
         ax.set_title(f"{task} ({summary['metric'][task]}, %)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
@@ -151,6 +169,12 @@ def plot_rows(summary: dict, path: Path) -> None:
     fig.supxlabel("mean over seeds with its 95 % interval", fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _spread(mean: float, lo: float, hi: float) -> list[list[float]]:
+    """``errorbar``'s ``xerr`` for an interval: never negative (matplotlib refuses that), since a
+    percentile interval need not contain the mean (a skewed or degenerate bootstrap)."""
+    return [[max(0.0, mean - lo)], [max(0.0, hi - mean)]]
 
 
 def plot_claims(summary: dict, path: Path) -> None:
@@ -168,7 +192,7 @@ def plot_claims(summary: dict, path: Path) -> None:
     for i, c in enumerate(claims):
         d, (lo, hi) = 100 * c["difference"], (100 * c["ci95"][0], 100 * c["ci95"][1])
         color = {"holds": "tab:green", "does not hold": "tab:red"}.get(c["verdict"], "tab:grey")
-        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
+        ax.errorbar(d, i, xerr=_spread(d, lo, hi), fmt="o", color=color, capsize=3)
         if c["kind"] == "close":
             ax.plot([-100 * c["margin"], 100 * c["margin"]], [i, i], "|", color="black")
     ax.axvline(0, color="grey", linewidth=0.8)
@@ -182,7 +206,7 @@ def plot_claims(summary: dict, path: Path) -> None:
 def closing_text(summary: dict, config) -> str:
     """What the ``study`` command prints at the end: the claims' verdicts and where it wrote what."""
     verdicts = [f"  {c['verdict']:>13}: {c['claim']} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
-                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in summary["claims"]]
+                f"{interval(c)}" for c in summary["claims"]]
     files = sum(len(v) for v in summary["items_files"].values())
     return "\n".join((["claims:", *verdicts] if verdicts else ["no claim has both sides scored yet"]) + [
         f"wrote {Path(config.study.results or config.study.out) / 'REPORT.md'}, summary.json, rows.png, claims.png "

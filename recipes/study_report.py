@@ -95,6 +95,13 @@ class _Resolver:
         lengths = items["choice_chars"] if (metric or self.metric) == "acc_norm" else None
         return correct_from_scores(items["loglik"], items["gold"], lengths)
 
+    def sources(self, family: str, seeds: list) -> list[str]:
+        """The row keys the family's scores at ``seeds`` come from (a gap: both rows per seed)."""
+        if family.endswith("/gap"):
+            cell = family.rsplit("/", 1)[0]
+            return [f"{cell}/seed{s}/{row}" for s in seeds for row in ("plug_in", "emulator_finetune")]
+        return [k for s, k in self.seeded_keys(family) if s in seeds or s is None]
+
     def other(self, family: str) -> float | None:
         """The family's mean over seeds in the other metric."""
         other = next(m for m in METRICS if m != self.metric)
@@ -141,8 +148,8 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
             c = bootstrap(m, np.zeros(m.shape[1]), study.resamples)
             table.setdefault(family, {})[task] = {
                 "metric": study.metric_of(task), "mean": c.difference, "ci95": list(c.ci95), "seeds": int(m.shape[0]),
-                "per_seed": [float(v) for v in m.mean(axis=1)], "other_metric_mean": resolver.other(family),
-                "rows": resolver.keys(family)}
+                "per_seed": [float(v) for v in m.mean(axis=1)], "per_seed_seeds": found[1],
+                "other_metric_mean": resolver.other(family), "rows": resolver.sources(family, found[1])}
     for claim in config.claims:
         claims += _claim(claim, resolvers, study)
     pending = [c.claim for c in config.claims if not any(d["claim"] == c.claim for d in claims)]

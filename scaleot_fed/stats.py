@@ -43,13 +43,15 @@ class Comparison:
         """``holds`` / ``does not hold`` / ``inconclusive`` for the claim "A > B" (``greater``) or
         "A is within ``margin`` of B" (``close``), decided by the interval."""
         lo, hi = self.ci95
+        # one rule for both kinds: decided only when the interval lies strictly on one side of
+        # each boundary (0; +-margin); an interval touching a boundary is inconclusive
         if kind == "greater":
             return "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
         if kind == "close":
             if margin <= 0:
                 raise ConfigError("a 'close' claim needs a margin > 0")
             return "holds" if -margin < lo and hi < margin else (
-                "does not hold" if lo >= margin or hi <= -margin else "inconclusive")
+                "does not hold" if lo > margin or hi < -margin else "inconclusive")
         raise ConfigError(f"claim kind must be 'greater' or 'close', got {kind!r}")
 
 
@@ -88,8 +90,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
             values = per_item[g]
             parts.append(values[rng.integers(0, values.size, size=(m, values.size))].mean(axis=1))
         means[start : start + m] = np.mean(parts, axis=0) + _seed_shift(macro(a), m, rng) - _seed_shift(macro(b), m, rng)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return Comparison(float(macro(per_item)), (float(lo), float(hi)), a.shape[1], (a.shape[0], b.shape[0]))
+    lo, hi = np.percentile(_exact(means), [2.5, 97.5])
+    return Comparison(float(_exact(macro(per_item))), (float(lo), float(hi)), a.shape[1], (a.shape[0], b.shape[0]))
+
+
+def _exact(x):
+    """``x`` rounded to 1e-12 (``+ 0.0`` turns -0.0 into 0.0): seed averages such as 1/3 are not
+    exact in floats, so a resample whose true mean is 0 comes out as +-1e-19 with a random sign,
+    and a verdict must not turn on that sign."""
+    return np.round(x, 12) + 0.0
 
 
 def _seed_shift(seed_means: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:

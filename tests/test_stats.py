@@ -5,7 +5,7 @@ import pytest
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import accuracy_from_scores
-from scaleot_fed.stats import correct_from_scores, paired_bootstrap
+from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap
 from scaleot_fed.tasks import MCItem
 
 
@@ -87,3 +87,19 @@ def test_seed_noise_is_counted_once_and_strata_give_the_mean_of_the_groups():
     assert result.difference == pytest.approx(0.5) and result.ci95 == (0.5, 0.5)
     with pytest.raises(ConfigError, match="strata"):
         paired_bootstrap(x, np.zeros(400), strata=[100, 200])
+
+
+def test_a_bound_on_the_boundary_is_exact_and_reads_inconclusive():
+    # seed averages are thirds, which floats do not hold exactly: without rounding, this interval's
+    # upper bound came out as +1.6e-17 where its exact value is 0 (and elsewhere as -1.9e-19,
+    # which would have read "does not hold")
+    a = np.array([[1, 0, 1, 0, 1, 0, 0], [1, 0, 1, 0, 0, 0, 1], [0, 0, 1, 1, 1, 0, 0]], dtype=float)
+    b = np.array([[0, 1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 1, 0]], dtype=float)
+    result = paired_bootstrap(a, b, resamples=400)
+    assert result.ci95[1] == 0.0 and result.verdict() == "inconclusive"
+    # one rule for both kinds: an interval touching a boundary decides nothing
+    touching = lambda lo, hi: Comparison(0.0, (lo, hi), 10, (1, 1))  # noqa: E731
+    assert touching(-0.1, 0.0).verdict() == "inconclusive" and touching(0.0, 0.1).verdict() == "inconclusive"
+    assert touching(0.02, 0.05).verdict("close", margin=0.02) == "inconclusive"
+    assert touching(-0.05, -0.02).verdict("close", margin=0.02) == "inconclusive"
+    assert touching(0.021, 0.05).verdict("close", margin=0.02) == "does not hold"

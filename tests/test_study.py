@@ -259,7 +259,10 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "**holds** |" in report  # both sides have every seed they will have: not provisional
-    assert "Items scored: piqa 300 (limited splits keep their first items, but in piqa a fixed sample)" in report
+    assert "Items scored: piqa 300 (a limited split, evaluation or training, keeps its first items; in piqa a fixed " \
+        "sample instead)" in report
+    assert gap["rows"] == [f"u/seed{s}/{r}" for s in (0, 1) for r in ("plug_in", "emulator_finetune")]
+    assert gap["per_seed_seeds"] == [0, 1] and summary["rows"]["full_zero_shot"]["piqa"]["per_seed_seeds"] == [None]
     # a side no seed changes will have one seed; a claim with a side not scored yet is listed as pending
     assert verdicts["zero-shot beats plug-in"]["seeds_expected"] == [1, 2] and beats["seeds_expected"] == [2, 2]
     assert summary["pending_claims"] == ["adapters beat LoRA"] and "| adapters beat LoRA | | | | | | pending" in report
@@ -514,6 +517,20 @@ def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
     assert verdict([1, 1], [3, 3]).endswith("**holds** (provisional: seeds 1 of 3, 1 of 3) |")
     assert verdict([3, 2], [3, 3]).endswith("**holds** (provisional: seeds 3 of 3, 2 of 3) |")  # either side short
     assert verdict([3, 1], [3, 1]).endswith("**holds** |")  # e.g. vs full_zero_shot, which has one seed
+
+
+def test_a_printed_interval_shows_which_side_of_a_boundary_each_bound_is_on():
+    from recipes.study_markdown import interval
+
+    def shown(lo: float, hi: float, kind: str = "greater", margin: float = 0.0) -> str:
+        return interval({"ci95": [lo, hi], "kind": kind, "margin": margin})
+
+    assert shown(-0.083, -0.047) == "[-8.3, -4.7]"
+    assert shown(0.0, 0.107) == "[0.0, +10.7]"  # on the boundary: inconclusive, and printed as such
+    assert shown(0.000004, 0.107) == "[+0.0004, +10.7]"  # above it: holds, which "+0.0" would hide
+    assert shown(-0.0003, 0.05) == "[-0.03, +5.0]"
+    assert shown(-0.038, -0.0199, "close", 0.02) == "[-3.8, -1.99]"  # inside the margin, not on it
+    assert shown(-0.038, -0.02, "close", 0.02) == "[-3.8, -2.0]"
 
 
 def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny_model_dir):
