@@ -30,7 +30,8 @@ def interval(claim: dict) -> str:
 def report_markdown(summary: dict) -> str:
     """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
     stability and the budgets; every number from ``summary``."""
-    parts = [_head(summary), _claims(summary), _rows(summary), _sweeps(summary), _stage1(summary), _budgets(summary)]
+    parts = [_head(summary), _glance(summary), _claims(summary), _rows(summary), _sweeps(summary), _stage1(summary),
+             _budgets(summary)]
     return "\n".join(line for part in parts for line in part) + "\n"
 
 
@@ -44,6 +45,28 @@ def _head(summary: dict) -> list[str]:
             + (" (a limited split, evaluation or training, keeps its first items; in "
                f"{', '.join(summary['random_subsets'])} a fixed sample instead)" if summary["random_subsets"] else "")
             + f". Compute used so far: {summary['compute_seconds'] / 3600:.2f} h of units on this machine.", ""]
+
+
+MARKS = {"holds": "**holds**", "does not hold": "**fails**", "inconclusive": "?"}
+"""A verdict in the at-a-glance table."""
+
+
+def _glance(summary: dict) -> list[str]:
+    """Claims x tasks: each cell the difference in points and the verdict, from the claims table."""
+    claims = summary["claims"]
+    if not claims:
+        return []
+    columns = summary["tasks"] + sorted({c["task"] for c in claims} - set(summary["tasks"]))  # (+ the pooled one)
+    cells: dict[str, dict[str, str]] = {}
+    for c in claims:
+        provisional = any(got < want for got, want in zip(c["seeds"], c["seeds_expected"]))
+        cells.setdefault(c["claim"], {})[c["task"]] = (f"{100 * c['difference']:+.1f} {MARKS[c['verdict']]}"
+                                                      + (" (p)" if provisional else ""))
+    return ["## Verdicts at a glance", "",
+            "a - b in points and the verdict from its 95 % interval (below): **holds**, **fails** (does not hold) or ? "
+            "(inconclusive at this n); (p): provisional, a side has fewer seeds than it will have.", "",
+            "| claim | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+            *(f"| {claim} | " + " | ".join(row.get(t, "") for t in columns) + " |" for claim, row in cells.items()), ""]
 
 
 def _claims(summary: dict) -> list[str]:

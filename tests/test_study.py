@@ -259,6 +259,9 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "**holds** |" in report  # both sides have every seed they will have: not provisional
+    glance = report.split("## Verdicts at a glance")[1].split("## Claims")[0]
+    assert f"| plug-in beats the emulator | {100 * beats['difference']:+.1f} **holds** |" in glance
+    assert "| zero-shot beats plug-in | " in glance and "**fails** |" in glance
     assert "Items scored: piqa 300 (a limited split, evaluation or training, keeps its first items; in piqa a fixed " \
         "sample instead)" in report
     assert gap["rows"] == [f"u/seed{s}/{r}" for s in (0, 1) for r in ("plug_in", "emulator_finetune")]
