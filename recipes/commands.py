@@ -320,9 +320,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from simulations.study_rows import StudyFederation
 
-    from .study import load_study_config, run_study
+    from .study import load_study_config
     from .study_markdown import closing_text
     from .study_report import report_study
+    from .study_run import run_study
 
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out

@@ -126,6 +126,30 @@ def lock_run_dir(out: str | Path) -> Path:
     return out
 
 
+RUNNING = "running.json"
+"""What a run folder's holder is working on: ``{"unit", "since" (epoch seconds), "pid"}``."""
+
+
+def mark_running(out: Path, unit: str | None) -> None:
+    """Say in ``out`` that this process is now working on ``unit`` (``None``: on nothing)."""
+    if unit is None:
+        (out / RUNNING).unlink(missing_ok=True)
+    else:
+        write_json(out / RUNNING, {"unit": unit, "since": time.time(), "pid": os.getpid()})
+
+
+def running_unit(out: Path) -> dict | None:
+    """What :func:`mark_running` last said in ``out``, while its process lives and holds the
+    folder's lock; ``None`` otherwise (a run killed mid-unit leaves its marker behind)."""
+    try:
+        mark = json.loads((out / RUNNING).read_text())
+        holder = (out / LOCK).read_text().strip()
+        os.kill(mark["pid"], 0)  # raises when no such process
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return mark if holder == str(mark["pid"]) else None
+
+
 def unlock_run_dir(out: str | Path) -> None:
     """Release a lock taken by :func:`lock_run_dir` in this process (no-op when not held)."""
     fd = _HELD.pop(Path(out).resolve(), None)

@@ -17,7 +17,8 @@ Rows, per task (keys of the task's row cache):
 * ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
   seed at each learning rate, the other seeds at the strongest (highest score on the items);
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`simulations.study_rows`, given to :func:`run_study` by the ``study`` command).
+  (:mod:`simulations.study_rows`, given to :func:`recipes.study_run.run_study` by the ``study``
+  command).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from scaleot_fed.artifact import load_artifact, save_artifact
-from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import load_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
@@ -40,7 +39,7 @@ from scaleot_fed.rerank import rerank, rerank_changes
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from . import study_ledger as ledger
-from .rundir import RowCache, cached_rows, open_run_dir
+from .rundir import RowCache, cached_rows
 from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from .study_config import (  # noqa: F401  (the study's public names, re-exported)
     GRID_EXTENT,
@@ -54,7 +53,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     seeded,
     task_folder,
 )
-from .study_data import TASK_DATA, emulator_blocks, eta_line, model_facts, task_items, task_tokens
+from .study_data import emulator_blocks, eta_line, model_facts, task_items, task_tokens
 
 
 @dataclass
@@ -304,47 +303,3 @@ def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=Non
                        [(u.label, u.cost) for u, d in zip(units, done) if not d]):
         log(eta)
     return units, done, model_facts(loaded.model)
-
-
-REPORT_EVERY = 120.0
-"""Seconds between rewrites of the report while the grid runs (and once at the end)."""
-
-
-def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False,
-              federation=None) -> dict:
-    """Run (or resume) the grid; after every unit, rewrite the summary and the report
-    (:mod:`recipes.study_report`). ``federation`` runs the ``[study] federated`` rows (a
-    :class:`simulations.study_rows.StudyFederation`, which the ``study`` command passes). Returns
-    the summary."""
-    from tqdm.auto import tqdm
-
-    from .study_report import write_report
-
-    study = config.study
-    if study.federated and federation is None:
-        raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
-    results = Path(study.results or study.out)
-    if not overwrite:
-        ledger.check_resume(Path(study.out), results, config)
-    out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT + TASK_DATA)
-    if overwrite and results.resolve() != out.resolve():
-        ledger.clear(results)
-    ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
-    units, done, facts = open_grid(config, out, results, log, federation)
-    pending = [u for u, d in zip(units, done) if not d]
-    summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
-    # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
-    bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
-    reported = time.monotonic()
-    for index, u in enumerate(pending):
-        bar.set_postfix_str(f"{index + 1}/{len(pending)} {u.label}")
-        if not u.done():  # (a swept row's key is only known once its sweep is done)
-            start = time.perf_counter()
-            u.run()
-            ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost)  # compute used; the ETA's rate
-        bar.update(u.cost / 1e6)
-        if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
-            summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()
-    bar.close()
-    return summary

@@ -2,7 +2,8 @@
 ETA, without running anything.
 
 A plan takes no lock and writes nothing in the run or results folders, so it may look at a study
-that is running (a unit in the middle of its work shows as pending). It refuses what a resume
+that is running (the unit it is working on shows as pending, marked with the minutes it has run
+so far; the ETA counts it whole). It refuses what a resume
 would refuse, and counts as done what a resume would: the run folder's rows and the committed
 ledger's, which a resume restores into the run folder and the plan into a scratch view of it
 (links to the run folder's files, in the temporary folder).
@@ -11,12 +12,13 @@ ledger's, which a resume restores into the run folder and the plan into a scratc
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
 
 from . import study_ledger as ledger
-from .rundir import LOCK, check_run_dir
+from .rundir import LOCK, RUNNING, check_run_dir, running_unit
 from .study import GRID_EXTENT, StudyConfig, open_grid
 from .study_data import TASK_DATA, unit_rate
 
@@ -38,11 +40,22 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
         units, done, _ = open_grid(config, view, results, log, federation)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
+    now = running_unit(out)
     for label, cost in pending:
-        log(f"  {label}: {cost / 1e6:.1f} M block-tokens" + (f", ~{cost * rate / 60:.1f} min" if rate > 0 else ""))
+        log(plan_line(label, cost, rate, now))
     if not pending:
         log("study: nothing left to run; `scaleot-fed study --report-only` rewrites the report")
     return pending
+
+
+def plan_line(label: str, cost: float, rate: float, running: dict | None = None) -> str:
+    """A pending unit: its cost (million block-token passes), its time at ``rate`` (seconds per
+    block-token; none while 0) and, when it is the ``running`` one
+    (:func:`recipes.rundir.running_unit`), how long it has run so far."""
+    line = f"  {label}: {cost / 1e6:.1f} M block-tokens" + (f", ~{cost * rate / 60:.1f} min" if rate > 0 else "")
+    if running is not None and running["unit"] == label:
+        line += f"; running for {(time.time() - running['since']) / 60:.1f} min (PID {running['pid']})"
+    return line
 
 
 def mirror(out: Path, view: Path) -> Path:
@@ -50,7 +63,7 @@ def mirror(out: Path, view: Path) -> Path:
     entries, but every ``rows/`` folder rebuilt of links to its files, so that rows written into
     the view (a restore) land there, never in ``out``. Returns ``view``."""
     for entry in sorted(out.iterdir()) if out.is_dir() else ():
-        if entry.name == LOCK:
+        if entry.name in (LOCK, RUNNING):
             continue
         if entry.is_dir() and (entry / "rows").is_dir():  # a task's folder
             mirror(entry, view / entry.name)

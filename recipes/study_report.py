@@ -315,8 +315,8 @@ def report_study(config: StudyConfig) -> dict:
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
 
-    from .study import GRID_EXTENT, TASK_DATA
-    from .study_data import model_facts
+    from .study import GRID_EXTENT
+    from .study_data import TASK_DATA, model_facts
 
     out = Path(config.study.out)
     results = Path(config.study.results or out)

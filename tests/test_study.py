@@ -486,7 +486,8 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
 
 
 def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
-    from recipes.study import load_study_config, run_study
+    from recipes.study import load_study_config
+    from recipes.study_run import run_study
     from scaleot_fed.errors import ConfigError
 
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m").replace('"uniform"', '"other"'))
@@ -539,8 +540,9 @@ def test_a_printed_interval_shows_which_side_of_a_boundary_each_bound_is_on():
 def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny_model_dir):
     """A user's task file (absolute path) is one folder name in the run folder and in ``items/``;
     nothing is written beside the file."""
-    from recipes.study import StudyConfig, StudySection, run_study, task_folder
+    from recipes.study import StudyConfig, StudySection, task_folder
     from recipes.study_report import report_study
+    from recipes.study_run import run_study
     from scaleot_fed.errors import ConfigError
 
     data = tmp_path / "data"
@@ -560,3 +562,29 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
     assert summary["items_files"][task] == {"full_zero_shot": f"items/{task_folder(task)}/full_zero_shot.loglik.json.gz"}
     shutil.rmtree(tmp_path / "run")  # the ledger alone reports it
     assert report_study(config)["rows"] == summary["rows"]
+
+
+def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
+    import os
+
+    from recipes.rundir import lock_run_dir, mark_running, running_unit, unlock_run_dir
+    from recipes.study_plan import plan_line
+
+    out = tmp_path / "run"
+    assert running_unit(out) is None
+    lock_run_dir(out)
+    mark_running(out, "piqa: full zero-shot")
+    now = running_unit(out)
+    assert now["unit"] == "piqa: full zero-shot" and now["pid"] == os.getpid()
+    line = plan_line("piqa: full zero-shot", 3e6, 60e-6, now)
+    assert line == f"  piqa: full zero-shot: 3.0 M block-tokens, ~3.0 min; running for 0.0 min (PID {os.getpid()})"
+    assert plan_line("piqa: uniform zero-shot", 3e6, 0.0, now) == "  piqa: uniform zero-shot: 3.0 M block-tokens"
+    # a marker left by a run that is gone (killed mid-unit) or that no longer holds the lock: nothing runs
+    (out / "running.json").write_text(json.dumps(now | {"pid": 2**22 + 7}))  # above Linux's pid_max default
+    assert running_unit(out) is None
+    mark_running(out, "piqa: full zero-shot")
+    unlock_run_dir(out)
+    (out / ".lock").write_text("1\n")  # another holder
+    assert running_unit(out) is None
+    mark_running(out, None)
+    assert not (out / "running.json").exists() and running_unit(out) is None

@@ -1,0 +1,60 @@
+"""``scaleot-fed study``: run (or resume) a study's grid unit by unit, rewriting its report as
+units finish (:mod:`recipes.study` is the grid, :mod:`recipes.study_report` the report)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from scaleot_fed.config import as_dict
+from scaleot_fed.errors import ConfigError
+
+from . import study_ledger as ledger
+from .rundir import mark_running, open_run_dir
+from .study import GRID_EXTENT, StudyConfig, open_grid
+from .study_data import TASK_DATA
+
+REPORT_EVERY = 120.0
+"""Seconds between rewrites of the report while the grid runs (and once at the end)."""
+
+
+def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False,
+              federation=None) -> dict:
+    """Run (or resume) the grid; after every unit, rewrite the summary and the report
+    (:mod:`recipes.study_report`). ``federation`` runs the ``[study] federated`` rows (a
+    :class:`simulations.study_rows.StudyFederation`, which the ``study`` command passes). Returns
+    the summary."""
+    from tqdm.auto import tqdm
+
+    from .study_report import write_report
+
+    study = config.study
+    if study.federated and federation is None:
+        raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
+    results = Path(study.results or study.out)
+    if not overwrite:
+        ledger.check_resume(Path(study.out), results, config)
+    out = open_run_dir(study.out, as_dict(config), overwrite, may_change=GRID_EXTENT + TASK_DATA)
+    if overwrite and results.resolve() != out.resolve():
+        ledger.clear(results)
+    ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
+    units, done, facts = open_grid(config, out, results, log, federation)
+    pending = [u for u, d in zip(units, done) if not d]
+    summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
+    # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
+    bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
+    reported = time.monotonic()
+    for index, u in enumerate(pending):
+        bar.set_postfix_str(f"{index + 1}/{len(pending)} {u.label}")
+        if not u.done():  # (a swept row's key is only known once its sweep is done)
+            start = time.perf_counter()
+            mark_running(out, u.label)  # for `--plan` beside this run
+            u.run()
+            ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost)  # compute used; the ETA's rate
+        bar.update(u.cost / 1e6)
+        if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
+            summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()
+    bar.close()
+    mark_running(out, None)
+    return summary
