@@ -335,7 +335,6 @@ def cmd_study(args: argparse.Namespace) -> None:
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
-
         plan_study(config, federation=federation)
         return
     summary = report_study(config) if args.report_only else run_study(
