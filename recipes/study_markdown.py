@@ -72,8 +72,9 @@ def _glance(summary: dict) -> list[str]:
 def _claims(summary: dict) -> list[str]:
     lines = ["## Claims", "",
              f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples); a verdict follows from the "
-             "95 % interval: `greater` holds when the interval is above 0, does not hold when below; `close` holds "
-             "when the interval lies inside +-margin, does not hold when outside it; otherwise inconclusive at this n. "
+             "95 % interval: `greater` holds when the interval lies above 0, does not hold when it lies below; `close` "
+             "holds when it lies inside +-margin, does not hold when it lies outside; an interval on or across a "
+             "boundary is inconclusive at this n (bounds get more decimals where one would hide their side). "
              "A verdict is provisional while either side has fewer seeds than it will have: the seeds still to "
              f"come can move it. Each interval is 95 % for its own line, not adjusted for the {len(summary['claims'])} "
              "lines here: where a true difference is 0, about 1 line in 20 still reads as decided by chance.",
