@@ -34,13 +34,14 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
     out, results, may_change = Path(study.out), Path(study.results or study.out), GRID_EXTENT + TASK_DATA
     ledger.check_resume(out, results, config)
     check_run_dir(out, as_dict(config), may_change)
+    # read with what is done, so that both describe one moment (loading the model takes a while)
+    now = (running_unit(out) or {}) | {"at": time.time()}
     with tempfile.TemporaryDirectory(prefix="scaleot-study-plan-") as scratch:
         view = mirror(out, Path(scratch))
         ledger.restore(view, results, as_dict(config), study.tasks, may_change, lambda *_: None)
         units, done, _ = open_grid(config, view, results, log, federation)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
-    now = running_unit(out)
     for label, cost in pending:
         log(plan_line(label, cost, rate, now))
     if not pending:
@@ -51,10 +52,11 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
 def plan_line(label: str, cost: float, rate: float, running: dict | None = None) -> str:
     """A pending unit: its cost (million block-token passes), its time at ``rate`` (seconds per
     block-token; none while 0) and, when it is the ``running`` one
-    (:func:`recipes.rundir.running_unit`), how long it has run so far."""
+    (:func:`recipes.rundir.running_unit`, with ``at``: when it was read), how long it had run then."""
     line = f"  {label}: {cost / 1e6:.1f} M block-tokens" + (f", ~{cost * rate / 60:.1f} min" if rate > 0 else "")
-    if running is not None and running["unit"] == label:
-        line += f"; running for {(time.time() - running['since']) / 60:.1f} min (PID {running['pid']})"
+    if running is not None and running.get("unit") == label:
+        elapsed = running.get("at", time.time()) - running["since"]
+        line += f"; running for {elapsed / 60:.1f} min when this plan began (PID {running['pid']})"
     return line
 
 

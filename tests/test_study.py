@@ -577,7 +577,9 @@ def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
     now = running_unit(out)
     assert now["unit"] == "piqa: full zero-shot" and now["pid"] == os.getpid()
     line = plan_line("piqa: full zero-shot", 3e6, 60e-6, now)
-    assert line == f"  piqa: full zero-shot: 3.0 M block-tokens, ~3.0 min; running for 0.0 min (PID {os.getpid()})"
+    assert line == f"  piqa: full zero-shot: 3.0 M block-tokens, ~3.0 min; running for 0.0 min when this plan began " \
+        f"(PID {os.getpid()})"
+    assert "running for 2.0 min" in plan_line("piqa: full zero-shot", 3e6, 0.0, now | {"at": now["since"] + 120})
     assert plan_line("piqa: uniform zero-shot", 3e6, 0.0, now) == "  piqa: uniform zero-shot: 3.0 M block-tokens"
     # a marker left by a run that is gone (killed mid-unit) or that no longer holds the lock: nothing runs
     (out / "running.json").write_text(json.dumps(now | {"pid": 2**22 + 7}))  # above Linux's pid_max default
