@@ -86,11 +86,17 @@ def _claims(summary: dict) -> list[str]:
         verdict = f"**{c['verdict']}**" + (f" (provisional: seeds {c['seeds'][0]} of {expected[0]}, "
                                            f"{c['seeds'][1]} of {expected[1]})" if partial else "")
         lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
-                     f"{interval(c)} | {c['n']} | {c['seeds'][0]}, {c['seeds'][1]} | "
+                     f"{interval(c)} | {_n(c, summary)} | {c['seeds'][0]}, {c['seeds'][1]} | "
                      f"{verdict} |")
     for claim in summary["pending_claims"]:
         lines.append(f"| {claim} | | | | | | pending: a side not scored yet |")
     return lines
+
+
+def _n(claim: dict, summary: dict) -> str:
+    """Items a claim's line rests on; over tasks, each task weighs the same whatever its items."""
+    pooled = claim["task"] not in summary["tasks"]
+    return f"{claim['n']} ({len(summary['tasks'])} tasks, equal weight)" if pooled else str(claim["n"])
 
 
 def _rows(summary: dict) -> list[str]:

@@ -590,3 +590,40 @@ def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
     assert running_unit(out) is None
     mark_running(out, None)
     assert not (out / "running.json").exists() and running_unit(out) is None
+
+
+def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_have_the_same_seeds(tmp_path):
+    import numpy as np
+
+    from recipes.rundir import RowCache
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import ClaimSection, StudyConfig, StudySection
+    from recipes.study_report import write_report
+
+    def row(correct: list[bool]) -> dict:
+        items = {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * len(correct),
+                 "choice_chars": [[5, 5]] * len(correct)}
+        return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct)), "n": len(correct), "items": items}
+
+    # piqa: 100 items, plug-in right on all, emulator on half (+0.5); arc_easy: 300 items, +0.1
+    share = {"piqa": (100, 1.0, 0.5), "arc_easy": (300, 0.6, 0.5)}
+    for task, (n, plug, emu) in share.items():
+        rows = RowCache(tmp_path / "run" / task)
+        for seed in (0, 1):
+            rows.put(f"u/seed{seed}/plug_in", row([i < plug * n for i in range(n)]))
+            if task == "piqa" or seed == 0:  # arc_easy's emulator row at seed 1 not scored yet
+                rows.put(f"u/seed{seed}/emulator_finetune", row([i < emu * n for i in range(n)]))
+    claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune")]
+    config = StudyConfig(study=StudySection(tasks=["piqa", "arc_easy"], seeds=[0, 1], resamples=300),
+                         emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
+    found = {c["task"]: c for c in write_report(config, tmp_path / "run", tmp_path / "results")["claims"]}
+    assert set(found) == {"piqa", "arc_easy"}  # arc_easy's emulator side has seed 0 only: no mean yet
+    RowCache(tmp_path / "run" / "arc_easy").put("u/seed1/emulator_finetune", row([i < 150 for i in range(300)]))
+    summary = write_report(config, tmp_path / "run", tmp_path / "results")
+    pooled = next(c for c in summary["claims"] if c["task"] == "all (mean over tasks)")
+    # each task weighs the same: (0.5 + 0.1) / 2, not the item-weighted (50 + 30) / 400
+    assert pooled["difference"] == pytest.approx(0.3) and pooled["n"] == 400 and pooled["seeds"] == [2, 2]
+    assert pooled["verdict"] == "holds"
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "| all (mean over tasks) | +30.0 | " in report and "| 400 (2 tasks, equal weight) |" in report
+    assert "| plug-in beats the emulator | +50.0 **holds** | +10.0 **holds** | +30.0 **holds** |" in report
