@@ -514,7 +514,8 @@ def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
              "ci95": [0.01, 0.09], "n": 100, "verdict": "holds"}
 
     def verdict(seeds: list[int], expected: list[int]) -> str:
-        summary = {"resamples": 100, "seeds": [0, 1, 2], "claims": [claim | {"seeds": seeds, "seeds_expected": expected}],
+        summary = {"resamples": 100, "seeds": [0, 1, 2], "tasks": ["piqa"],
+                   "claims": [claim | {"seeds": seeds, "seeds_expected": expected}],
                    "pending_claims": []}
         return _claims(summary)[-1]
 
