@@ -12,9 +12,9 @@ def _pct(x: float | None) -> str:
 
 def interval(claim: dict) -> str:
     """A claim's 95 % interval in points. One decimal, or as many more as it takes to keep a bound
-    off a boundary it is not on (0; +-margin): ``+0.04`` decides nothing a ``+0.0`` would not
-    show, and an exact boundary prints bare (``0.0``), so the printed interval shows the verdict's
-    reason."""
+    off a boundary it is not on (0; +-margin): a lower bound of +0.04 printed as ``+0.0`` would hide
+    that the interval lies above 0. A bound exactly on a boundary prints bare (``0.0``, ``-2.0``),
+    so the printed interval shows why the verdict is what it is."""
     marks = (0.0,) + ((100 * claim["margin"], -100 * claim["margin"]) if claim["kind"] == "close" else ())
 
     def bound(x: float) -> str:
