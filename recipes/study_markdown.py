@@ -64,7 +64,9 @@ def _glance(summary: dict) -> list[str]:
                                                       + (" (p)" if provisional else ""))
     return ["## Verdicts at a glance", "",
             "a - b in points and the verdict from its 95 % interval (below): **holds**, **fails** (does not hold) or ? "
-            "(inconclusive at this n); (p): provisional, a side has fewer seeds than it will have.", "",
+            "(inconclusive at this n); (p): provisional, a side has fewer seeds than it will have. A claim's mean "
+            "over tasks (each task weighing the same) joins as a column once every task has both its sides at the "
+            "same seeds.", "",
             "| claim | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
             *(f"| {claim} | " + " | ".join(row.get(t, "") for t in columns) + " |" for claim, row in cells.items()), ""]
 
