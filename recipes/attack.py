@@ -17,6 +17,7 @@ from torch import nn
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune
+from scaleot_fed.train_state import Checkpoint
 
 
 @dataclass
@@ -41,12 +42,14 @@ def open_all_weights(model: nn.Module) -> int:
 
 
 def attack_emulator(emulator_path: str | Path, train_items: list, dev_items: list, config: AttackConfig,
-                    progress: bool = False) -> tuple[nn.Module, FinetuneResult]:
+                    progress: bool = False, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, FinetuneResult]:
     """Fine-tune all weights of a freshly loaded emulator (harmonizers and compressed blocks
-    included) on ``train_items``; returns the trained model and the training record."""
+    included) on ``train_items``; returns the trained model and the training record.
+    ``checkpoint``: see :func:`scaleot_fed.finetune.finetune`."""
     from scaleot_fed.emulator import load_emulator
 
     emulator = load_emulator(emulator_path)  # pristine: other rows may have wrapped their copy
     open_all_weights(emulator.model)
-    result = finetune(emulator.model, emulator.tokenizer, train_items, dev_items, config, progress=progress)
+    result = finetune(emulator.model, emulator.tokenizer, train_items, dev_items, config, progress=progress,
+                      checkpoint=checkpoint)
     return emulator.model, result

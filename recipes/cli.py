@@ -7,7 +7,9 @@ The commands themselves are in :mod:`recipes.commands`. User errors
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 
 from scaleot_fed.env import configure_environment
 
@@ -20,6 +22,27 @@ from . import commands as c  # noqa: E402
 OVERWRITE_HELP = "replace what --out holds (without it, a non-empty --out is refused)"
 MODEL_HELP = "local HF folder, hub id, or the offline alias smollm2-135m (default)"
 DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def _scalar_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` option per dataclass field (default: the dataclass's own default)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (also settable in a TOML --config)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"default: {f.default}")
 
 
 def _stage_parsers(sub) -> None:
@@ -39,7 +62,7 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--device-map", choices=DEVICE_MAPS,
                    help="a model too big for one device: spread its blocks over the GPUs (and CPU) as it loads, in "
                         "--dtype (accelerate); each harmonizer trains on its block's device; instead of --device")
-    c.add_dataclass_arguments(p, LayerReplaceConfig)
+    add_dataclass_arguments(p, LayerReplaceConfig)
     p.set_defaults(func=c.cmd_layer_replace)
 
     p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
@@ -101,10 +124,12 @@ def _model_parsers(sub) -> None:
     p.add_argument("--dev-items", type=int, default=64,
                    help="items cut from the end of the training items for checkpoint selection")
     p.add_argument("--config", help="TOML file with a [finetune] table")
-    p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write")
+    p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write; the run saves "
+                   "itself to OUT.training.pt as it goes (every 5 min), and a stopped run given the same arguments "
+                   "resumes there")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
-    c.add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
+    add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))
     p.set_defaults(func=c.cmd_finetune)
 
 

@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import os
-import typing
 from pathlib import Path
 
 from recipes.rundir import check_output, clear_output
@@ -17,27 +16,6 @@ from scaleot_fed.env import USER_SET_THREADS
 from scaleot_fed.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def _scalar_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--field-name`` option per dataclass field (default: the dataclass's own default)."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} (also settable in a TOML --config)")
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _scalar_type(hints[f.name])
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"default: {f.default}")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None, where: str = ""):
@@ -203,6 +181,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from scaleot_fed.models import load_model_or_emulator
     from scaleot_fed.plugin import export_trained, save_plugged
     from scaleot_fed.tasks import load_task
+    from scaleot_fed.train_state import Checkpoint
 
     config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune"), "finetune")
     items = load_task(args.task, "train", args.train_limit)
@@ -218,7 +197,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     positions = (list(emulator.adapter_positions()) if emulator is not None
                  else list(range(model.config.num_hidden_layers)))
     trained = make_trainable(model, positions, config)
-    result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress)
+    checkpoint = Checkpoint(f"{str(args.out).rstrip('/')}.training.pt")  # a stopped run resumes from it
+    if checkpoint.path.exists():
+        print(f"finetune: resuming the run saved in {checkpoint.path}", flush=True)
+    result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress, checkpoint=checkpoint)
     print(f"dev loss {result.initial_val_loss:.4f} -> {result.best_val_loss:.4f} (best at step {result.best_step}); "
           f"{result.trainable_params:,} trainable parameters, {result.tokens_per_second:.0f} tokens/s")
     clear_output(args.out)
@@ -229,6 +211,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         merged = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
         out = save_plugged(merged, tokenizer, args.out)
         print(f"wrote the fine-tuned full model to {out}")
+    checkpoint.remove()
 
 
 def cmd_offsite(args: argparse.Namespace, attack: bool = False) -> dict:

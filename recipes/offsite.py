@@ -105,10 +105,10 @@ def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner
     train, dev = train_all[: -run.dev_items], train_all[-run.dev_items :]
     evaluation = run.evaluation_items()
     log(f"offsite: {run.model} on {run.task}: {len(train)} train, {len(dev)} dev, {len(evaluation)} eval items")
-    loaded = load_model(run.model)
+    loaded, rows = load_model(run.model), RowCache(out)
     return SingleOwner(loaded.model, loaded.tokenizer, train, dev, evaluation,
                        dataclasses.replace(config.finetune, eval_items=len(dev)), run.eval_batch_size, progress,
-                       cache=cached_rows(RowCache(out), log), eval_placement=run.eval_placement())
+                       cache=cached_rows(rows, log), checkpoint=rows.checkpoint, eval_placement=run.eval_placement())
 
 
 ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators")

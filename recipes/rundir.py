@@ -19,6 +19,7 @@ from typing import Any
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
+from scaleot_fed.train_state import Checkpoint
 
 LOCK = ".lock"
 _HELD: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
@@ -212,13 +213,19 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 class RowCache:
     """Finished results of a run, one JSON file each under ``rows/``: written once, reused on
-    resume. Keys may contain ``/`` (``emulator/row``)."""
+    resume. Keys may contain ``/`` (``emulator/row``). A row's training run in progress keeps
+    its :class:`~scaleot_fed.train_state.Checkpoint` under ``training/`` until the row is stored."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing
+        self.training = out / "training"
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key.replace('/', '__')}.json"
+
+    def checkpoint(self, key: str) -> Checkpoint:
+        """Where the training behind row ``key`` saves itself (so that a stop loses little of it)."""
+        return Checkpoint(self.training / f"{key.replace('/', '__')}.pt")
 
     def get(self, key: str) -> dict | None:
         path = self._path(key)
@@ -227,6 +234,7 @@ class RowCache:
     def put(self, key: str, value: dict) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self._path(key), value)
+        self.checkpoint(key).remove()  # the row holds what the training was for
         return value
 
 

@@ -29,6 +29,7 @@ from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.plugin import export_trained, plug_in_path
 from scaleot_fed.tasks import MCItem, is_builtin, load_task
 from scaleot_fed.text import lambada_passages, token_blocks
+from scaleot_fed.train_state import Checkpoint
 
 from .attack import AttackConfig, attack_emulator
 
@@ -40,6 +41,11 @@ Cache = Callable[[str, Callable[[], dict]], dict]
 def no_cache(key: str, compute: Callable[[], dict]) -> dict:
     """A :data:`Cache` that computes every row."""
     return compute()
+
+
+def no_checkpoint(key: str) -> None:
+    """Rows whose training is not saved as it goes (a stop starts it over)."""
+    return None
 
 
 @dataclass
@@ -180,6 +186,8 @@ class SingleOwner:
 
     ``cache`` stores finished rows (the offsite pipeline keeps them in its run folder, so a
     stopped run resumes); rows are named ``<row>`` for the full model and ``<emulator>/<row>``.
+    ``checkpoint`` gives the training behind a row a place to save itself as it goes, so that a
+    stop mid-training resumes there (:class:`recipes.rundir.RowCache` keeps them until the row).
     """
 
     full: nn.Module
@@ -191,6 +199,7 @@ class SingleOwner:
     eval_batch_size: int = 8
     progress: bool = False
     cache: Cache = no_cache
+    checkpoint: Callable[[str], Checkpoint | None] = no_checkpoint
     eval_placement: Placement = dataclasses.field(default_factory=Placement)
 
     def evaluate(self, model: nn.Module) -> dict:
@@ -212,7 +221,8 @@ class SingleOwner:
         def compute() -> dict:
             model = copy.deepcopy(self.full)
             trained = make_trainable(model, list(range(model.config.num_hidden_layers)), config)
-            result = finetune(trained, self.tokenizer, self.train, self.dev, config, progress=self.progress)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, config, progress=self.progress,
+                              checkpoint=self.checkpoint(key))
             return self.evaluate(trained) | finetune_stats(result) | {"lr": config.lr, "mode": config.mode}
 
         return self.cache(key, compute)
@@ -225,7 +235,8 @@ class SingleOwner:
         the full model with them plugged in: ``{"emulator_finetune": ..., "plug_in": ...}``."""
         def train() -> dict:
             trained = make_trainable(emulator.model, list(emulator.adapter_positions()), self.finetune)
-            result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress,
+                              checkpoint=self.checkpoint(f"{name}/emulator_finetune"))
             export_trained(trained, emulator, trained_path)
             return self.evaluate(trained) | finetune_stats(result) | {"trained": str(trained_path)}
 
@@ -241,7 +252,8 @@ class SingleOwner:
         """The model-privacy row: every weight of a fresh copy of the emulator trained."""
         def compute() -> dict:
             attack_ft = dataclasses.replace(config, eval_items=len(self.dev))
-            model, result = attack_emulator(emulator_path, self.train, self.dev, attack_ft, progress=self.progress)
+            model, result = attack_emulator(emulator_path, self.train, self.dev, attack_ft, progress=self.progress,
+                                            checkpoint=self.checkpoint(f"{name}/emulator_attack"))
             return self.evaluate(model) | finetune_stats(result)
 
         return self.cache(f"{name}/emulator_attack", compute)

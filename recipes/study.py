@@ -288,7 +288,7 @@ class Grid:
         self.log(f"study: {task}: {len(train)} train, {len(dev)} dev, {len(evaluation)} eval items"
                  + (" (a fixed random subset)" if task in study.random_subsets else ""))
         return SingleOwner(self.full, self.tokenizer, train, dev, evaluation, self.config.finetune,
-                           study.eval_batch_size, cache=cached_rows(rows, self.log))
+                           study.eval_batch_size, cache=cached_rows(rows, self.log), checkpoint=rows.checkpoint)
 
 
 def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=None) -> tuple[list[Unit], list[bool], dict]:

@@ -40,6 +40,15 @@ class LengthBatches(Iterator[list[int]]):
             self._epoch()
         return self.queue.pop()
 
+    def state(self) -> dict:
+        """Where the stream is: enough for :meth:`restore` to continue it draw for draw."""
+        return {"rng": self.rng.getstate(), "queue": [list(b) for b in self.queue], "carry": list(self.carry)}
+
+    def restore(self, state: dict) -> None:
+        """Continue the stream a :meth:`state` was taken from."""
+        self.rng.setstate(state["rng"])
+        self.queue, self.carry = [list(b) for b in state["queue"]], list(state["carry"])
+
     def padding_ratio(self, batches: list[list[int]]) -> float:
         """Share of padded positions in ``batches`` (each padded to its longest item)."""
         padded = sum(len(b) * max(self.lengths[i] for i in b) for b in batches)

@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .heads import answer_token_loss
 from .tasks import MCItem
+from .train_state import Checkpoint, Progress, fingerprint, load_trainable_state, resume, snapshot
 
 MODES = ("full", "lora", "adapter", "bitfit")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -241,14 +242,6 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: fl
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (a :func:`trainable_state`) back into ``model``'s parameters."""
-    with torch.no_grad():
-        named = dict(model.named_parameters())
-        for name, tensor in state.items():
-            named[name].copy_(tensor)
-
-
 def _optimizer(params: list[nn.Parameter], config: FinetuneConfig):
     """AdamW and its warmup + decay schedule."""
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -259,19 +252,42 @@ def _optimizer(params: list[nn.Parameter], config: FinetuneConfig):
     return optimizer, scheduler
 
 
-def _backward(model: nn.Module, batch: dict[str, torch.Tensor], grad_accum: int, params: list[nn.Parameter],
-              anchor: list[torch.Tensor] | None, proximal_mu: float) -> float:
-    """Accumulate one batch's gradients (answer-token loss, plus FedProx's term); its loss share."""
-    loss, _ = answer_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    if anchor is not None:
-        loss = loss + proximal_term(params, anchor, proximal_mu)
-    loss = loss / grad_accum
-    loss.backward()
-    return loss.item()
+class _Loop:
+    """One run's moving parts, and its training step."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig,
+                 examples: list[tuple[list[int], list[int]]], pad: int, proximal_mu: float) -> None:
+        self.model, self.params, self.config, self.examples, self.pad = model, params, config, examples, pad
+        self.device = params[0].device
+        self.optimizer, self.scheduler = _optimizer(params, config)
+        self.batches = LengthBatches([len(ids) for ids, _ in examples], config.batch_size, random.Random(config.seed))
+        # FedProx's anchor is the start of this call: on resume, the weights the caller handed in again
+        self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        self.proximal_mu = proximal_mu
+
+    def step(self) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` batches (answer-token loss, plus FedProx's term):
+        its loss and the tokens it read."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for _ in range(self.config.grad_accum):
+            batch = {k: v.to(self.device) for k, v in collate(
+                [self.examples[i] for i in next(self.batches)], self.pad).items()}
+            loss, _ = answer_token_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            if self.anchor is not None:
+                loss = loss + proximal_term(self.params, self.anchor, self.proximal_mu)
+            loss = loss / self.config.grad_accum
+            loss.backward()
+            total, tokens = total + loss.item(), tokens + int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total, tokens
 
 
 def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: list[MCItem],
-             config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0) -> FinetuneResult:
+             config: FinetuneConfig, progress: bool = True, proximal_mu: float = 0.0,
+             checkpoint: Checkpoint | None = None) -> FinetuneResult:
     """Train the parameters that require grad (see :func:`make_trainable`) on ``train_items``.
 
     AdamW with warmup and schedule, gradient accumulation, length-bucketed batches in a seeded
@@ -281,49 +297,49 @@ def finetune(model: nn.Module, tokenizer, train_items: list[MCItem], val_items: 
     the end when ``config.select_best``.
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_start||^2`` over the trained parameters.
+    ``checkpoint`` saves the run as it goes and at its end; called again on a model prepared the
+    same way, the run resumes after the last saved step (:mod:`scaleot_fed.train_state`).
     """
     from tqdm.auto import tqdm
 
     params = _trained_parameters(model, train_items, val_items)
     config.apply(model)  # before the optimizer sees params
-    device = params[0].device
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = [encode_example(tokenizer, item, config.max_length) for item in train_items]
     val = val_items[: config.eval_items]
-    optimizer, scheduler = _optimizer(params, config)
-
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    initial = best = answer_loss(model, tokenizer, val, config)
-    best_state, best_step = trainable_state(model), 0
-    history = [{"step": 0, "val_loss": initial}]
-    batches = LengthBatches([len(ids) for ids, _ in examples], config.batch_size, rng)
-    tokens, start = 0, time.perf_counter()
+    loop = _Loop(model, params, config, examples, pad, proximal_mu)
+    print_ = fingerprint(config, examples, model, proximal_mu) if checkpoint else ""
+    saved = checkpoint.load(print_, loop.device) if checkpoint else None
+    if saved is not None:
+        run = resume(saved, model, loop.optimizer, loop.scheduler, loop.batches)
+    else:
+        initial = answer_loss(model, tokenizer, val, config)
+        run = Progress(0, initial, initial, 0, trainable_state(model), [{"step": 0, "val_loss": initial}])
     model.train()
-    bar = tqdm(range(1, config.steps + 1), desc=f"finetune[{config.mode}]", disable=not progress, dynamic_ncols=True)
+    start = saved_at = time.perf_counter()
+    before = run.seconds
+    bar = tqdm(range(run.step + 1, config.steps + 1), initial=run.step, total=config.steps,
+               desc=f"finetune[{config.mode}]", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)], pad).items()}
-            step_loss += _backward(model, batch, config.grad_accum, params, anchor, proximal_mu)
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}
+        step_loss, tokens = loop.step()
+        run.step, run.tokens = step, run.tokens + tokens
+        record = {"step": step, "train_loss": step_loss, "lr": loop.scheduler.get_last_lr()[0]}
         if step % config.eval_every == 0 or step == config.steps:
             record["val_loss"] = answer_loss(model, tokenizer, val, config)
-            if record["val_loss"] < best:
-                best, best_step, best_state = record["val_loss"], step, trainable_state(model)
-        history.append(record)
-        bar.set_postfix_str(f"loss={step_loss:.3f} best_val={best:.3f}")
-    seconds = time.perf_counter() - start
+            if record["val_loss"] < run.best:
+                run.best, run.best_step, run.best_state = record["val_loss"], step, trainable_state(model)
+        run.history.append(record)
+        bar.set_postfix_str(f"loss={step_loss:.3f} best_val={run.best:.3f}")
+        run.seconds = before + time.perf_counter() - start
+        if checkpoint is not None and (step == config.steps or time.perf_counter() - saved_at >= checkpoint.every_s):
+            checkpoint.save(snapshot(run, print_, model, loop.optimizer, loop.scheduler, loop.batches))
+            saved_at = time.perf_counter()
     if config.select_best:
-        load_trainable_state(model, best_state)
+        load_trainable_state(model, run.best_state)
     else:
-        best, best_step = history[-1].get("val_loss", best), config.steps
+        run.best, run.best_step = run.history[-1].get("val_loss", run.best), config.steps
     model.eval()
-    return FinetuneResult(initial_val_loss=initial, best_val_loss=best, best_step=best_step, history=history,
-                          trainable_params=sum(p.numel() for p in params), tokens=tokens, seconds=seconds)
+    return FinetuneResult(initial_val_loss=run.initial, best_val_loss=run.best, best_step=run.best_step,
+                          history=run.history, trainable_params=sum(p.numel() for p in params), tokens=run.tokens,
+                          seconds=run.seconds)

@@ -166,8 +166,9 @@ def _pooled_owner(fed: FederatedRun, pool: bool) -> SingleOwner:
     ft.eval_items, ft.eval_every = len(dev), max(1, ft.steps // 4)
     # rows are kept in the run folder as they finish: a run resumed after a failure in the final
     # table does not compute them again (a new run starts from an empty folder)
+    rows = RowCache(fed.out)
     return SingleOwner(fed.full, fed.tokenizer, pooled, dev, fed.eval_items, ft, run.eval_batch_size,
-                       eval_placement=run.eval_placement(), cache=cached_rows(RowCache(fed.out), log.info))
+                       eval_placement=run.eval_placement(), cache=cached_rows(rows, log.info), checkpoint=rows.checkpoint)
 
 
 def final_table(fed: FederatedRun) -> dict:

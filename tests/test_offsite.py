@@ -85,6 +85,8 @@ def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
     assert (setup / "run" / "results.png").stat().st_size > 1000
     assert "| Plug-in |" in (setup / "run" / "results.md").read_text()
     assert (setup / "run" / "importance" / "layer_replace.json").exists()  # stage 1 ran inline
+    # each training row saved itself as it went (at least at its end) and let go once stored
+    assert (setup / "run" / "training").is_dir() and not any((setup / "run" / "training").iterdir())
 
     # a second run reuses every row
     assert main(["offsite", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
@@ -132,6 +134,7 @@ def test_finetune_command_on_an_emulator(setup, capsys):
                  "--steps", "3", "--batch-size", "4", "--dev-items", "8", "--no-progress",
                  "--out", str(setup / "state.safetensors")]) == 0
     assert "dev loss" in capsys.readouterr().out
+    assert not (setup / "state.safetensors.training.pt").exists()  # the finished run's state is let go
     assert main(["plug-in", "--model", str(setup / "model"), "--emulator", str(setup / "emu"),
                  "--trained", str(setup / "state.safetensors"), "--out", str(setup / "plugged")]) == 0
     assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json"]) == 0

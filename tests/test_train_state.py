@@ -1,0 +1,107 @@
+"""A stopped fine-tuning run resumes from its checkpoint and ends where an unstopped one does."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import scaleot_fed.finetune as ft
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable, trainable_state
+from scaleot_fed.tasks import MCItem
+from scaleot_fed.train_state import Checkpoint
+
+from .conftest import tiny_model
+
+ITEMS = [MCItem(f"Question: say {w}\nAnswer:", ("no", w), 1) for w in ("red", "sky", "sea", "cup", "car", "tea", "map")]
+# 7 items in batches of 2: epochs end with a left-over item (the stream's carry), and the LoRA
+# dropout draws from torch's generator: a resume must restore both to end bitwise equal
+CONFIG = FinetuneConfig(mode="lora", lora_dropout=0.1, steps=7, batch_size=2, grad_accum=2, eval_every=2,
+                        eval_items=2, seed=3)
+
+
+def _model(tokenizer, config=CONFIG):
+    return make_trainable(tiny_model("gpt2", num_layers=4, vocab_size=len(tokenizer)), [0, 3], config)
+
+
+def _stop_after(monkeypatch, steps: int) -> list[int]:
+    """Make the run stop (as Ctrl-C would) when it starts step ``steps + 1``."""
+    done, step = [], ft._Loop.step
+
+    def stopping(self):
+        if len(done) == steps:
+            raise KeyboardInterrupt
+        done.append(1)
+        return step(self)
+
+    monkeypatch.setattr(ft._Loop, "step", stopping)
+    return done
+
+
+@pytest.mark.parametrize("every_s", [0.0, 1e9])
+def test_a_stopped_run_resumes_and_ends_bitwise_where_an_unstopped_one_does(gpt2_tokenizer, tmp_path, monkeypatch,
+                                                                             every_s):
+    whole = _model(gpt2_tokenizer)
+    expected = finetune(whole, gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False)
+
+    checkpoint = Checkpoint(tmp_path / "run.pt", every_s=every_s)
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_model(gpt2_tokenizer), gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False,
+                     checkpoint=checkpoint)
+    # every_s=0 saved after each step (the run resumes at step 5); 1e9 never saved before the end
+    assert checkpoint.path.exists() == (every_s == 0)
+
+    resumed = _model(gpt2_tokenizer)
+    ran = _stop_after(monkeypatch, 99)
+    result = finetune(resumed, gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False, checkpoint=checkpoint)
+    assert len(ran) == (3 if every_s == 0 else 7)
+    end, want = trainable_state(resumed), trainable_state(whole)
+    assert all(torch.equal(end[k], want[k]) for k in want)
+    assert result.history == expected.history
+    assert (result.best_step, result.best_val_loss, result.tokens) == (
+        expected.best_step, expected.best_val_loss, expected.tokens)
+
+
+def test_a_finished_checkpoint_trains_no_further(gpt2_tokenizer, tmp_path, monkeypatch):
+    checkpoint = Checkpoint(tmp_path / "run.pt", every_s=1e9)
+    first = _model(gpt2_tokenizer)
+    finetune(first, gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False, checkpoint=checkpoint)
+    assert checkpoint.path.exists()  # saved at the end: a stop before the caller stores the result loses nothing
+
+    again = _model(gpt2_tokenizer)
+    ran = _stop_after(monkeypatch, 0)  # any step would raise
+    finetune(again, gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False, checkpoint=checkpoint)
+    assert ran == []
+    a, b = trainable_state(first), trainable_state(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_run_or_a_broken_one_is_refused(gpt2_tokenizer, tmp_path):
+    checkpoint = Checkpoint(tmp_path / "run.pt")
+    finetune(_model(gpt2_tokenizer), gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False, checkpoint=checkpoint)
+    other = dataclasses.replace(CONFIG, lr=1e-3)
+    with pytest.raises(ConfigError, match="another training run.*delete it"):
+        finetune(_model(gpt2_tokenizer, other), gpt2_tokenizer, ITEMS, ITEMS[:2], other, progress=False,
+                 checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match="another training run"):  # other data
+        finetune(_model(gpt2_tokenizer), gpt2_tokenizer, ITEMS[1:], ITEMS[:2], CONFIG, progress=False,
+                 checkpoint=checkpoint)
+    checkpoint.path.write_bytes(checkpoint.path.read_bytes()[:100])  # a save cut short by hand
+    with pytest.raises(ConfigError, match="not a readable training checkpoint"):
+        finetune(_model(gpt2_tokenizer), gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False,
+                 checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match="every_s must be >= 0"):
+        Checkpoint(tmp_path / "x.pt", every_s=-1)
+
+
+def test_a_row_stored_removes_its_training_checkpoint(tmp_path):
+    from recipes.rundir import RowCache
+
+    rows = RowCache(tmp_path)
+    checkpoint = rows.checkpoint("emu/emulator_finetune")
+    checkpoint.save({"step": 1})
+    assert checkpoint.path.is_file() and checkpoint.path.parent == tmp_path / "training"
+    rows.put("emu/emulator_finetune", {"acc": 0.5})
+    assert not checkpoint.path.exists() and rows.get("emu/emulator_finetune") == {"acc": 0.5}
