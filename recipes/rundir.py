@@ -220,12 +220,16 @@ class RowCache:
         self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing
         self.training = out / "training"
 
+    @staticmethod
+    def _name(key: str) -> str:
+        return key.replace("/", "__")
+
     def _path(self, key: str) -> Path:
-        return self.dir / f"{key.replace('/', '__')}.json"
+        return self.dir / f"{self._name(key)}.json"
 
     def checkpoint(self, key: str) -> Checkpoint:
         """Where the training behind row ``key`` saves itself (so that a stop loses little of it)."""
-        return Checkpoint(self.training / f"{key.replace('/', '__')}.pt")
+        return Checkpoint(self.training / f"{self._name(key)}.pt")
 
     def get(self, key: str) -> dict | None:
         path = self._path(key)
