@@ -125,8 +125,11 @@ def _model_parsers(sub) -> None:
                    help="items cut from the end of the training items for checkpoint selection")
     p.add_argument("--config", help="TOML file with a [finetune] table")
     p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write; the run saves "
-                   "itself to OUT.training.pt as it goes (every 5 min), and a stopped run given the same arguments "
-                   "resumes there")
+                   "itself to OUT.training.pt as it goes (every --save-every seconds), and a stopped run given the "
+                   "same arguments resumes there")
+    p.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds between saves of the training state (0: every step); a stop loses at most this "
+                   "much training, each save writes the trained tensors and optimizer state (default: 300)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     add_dataclass_arguments(p, FinetuneConfig, skip=("eval_items",))

@@ -184,6 +184,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from scaleot_fed.train_state import Checkpoint
 
     config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune"), "finetune")
+    checkpoint = Checkpoint(f"{str(args.out).rstrip('/')}.training.pt", args.save_every)  # a stopped run resumes from it
     items = load_task(args.task, "train", args.train_limit)
     if len(items) <= args.dev_items:
         raise ConfigError(f"{len(items)} training items; need more than --dev-items {args.dev_items}")
@@ -197,7 +198,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     positions = (list(emulator.adapter_positions()) if emulator is not None
                  else list(range(model.config.num_hidden_layers)))
     trained = make_trainable(model, positions, config)
-    checkpoint = Checkpoint(f"{str(args.out).rstrip('/')}.training.pt")  # a stopped run resumes from it
     if checkpoint.path.exists():
         print(f"finetune: resuming the run saved in {checkpoint.path}", flush=True)
     result = finetune(trained, tokenizer, train, dev, config, progress=not args.no_progress, checkpoint=checkpoint)

@@ -213,8 +213,14 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 class RowCache:
     """Finished results of a run, one JSON file each under ``rows/``: written once, reused on
-    resume. Keys may contain ``/`` (``emulator/row``). A row's training run in progress keeps
-    its :class:`~scaleot_fed.train_state.Checkpoint` under ``training/`` until the row is stored."""
+    resume. Keys may contain ``/`` (``emulator/row``). A row's training and scoring in progress
+    keep their :class:`~scaleot_fed.train_state.Checkpoint` under ``training/`` until the row is
+    stored."""
+
+    KINDS = {"training": ".pt", "scoring": ".scoring.pt"}
+    EVERY_S = {"training": 300.0, "scoring": 60.0}
+    """Seconds between saves: a training state is large (1.7 GB for a full-parameter SmolLM2-135M
+    run), a scoring's a few kB."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing
@@ -227,9 +233,20 @@ class RowCache:
     def _path(self, key: str) -> Path:
         return self.dir / f"{self._name(key)}.json"
 
-    def checkpoint(self, key: str) -> Checkpoint:
-        """Where the training behind row ``key`` saves itself (so that a stop loses little of it)."""
-        return Checkpoint(self.training / f"{self._name(key)}.pt")
+    def checkpoint(self, key: str, kind: str = "training") -> Checkpoint:
+        """Where the training or the scoring (``kind``) behind row ``key`` saves itself, so that a
+        stop loses little of it."""
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {sorted(self.KINDS)}, got {kind!r}")
+        return Checkpoint(self.training / f"{self._name(key)}{self.KINDS[kind]}", self.EVERY_S[kind])
+
+    def saved(self) -> list[tuple[str, str, Path]]:
+        """The training and scoring states kept under ``training/``: ``(row key, kind, path)``."""
+        found = []
+        for path in sorted(self.training.glob("*.pt")) if self.training.is_dir() else ():
+            kind = "scoring" if path.name.endswith(self.KINDS["scoring"]) else "training"
+            found.append((path.name[: -len(self.KINDS[kind])].replace("__", "/"), kind, path))
+        return found
 
     def get(self, key: str) -> dict | None:
         path = self._path(key)
@@ -238,7 +255,8 @@ class RowCache:
     def put(self, key: str, value: dict) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self._path(key), value)
-        self.checkpoint(key).remove()  # the row holds what the training was for
+        for kind in self.KINDS:  # the row holds what they were for
+            self.checkpoint(key, kind).remove()
         return value
 
 

@@ -43,8 +43,8 @@ def no_cache(key: str, compute: Callable[[], dict]) -> dict:
     return compute()
 
 
-def no_checkpoint(key: str) -> None:
-    """Rows whose training is not saved as it goes (a stop starts it over)."""
+def no_checkpoint(key: str, kind: str = "training") -> None:
+    """Rows whose training and scoring are not saved as they go (a stop starts them over)."""
     return None
 
 
@@ -186,8 +186,9 @@ class SingleOwner:
 
     ``cache`` stores finished rows (the offsite pipeline keeps them in its run folder, so a
     stopped run resumes); rows are named ``<row>`` for the full model and ``<emulator>/<row>``.
-    ``checkpoint`` gives the training behind a row a place to save itself as it goes, so that a
-    stop mid-training resumes there (:class:`recipes.rundir.RowCache` keeps them until the row).
+    ``checkpoint(key, kind)`` gives the training (``kind`` "training") and the scoring ("scoring")
+    behind a row a place to save themselves as they go, so that a stop mid-way resumes there
+    (:class:`recipes.rundir.RowCache` keeps them until the row is stored).
     """
 
     full: nn.Module
@@ -199,19 +200,20 @@ class SingleOwner:
     eval_batch_size: int = 8
     progress: bool = False
     cache: Cache = no_cache
-    checkpoint: Callable[[str], Checkpoint | None] = no_checkpoint
+    checkpoint: Callable[[str, str], Checkpoint | None] = no_checkpoint
     eval_placement: Placement = dataclasses.field(default_factory=Placement)
 
-    def evaluate(self, model: nn.Module) -> dict:
-        """``acc``, ``acc_norm``, ``n`` and, under ``items``, every item's per-choice log-likelihoods
-        with its gold index and choice lengths: any metric can be recomputed from a row
-        (:func:`recipes.report.write_results` moves them to ``items/``)."""
+    def evaluate(self, model: nn.Module, key: str) -> dict:
+        """Row ``key``'s ``acc``, ``acc_norm``, ``n`` and, under ``items``, every item's per-choice
+        log-likelihoods with its gold index and choice lengths: any metric can be recomputed from a
+        row (:func:`recipes.report.write_results` moves them to ``items/``)."""
         self.eval_placement.apply(model, training=False)
-        scores = score_items(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size)
+        scores = score_items(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size,
+                             checkpoint=self.checkpoint(key, "scoring"))
         return accuracy_from_scores(self.evaluation, scores) | {"items": item_record(self.evaluation, scores)}
 
     def full_zero_shot(self) -> dict:
-        return self.cache("full_zero_shot", lambda: self.evaluate(self.full))
+        return self.cache("full_zero_shot", lambda: self.evaluate(self.full, "full_zero_shot"))
 
     def full_finetune(self, key: str = "full_finetune", config: FinetuneConfig | None = None) -> dict:
         """Every block of a copy of the full model trained with the owner's method, or with
@@ -222,38 +224,42 @@ class SingleOwner:
             model = copy.deepcopy(self.full)
             trained = make_trainable(model, list(range(model.config.num_hidden_layers)), config)
             result = finetune(trained, self.tokenizer, self.train, self.dev, config, progress=self.progress,
-                              checkpoint=self.checkpoint(key))
-            return self.evaluate(trained) | finetune_stats(result) | {"lr": config.lr, "mode": config.mode}
+                              checkpoint=self.checkpoint(key, "training"))
+            return self.evaluate(trained, key) | finetune_stats(result) | {"lr": config.lr, "mode": config.mode}
 
         return self.cache(key, compute)
 
     def emulator_zero_shot(self, name: str, emulator: Emulator) -> dict:
-        return self.cache(f"{name}/emulator_zero_shot", lambda: self.evaluate(emulator.model))
+        key = f"{name}/emulator_zero_shot"
+        return self.cache(key, lambda: self.evaluate(emulator.model, key))
 
     def emulator_finetune_and_plug_in(self, name: str, emulator: Emulator, trained_path: Path) -> dict:
         """Train the emulator's adapter blocks (saved to ``trained_path``), score the emulator and
         the full model with them plugged in: ``{"emulator_finetune": ..., "plug_in": ...}``."""
+        tuned, plugged = f"{name}/emulator_finetune", f"{name}/plug_in"
+
         def train() -> dict:
             trained = make_trainable(emulator.model, list(emulator.adapter_positions()), self.finetune)
             result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress,
-                              checkpoint=self.checkpoint(f"{name}/emulator_finetune"))
+                              checkpoint=self.checkpoint(tuned, "training"))
             export_trained(trained, emulator, trained_path)
-            return self.evaluate(trained) | finetune_stats(result) | {"trained": str(trained_path)}
+            return self.evaluate(trained, tuned) | finetune_stats(result) | {"trained": str(trained_path)}
 
         def plug() -> dict:
             if not trained_path.exists():
                 raise ConfigError(f"{trained_path} is missing; delete the cached rows of {name} and rerun")
-            return self.evaluate(plug_in_path(copy.deepcopy(self.full), emulator.manifest, trained_path))
+            return self.evaluate(plug_in_path(copy.deepcopy(self.full), emulator.manifest, trained_path), plugged)
 
-        return {"emulator_finetune": self.cache(f"{name}/emulator_finetune", train),
-                "plug_in": self.cache(f"{name}/plug_in", plug)}
+        return {"emulator_finetune": self.cache(tuned, train), "plug_in": self.cache(plugged, plug)}
 
     def attack(self, name: str, emulator_path: Path, config: AttackConfig) -> dict:
         """The model-privacy row: every weight of a fresh copy of the emulator trained."""
+        key = f"{name}/emulator_attack"
+
         def compute() -> dict:
             attack_ft = dataclasses.replace(config, eval_items=len(self.dev))
             model, result = attack_emulator(emulator_path, self.train, self.dev, attack_ft, progress=self.progress,
-                                            checkpoint=self.checkpoint(f"{name}/emulator_attack"))
-            return self.evaluate(model) | finetune_stats(result)
+                                            checkpoint=self.checkpoint(key, "training"))
+            return self.evaluate(model, key) | finetune_stats(result)
 
-        return self.cache(f"{name}/emulator_attack", compute)
+        return self.cache(key, compute)

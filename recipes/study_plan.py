@@ -3,8 +3,8 @@ ETA, without running anything.
 
 A plan takes no lock and writes nothing in the run or results folders, so it may look at a study
 that is running (the unit it is working on shows as pending, marked with the minutes it has run
-so far; the ETA counts it whole). It refuses what a resume
-would refuse, and counts as done what a resume would: the run folder's rows and the committed
+so far; the ETA counts it whole), and the trainings and scorings a resume continues
+(:meth:`recipes.rundir.RowCache.saved`). It refuses what a resume would refuse, and counts as done what a resume would: the run folder's rows and the committed
 ledger's, which a resume restores into the run folder and the plan into a scratch view of it
 (links to the run folder's files, in the temporary folder).
 """
@@ -15,11 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from scaleot_fed.config import as_dict
 
 from . import study_ledger as ledger
-from .rundir import LOCK, RUNNING, check_run_dir, running_unit
+from .rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
 from .study import GRID_EXTENT, StudyConfig, open_grid
+from .study_config import task_folder
 from .study_data import TASK_DATA, unit_rate
 
 
@@ -44,6 +47,9 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
     for label, cost in pending:
         log(plan_line(label, cost, rate, now))
+    for task in study.tasks:
+        for key, kind, path in RowCache(out / task_folder(task)).saved():
+            log(f"  saved: {task}: {key}: {saved_state(kind, path)}")
     if not pending:
         log("study: nothing left to run; `scaleot-fed study --report-only` rewrites the report")
     return pending
@@ -58,6 +64,18 @@ def plan_line(label: str, cost: float, rate: float, running: dict | None = None)
         elapsed = running.get("at", time.time()) - running["since"]
         line += f"; running for {elapsed / 60:.1f} min when this plan began (PID {running['pid']})"
     return line
+
+
+def saved_state(kind: str, path: Path) -> str:
+    """How far the training or scoring (``kind``) saved in ``path`` got."""
+    try:  # (mapped, not read: a full-parameter training state is GBs)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if kind == "scoring":
+            return f"scoring, {len(state['batches'])} batches done; a resume scores the rest"
+        return (f"training at step {state['progress']['step']} ({state['progress']['seconds'] / 60:.1f} min "
+                "trained); a resume continues from there")
+    except Exception as error:  # (a resume says the same, with what to do)
+        return f"{kind} state unreadable ({type(error).__name__})"
 
 
 def mirror(out: Path, view: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,7 +21,9 @@ from torch import nn
 from .errors import ConfigError
 from .heads import lm_loss, target_logprobs
 from .packing import PackedItem, can_pack, packed_scores, worth_packing
+from .score_state import ScoreLog
 from .tasks import MCItem
+from .train_state import Checkpoint
 
 TARGET_DELIMITER = " "
 
@@ -84,42 +87,47 @@ def pad_right(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
-                   max_length: int | None = None, progress: bool = False) -> list[float]:
+                   max_length: int | None = None, progress: bool = False, log: ScoreLog | None = None) -> list[float]:
     """Sum of continuation log-probabilities for each ``(context, continuation)`` pair.
 
     Requests are batched longest first (right-padded), so padding is small and results do not
-    depend on the batch size beyond float rounding.
+    depend on the batch size beyond float rounding. ``log`` keeps finished batches (resuming).
     """
     max_length = max_length or model_max_length(model)
     built = [make_request(tokenizer, c, x, max_length) for c, x in pairs]
     order = sorted(range(len(built)), key=lambda i: -len(built[i][0].input_ids))
-    pad = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    log = log or ScoreLog()
     scores = [0.0] * len(built)
     was_training = model.training
     model.eval()
     bar = _bar(len(order), progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        sums = log.batch(f"request {start}", partial(_request_batch, model, [built[i] for i in chunk], _pad_id(tokenizer)))
+        for i, value in zip(chunk, sums):
+            scores[i] = value
         bar.update(len(chunk))
-        ids, mask = pad_right([built[i][0].input_ids for i in chunk], pad)
-        # positions n-cont_len .. n-1 of each row predict its continuation's tokens: only those
-        # rows go through the LM head (not (batch, width, vocab))
-        batch_idx, pos, targets = [], [], []
-        for row, i in enumerate(chunk):
-            request, cont = built[i]
-            n = len(request.input_ids)
-            batch_idx += [row] * request.cont_len
-            pos += range(n - request.cont_len, n)
-            targets += cont
-        where = torch.tensor([batch_idx, pos], device=device)  # (2, n_scored)
-        logprobs = target_logprobs(model, ids.to(device), mask.to(device), where, torch.tensor(targets, device=device))
-        sums = torch.zeros(len(chunk), device=device).index_add_(0, where[0], logprobs)  # (len(chunk),)
-        for row, i in enumerate(chunk):
-            scores[i] = float(sums[row])
     bar.close()
     model.train(was_training)
     return scores
+
+
+def _request_batch(model: nn.Module, batch: list[tuple[Request, list[int]]], pad: int) -> list[float]:
+    """The scores of one batch of requests with their target tokens."""
+    device = next(model.parameters()).device
+    ids, mask = pad_right([request.input_ids for request, _ in batch], pad)
+    # positions n-cont_len .. n-1 of each row predict its continuation's tokens: only those
+    # rows go through the LM head (not (batch, width, vocab))
+    batch_idx, pos, targets = [], [], []
+    for row, (request, cont) in enumerate(batch):
+        n = len(request.input_ids)
+        batch_idx += [row] * request.cont_len
+        pos += range(n - request.cont_len, n)
+        targets += cont
+    where = torch.tensor([batch_idx, pos], device=device)  # (2, n_scored)
+    logprobs = target_logprobs(model, ids.to(device), mask.to(device), where, torch.tensor(targets, device=device))
+    sums = torch.zeros(len(batch), device=device).index_add_(0, where[0], logprobs)  # (len(batch),)
+    return sums.tolist()
 
 
 def _pad_id(tokenizer) -> int:
@@ -159,20 +167,24 @@ def packing_plan(model: nn.Module, tokenizer, groups: list[tuple[str, list[str]]
 @torch.no_grad()
 def choice_loglikelihoods(model: nn.Module, tokenizer, groups: list[tuple[str, list[str]]], batch_size: int = 8,
                           max_length: int | None = None, progress: bool = False,
-                          pack: bool | None = None) -> list[list[float]]:
+                          pack: bool | None = None, checkpoint: Checkpoint | None = None) -> list[list[float]]:
     """:func:`loglikelihoods` of ``(context, [continuation, ...])`` groups, one list per group.
 
     Where :func:`packing_plan` packs a group, its shared context is encoded once and its
     continuations ride on it (:mod:`scaleot_fed.packing`); ``batch_size`` then counts
     continuations, whole groups per batch. Results equal the per-request path up to float rounding.
+    With a ``checkpoint``, finished batches are saved as they come and a stopped scoring resumes
+    after them, bitwise equal to an unstopped one (:class:`scaleot_fed.score_state.ScoreLog`).
     """
     max_length = max_length or model_max_length(model)
     packed = packing_plan(model, tokenizer, groups, max_length, pack)
+    log = ScoreLog.open(checkpoint, model, [groups, batch_size, max_length, [p is not None for p in packed],
+                                            getattr(tokenizer, "name_or_path", "")])
     scores: list[list[float]] = [[] for _ in groups]
     rest = [g for g, p in enumerate(packed) if p is None]
     if rest:  # one request per continuation
         pairs = [(groups[g][0], x) for g in rest for x in groups[g][1]]
-        flat = iter(loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress))
+        flat = iter(loglikelihoods(model, tokenizer, pairs, batch_size, max_length, progress, log))
         for g in rest:
             scores[g] = [next(flat) for _ in groups[g][1]]
     todo = sorted((g for g, p in enumerate(packed) if p is not None), key=lambda g: -packed[g].length)
@@ -186,13 +198,20 @@ def choice_loglikelihoods(model: nn.Module, tokenizer, groups: list[tuple[str, l
             width += len(packed[todo[end]].choices)
             end += 1
         batch = todo[start:end]
-        for g, result in zip(batch, packed_scores(model, [packed[g] for g in batch], _pad_id(tokenizer))):
-            scores[g] = result
+        flat = iter(log.batch(f"packed {start}", partial(_packed_batch, model, [packed[g] for g in batch],
+                                                         _pad_id(tokenizer))))
+        for g in batch:
+            scores[g] = [next(flat) for _ in packed[g].choices]
         bar.update(width)
         start = end
     bar.close()
     model.train(was_training)
     return scores
+
+
+def _packed_batch(model: nn.Module, batch: list[PackedItem], pad: int) -> list[float]:
+    """:func:`scaleot_fed.packing.packed_scores` flattened (the log keeps a list of floats per batch)."""
+    return [score for item in packed_scores(model, batch, pad) for score in item]
 
 
 def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict[str, float]:
@@ -209,11 +228,13 @@ def accuracy_from_scores(items: list[MCItem], scores: list[list[float]]) -> dict
 
 
 def score_items(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
-                max_length: int | None = None, progress: bool = False) -> list[list[float]]:
+                max_length: int | None = None, progress: bool = False,
+                checkpoint: Checkpoint | None = None) -> list[list[float]]:
     """Per item, the log-likelihood of every choice after its context (lm-eval's requests): what
-    any multiple-choice metric is computed from (:func:`accuracy_from_scores`)."""
+    any multiple-choice metric is computed from (:func:`accuracy_from_scores`). ``checkpoint``:
+    where a long scoring saves its finished batches, so that a stopped one resumes."""
     groups = [(item.context, [TARGET_DELIMITER + choice for choice in item.choices]) for item in items]
-    return choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress)
+    return choice_loglikelihoods(model, tokenizer, groups, batch_size, max_length, progress, checkpoint=checkpoint)
 
 
 def item_record(items: list[MCItem], scores: list[list[float]]) -> dict[str, list]:

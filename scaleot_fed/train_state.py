@@ -38,7 +38,7 @@ class Checkpoint:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         if not self.every_s >= 0:
-            raise ConfigError(f"checkpoint every_s must be >= 0 seconds, got {self.every_s}")
+            raise ConfigError(f"the save interval (every_s, --save-every) must be >= 0 seconds, got {self.every_s}")
 
     @property
     def _partial(self) -> Path:
@@ -60,6 +60,8 @@ class Checkpoint:
 
     def save(self, state: dict) -> None:
         """Write ``state`` whole or not at all: a stop mid-write leaves the previous save."""
+        # not files.write_atomic: that needs the bytes in memory first (twice a GB-sized state),
+        # and its per-process temporary name would outlive a kill; this one is overwritten or removed
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, self._partial)
         os.replace(self._partial, self.path)

@@ -190,10 +190,10 @@ def final_table(fed: FederatedRun) -> dict:
     plugged = fed.plugged_model()
     save_plugged(plugged, fed.tokenizer, fed.out / "plugged")
     last = fed.last_plug_in  # the last round scored this aggregate's plug-in already: not twice
-    federated = {"emulator_finetune": owner.cache(f"{name}/federated/emulator_finetune",
-                                                  lambda: owner.evaluate(fed.trainable)),
-                 "plug_in": owner.cache(f"{name}/federated/plug_in", lambda: last[1] if last and last[0] is fed.arrays
-                                        else owner.evaluate(plugged))}
+    tuned, plug = f"{name}/federated/emulator_finetune", f"{name}/federated/plug_in"
+    federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)),
+                 "plug_in": owner.cache(plug, lambda: last[1] if last and last[0] is fed.arrays
+                                        else owner.evaluate(plugged, plug))}
     entry_config = as_dict(config.emulator)
     emulators = {f"federated-{config.strategy.name}": emulator_entry(rows | federated, fed.emulator.manifest,
                                                                      entry_config)}

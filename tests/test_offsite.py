@@ -62,7 +62,13 @@ alpha = 0.5
     return tmp_path
 
 
-def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
+def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys, monkeypatch):
+    from recipes.rundir import RowCache
+    from scaleot_fed.train_state import Checkpoint
+
+    saved, save = set(), Checkpoint.save
+    monkeypatch.setattr(Checkpoint, "save", lambda self, state: (saved.add(self.path.name), save(self, state)))
+    monkeypatch.setitem(RowCache.EVERY_S, "scoring", 0.0)  # every scored batch saved
     assert main(["offsite", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "computing full_finetune" in out and "Gap" in out
@@ -85,7 +91,9 @@ def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys):
     assert (setup / "run" / "results.png").stat().st_size > 1000
     assert "| Plug-in |" in (setup / "run" / "results.md").read_text()
     assert (setup / "run" / "importance" / "layer_replace.json").exists()  # stage 1 ran inline
-    # each training row saved itself as it went (at least at its end) and let go once stored
+    # each training and scoring saved itself as it went and let go once its row was stored
+    assert {"full_zero_shot.scoring.pt", "scaleot__plug_in.scoring.pt", "full_finetune.pt",
+            "crash__emulator_finetune.pt", "crash__emulator_finetune.scoring.pt"} <= saved
     assert (setup / "run" / "training").is_dir() and not any((setup / "run" / "training").iterdir())
 
     # a second run reuses every row
@@ -131,7 +139,7 @@ def test_finetune_command_on_an_emulator(setup, capsys):
     assert main(["build-emulator", "--model", str(setup / "model"), "--strategy", "uniform-drop", "--adapters", "2",
                  "--out", str(setup / "emu")]) == 0
     assert main(["finetune", "--model", str(setup / "emu"), "--task", str(setup / "train.jsonl"), "--mode", "full",
-                 "--steps", "3", "--batch-size", "4", "--dev-items", "8", "--no-progress",
+                 "--steps", "3", "--batch-size", "4", "--dev-items", "8", "--no-progress", "--save-every", "0",
                  "--out", str(setup / "state.safetensors")]) == 0
     assert "dev loss" in capsys.readouterr().out
     assert not (setup / "state.safetensors.training.pt").exists()  # the finished run's state is let go
@@ -140,6 +148,13 @@ def test_finetune_command_on_an_emulator(setup, capsys):
     assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 12 and {"acc", "acc_norm"} <= set(result)
+
+
+def test_a_negative_save_interval_is_refused_before_any_work(setup, capsys):
+    assert main(["finetune", "--model", str(setup / "model"), "--task", str(setup / "train.jsonl"),
+                 "--save-every", "-1", "--out", str(setup / "state.safetensors")]) == 2
+    assert "--save-every) must be >= 0 seconds, got -1" in capsys.readouterr().err
+    assert not (setup / "state.safetensors").exists()
 
 
 def test_evaluate_perplexity_on_a_text_file(setup, capsys, tmp_path):

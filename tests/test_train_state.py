@@ -92,16 +92,34 @@ def test_a_checkpoint_of_another_run_or_a_broken_one_is_refused(gpt2_tokenizer, 
     with pytest.raises(ConfigError, match="not a readable training checkpoint"):
         finetune(_model(gpt2_tokenizer), gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False,
                  checkpoint=checkpoint)
-    with pytest.raises(ConfigError, match="every_s must be >= 0"):
+    with pytest.raises(ConfigError, match="must be >= 0 seconds"):
         Checkpoint(tmp_path / "x.pt", every_s=-1)
 
 
-def test_a_row_stored_removes_its_training_checkpoint(tmp_path):
+def test_a_row_stored_removes_its_training_and_scoring_checkpoints(tmp_path):
     from recipes.rundir import RowCache
 
     rows = RowCache(tmp_path)
-    checkpoint = rows.checkpoint("emu/emulator_finetune")
-    checkpoint.save({"step": 1})
-    assert checkpoint.path.is_file() and checkpoint.path.parent == tmp_path / "training"
+    saved = [rows.checkpoint("emu/emulator_finetune", kind) for kind in ("training", "scoring")]
+    for checkpoint in saved:
+        checkpoint.save({"step": 1})
+    assert all(c.path.is_file() and c.path.parent == tmp_path / "training" for c in saved)
+    assert saved[0].path != saved[1].path
+    assert [(key, kind) for key, kind, _ in rows.saved()] == [("emu/emulator_finetune", "training"),
+                                                             ("emu/emulator_finetune", "scoring")]
     rows.put("emu/emulator_finetune", {"acc": 0.5})
-    assert not checkpoint.path.exists() and rows.get("emu/emulator_finetune") == {"acc": 0.5}
+    assert not any(c.path.exists() for c in saved) and rows.get("emu/emulator_finetune") == {"acc": 0.5}
+    assert rows.saved() == []
+    with pytest.raises(ValueError, match="kind must be one of"):
+        rows.checkpoint("emu/emulator_finetune", "weights")
+
+
+def test_a_plan_says_how_far_a_saved_training_and_scoring_got(tmp_path):
+    from recipes.study_plan import saved_state
+
+    Checkpoint(tmp_path / "t.pt").save({"progress": {"step": 40, "seconds": 90.0}})
+    Checkpoint(tmp_path / "s.pt").save({"batches": {"packed 0": [0.5], "packed 8": [0.25]}})
+    (tmp_path / "bad.pt").write_bytes(b"not a state")
+    assert saved_state("training", tmp_path / "t.pt").startswith("training at step 40 (1.5 min trained)")
+    assert saved_state("scoring", tmp_path / "s.pt").startswith("scoring, 2 batches done")
+    assert "unreadable" in saved_state("training", tmp_path / "bad.pt")
