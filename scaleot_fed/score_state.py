@@ -60,7 +60,8 @@ class ScoreLog:
             except ConfigError:  # another scoring's (or a damaged) state: recompute, overwrite it
                 state = None
         self.done: dict[str, list[float]] = dict(state["batches"]) if state else {}
-        self.resumed = len(self.done)
+        self.seconds = float(state.get("seconds", 0.0)) if state else 0.0
+        """Seconds spent scoring the batches in :attr:`done` (saved with them)."""
         self.saved_at = time.perf_counter()
 
     @classmethod
@@ -76,6 +77,7 @@ class ScoreLog:
         """Batch ``key``'s scores: the saved ones, or ``compute()``'s (then saved when due)."""
         if key in self.done:
             return self.done[key]
+        start = time.perf_counter()
         try:
             scores = compute()
         except BaseException:
@@ -83,11 +85,12 @@ class ScoreLog:
             raise
         if self.checkpoint is not None:
             self.done[key] = scores
+            self.seconds += time.perf_counter() - start
             if time.perf_counter() - self.saved_at >= self.checkpoint.every_s:
                 self.save()
         return scores
 
     def save(self) -> None:
         if self.checkpoint is not None and self.done:
-            self.checkpoint.save({"fingerprint": self.fingerprint, "batches": self.done})
+            self.checkpoint.save({"fingerprint": self.fingerprint, "seconds": self.seconds, "batches": self.done})
             self.saved_at = time.perf_counter()

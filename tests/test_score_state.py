@@ -53,6 +53,7 @@ def test_a_stopped_scoring_resumes_bitwise_with_the_batches_it_had_left(gpt2_tok
     ran = _count_batches(monkeypatch)
     resumed = choice_loglikelihoods(model, gpt2_tokenizer, GROUPS, batch_size=4, pack=pack, checkpoint=checkpoint)
     assert len(ran) == len(whole) - 2  # only the batches it had left
+    assert checkpoint.resumed_seconds > 0  # the time the 2 saved batches took (a study's ledger adds it)
     assert resumed == expected  # bitwise: the same batches, the saved ones read back exactly
 
 
