@@ -114,6 +114,9 @@ def _model_parsers(sub) -> None:
     p.add_argument("--device-map", choices=DEVICE_MAPS,
                    help="a full model too big for one device: spread its blocks over the GPUs (and CPU) as it "
                         "loads, in --dtype (accelerate); instead of --device")
+    p.add_argument("--save-to", metavar="FILE",
+                   help="save the finished scoring batches to FILE as they come (every minute and on Ctrl-C); "
+                        "rerun with the same FILE to score only what is left (FILE is deleted at the end)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_evaluate)
 

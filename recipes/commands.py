@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from recipes.rundir import check_output, clear_output
+from recipes.rundir import check_output, check_writable, clear_output
 from scaleot_fed.env import USER_SET_THREADS
 from scaleot_fed.errors import ConfigError
 
@@ -146,9 +146,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from scaleot_fed.models import load_model_or_emulator
     from scaleot_fed.tasks import load_task
     from scaleot_fed.text import load_text_corpus, token_blocks
+    from scaleot_fed.train_state import Checkpoint
 
     if (args.task is None) == (args.text is None):
         raise ConfigError("give exactly one of --task (multiple choice) or --text (perplexity)")
+    if args.save_to and not args.task:
+        raise ConfigError("--save-to saves a multiple-choice scoring; it needs --task")
+    checkpoint = Checkpoint(args.save_to, every_s=60.0) if args.save_to else None
+    if checkpoint is not None:
+        check_writable(checkpoint.path)
     # bad task names or missing files fail before the model loads
     items = load_task(args.task, args.split, args.limit) if args.task else None
     texts = load_text_corpus(args.text) if args.text else None
@@ -166,7 +172,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.model} has no tokenizer files; evaluation needs one")
     if items is not None:
         result = {"model": args.model, "task": args.task, "split": args.split} | evaluate_multiple_choice(
-            model, tokenizer, items, batch_size=args.batch_size, progress=not args.json)
+            model, tokenizer, items, batch_size=args.batch_size, progress=not args.json, checkpoint=checkpoint)
+        if checkpoint is not None:
+            checkpoint.remove()
         line = f"{args.task} ({args.split}, n={result['n']}): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}"
     else:
         ids = token_blocks(tokenizer, texts, args.block_size, max_blocks=args.limit)

@@ -225,6 +225,7 @@ class RowCache:
     def __init__(self, out: Path) -> None:
         self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing
         self.training = out / "training"
+        self._handed: list[Checkpoint] = []
 
     @staticmethod
     def _name(key: str) -> str:
@@ -233,12 +234,23 @@ class RowCache:
     def _path(self, key: str) -> Path:
         return self.dir / f"{self._name(key)}.json"
 
+    def _state(self, key: str, kind: str) -> Path:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {sorted(self.KINDS)}, got {kind!r}")
+        return self.training / f"{self._name(key)}{self.KINDS[kind]}"
+
     def checkpoint(self, key: str, kind: str = "training") -> Checkpoint:
         """Where the training or the scoring (``kind``) behind row ``key`` saves itself, so that a
         stop loses little of it."""
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {sorted(self.KINDS)}, got {kind!r}")
-        return Checkpoint(self.training / f"{self._name(key)}{self.KINDS[kind]}", self.EVERY_S[kind])
+        checkpoint = Checkpoint(self._state(key, kind), self.EVERY_S[kind])
+        self._handed.append(checkpoint)
+        return checkpoint
+
+    def take_resumed_seconds(self) -> float:
+        """The work time that the trainings and scorings resumed since the last call had done in
+        earlier processes (:attr:`~scaleot_fed.train_state.Checkpoint.resumed_seconds`)."""
+        handed, self._handed = self._handed, []
+        return sum(c.resumed_seconds for c in handed)
 
     def saved(self) -> list[tuple[str, str, Path]]:
         """The training and scoring states kept under ``training/``: ``(row key, kind, path)``."""
@@ -256,7 +268,7 @@ class RowCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self._path(key), value)
         for kind in self.KINDS:  # the row holds what they were for
-            self.checkpoint(key, kind).remove()
+            Checkpoint(self._state(key, kind)).remove()  # (not handed out: no resumed time to count)
         return value
 
 

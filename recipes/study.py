@@ -67,6 +67,8 @@ class Unit:
     run: Callable[[], object]
     needs: tuple[EmulatorSection, int] | None = None
     """The emulator (section, seed) it builds if that is not on disk (its build is charged once)."""
+    resumed: Callable[[], float] = lambda: 0.0
+    """After ``run()``: the seconds of its training and scoring done by earlier processes (resumed)."""
 
 
 class Grid:
@@ -197,6 +199,7 @@ class Grid:
         for u in units:  # the first pending unit to need an emulator that is not on disk pays its build
             if u.needs is not None and not u.done():
                 u.cost += self.build_cost(*u.needs)
+            u.resumed = rows.take_resumed_seconds  # (units run one at a time)
         return units
 
     def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:

@@ -174,13 +174,16 @@ def _keep(source: Path, target: Path) -> None:
         write_atomic(target, text)
 
 
-def log_unit(results: Path, label: str, seconds: float, cost: float) -> None:
+def log_unit(results: Path, label: str, seconds: float, cost: float, resumed: float = 0.0) -> None:
     """Append one unit's wall seconds and estimated cost (block-token passes, as it was when the
-    unit ran: a build it paid for is in it) to the ledger's compute log."""
+    unit ran: a build it paid for is in it) to the ledger's compute log. ``resumed``: seconds of
+    its training and scoring that earlier processes did before a stop, added to ``seconds`` and
+    logged beside it (since 2026-12-01; before, a resumed unit logged only its last process)."""
     path = ledger_dir(results) / "units.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"unit": label, "seconds": seconds + resumed, "cost": cost} | ({"resumed_seconds": resumed} if resumed else {})
     with path.open("a") as handle:
-        handle.write(json.dumps({"unit": label, "seconds": seconds, "cost": cost}) + "\n")
+        handle.write(json.dumps(entry) + "\n")
 
 
 def compute_log(results: Path) -> list[dict]:

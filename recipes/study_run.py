@@ -50,8 +50,10 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
         if not u.done():  # (a swept row's key is only known once its sweep is done)
             start = time.perf_counter()
             mark_running(out, u.label)  # for `--plan` beside this run
+            u.resumed()  # (anything a skipped unit's check left behind is not this unit's)
             u.run()
-            ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost)  # compute used; the ETA's rate
+            # compute used, the ETA's rate: with what earlier processes did of it before a stop
+            ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost, u.resumed())
         bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
             summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()

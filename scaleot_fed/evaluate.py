@@ -245,9 +245,12 @@ def item_record(items: list[MCItem], scores: list[list[float]]) -> dict[str, lis
 
 
 def evaluate_multiple_choice(model: nn.Module, tokenizer, items: list[MCItem], batch_size: int = 8,
-                             max_length: int | None = None, progress: bool = False) -> dict[str, float]:
-    """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests)."""
-    return accuracy_from_scores(items, score_items(model, tokenizer, items, batch_size, max_length, progress))
+                             max_length: int | None = None, progress: bool = False,
+                             checkpoint: Checkpoint | None = None) -> dict[str, float]:
+    """Zero-shot ``acc``, ``acc_norm`` and ``n`` on ``items`` (``progress``: a bar over requests;
+    ``checkpoint``: see :func:`score_items`)."""
+    return accuracy_from_scores(items, score_items(model, tokenizer, items, batch_size, max_length, progress,
+                                                   checkpoint))
 
 
 @torch.no_grad()

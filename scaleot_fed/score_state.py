@@ -36,6 +36,9 @@ def weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in model.named_parameters():
+            if tensor.device.type == "meta":  # offloaded by a device map: its name and shape only
+                digest.update(json.dumps([name, list(tensor.shape)]).encode())
+                continue
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // SAMPLE)].float().cpu()
             digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype),
@@ -60,7 +63,8 @@ class ScoreLog:
             except ConfigError:  # another scoring's (or a damaged) state: recompute, overwrite it
                 state = None
         self.done: dict[str, list[float]] = dict(state["batches"]) if state else {}
-        self.resumed = len(self.done)
+        self.seconds = float(state.get("seconds", 0.0)) if state else 0.0
+        """Seconds spent scoring the batches in :attr:`done` (saved with them)."""
         self.saved_at = time.perf_counter()
 
     @classmethod
@@ -76,6 +80,7 @@ class ScoreLog:
         """Batch ``key``'s scores: the saved ones, or ``compute()``'s (then saved when due)."""
         if key in self.done:
             return self.done[key]
+        start = time.perf_counter()
         try:
             scores = compute()
         except BaseException:
@@ -83,11 +88,12 @@ class ScoreLog:
             raise
         if self.checkpoint is not None:
             self.done[key] = scores
+            self.seconds += time.perf_counter() - start
             if time.perf_counter() - self.saved_at >= self.checkpoint.every_s:
                 self.save()
         return scores
 
     def save(self) -> None:
         if self.checkpoint is not None and self.done:
-            self.checkpoint.save({"fingerprint": self.fingerprint, "batches": self.done})
+            self.checkpoint.save({"fingerprint": self.fingerprint, "seconds": self.seconds, "batches": self.done})
             self.saved_at = time.perf_counter()

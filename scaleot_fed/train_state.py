@@ -34,6 +34,9 @@ class Checkpoint:
 
     path: Path
     every_s: float = 300.0
+    resumed_seconds: float = dataclasses.field(default=0.0, init=False)
+    """The work time (``seconds`` of the state :meth:`load` found) of the runs before this one:
+    what a resumed run's own clock misses (a study's compute log adds it)."""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -56,6 +59,7 @@ class Checkpoint:
         if state.get("fingerprint") != fingerprint:
             raise ConfigError(f"{self.path} holds another training run (its config, data or trained "
                               "tensors differ): delete it to train from the start")
+        self.resumed_seconds = float(state.get("seconds", 0.0))
         return state
 
     def save(self, state: dict) -> None:
@@ -111,10 +115,11 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def snapshot(progress: Progress, print_: str, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler, batches: LengthBatches) -> dict:
-    """Everything :func:`resume` needs to continue a run draw for draw (``print_``: its fingerprint)."""
+    """Everything :func:`resume` needs to continue a run draw for draw (``print_``: its fingerprint;
+    ``seconds``: the training time so far, read by :meth:`Checkpoint.load`)."""
     device = next(iter(_trained(model).values())).device
     rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
-    return {"fingerprint": print_, "progress": vars(progress), "trained": _trained(model),
+    return {"fingerprint": print_, "seconds": progress.seconds, "progress": vars(progress), "trained": _trained(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
             "batches": batches.state()}
 

@@ -135,7 +135,7 @@ def test_offsite_user_file_needs_an_eval_task(setup, capsys):
     assert "eval_task" in capsys.readouterr().err
 
 
-def test_finetune_command_on_an_emulator(setup, capsys):
+def test_finetune_command_on_an_emulator(setup, capsys, monkeypatch):
     assert main(["build-emulator", "--model", str(setup / "model"), "--strategy", "uniform-drop", "--adapters", "2",
                  "--out", str(setup / "emu")]) == 0
     assert main(["finetune", "--model", str(setup / "emu"), "--task", str(setup / "train.jsonl"), "--mode", "full",
@@ -148,6 +148,27 @@ def test_finetune_command_on_an_emulator(setup, capsys):
     assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 12 and {"acc", "acc_norm"} <= set(result)
+    # a scoring saved to a file (here: a stopped one's, all of its batches) resumes from it, then lets it go
+    from scaleot_fed.evaluate import score_items
+    from scaleot_fed.models import load_model_or_emulator
+    from scaleot_fed.tasks import load_task
+    from scaleot_fed.train_state import Checkpoint
+
+    model, tokenizer, _ = load_model_or_emulator(str(setup / "plugged"))
+    saved = Checkpoint(setup / "scores.pt", every_s=0.0)
+    score_items(model, tokenizer, load_task(str(setup / "eval.jsonl"), "validation"), batch_size=8, checkpoint=saved)
+    assert saved.path.is_file()
+    import scaleot_fed.evaluate as ev
+
+    def recomputed(*args):
+        raise AssertionError("a saved batch was scored again")
+
+    for name in ("_request_batch", "_packed_batch"):
+        monkeypatch.setattr(ev, name, recomputed)
+    assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json",
+                 "--save-to", str(saved.path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert not saved.path.exists()
 
 
 def test_a_negative_save_interval_is_refused_before_any_work(setup, capsys):

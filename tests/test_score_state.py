@@ -53,6 +53,7 @@ def test_a_stopped_scoring_resumes_bitwise_with_the_batches_it_had_left(gpt2_tok
     ran = _count_batches(monkeypatch)
     resumed = choice_loglikelihoods(model, gpt2_tokenizer, GROUPS, batch_size=4, pack=pack, checkpoint=checkpoint)
     assert len(ran) == len(whole) - 2  # only the batches it had left
+    assert checkpoint.resumed_seconds > 0  # the time the 2 saved batches took (a study's ledger adds it)
     assert resumed == expected  # bitwise: the same batches, the saved ones read back exactly
 
 
@@ -80,3 +81,9 @@ def test_the_weights_digest_sees_a_change_anywhere_in_a_tensor(gpt2_tokenizer):
     with torch.no_grad():
         weight.view(-1)[weight.numel() // 2 + 1] += 0.25  # off the strided sample: the sum sees it
     assert weights_digest(model) != before
+    # a model whose device map offloaded some weights (on the meta device here) still has one
+    offloaded = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3, device="meta"))
+    first = weights_digest(offloaded)
+    with torch.no_grad():
+        offloaded[0].bias += 1.0
+    assert weights_digest(offloaded) != first

@@ -81,3 +81,6 @@ def test_the_compute_log_and_records_outlive_the_run_folder(tmp_path):
     assert (records / "stage1" / "na2-a0.5" / "seed0.json").is_file()
     assert ledger.compute_seconds(results) == 42.5
     assert [e["cost"] for e in ledger.compute_log(results)] == [1e6, 2e5]
+    # a unit resumed after a stop counts what the stopped process did of it too
+    ledger.log_unit(results, "piqa: a seed 0 fine-tune + plug-in", 10.0, 3e5, resumed=5.0)
+    assert ledger.compute_seconds(results) == 57.5 and ledger.compute_log(results)[-1]["resumed_seconds"] == 5.0

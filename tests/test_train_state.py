@@ -57,6 +57,7 @@ def test_a_stopped_run_resumes_and_ends_bitwise_where_an_unstopped_one_does(gpt2
     ran = _stop_after(monkeypatch, 99)
     result = finetune(resumed, gpt2_tokenizer, ITEMS, ITEMS[:2], CONFIG, progress=False, checkpoint=checkpoint)
     assert len(ran) == (3 if every_s == 0 else 7)
+    assert (checkpoint.resumed_seconds > 0) == (every_s == 0)  # the stopped run's 4 steps, for the ledger
     end, want = trainable_state(resumed), trainable_state(whole)
     assert all(torch.equal(end[k], want[k]) for k in want)
     assert result.history == expected.history
@@ -110,6 +111,11 @@ def test_a_row_stored_removes_its_training_and_scoring_checkpoints(tmp_path):
     rows.put("emu/emulator_finetune", {"acc": 0.5})
     assert not any(c.path.exists() for c in saved) and rows.get("emu/emulator_finetune") == {"acc": 0.5}
     assert rows.saved() == []
+    # a resumed state's work time is taken once, for the unit that resumed it
+    rows.take_resumed_seconds()
+    Checkpoint(saved[1].path).save({"fingerprint": "f", "seconds": 7.5, "batches": {}})
+    rows.checkpoint("emu/emulator_finetune", "scoring").load("f", torch.device("cpu"))
+    assert rows.take_resumed_seconds() == 7.5 and rows.take_resumed_seconds() == 0
     with pytest.raises(ValueError, match="kind must be one of"):
         rows.checkpoint("emu/emulator_finetune", "weights")
 
