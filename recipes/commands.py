@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 from recipes.rundir import check_output, check_writable, clear_output
@@ -144,6 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from scaleot_fed.devices import place, resolve_device, resolve_dtype
     from scaleot_fed.evaluate import evaluate_multiple_choice, perplexity
     from scaleot_fed.models import load_model_or_emulator
+    from scaleot_fed.score_state import SAVE_EVERY_S, ScoreLog
     from scaleot_fed.tasks import load_task
     from scaleot_fed.text import load_text_corpus, token_blocks
     from scaleot_fed.train_state import Checkpoint
@@ -152,9 +154,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ConfigError("give exactly one of --task (multiple choice) or --text (perplexity)")
     if args.save_to and not args.task:
         raise ConfigError("--save-to saves a multiple-choice scoring; it needs --task")
-    checkpoint = Checkpoint(args.save_to, every_s=60.0) if args.save_to else None
-    if checkpoint is not None:
-        check_writable(checkpoint.path)
+    checkpoint = Checkpoint(args.save_to, every_s=SAVE_EVERY_S) if args.save_to else None
+    if checkpoint is not None and (saved := ScoreLog.check_file(checkpoint.path)):
+        print(f"evaluate: {checkpoint.path} holds {saved} scored batches; reused if they are this scoring's",
+              file=sys.stderr)
+    elif checkpoint is not None:
+        check_writable(checkpoint.path.parent, "--save-to")
     # bad task names or missing files fail before the model loads
     items = load_task(args.task, args.split, args.limit) if args.task else None
     texts = load_text_corpus(args.text) if args.text else None

@@ -19,6 +19,7 @@ from typing import Any
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
+from scaleot_fed.score_state import SAVE_EVERY_S
 from scaleot_fed.train_state import Checkpoint
 
 LOCK = ".lock"
@@ -33,9 +34,10 @@ def write_json(path: Path, value: Any, indent: int | None = 1) -> Path:
     return write_atomic(path, json.dumps(value, indent=indent))
 
 
-def check_writable(out: str | Path) -> None:
-    """Fail early when ``out`` cannot be written: tried for real (a folder made, a file written),
-    then everything the check made is removed again, so a failing command leaves nothing."""
+def check_writable(out: str | Path, flag: str = "--out") -> None:
+    """Fail early when ``out`` (given as ``flag``) cannot be written: tried for real (a folder
+    made, a file written), then everything the check made is removed again, so a failing command
+    leaves nothing."""
     out = Path(out).expanduser().absolute()
     existing = next(p for p in (out, *out.parents) if p.exists())
     folder = out if out.is_dir() or not out.exists() else out.parent
@@ -46,7 +48,7 @@ def check_writable(out: str | Path) -> None:
         probe.write_bytes(b"")
     except OSError as exc:
         raise ConfigError(f"cannot write to {out} ({exc.strerror or exc}; {existing} is the nearest existing "
-                          "folder); choose another --out") from None
+                          f"folder); choose another {flag}") from None
     finally:
         probe.unlink(missing_ok=True)
         for path in created:  # innermost first
@@ -218,9 +220,9 @@ class RowCache:
     stored."""
 
     KINDS = {"training": ".pt", "scoring": ".scoring.pt"}
-    EVERY_S = {"training": 300.0, "scoring": 60.0}
+    EVERY_S = {"training": 300.0, "scoring": SAVE_EVERY_S}
     """Seconds between saves: a training state is large (1.7 GB for a full-parameter SmolLM2-135M
-    run), a scoring's a few kB."""
+    run), a scoring's small (:data:`~scaleot_fed.score_state.SAVE_EVERY_S`)."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / "rows"  # made by the first put: reading a run (a plan) writes nothing

@@ -4,9 +4,11 @@ ETA, without running anything.
 A plan takes no lock and writes nothing in the run or results folders, so it may look at a study
 that is running (the unit it is working on shows as pending, marked with the minutes it has run
 so far; the ETA counts it whole), and the trainings and scorings a resume continues
-(:meth:`recipes.rundir.RowCache.saved`). It refuses what a resume would refuse, and counts as done what a resume would: the run folder's rows and the committed
-ledger's, which a resume restores into the run folder and the plan into a scratch view of it
-(links to the run folder's files, in the temporary folder).
+(:meth:`recipes.rundir.RowCache.saved`). It refuses what a resume would refuse, and counts as
+done what a resume would: the run folder's rows and the committed ledger's, which a resume
+restores into the run folder and the plan into a scratch view of it (links to the run folder's
+files, in the temporary folder; its ``training/`` folders empty, so that a row restored there
+cannot delete a real saved state).
 """
 
 from __future__ import annotations
@@ -71,9 +73,8 @@ def saved_state(kind: str, path: Path) -> str:
     try:  # (mapped, not read: a full-parameter training state is GBs)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if kind == "scoring":
-            return f"scoring, {len(state['batches'])} batches done; a resume scores the rest"
-        return (f"training at step {state['progress']['step']} ({state['progress']['seconds'] / 60:.1f} min "
-                "trained); a resume continues from there")
+            return f"scoring, {len(state['batches'])} batches saved"
+        return f"training saved at step {state['progress']['step']} ({state['progress']['seconds'] / 60:.1f} min trained)"
     except Exception as error:  # (a resume says the same, with what to do)
         return f"{kind} state unreadable ({type(error).__name__})"
 
@@ -84,6 +85,9 @@ def mirror(out: Path, view: Path) -> Path:
     the view (a restore) land there, never in ``out``. Returns ``view``."""
     for entry in sorted(out.iterdir()) if out.is_dir() else ():
         if entry.name in (LOCK, RUNNING):
+            continue
+        if entry.name == "training" and entry.is_dir():  # saved states: never linked (see above)
+            (view / "training").mkdir(parents=True)
             continue
         if entry.is_dir() and (entry / "rows").is_dir():  # a task's folder
             mirror(entry, view / entry.name)

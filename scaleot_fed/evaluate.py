@@ -178,8 +178,10 @@ def choice_loglikelihoods(model: nn.Module, tokenizer, groups: list[tuple[str, l
     """
     max_length = max_length or model_max_length(model)
     packed = packing_plan(model, tokenizer, groups, max_length, pack)
-    log = ScoreLog.open(checkpoint, model, [groups, batch_size, max_length, [p is not None for p in packed],
-                                            getattr(tokenizer, "name_or_path", "")])
+    # what shapes the batches and their scores: the token ids (not the texts: a tokenizer may
+    # change under the same path), the batch size, the window and which groups are packed
+    log = ScoreLog.open(checkpoint, model, lambda: [[encode_pair(tokenizer, c, x) for c, xs in groups for x in xs],
+                                                    batch_size, max_length, [p is not None for p in packed]])
     scores: list[list[float]] = [[] for _ in groups]
     rest = [g for g, p in enumerate(packed) if p is None]
     if rest:  # one request per continuation

@@ -2,6 +2,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from recipes.cli import main
 from recipes.offsite import load_offsite_config
@@ -157,7 +158,7 @@ def test_finetune_command_on_an_emulator(setup, capsys, monkeypatch):
     model, tokenizer, _ = load_model_or_emulator(str(setup / "plugged"))
     saved = Checkpoint(setup / "scores.pt", every_s=0.0)
     score_items(model, tokenizer, load_task(str(setup / "eval.jsonl"), "validation"), batch_size=8, checkpoint=saved)
-    assert saved.path.is_file()
+    batches = len(torch.load(saved.path, weights_only=True)["batches"])
     import scaleot_fed.evaluate as ev
 
     def recomputed(*args):
@@ -167,8 +168,17 @@ def test_finetune_command_on_an_emulator(setup, capsys, monkeypatch):
         monkeypatch.setattr(ev, name, recomputed)
     assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"), "--json",
                  "--save-to", str(saved.path)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == result
+    assert f"holds {batches} scored batches" in captured.err
     assert not saved.path.exists()
+    # a path that holds something else is refused before any work, and left as it was
+    monkeypatch.undo()
+    for other in (setup / "state.safetensors", setup / "emu"):
+        before = other.stat().st_mtime_ns
+        assert main(["evaluate", "--model", str(setup / "plugged"), "--task", str(setup / "eval.jsonl"),
+                     "--save-to", str(other)]) == 2
+        assert "is not a saved scoring" in capsys.readouterr().err and other.stat().st_mtime_ns == before
 
 
 def test_a_negative_save_interval_is_refused_before_any_work(setup, capsys):

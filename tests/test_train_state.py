@@ -126,6 +126,20 @@ def test_a_plan_says_how_far_a_saved_training_and_scoring_got(tmp_path):
     Checkpoint(tmp_path / "t.pt").save({"progress": {"step": 40, "seconds": 90.0}})
     Checkpoint(tmp_path / "s.pt").save({"batches": {"packed 0": [0.5], "packed 8": [0.25]}})
     (tmp_path / "bad.pt").write_bytes(b"not a state")
-    assert saved_state("training", tmp_path / "t.pt").startswith("training at step 40 (1.5 min trained)")
-    assert saved_state("scoring", tmp_path / "s.pt").startswith("scoring, 2 batches done")
+    assert saved_state("training", tmp_path / "t.pt") == "training saved at step 40 (1.5 min trained)"
+    assert saved_state("scoring", tmp_path / "s.pt") == "scoring, 2 batches saved"
     assert "unreadable" in saved_state("training", tmp_path / "bad.pt")
+
+
+def test_a_plan_view_of_a_run_folder_never_reaches_its_saved_states(tmp_path):
+    from recipes.rundir import RowCache
+    from recipes.study_plan import mirror
+
+    rows = RowCache(tmp_path / "run" / "piqa")
+    rows.put("a/plug_in", {"acc": 1.0})
+    state = rows.checkpoint("b/plug_in", "scoring")
+    state.save({"batches": {}})
+    view = mirror(tmp_path / "run", tmp_path / "view")
+    assert RowCache(view / "piqa").get("a/plug_in") == {"acc": 1.0}
+    RowCache(view / "piqa").put("b/plug_in", {"acc": 0.5})  # a restore into the view
+    assert state.path.is_file() and RowCache(tmp_path / "run" / "piqa").get("b/plug_in") is None
