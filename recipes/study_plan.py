@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from scaleot_fed.config import as_dict
+from scaleot_fed.train_state import Checkpoint
 
 from . import study_ledger as ledger
 from .rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
@@ -70,13 +69,13 @@ def plan_line(label: str, cost: float, rate: float, running: dict | None = None)
 
 def saved_state(kind: str, path: Path) -> str:
     """How far the training or scoring (``kind``) saved in ``path`` got."""
-    try:  # (mapped, not read: a full-parameter training state is GBs)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = Checkpoint(path).peek()
+    try:
         if kind == "scoring":
             return f"scoring, {len(state['batches'])} batches saved"
         return f"training saved at step {state['progress']['step']} ({state['progress']['seconds'] / 60:.1f} min trained)"
-    except Exception as error:  # (a resume says the same, with what to do)
-        return f"{kind} state unreadable ({type(error).__name__})"
+    except (TypeError, KeyError):  # none, or not a state of this kind (a resume says what to do)
+        return f"{kind} state unreadable"
 
 
 def mirror(out: Path, view: Path) -> Path:

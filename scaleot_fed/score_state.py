@@ -8,8 +8,9 @@ on every run (longest first, from the same requests), so a resumed scoring compu
 batches an unstopped one would have, and its scores are bitwise the same.
 
 What the saved scores depend on (the model's weights, the token ids, the batch size, the packing
-plan, the device type, the attention implementation, torch's version) is fingerprinted. A saved state of another scoring is ignored and overwritten: unlike a
-training state it holds nothing that cannot be recomputed, so it is never worth an error.
+plan, the device type, the attention implementation, torch's version) is fingerprinted. A saved
+state of another scoring is ignored and overwritten: unlike a training state it holds nothing that
+cannot be recomputed, so it is never worth an error.
 """
 
 from __future__ import annotations
@@ -112,11 +113,8 @@ class ScoreLog:
         path = Path(path)
         if not path.exists():
             return 0
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
-        except Exception:  # (any unreadable file: not ours)
-            state = None
-        if not (isinstance(state, dict) and {"fingerprint", "batches"} <= set(state)):
+        state = Checkpoint(path).peek()
+        if not (state is not None and {"fingerprint", "batches"} <= set(state)):
             raise ConfigError(f"{path} exists and is not a saved scoring; give --save-to a new file (or one a "
                               "stopped scoring saved)")
         return len(state["batches"])

@@ -70,6 +70,17 @@ class Checkpoint:
         torch.save(state, self._partial)
         os.replace(self._partial, self.path)
 
+    def peek(self) -> dict | None:
+        """The saved state as it is, unchecked and mapped rather than read (a full-parameter
+        training state is GBs): ``None`` where there is none or it is not a readable state."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # (any unreadable or foreign file)
+            return None
+        return state if isinstance(state, dict) else None
+
     def remove(self) -> None:
         """Forget the run (its result is stored elsewhere now)."""
         self.path.unlink(missing_ok=True)
