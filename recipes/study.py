@@ -73,7 +73,8 @@ class Unit:
 
 class Grid:
     """The study's units over one loaded full model, in the order they run: task by task, and in
-    a task seed by seed, so every comparison exists at the first seed before the next starts."""
+    a task seed by seed, so every comparison exists at the first seed before the next starts (in a
+    seed, the units of one emulator together: :meth:`by_emulator`)."""
 
     def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None,
                  records: Path | None = None) -> None:
@@ -196,11 +197,22 @@ class Grid:
                                             section=section))
         if self.federation is not None and task == self.federation.task:
             units += self.federated_units(task, rows, evaluation, train)
+        units = self.by_emulator(units)
         for u in units:  # the first pending unit to need an emulator that is not on disk pays its build
             if u.needs is not None and not u.done():
                 u.cost += self.build_cost(*u.needs)
             u.resumed = rows.take_resumed_seconds  # (units run one at a time)
         return units
+
+    def by_emulator(self, units: list[Unit]) -> list[Unit]:
+        """``units`` with those that use one emulator at one seed run one after another, where the
+        first of them was (the attack and the federation right after their emulator's cells): a
+        process that stops between them, or a checkout without the run folder, builds it once."""
+        groups: dict[object, list[Unit]] = {}
+        for i, u in enumerate(units):  # (a unit that uses no emulator is a group of its own)
+            key = (self.emulator_dir(*u.needs), u.needs[1]) if u.needs is not None else i
+            groups.setdefault(key, []).append(u)
+        return [u for group in groups.values() for u in group]
 
     def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
         """Per seed, the federation and its centralised twin (trained with the same steps in all)."""

@@ -382,6 +382,31 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     assert stage1.done() and grid.units(tasks[0])[1].cost == second["ot/seed0 zero-shot"] + stage1.cost
 
 
+def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp_path, tiny_model_dir, gpt2_tokenizer,
+                                                                          monkeypatch):
+    """The attack follows its emulator's cells at its seed (a fresh checkout builds the emulator
+    once, not again for the attack at the end of the seed), and seeds still run one by one."""
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import Grid, StudyConfig, StudySection
+    from scaleot_fed.models import load_model
+
+    write_items(tmp_path / "a.jsonl", 20, 0)
+    monkeypatch.chdir(tmp_path)
+    sections = [EmulatorSection(name="ot", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
+                EmulatorSection(name="u", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5)]
+    config = StudyConfig(study=StudySection(tasks=["a.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4,
+                                            full_finetune_lrs=[1e-4], attack_emulator="ot", attack_lrs=[1e-4, 1e-3]),
+                         emulators=sections)
+    grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
+    labels = [u.label.split(": ", 1)[1] for u in grid.units("a.jsonl")]
+    assert labels == ["full zero-shot",
+                      "ot/seed0 zero-shot", "ot seed 0 fine-tune + plug-in", "ot/attack lr 0.0001 seed 0",
+                      "ot/attack lr 0.001 seed 0", "u zero-shot", "u seed 0 fine-tune + plug-in",
+                      "full_finetune lr 0.0001 seed 0",
+                      "ot/seed1 zero-shot", "ot seed 1 fine-tune + plug-in", "ot/attack seed 1 (chosen rate)",
+                      "u seed 1 fine-tune + plug-in", "full_finetune seed 1 (chosen rate)"]
+
+
 def test_the_eta_is_the_timed_units_rate_times_what_is_left():
     from recipes.study_data import eta_line
 
