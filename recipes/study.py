@@ -95,7 +95,9 @@ class Grid:
 
     def stage1(self, section: EmulatorSection, seed: int) -> Path:
         path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
-        if (path / "layer_replace.json").exists():
+        meta = path / "layer_replace.json"
+        if meta.exists():
+            self.check_rebuild(meta)
             artifact = load_artifact(path)  # read once: its record and its source check
             changes = rerank_changes(artifact.meta, lr)
             if changes is None or artifact.meta.get("data", "lambada") != "lambada":
@@ -108,13 +110,22 @@ class Grid:
                          and ((d := self.emulator_dir(e, seed)) / "manifest.json").exists()]
                 if built:
                     raise ConfigError(f"{path}: {', '.join(changes)} changed, but {built} were built from its ranking; "
-                                      "delete them and their rows to rebuild, or restore the ranking settings")
+                                      "delete them, their ledger records and their rows to rebuild, or restore the "
+                                      "ranking settings")
                 self.log(f"study: stage 1 seed {seed}: ranking again ({', '.join(changes)} changed)")
                 save_artifact(rerank(self.full, self.stage1_text(lr), artifact, lr), path)
             return path
         self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
         save_artifact(run_layer_replace(self.full, self.stage1_text(lr), lr, self.config.study.model, progress=False), path)
+        if self.check_rebuild(meta):
+            self.log(f"study: stage 1 seed {seed} rebuilt: the same run as the one the study's rows were made with")
         return path
+
+    def check_rebuild(self, meta: Path) -> bool:
+        """Whether the ledger records this stage-1 run (refused if it records another: the run
+        folder was lost and its rebuild differs; :func:`recipes.study_ledger.check_rebuild`)."""
+        return bool(self.records) and ledger.check_rebuild(ledger.stage1_record(self.records, meta), meta,
+                                                            ledger.same_stage1)
 
     def stage1_text(self, lr: LayerReplaceConfig):
         return token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
@@ -123,7 +134,7 @@ class Grid:
         """Whether the seed's stage 1 is on disk, or recorded in the ledger (its weights rebuilt when
         an emulator needs them), with the config's ranking settings."""
         path = self.stage1_dir(section, seed)
-        recorded = self.records / "stage1" / path.parent.name / f"{path.name}.json" if self.records else None
+        recorded = ledger.stage1_record(self.records, path / "layer_replace.json") if self.records else None
         meta = next((p for p in (path / "layer_replace.json", recorded) if p and p.exists()), None)
         return meta is not None and rerank_changes(json.loads(meta.read_text()), self.stage1_config(section, seed)) == []
 
@@ -132,14 +143,21 @@ class Grid:
 
     def emulator(self, section: EmulatorSection, seed: int):
         """A fresh copy of the emulator (built once, on first use; the last two read are kept in
-        memory): training wraps the model in place, so every unit gets its own copy."""
+        memory): training wraps the model in place, so every unit gets its own copy. Its weights
+        must be those the ledger records (a rebuild after the run folder was lost)."""
         edir = self.emulator_dir(section, seed)
         if edir not in self._pristine:
-            if not (edir / "manifest.json").exists():
+            built = not (edir / "manifest.json").exists()
+            if built:
                 importance = str(self.stage1(section, seed)) if section.needs_importance else None
                 prepare_emulator(dataclasses.replace(section, importance=importance), self.full, self.tokenizer,
                                  self.config.layer_replace, self.config.study.model, edir.parent.parent, self.log,
                                  dataclasses.replace(self.config.distill, seed=seed))
+            manifest = edir / "manifest.json"
+            if self.records and ledger.check_rebuild(ledger.emulator_record(self.records, manifest), manifest,
+                                                     ledger.same_weights) and built:
+                self.log(f"study: {edir.parent.name} ({edir.parent.parent.name}) rebuilt: the same weights as the "
+                         "build the study's rows were made with")
             self._pristine = dict(list(self._pristine.items())[-1:]) | {edir: load_emulator(edir)}
         pristine = self._pristine[edir]
         return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))

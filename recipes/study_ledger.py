@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
@@ -161,17 +162,55 @@ def record(out: Path, results: Path, config: dict) -> Path:
     ledger.mkdir(parents=True, exist_ok=True)
     write_json(ledger / "config.json", config)
     for path in sorted(Path(out).glob("stage1/*/seed*/layer_replace.json")):
-        _keep(path, ledger / "stage1" / path.parent.parent.name / f"{path.parent.name}.json")
+        target = stage1_record(ledger, path)  # kept, but for a re-ranking of the same run (its ranking changed)
+        _keep(path, target, lambda old, new: same_stage1(old, new) and {**old, "cost": 0} != {**new, "cost": 0})
     for path in sorted(Path(out).glob("emulators/*/*/emulator/manifest.json")):
-        _keep(path, ledger / "emulators" / path.parent.parent.parent.name / f"{path.parent.parent.name}.json")
+        _keep(path, emulator_record(ledger, path), lambda old, new: False)  # the first build's, always
     return ledger
 
 
-def _keep(source: Path, target: Path) -> None:
+def stage1_record(ledger: Path, artifact: Path) -> Path:
+    """The ledger's copy of stage 1's ``<out>/stage1/<setting>/seed<s>/layer_replace.json``."""
+    return ledger / "stage1" / artifact.parent.parent.name / f"{artifact.parent.name}.json"
+
+
+def emulator_record(ledger: Path, manifest: Path) -> Path:
+    """The ledger's copy of the emulator manifest ``<out>/emulators/<seed>/<name>/emulator/manifest.json``."""
+    return ledger / "emulators" / manifest.parent.parent.parent.name / f"{manifest.parent.parent.name}.json"
+
+
+def same_stage1(a: dict, b: dict) -> bool:
+    """One stage-1 run: the same RL trajectory (a re-ranking changes only its ranking)."""
+    return (a.get("history"), a.get("rl_scores")) == (b.get("history"), b.get("rl_scores"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.get("weights_sha256") == b.get("weights_sha256")
+
+
+def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool]) -> bool:
+    """Whether the ledger's ``record`` of the build ``current`` (a stage-1 record or an emulator
+    manifest) exists (False: nothing to compare); raises :class:`ConfigError` when it records
+    another build: the run folder was lost and the rebuild from the same seed differs (another
+    torch, CPU or code), so rows made from it would not be those of the recorded rows' build."""
+    if not record.is_file():
+        return False
+    if not same(json.loads(record.read_text()), json.loads(current.read_text())):
+        raise ConfigError(f"{current.parent} is not the build the study's rows were made with ({record}): rebuilt "
+                          "from its seed, it came out different (another torch, CPU or code); rebuild it where "
+                          "that was built, or delete that record, the folder and every row made from it "
+                          "(results items/*/<emulator>__<seed>__*) to make them all again")
+    return True
+
+
+def _keep(source: Path, target: Path, replace: Callable[[dict, dict], bool]) -> None:
+    """Copy ``source`` to ``target`` if there is none yet, or if ``replace(old, new)`` on their JSON:
+    a rebuild of lost weights keeps the first build's record (its timing, and what its rows used)."""
     text = source.read_text()
-    if not target.is_file() or target.read_text() != text:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, text)
+    if target.is_file() and (target.read_text() == text or not replace(json.loads(target.read_text()), json.loads(text))):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, text)
 
 
 def log_unit(results: Path, label: str, seconds: float, cost: float, resumed: float = 0.0) -> None:

@@ -407,6 +407,29 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
                       "u seed 1 fine-tune + plug-in", "full_finetune seed 1 (chosen rate)"]
 
 
+def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_model_dir, gpt2_tokenizer):
+    from recipes import study_ledger as ledger
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import Grid, StudyConfig, StudySection
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.models import load_model
+
+    section = EmulatorSection(name="u", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5)
+    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
+    full, records, logged = load_model(str(tiny_model_dir)).model, tmp_path / "ledger", []
+    grid = Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records)
+    grid.emulator(section, 0)  # built, nothing recorded yet
+    manifest = grid.emulator_dir(section, 0) / "manifest.json"
+    ledger.record(tmp_path / "run", tmp_path, {})  # (the ledger of results folder tmp_path)
+    shutil.rmtree(manifest.parent)  # the run folder lost: rebuilt, the same weights
+    Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records).emulator(section, 0)
+    assert "rebuilt: the same weights" in logged[-1]
+    record = ledger.emulator_record(records, manifest)
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"weights_sha256": "0" * 64}))
+    with pytest.raises(ConfigError, match="not the build the study's rows were made with"):
+        Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records).emulator(section, 0)
+
+
 def test_the_eta_is_the_timed_units_rate_times_what_is_left():
     from recipes.study_data import eta_line
 

@@ -84,3 +84,45 @@ def test_the_compute_log_and_records_outlive_the_run_folder(tmp_path):
     # a unit resumed after a stop counts what the stopped process did of it too
     ledger.log_unit(results, "piqa: a seed 0 fine-tune + plug-in", 10.0, 3e5, resumed=5.0)
     assert ledger.compute_seconds(results) == 57.5 and ledger.compute_log(results)[-1]["resumed_seconds"] == 5.0
+
+
+def test_a_rebuild_keeps_the_first_builds_record_and_one_that_differs_is_refused(tmp_path):
+    """Lost weights rebuilt from their seed: the same build keeps the recorded one (and its
+    timing); another build (another torch, CPU or code) is refused, and never recorded over the
+    build the rows were made with; a re-ranking of the same stage-1 run is recorded."""
+    run, results = tmp_path / "run", tmp_path / "results"
+    manifest = run / "emulators" / "seed1" / "ot" / "emulator" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    stage1 = run / "stage1" / "na2-a0.5" / "seed1" / "layer_replace.json"
+    stage1.parent.mkdir(parents=True)
+
+    def build(sha: str, seconds: float, history: list, ranking: list) -> None:
+        manifest.write_text(json.dumps({"weights_sha256": sha, "build_cost": {"seconds": seconds}}))
+        stage1.write_text(json.dumps({"history": history, "ranking": ranking, "cost": {"seconds": seconds}}))
+
+    def recorded() -> tuple[dict, dict]:
+        return tuple(json.loads(p.read_text()) for p in (ledger.emulator_record(records, manifest),
+                                                         ledger.stage1_record(records, stage1)))
+
+    def check() -> bool:
+        return ledger.check_rebuild(ledger.emulator_record(records, manifest), manifest, ledger.same_weights) \
+            and ledger.check_rebuild(ledger.stage1_record(records, stage1), stage1, ledger.same_stage1)
+
+    build("abc", 100.0, [1.0, 0.5], [3, 1])
+    records = tmp_path / "ledger"
+    assert not check()  # no record yet: nothing to compare
+    records = ledger.record(run, results, {})
+    assert check()
+    build("abc", 250.0, [1.0, 0.5], [3, 1])  # the run folder lost, rebuilt the same
+    ledger.record(run, results, {})
+    assert check() and [r["cost" if "cost" in r else "build_cost"]["seconds"] for r in recorded()] == [100.0, 100.0]
+    build("abc", 250.0, [1.0, 0.5], [1, 3])  # stage 1 ranked again (its RL run the same): recorded
+    ledger.record(run, results, {})
+    assert check() and recorded()[1]["ranking"] == [1, 3]
+    for sha, history in (("def", [1.0, 0.5]), ("abc", [1.0, 0.6])):  # rebuilt other weights, another run
+        build(sha, 250.0, history, [1, 3])
+        with pytest.raises(ConfigError, match="not the build the study's rows were made with"):
+            check()
+        ledger.record(run, results, {})  # (a report written meanwhile does not record it over the first)
+        with pytest.raises(ConfigError):
+            check()
