@@ -198,8 +198,8 @@ def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool
     if not same(json.loads(record.read_text()), json.loads(current.read_text())):
         raise ConfigError(f"{current.parent} is not the build the study's rows were made with ({record}): rebuilt "
                           "from its seed, it came out different (another torch, CPU or code); rebuild it where "
-                          "that was built, or delete that record, the folder and every row made from it "
-                          "(results items/*/<emulator>__<seed>__*) to make them all again")
+                          "that was built, or delete that record, the folder and the per-item files of every "
+                          "row made from it (items/*/<emulator>__*, of that seed) to make them all again")
     return True
 
 
