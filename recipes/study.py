@@ -17,8 +17,7 @@ Rows, per task (keys of the task's row cache):
 * ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
   seed at each learning rate, the other seeds at the strongest (highest score on the items);
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`simulations.study_rows`, given to :func:`recipes.study_run.run_study` by the ``study``
-  command).
+  (:mod:`simulations.study_rows`, given to :func:`recipes.study_run.run_study` by the CLI).
 """
 
 from __future__ import annotations
@@ -97,35 +96,50 @@ class Grid:
         path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
         meta = path / "layer_replace.json"
         if meta.exists():
-            self.check_rebuild(meta)
+            self.check_rebuild(path, seed)
             artifact = load_artifact(path)  # read once: its record and its source check
-            changes = rerank_changes(artifact.meta, lr)
-            if changes is None or artifact.meta.get("data", "lambada") != "lambada":
-                raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
-                                  "retrain, or restore the config it was made with")
-            if not changes:
+            if not (changes := self.ranking_changes(path, artifact.meta, lr, seed)):
                 artifact.check_matches(self.full)  # (a rerank checks it itself)
             else:  # only the ranking's settings: measured again with the trained harmonizers
-                built = [str(d) for e in self.config.emulators if self.stage1_dir(e, seed) == path and e.needs_importance
-                         and ((d := self.emulator_dir(e, seed)) / "manifest.json").exists()]
-                if built:
-                    raise ConfigError(f"{path}: {', '.join(changes)} changed, but {built} were built from its ranking; "
-                                      "delete them, their ledger records and their rows to rebuild, or restore the "
-                                      "ranking settings")
                 self.log(f"study: stage 1 seed {seed}: ranking again ({', '.join(changes)} changed)")
                 save_artifact(rerank(self.full, self.stage1_text(lr), artifact, lr), path)
             return path
+        if self.records and (recorded := ledger.stage1_record(self.records, meta)).is_file():
+            self.ranking_changes(path, json.loads(recorded.read_text()), lr, seed)  # refused before the run, not after
         self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
         save_artifact(run_layer_replace(self.full, self.stage1_text(lr), lr, self.config.study.model, progress=False), path)
-        if self.check_rebuild(meta):
+        if self.check_rebuild(path, seed):
             self.log(f"study: stage 1 seed {seed} rebuilt: the same run as the one the study's rows were made with")
         return path
 
-    def check_rebuild(self, meta: Path) -> bool:
-        """Whether the ledger records this stage-1 run (refused if it records another: the run
-        folder was lost and its rebuild differs; :func:`recipes.study_ledger.check_rebuild`)."""
+    def ranking_changes(self, path: Path, meta: dict, lr: LayerReplaceConfig, seed: int) -> list[str]:
+        """The ranking settings ``lr`` changes against stage 1's record ``meta`` (its run folder's or
+        the ledger's); refused when it changes more, or when an emulator was built from the ranking."""
+        changes = rerank_changes(meta, lr)
+        if changes is None or meta.get("data", "lambada") != "lambada":
+            raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
+                              "retrain, or restore the config it was made with")
+        if changes and any((m := self.emulator_dir(e, seed) / "manifest.json").exists()
+                           or (self.records and ledger.emulator_record(self.records, m).is_file())
+                           for e in self.users(path, seed)):
+            raise ConfigError(f"{path}: {', '.join(changes)} changed, but emulators were built from its ranking; restore "
+                              f"the ranking settings, or delete {self.made_from(self.users(path, seed), seed)} to rebuild")
+        return changes
+
+    def check_rebuild(self, path: Path, seed: int) -> bool:
+        """Whether the ledger records the stage-1 run at ``path`` (:func:`recipes.study_ledger.check_rebuild`)."""
+        meta = path / "layer_replace.json"
         return bool(self.records) and ledger.check_rebuild(ledger.stage1_record(self.records, meta), meta,
-                                                            ledger.same_stage1)
+                                                            ledger.same_stage1, self.made_from(self.users(path, seed), seed))
+
+    def users(self, path: Path, seed: int) -> list[EmulatorSection]:  # the emulators built from that stage 1
+        return [e for e in self.config.emulators if e.needs_importance and self.stage1_dir(e, seed) == path]
+
+    def made_from(self, sections: list[EmulatorSection], seed: int) -> str:
+        """What the study made from these emulators at ``seed``: their folders, ledger records and rows."""
+        fed, records = getattr(self.federation, "emulator", None), self.records or Path("<results>/ledger")
+        return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}"
+                         f", {ledger.row_files(e.name, seed if seeded(e) else None, e.name == fed)}" for e in sections)
 
     def stage1_text(self, lr: LayerReplaceConfig):
         return token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
@@ -142,9 +156,8 @@ class Grid:
         return self.out / "emulators" / (f"seed{seed}" if seeded(section) else "shared") / section.name / "emulator"
 
     def emulator(self, section: EmulatorSection, seed: int):
-        """A fresh copy of the emulator (built once, on first use; the last two read are kept in
-        memory): training wraps the model in place, so every unit gets its own copy. Its weights
-        must be those the ledger records (a rebuild after the run folder was lost)."""
+        """A fresh copy of the emulator (built on first use; the last two read kept in memory: training
+        wraps the model in place); a rebuild must have the weights the ledger records."""
         edir = self.emulator_dir(section, seed)
         if edir not in self._pristine:
             built = not (edir / "manifest.json").exists()
@@ -155,7 +168,7 @@ class Grid:
                                  dataclasses.replace(self.config.distill, seed=seed))
             manifest = edir / "manifest.json"
             if self.records and ledger.check_rebuild(ledger.emulator_record(self.records, manifest), manifest,
-                                                     ledger.same_weights) and built:
+                                                     ledger.same_weights, self.made_from([section], seed)) and built:
                 self.log(f"study: {edir.parent.name} ({edir.parent.parent.name}) rebuilt: the same weights as the "
                          "build the study's rows were made with")
             self._pristine = dict(list(self._pristine.items())[-1:]) | {edir: load_emulator(edir)}
@@ -223,9 +236,8 @@ class Grid:
         return units
 
     def by_emulator(self, units: list[Unit]) -> list[Unit]:
-        """``units`` with those that use one emulator at one seed run one after another, where the
-        first of them was (the attack and the federation right after their emulator's cells): a
-        process that stops between them, or a checkout without the run folder, builds it once."""
+        """``units`` with those of one emulator at one seed next to each other, where the first was (its
+        attack and federation after its cells): a session without the run folder usually builds it once."""
         groups: dict[object, list[Unit]] = {}
         for i, u in enumerate(units):  # (a unit that uses no emulator is a group of its own)
             key = (self.emulator_dir(*u.needs), u.needs[1]) if u.needs is not None else i

@@ -162,10 +162,9 @@ def record(out: Path, results: Path, config: dict) -> Path:
     ledger.mkdir(parents=True, exist_ok=True)
     write_json(ledger / "config.json", config)
     for path in sorted(Path(out).glob("stage1/*/seed*/layer_replace.json")):
-        target = stage1_record(ledger, path)  # kept, but for a re-ranking of the same run (its ranking changed)
-        _keep(path, target, lambda old, new: same_stage1(old, new) and {**old, "cost": 0} != {**new, "cost": 0})
+        _keep(path, stage1_record(ledger, path), _reranked)
     for path in sorted(Path(out).glob("emulators/*/*/emulator/manifest.json")):
-        _keep(path, emulator_record(ledger, path), lambda old, new: False)  # the first build's, always
+        _keep(path, emulator_record(ledger, path), lambda old, new: None)  # the first build's, always
     return ledger
 
 
@@ -184,31 +183,53 @@ def same_stage1(a: dict, b: dict) -> bool:
     return (a.get("history"), a.get("rl_scores")) == (b.get("history"), b.get("rl_scores"))
 
 
+def _reranked(old: dict, new: dict) -> dict | None:
+    """A re-ranking of the recorded stage-1 run (the same run, another ranking) replaces its record,
+    with the first build's time; a rebuild with the same ranking keeps it."""
+    if not same_stage1(old, new) or (old.get("config"), old.get("scores")) == (new.get("config"), new.get("scores")):
+        return None
+    first = {"seconds": old["cost"]["seconds"]} if "seconds" in old.get("cost", {}) else {}
+    return new | {"cost": new.get("cost", {}) | first}
+
+
 def same_weights(a: dict, b: dict) -> bool:
     return a.get("weights_sha256") == b.get("weights_sha256")
 
 
-def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool]) -> bool:
+def row_files(emulator: str, seed: int | None, federated: bool) -> str:
+    """The per-item files of the rows made from ``emulator`` at ``seed`` (None: a shared emulator,
+    every seed), as globs under the results folder: its cells, variant cells, attack, federation."""
+    tail = f"*seed{seed}__*" if seed is not None else "*"
+    names = [f"{emulator}__{tail}", f"{emulator}:{tail}"] + [f"{side}__{tail}" for side in ("federated", "centralised")
+                                                               if federated]
+    return ", ".join(f"items/*/{name}" for name in names)
+
+
+def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool], made: str) -> bool:
     """Whether the ledger's ``record`` of the build ``current`` (a stage-1 record or an emulator
     manifest) exists (False: nothing to compare); raises :class:`ConfigError` when it records
     another build: the run folder was lost and the rebuild from the same seed differs (another
-    torch, CPU or code), so rows made from it would not be those of the recorded rows' build."""
+    torch, CPU or code), so rows made from it would not be those of the recorded rows' build.
+    ``made``: what was made from the build (folders, records, row files), named in the error."""
     if not record.is_file():
         return False
     if not same(json.loads(record.read_text()), json.loads(current.read_text())):
         raise ConfigError(f"{current.parent} is not the build the study's rows were made with ({record}): rebuilt "
                           "from its seed, it came out different (another torch, CPU or code); rebuild it where "
-                          "that was built, or delete that record, the folder and the per-item files of every "
-                          "row made from it (items/*/<emulator>__*, of that seed) to make them all again")
+                          f"that was built, or delete that record, {current.parent} and what was made from it "
+                          f"({made}) to make them all again")
     return True
 
 
-def _keep(source: Path, target: Path, replace: Callable[[dict, dict], bool]) -> None:
-    """Copy ``source`` to ``target`` if there is none yet, or if ``replace(old, new)`` on their JSON:
-    a rebuild of lost weights keeps the first build's record (its timing, and what its rows used)."""
+def _keep(source: Path, target: Path, merge: Callable[[dict, dict], dict | None]) -> None:
+    """Copy ``source`` to ``target`` if there is none yet, else write ``merge(old, new)`` of their
+    JSON unless it is None: a rebuild of lost weights keeps the first build's record (its timing,
+    and what its rows used)."""
     text = source.read_text()
-    if target.is_file() and (target.read_text() == text or not replace(json.loads(target.read_text()), json.loads(text))):
-        return
+    if target.is_file():
+        if target.read_text() == text or (merged := merge(json.loads(target.read_text()), json.loads(text))) is None:
+            return
+        text = json.dumps(merged, indent=1)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, text)
 

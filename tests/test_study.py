@@ -430,6 +430,42 @@ def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_
         Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records).emulator(section, 0)
 
 
+def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, tiny_model_dir, gpt2_tokenizer):
+    """A checkout without the run folder and other ranking settings: refused before stage 1 runs
+    again when the ledger records an emulator built from the recorded ranking (rebuilt from the new
+    one, it would differ), naming what to delete; a ranking nothing was built from may change."""
+    import dataclasses
+
+    from recipes import study_ledger as ledger
+    from recipes.single_owner import EmulatorSection
+    from recipes.study import Grid, StudyConfig, StudySection
+    from scaleot_fed.config import as_dict
+    from scaleot_fed.errors import ConfigError
+    from scaleot_fed.models import load_model
+
+    section = EmulatorSection(name="s", strategy="scaleot", num_adapter_layers=2, alpha=0.5)
+    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
+    records = tmp_path / "ledger"
+    grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print, records=records)
+    path, lr = grid.stage1_dir(section, 0), grid.stage1_config(section, 0)
+
+    def meta(**changed) -> dict:
+        return {"data": "lambada", "config": json.loads(json.dumps(as_dict(dataclasses.replace(lr, **changed))))}
+
+    recorded = ledger.stage1_record(records, path / "layer_replace.json")
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text(json.dumps(meta(ranking_candidates=lr.ranking_candidates + 8)))
+    assert grid.ranking_changes(path, json.loads(recorded.read_text()), lr, 0) == ["ranking_candidates"]
+    built = ledger.emulator_record(records, grid.emulator_dir(section, 0) / "manifest.json")
+    built.parent.mkdir(parents=True)
+    built.write_text("{}")
+    with pytest.raises(ConfigError, match=r"ranking_candidates changed, but emulators were built .*items/\*/s__\*seed0__\*"):
+        grid.stage1(section, 0)
+    assert not path.exists()  # refused before the hour of stage 1, not after
+    with pytest.raises(ConfigError, match=r"another \[layer_replace\] config"):
+        grid.ranking_changes(path, meta(steps=lr.steps + 1), lr, 0)
+
+
 def test_the_eta_is_the_timed_units_rate_times_what_is_left():
     from recipes.study_data import eta_line
 

@@ -89,40 +89,57 @@ def test_the_compute_log_and_records_outlive_the_run_folder(tmp_path):
 def test_a_rebuild_keeps_the_first_builds_record_and_one_that_differs_is_refused(tmp_path):
     """Lost weights rebuilt from their seed: the same build keeps the recorded one (and its
     timing); another build (another torch, CPU or code) is refused, and never recorded over the
-    build the rows were made with; a re-ranking of the same stage-1 run is recorded."""
+    build the rows were made with; a re-ranking of the same stage-1 run is recorded (with the
+    first build's time)."""
     run, results = tmp_path / "run", tmp_path / "results"
     manifest = run / "emulators" / "seed1" / "ot" / "emulator" / "manifest.json"
     manifest.parent.mkdir(parents=True)
     stage1 = run / "stage1" / "na2-a0.5" / "seed1" / "layer_replace.json"
     stage1.parent.mkdir(parents=True)
 
-    def build(sha: str, seconds: float, history: list, ranking: list) -> None:
+    def build(sha: str, seconds: float, history: list, scores: list) -> None:
         manifest.write_text(json.dumps({"weights_sha256": sha, "build_cost": {"seconds": seconds}}))
-        stage1.write_text(json.dumps({"history": history, "ranking": ranking, "cost": {"seconds": seconds}}))
+        stage1.write_text(json.dumps({"history": history, "scores": scores, "ranking_fit": {"seconds": seconds},
+                                      "cost": {"seconds": seconds}}))
 
     def recorded() -> tuple[dict, dict]:
         return tuple(json.loads(p.read_text()) for p in (ledger.emulator_record(records, manifest),
                                                          ledger.stage1_record(records, stage1)))
 
     def check() -> bool:
-        return ledger.check_rebuild(ledger.emulator_record(records, manifest), manifest, ledger.same_weights) \
-            and ledger.check_rebuild(ledger.stage1_record(records, stage1), stage1, ledger.same_stage1)
+        return ledger.check_rebuild(ledger.emulator_record(records, manifest), manifest, ledger.same_weights, "rows") \
+            and ledger.check_rebuild(ledger.stage1_record(records, stage1), stage1, ledger.same_stage1, "rows")
 
     build("abc", 100.0, [1.0, 0.5], [3, 1])
     records = tmp_path / "ledger"
     assert not check()  # no record yet: nothing to compare
     records = ledger.record(run, results, {})
     assert check()
-    build("abc", 250.0, [1.0, 0.5], [3, 1])  # the run folder lost, rebuilt the same
+    build("abc", 250.0, [1.0, 0.5], [3, 1])  # the run folder lost, rebuilt the same (other timings)
     ledger.record(run, results, {})
     assert check() and [r["cost" if "cost" in r else "build_cost"]["seconds"] for r in recorded()] == [100.0, 100.0]
+    assert recorded()[1]["ranking_fit"]["seconds"] == 100.0
     build("abc", 250.0, [1.0, 0.5], [1, 3])  # stage 1 ranked again (its RL run the same): recorded
     ledger.record(run, results, {})
-    assert check() and recorded()[1]["ranking"] == [1, 3]
+    assert check() and recorded()[1]["scores"] == [1, 3] and recorded()[1]["cost"]["seconds"] == 100.0
     for sha, history in (("def", [1.0, 0.5]), ("abc", [1.0, 0.6])):  # rebuilt other weights, another run
         build(sha, 250.0, history, [1, 3])
-        with pytest.raises(ConfigError, match="not the build the study's rows were made with"):
+        with pytest.raises(ConfigError, match=r"not the build the study's rows were made with.*\(rows\)"):
             check()
         ledger.record(run, results, {})  # (a report written meanwhile does not record it over the first)
         with pytest.raises(ConfigError):
             check()
+
+
+def test_the_rows_made_from_an_emulator_are_named_by_globs_that_match_them():
+    from fnmatch import fnmatch
+
+    rows = ["ot__seed1__emulator_zero_shot", "ot__seed1__plug_in", "ot:full__seed1__plug_in",
+            "ot__attack__lr0.0002__seed1__emulator_attack", "federated__seed1__plug_in", "centralised__seed1__gap"]
+    other = ["ot__seed2__plug_in", "otx__seed1__plug_in", "full_finetune__lr0.0001__seed1__row", "federated__seed2__gap"]
+    globs = [g.removeprefix("items/*/") for g in ledger.row_files("ot", 1, federated=True).split(", ")]
+    assert all(any(fnmatch(r, g) for g in globs) for r in rows)
+    assert not any(fnmatch(r, g) for r in other for g in globs)
+    shared = [g.removeprefix("items/*/") for g in ledger.row_files("u", None, federated=False).split(", ")]
+    assert all(any(fnmatch(r, g) for g in shared) for r in ("u__emulator_zero_shot", "u__seed2__plug_in", "u:lora__seed0__gap"))
+    assert not any(fnmatch("federated__seed1__plug_in", g) for g in shared)
