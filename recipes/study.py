@@ -119,11 +119,11 @@ class Grid:
         if changes is None or meta.get("data", "lambada") != "lambada":
             raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
                               "retrain, or restore the config it was made with")
+        users = self.users(path, seed)
         if changes and any((m := self.emulator_dir(e, seed) / "manifest.json").exists()
-                           or (self.records and ledger.emulator_record(self.records, m).is_file())
-                           for e in self.users(path, seed)):
+                           or (self.records and ledger.emulator_record(self.records, m).is_file()) for e in users):
             raise ConfigError(f"{path}: {', '.join(changes)} changed, but emulators were built from its ranking; restore "
-                              f"the ranking settings, or delete {self.made_from(self.users(path, seed), seed)} to rebuild")
+                              f"the ranking settings, or delete {self.made_from(users, seed)} to rebuild")
         return changes
 
     def check_rebuild(self, path: Path, seed: int) -> bool:

@@ -69,6 +69,14 @@ def _stored_text(path: Path) -> str | None:
         return None
 
 
+ITEMS_SUFFIX = ".loglik.json.gz"
+
+
+def item_file(key: str) -> str:
+    """The per-item file name of row ``key`` (or of a glob over keys): its ``/`` written ``__``."""
+    return f"{key.replace('/', '__')}{ITEMS_SUFFIX}"
+
+
 def write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
     """Each scored row as ``<row>.loglik.json.gz`` in ``folder``, rewritten (atomically, with no
     timestamp in the gzip header, so an unchanged row gives the same bytes) when the row changed.
@@ -77,7 +85,7 @@ def write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
     for key, row in rows.items():
         if "items" not in row:
             continue
-        path = folder / f"{key.replace('/', '__')}.loglik.json.gz"
+        path = folder / item_file(key)
         text = item_text(key, row)
         if _stored_text(path) != text:
             folder.mkdir(parents=True, exist_ok=True)
@@ -125,8 +133,8 @@ def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
 def ledger_rows(results: Path, task: str, log=None) -> dict[str, dict]:
     """The rows of ``task`` the ledger holds, by key (a damaged file is left out, and said)."""
     rows = {}
-    for path in sorted((Path(results) / "items" / task_folder(task)).glob("*.loglik.json.gz")):
-        key = path.name.removesuffix(".loglik.json.gz").replace("__", "/")
+    for path in sorted((Path(results) / "items" / task_folder(task)).glob(f"*{ITEMS_SUFFIX}")):
+        key = path.name.removesuffix(ITEMS_SUFFIX).replace("__", "/")
         if (data := read_items(path)) is not None:
             rows[key] = row_from_items(data)
         elif log:
@@ -199,10 +207,10 @@ def same_weights(a: dict, b: dict) -> bool:
 def row_files(emulator: str, seed: int | None, federated: bool) -> str:
     """The per-item files of the rows made from ``emulator`` at ``seed`` (None: a shared emulator,
     every seed), as globs under the results folder: its cells, variant cells, attack, federation."""
-    tail = f"*seed{seed}__*" if seed is not None else "*"
-    names = [f"{emulator}__{tail}", f"{emulator}:{tail}"] + [f"{side}__{tail}" for side in ("federated", "centralised")
-                                                               if federated]
-    return ", ".join(f"items/*/{name}" for name in names)
+    tail = f"*seed{seed}/*" if seed is not None else "*"
+    keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}/{tail}" for side in ("federated", "centralised")
+                                                           if federated]
+    return ", ".join(f"items/*/{item_file(key)}" for key in keys)
 
 
 def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool], made: str) -> bool:
