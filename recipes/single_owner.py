@@ -27,7 +27,7 @@ from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
 from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.plugin import export_trained, plug_in_path
-from scaleot_fed.tasks import MCItem, is_builtin, load_task
+from scaleot_fed.tasks import ANCHOR_SPLITS, MCItem, is_builtin, load_task
 from scaleot_fed.text import lambada_passages, token_blocks
 from scaleot_fed.train_state import Checkpoint
 
@@ -61,7 +61,10 @@ class TaskRunSection:
     train_limit: int | None = 2000
     """Training items (first N of the train split)."""
     eval_limit: int | None = 200
-    """Evaluation items (first N of the validation split, lm-eval's --limit; None: all)."""
+    """Evaluation items (first N of the evaluation split, lm-eval's --limit; None: all)."""
+    eval_split: str = "validation"
+    """The split rows are scored on: ``validation``, ``test`` (ARC's and OpenBookQA's labelled test
+    splits) or ``anchor`` (the one lm-eval scores the task on, :data:`scaleot_fed.tasks.ANCHOR_SPLITS`)."""
     eval_batch_size: int = 8
     eval_device: str = "auto"
     """Where the model owner scores models (full, emulator, plug-in): ``auto``, ``cpu``,
@@ -77,6 +80,8 @@ class TaskRunSection:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.eval_split not in ("validation", "test", "anchor"):
+            raise ConfigError(f"eval_split is validation, test or anchor; got {self.eval_split!r}")
 
     def eval_placement(self) -> Placement:
         return Placement(self.eval_device, self.eval_dtype)
@@ -86,7 +91,9 @@ class TaskRunSection:
         if self.eval_task is None and not is_builtin(self.task):
             raise ConfigError(f"[run] task {self.task!r} is a user file with a single split: "
                               "set eval_task to the evaluation file")
-        return load_task(self.eval_task or self.task, "validation", self.eval_limit)
+        task = self.eval_task or self.task
+        split = ANCHOR_SPLITS.get(task, "validation") if self.eval_split == "anchor" else self.eval_split
+        return load_task(task, split, self.eval_limit)
 
 
 @dataclass
@@ -243,7 +250,8 @@ class SingleOwner:
             result = finetune(trained, self.tokenizer, self.train, self.dev, self.finetune, progress=self.progress,
                               checkpoint=self.checkpoint(tuned, "training"))
             export_trained(trained, emulator, trained_path)
-            return self.evaluate(trained, tuned) | finetune_stats(result) | {"trained": str(trained_path)}
+            return self.evaluate(trained, tuned) | finetune_stats(result) | {
+                "trained": str(trained_path), "lr": self.finetune.lr, "mode": self.finetune.mode}
 
         def plug() -> dict:
             if not trained_path.exists():
@@ -251,6 +259,19 @@ class SingleOwner:
             return self.evaluate(plug_in_path(copy.deepcopy(self.full), emulator.manifest, trained_path), plugged)
 
         return {"emulator_finetune": self.cache(tuned, train), "plug_in": self.cache(plugged, plug)}
+
+    def emulator_sweep(self, key: str, emulator: Emulator, config: FinetuneConfig, trained_path: Path) -> dict:
+        """One rate of a mode sweep: the emulator's adapter blocks trained with ``config``, judged
+        by dev loss alone (no item is scored), cached as ``key``; the trained state is kept at
+        ``trained_path`` for a later look."""
+        def compute() -> dict:
+            trained = make_trainable(emulator.model, list(emulator.adapter_positions()), config)
+            result = finetune(trained, self.tokenizer, self.train, self.dev, config, progress=self.progress,
+                              checkpoint=self.checkpoint(key, "training"))
+            export_trained(trained, emulator, trained_path)
+            return finetune_stats(result) | {"lr": config.lr, "mode": config.mode, "history": result.history}
+
+        return self.cache(key, compute)
 
     def attack(self, name: str, emulator_path: Path, config: AttackConfig) -> dict:
         """The model-privacy row: every weight of a fresh copy of the emulator trained."""

@@ -15,7 +15,10 @@ Rows, per task (keys of the task's row cache):
 * ``<emulator>[/seed<s>]/emulator_zero_shot`` (per seed when the emulator depends on it);
 * ``<cell>/seed<s>/emulator_finetune`` and ``.../plug_in``, a cell being an emulator in a mode;
 * ``<emulator>/attack/lr<lr>/seed<s>/emulator_attack``: every emulator weight trained; the first
-  seed at each learning rate, the other seeds at the strongest (highest score on the items);
+  seed at each learning rate, the other seeds at the strongest (the lowest dev loss);
+* ``sweep/<mode>/lr<lr>/seed<s>/row`` (``[study] mode_sweeps``, on the sweep task only): a mode's
+  learning rates tried on the sweep emulator, judged by dev loss alone (no item is scored); the
+  mode's cells wait until ``[study] mode_lrs`` declares the rate;
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
   (:mod:`simulations.study_rows`, given to :func:`recipes.study_run.run_study` by the CLI).
 """
@@ -50,6 +53,7 @@ from .study_config import (  # noqa: F401  (the study's public names, re-exporte
     load_study_config,
     row_families,
     seeded,
+    sweep_key,
     task_folder,
 )
 from .study_data import emulator_blocks, eta_line, model_facts, task_items, task_tokens
@@ -68,6 +72,8 @@ class Unit:
     """The emulator (section, seed) it builds if that is not on disk (its build is charged once)."""
     resumed: Callable[[], float] = lambda: 0.0
     """After ``run()``: the seconds of its training and scoring done by earlier processes (resumed)."""
+    waits: Callable[[], str | None] = lambda: None
+    """Why it cannot run yet (a decision the config must declare first), or None: it can."""
 
 
 class Grid:
@@ -175,6 +181,56 @@ class Grid:
         pristine = self._pristine[edir]
         return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
 
+    def sweep_units(self) -> list[Unit]:
+        """The mode sweeps (``[study] mode_sweeps``): first of all, since the cells of a swept mode
+        wait for the rate the config declares after them."""
+        study, config = self.config.study, self.config
+        if not study.mode_sweeps:
+            return []
+        task, seed = study.sweep_task or study.tasks[0], study.seeds[0]
+        section = next(e for e in config.emulators if e.name == (study.sweep_emulator or config.emulators[0].name))
+        rows, blocks = RowCache(self.out / task_folder(task)), emulator_blocks(self.layers, section)
+        # (the dev loss runs on the gold answers; the dev items' scoring tokens, every choice, bound it)
+        tokens = task_tokens(self.tokenizer, self.items(task)[0], self.items(task)[1], config.finetune)
+        train, dev = tokens.training, tokens.scoring
+
+        def run(mode: str, lr: float) -> dict:
+            owner = self.owner(task, rows)
+            ft = dataclasses.replace(config.finetune, mode=mode, lr=lr, seed=seed, eval_items=len(owner.dev))
+            folder = self.out / task_folder(task) / "sweep" / mode / f"lr{lr:g}"
+            return owner.emulator_sweep(sweep_key(mode, lr, seed), self.emulator(section, seed), ft, trained_path(folder, mode))
+
+        cost = 2 * train * blocks + dev * blocks * (config.finetune.steps // max(1, config.finetune.eval_every) + 1)
+        return [Unit(f"{task}: sweep {mode} lr {lr:g} seed {seed} on {section.name} (dev loss only)", cost,
+                     lambda m=mode, r=lr: rows.get(sweep_key(m, r, seed)) is not None, lambda m=mode, r=lr: run(m, r),
+                     (section, seed))
+                for mode, lrs in study.mode_sweeps.items() for lr in lrs]
+
+    def mode_rate(self, mode: str) -> float:
+        """The learning rate of ``mode``'s cells: ``[study] mode_lrs``, else ``[finetune] lr``."""
+        return self.config.study.mode_lrs.get(mode, self.config.finetune.lr)
+
+    def mode_waits(self, mode: str) -> str | None:
+        """Why ``mode``'s cells cannot run yet: its sweep is not finished, or the config has not
+        declared its rate; refused when the declared rate is not the sweep's choice."""
+        study = self.config.study
+        if mode not in study.mode_sweeps:
+            return None
+        task = study.sweep_task or study.tasks[0]
+        rows, lrs, seed = RowCache(self.out / task_folder(task)), study.mode_sweeps[mode], study.seeds[0]
+        found = {lr: rows.get(sweep_key(mode, lr, seed)) for lr in lrs}
+        if any(v is None for v in found.values()):
+            return f"the {mode} sweep on {task} is not finished"
+        chosen = min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+        losses = ", ".join(f"{lr:g}: {found[lr]['best_dev_loss']:.4f}" for lr in lrs)
+        if mode not in study.mode_lrs:
+            return (f"the {mode} sweep chose lr {chosen:g} by dev loss ({losses}); declare it in the config as "
+                    f"[study] mode_lrs.{mode} = {chosen:g}, with a comment saying so, and resume")
+        if study.mode_lrs[mode] != chosen:
+            raise ConfigError(f"[study] mode_lrs.{mode} = {study.mode_lrs[mode]:g}, but the {mode} sweep chose {chosen:g} "
+                              f"by dev loss ({losses}); declare {chosen:g}, or change the sweep before its cells run")
+        return None
+
     def stage1_units(self) -> list[Unit]:
         """Stage 1 for every seed first: shared by the tasks, and its stability across seeds is
         one of the study's results (a seed the ledger records is rebuilt when an emulator needs it)."""
@@ -207,16 +263,18 @@ class Grid:
         keys: set[str] = set()
 
         def unit(label: str, key: str, cost: float, compute: Callable[[], object],
-                 needs: tuple[EmulatorSection, int] | None = None) -> None:
+                 needs: tuple[EmulatorSection, int] | None = None, waits: str | None = None) -> None:
             if key in keys:  # an unseeded emulator's zero-shot, met again at a later seed or mode
                 return
             keys.add(key)
-            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs))
+            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs,
+                              waits=lambda: waits))
 
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
+        waiting = {mode: self.mode_waits(mode) for mode in {m for _, m in config.cells()}}
         for seed in study.seeds:
             for emulator, mode in config.cells():
-                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train)
+                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train, waiting[mode])
             for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None] * bool(study.full_finetune_lrs)):
                 units.append(self.swept(task, rows, get, "full_finetune", lr, seed,
                                         (evaluation + 3 * train) * self.layers, study.full_finetune_lrs))
@@ -245,21 +303,27 @@ class Grid:
         return [u for group in groups.values() for u in group]
 
     def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
-        """Per seed, the federation and its centralised twin (trained with the same steps in all)."""
+        """Per seed and mode, the federation and its centralised twin (trained with the same steps
+        in all); in a mode other than the first, at the mode's rate, waiting for it like its cells."""
         name = next(e for e in self.config.emulators if e.name == self.federation.emulator)
+        modes = self.config.study.modes
 
-        def run(seed: int) -> dict:
+        def run(seed: int, mode: str) -> dict:
             self.emulator(name, seed)  # built if needed
-            return self.federation.run(task, seed, self.emulator_dir(name, seed),
-                                       self.out / task_folder(task) / "federated" / f"seed{seed}", rows, rows.get("full_zero_shot"))
+            folder = self.out / task_folder(task) / "federated" / ("" if mode == modes[0] else mode) / f"seed{seed}"
+            return self.federation.run(task, seed, self.emulator_dir(name, seed), folder, rows,
+                                       rows.get("full_zero_shot"), mode, self.mode_rate(mode))
 
         cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
-        return [Unit(f"{task}: federated and centralised seed {s}", cost,
-                     lambda s=s: rows.get(f"centralised/seed{s}/plug_in") is not None, lambda s=s: run(s), (name, s))
-                for s in self.config.study.seeds]
+        suffix = {m: "" if m == modes[0] else f":{m}" for m in modes}
+        waits = {m: self.mode_waits(m) for m in modes}
+        return [Unit(f"{task}: federated and centralised{suffix[m].replace(':', ' ')} seed {s}", cost,
+                     lambda s=s, m=m: rows.get(f"centralised{suffix[m]}/seed{s}/plug_in") is not None,
+                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: waits[m])
+                for s in self.config.study.seeds for m in modes]
 
     def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
-                   train: float) -> None:
+                   train: float, waits: str | None = None) -> None:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
@@ -269,13 +333,13 @@ class Grid:
 
         def train_and_plug() -> dict:
             owner = get()
-            owner.finetune = dataclasses.replace(self.config.finetune, mode=mode, seed=seed,
+            owner.finetune = dataclasses.replace(self.config.finetune, mode=mode, seed=seed, lr=self.mode_rate(mode),
                                                  eval_items=len(owner.dev))
             return owner.emulator_finetune_and_plug_in(f"{cell}/seed{seed}", self.emulator(emulator, seed),
                                                        trained_path(folder, mode))
 
         unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
-             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed))
+             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed), waits=waits)
 
     def stage1_cost(self) -> float:  # a forward and backward through every block, per token
         return (lr := self.config.layer_replace).steps * lr.batch_size * lr.block_size * 6 * self.layers
@@ -299,15 +363,15 @@ class Grid:
     def swept(self, task: str, rows: RowCache, get, name: str, lr: float | None, seed: int, cost: float,
               lrs: list[float], section: EmulatorSection | None = None) -> Unit:
         """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
-        first, metric = self.config.study.seeds[0], self.config.study.metric_of(task)
+        first = self.config.study.seeds[0]
 
         def key() -> str | None:
-            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None, metric)
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None)
             return None if rate is None else f"{name}/lr{rate:g}/seed{seed}/" + (
                 "emulator_attack" if section else "row")
 
         def run() -> dict:
-            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None, metric)
+            rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None)
             owner = get()
             ft = dataclasses.replace(self.config.attack if section else self.config.finetune, lr=rate, seed=seed)
             if section is not None:
@@ -341,7 +405,7 @@ def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=Non
     the ETA) and the model's facts (for the budgets). What a run and a plan start from."""
     loaded = load_model(config.study.model)
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
-    units = grid.stage1_units() + [u for task in config.study.tasks for u in grid.units(task)]
+    units = grid.sweep_units() + grid.stage1_units() + [u for task in config.study.tasks for u in grid.units(task)]
     done = [u.done() for u in units]
     log(f"study: {len(units)} units, {sum(done)} done")
     if eta := eta_line(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d),

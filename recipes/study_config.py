@@ -3,6 +3,7 @@ the row families a claim may name (see :mod:`recipes.study` for the rows themsel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from scaleot_fed.config import from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import MODES
+from scaleot_fed.tasks import ANCHOR_SPLITS, SPLITS
 
 from .offsite import PipelineSections, read_pipeline_toml
 from .single_owner import EmulatorSection
@@ -39,10 +41,27 @@ class StudySection:
     metrics: dict[str, str] = field(default_factory=dict)
     """Per-task exceptions to ``metric``."""
     modes: list[str] = field(default_factory=lambda: ["lora"])
+    mode_lrs: dict[str, float] = field(default_factory=dict)
+    """The learning rate of each mode's cells (a mode not named here trains at ``[finetune] lr``):
+    declared in the config, after the mode's sweep, before any of its cells runs."""
+    mode_sweeps: dict[str, list[float]] = field(default_factory=dict)
+    """Per mode, the learning rates tried before its cells: the ``sweep_emulator`` trained in the mode
+    on ``sweep_task`` at the first seed, judged by dev loss alone (the lowest wins; the evaluation
+    items are never scored). Cells of a swept mode wait until ``mode_lrs`` names the winner."""
+    sweep_task: str | None = None
+    """The task of the mode sweeps (default: the first of ``tasks``)."""
+    sweep_emulator: str | None = None
+    """The ``[[emulator]]`` (by name) trained in the mode sweeps (default: the first)."""
     train_limit: int | None = 2000
     dev_items: int = 64
     eval_limit: int | None = None
-    """Evaluation items per task (None: the whole validation split)."""
+    """Evaluation items per task (None: the whole evaluation split)."""
+    eval_split: str = "validation"
+    """The split every task is scored on: ``validation``, ``test``, or ``anchor``: the split lm-eval
+    scores the task on (:data:`scaleot_fed.tasks.ANCHOR_SPLITS`: ARC's and OpenBookQA's labelled
+    test splits, PIQA's and HellaSwag's validation), so rows sit beside the published tables."""
+    eval_splits: dict[str, str] = field(default_factory=dict)
+    """Per-task exceptions to ``eval_split``."""
     eval_limits: dict[str, int] = field(default_factory=dict)
     """Per-task exceptions to ``eval_limit`` (e.g. ``{ hellaswag = 2000 }``)."""
     random_subsets: list[str] = field(default_factory=list)
@@ -93,6 +112,20 @@ class StudySection:
         if bool(self.variant_emulator) != bool(self.variant_modes):
             raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
                               "and the extra fine-tuning modes to train it with")
+        if self.eval_split not in (*SPLITS[1:], "anchor") or [t for t, v in self.eval_splits.items()
+                                                               if t not in self.tasks or v not in SPLITS[1:]]:
+            raise ConfigError(f"study.eval_split is validation, test or anchor, and study.eval_splits maps tasks of "
+                              f"study.tasks to validation or test; got {self.eval_split!r}, {self.eval_splits}")
+        for key in ("mode_lrs", "mode_sweeps"):
+            if [m for m in getattr(self, key) if m not in self.modes + self.variant_modes]:
+                raise ConfigError(f"study.{key} names modes of study.modes / variant_modes ({self.modes + self.variant_modes}); "
+                                  f"got {sorted(getattr(self, key))}")
+        if [r for r in self.mode_lrs.values() if r <= 0] or [s for s in self.mode_sweeps.values()
+                                                             if len(s) < 2 or min(s) <= 0]:
+            raise ConfigError(f"study.mode_lrs are positive rates and each of study.mode_sweeps lists two or more; got "
+                              f"{self.mode_lrs}, {self.mode_sweeps}")
+        if self.sweep_task is not None and self.sweep_task not in self.tasks:
+            raise ConfigError(f"study.sweep_task = {self.sweep_task!r} is not one of study.tasks {self.tasks}")
         if bool(self.attack_emulator) != bool(self.attack_lrs):
             raise ConfigError("study.attack_emulator and study.attack_lrs go together: name the emulator to "
                               "attack and the attacker's learning rates (three or more to find the strongest)")
@@ -102,6 +135,11 @@ class StudySection:
 
     def eval_limit_of(self, task: str) -> int | None:
         return self.eval_limits.get(task, self.eval_limit)
+
+    def eval_split_of(self, task: str) -> str:
+        """The split ``task`` is scored on (``anchor``: lm-eval's; a user file: its only split)."""
+        split = self.eval_splits.get(task, self.eval_split)
+        return ANCHOR_SPLITS.get(task, "validation") if split == "anchor" else split
 
 
 @dataclass
@@ -116,6 +154,9 @@ class ClaimSection:
     kind: str = "greater"
     margin: float = 0.0
     """For ``close``: the largest difference (a fraction, 0.02 = 2 points) still called close."""
+    mode: str | None = None
+    """Set by the study, not the config: the mode a claim over cells was expanded to (with several
+    ``[study] modes``, a claim is decided once per mode, its cells in that mode)."""
 
     def __post_init__(self) -> None:
         if not (self.claim and self.a and self.b):
@@ -148,12 +189,14 @@ def load_study_config(path: str | Path) -> StudyConfig:
     if not isinstance(claims, list):
         raise ConfigError(f"{path}: write each claim as a [[claim]] table")
     config = StudyConfig(**values, claims=[from_dict(ClaimSection, c, f"claim {i}") for i, c in enumerate(claims)])
+    if [c for c in config.claims if c.mode is not None]:
+        raise ConfigError(f"{path}: [[claim]] mode is set by the study (one claim per mode); remove it")
     names = [e.name for e in config.emulators]
     given = [e.name for e in config.emulators if e.path or e.importance]
     if given:
         raise ConfigError(f"{path}: the study builds every emulator itself, once per seed where stage 1 or the "
                           f"distillation is random; remove path / importance from {given}")
-    for key in ("variant_emulator", "attack_emulator"):
+    for key in ("variant_emulator", "attack_emulator", "sweep_emulator"):
         if getattr(config.study, key) and getattr(config.study, key) not in names:
             raise ConfigError(f"{path}: study.{key} = {getattr(config.study, key)!r} is not one of the "
                               f"[[emulator]] names {names}")
@@ -163,7 +206,26 @@ def load_study_config(path: str | Path) -> StudyConfig:
             if side not in known:
                 raise ConfigError(f"{path}: [[claim]] {claim.claim!r} names {side!r}, not a row of this grid; "
                                   f"rows: {', '.join(sorted(known))}")
+    config.claims = [c for claim in config.claims for c in per_mode(config, claim)]
     return config
+
+
+MODE_ROWS = ("emulator_finetune", "plug_in", "gap")
+"""A cell's rows that depend on its mode (its zero-shot and the attack do not)."""
+
+
+def per_mode(config: StudyConfig, claim: ClaimSection) -> list[ClaimSection]:
+    """``claim`` once per mode of ``[study] modes`` when it names a cell's trained rows
+    (``<emulator>/plug_in`` is the first mode's cell; ``<emulator>:<mode>/plug_in`` the others'),
+    each with its ``mode`` set; as it is otherwise (only the first mode's cells, or none)."""
+    names, modes = {e.name for e in config.emulators} | set(FEDERATED_SIDES), config.study.modes
+    def in_mode(side: str, mode: str) -> str:
+        cell, _, row = side.rpartition("/")
+        return f"{cell}:{mode}/{row}" if cell in names and row in MODE_ROWS and mode != modes[0] else side
+
+    if not any(in_mode(side, m) != side for side in (claim.a, claim.b) for m in modes):
+        return [claim]
+    return [dataclasses.replace(claim, a=in_mode(claim.a, m), b=in_mode(claim.b, m), mode=m) for m in modes]
 
 
 def row_families(config: StudyConfig) -> set[str]:
@@ -174,26 +236,31 @@ def row_families(config: StudyConfig) -> set[str]:
     if config.study.attack_emulator:
         rows.add(f"{config.study.attack_emulator}/emulator_attack")
     if config.study.federated:
-        rows |= {f"{side}/{r}" for side in FEDERATED_SIDES for r in ("emulator_finetune", "plug_in", "gap")}
+        rows |= {f"{side}{'' if m == config.study.modes[0] else ':' + m}/{r}" for side in FEDERATED_SIDES
+                 for m in config.study.modes for r in ("emulator_finetune", "plug_in", "gap")}
     return rows
 
 
-def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool,
-                metric: str = "acc") -> float | None:
-    """The sweep's choice at the first seed: the lowest dev loss for fine-tuning; for the attack
-    the highest ``metric`` on the items (the strongest attacker: the conservative choice for a
-    privacy claim). ``rows``: a :class:`recipes.rundir.RowCache`, or anything with its ``get``.
-    ``None`` while a rate of the sweep is missing."""
+def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool) -> float | None:
+    """The sweep's choice at the first seed: the rate with the lowest dev loss (ties: the lower
+    rate), for fine-tuning and for the attack alike. Never a score on the evaluation items: that
+    would select on the items the claims are decided on (for the attack, the strongest attacker
+    by dev loss, the loss its own data owner can see). ``rows``: a :class:`recipes.rundir.RowCache`,
+    or anything with its ``get``. ``None`` while a rate of the sweep is missing."""
     found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
     if not lrs or any(v is None for v in found.values()):
         return None
-    if attack:
-        return max(lrs, key=lambda lr: (found[lr][metric], -lr))
     return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+
+
+def sweep_key(mode: str, lr: float, seed: int) -> str:
+    """The row of a mode sweep's run at ``lr`` (dev loss only, no scoring)."""
+    return f"sweep/{mode}/lr{lr:g}/seed{seed}/row"
 
 
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
+               "study.mode_lrs", "study.mode_sweeps", "study.sweep_task", "study.sweep_emulator",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
                "layer_replace.ranking_candidates", "layer_replace.ranking_batches")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one

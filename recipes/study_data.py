@@ -38,7 +38,7 @@ def task_items(study: StudySection, task: str) -> tuple[list[MCItem], list[MCIte
     train_all = load_task(task, "train", study.train_limit, seed)
     if len(train_all) <= study.dev_items:
         raise ConfigError(f"{task}: {len(train_all)} training items, need more than dev_items={study.dev_items}")
-    evaluation = load_task(task, "validation", study.eval_limit_of(task), seed)
+    evaluation = load_task(task, study.eval_split_of(task), study.eval_limit_of(task), seed)
     return train_all[: -study.dev_items], train_all[-study.dev_items :], evaluation
 
 
@@ -72,7 +72,7 @@ def emulator_blocks(layers: int, section: EmulatorSection) -> float:
     return section.num_adapter_layers + middle * runs * (0.5 + 0.5 * section.rank_keep_ratio)
 
 
-ITEM_KEYS = ("train_limit", "dev_items", "eval_limit", "eval_limits", "random_subsets")
+ITEM_KEYS = ("train_limit", "dev_items", "eval_limit", "eval_limits", "random_subsets", "eval_split", "eval_splits")
 TASK_DATA = tuple(f"study.{key}" for key in ITEM_KEYS)
 """``[study]`` keys that choose a task's items: a resumed study may change them for tasks with no results."""
 
@@ -86,7 +86,9 @@ def check_task_data(folders: list[Path], before: dict, study: StudySection) -> N
     new = {k: getattr(study, k) for k in ITEM_KEYS}
 
     def items(s: dict, task: str) -> tuple:
-        return s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"]
+        split = StudySection(tasks=study.tasks, eval_split=s["eval_split"], eval_splits=s["eval_splits"]).eval_split_of(task)
+        return (s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"],
+                split)
 
     changed = [t for t in study.tasks if items(old, t) != items(new, t)
                and any(p.is_file() for f in folders for p in (f / task_folder(t)).rglob("*"))]

@@ -46,8 +46,14 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
         units, done, _ = open_grid(config, view, results, log, federation)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
-    for label, cost in pending:
-        log(plan_line(label, cost, rate, now))
+    waits: dict[str, int] = {}
+    for u, d in zip(units, done):
+        if not d:
+            log(plan_line(u.label, u.cost, rate, now) + ("; waits" if u.waits() else ""))
+            if why := u.waits():
+                waits[why] = waits.get(why, 0) + 1
+    for why, count in waits.items():
+        log(f"study: {count} units wait: {why}")
     for task in study.tasks:
         for key, kind, path in RowCache(out / task_folder(task)).saved():
             log(f"  saved: {task}: {key}: {saved_state(kind, path)}")

@@ -18,7 +18,7 @@ from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap,
 
 from . import study_ledger as ledger
 from .rundir import write_json
-from .study import METRICS, StudyConfig, chosen_rate, seeded, task_folder
+from .study import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 
@@ -63,7 +63,7 @@ class _Resolver:
             cell, row = family.rsplit("/", 1)
             name = cell.split(":")[0]
             if row == "emulator_attack":
-                rate = chosen_rate(_Cache(self.rows), f"{name}/attack", study.attack_lrs, self.seeds[0], True, self.metric)
+                rate = chosen_rate(_Cache(self.rows), f"{name}/attack", study.attack_lrs, self.seeds[0], True)
                 keys = [] if rate is None else [(s, f"{name}/attack/lr{rate:g}/seed{s}/emulator_attack")
                                                 for s in self.seeds]
             elif row == "emulator_zero_shot":
@@ -152,12 +152,20 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
                 "other_metric_mean": resolver.other(family), "rows": resolver.sources(family, found[1])}
     for claim in config.claims:
         claims += _claim(claim, resolvers, study)
-    pending = [c.claim for c in config.claims if not any(d["claim"] == c.claim for d in claims)]
+    # the sensitivity table: every claim decided again in the other metric (not the verdicts')
+    others = {t: _Resolver(config, rows_by_task[t], next(m for m in METRICS if m != study.metric_of(t)))
+              for t in study.tasks}
+    sensitivity = [c for claim in config.claims for c in _claim(claim, others, study)]
+    pending = [_label(c) for c in config.claims
+               if not any(d["claim"] == c.claim and d.get("mode") == c.mode for d in claims)]
     summary = {
         "model": study.model, "tasks": study.tasks, "seeds": study.seeds, "n_eval": n_eval,
         "random_subsets": study.random_subsets,
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
-        "rows": table, "claims": claims, "pending_claims": pending, "sweeps": _sweeps(config, rows_by_task),
+        "eval_split": {t: study.eval_split_of(t) for t in study.tasks}, "modes": study.modes,
+        "mode_lrs": {m: study.mode_lrs.get(m, config.finetune.lr) for m in study.modes + study.variant_modes},
+        "rows": table, "claims": claims, "claims_other_metric": sensitivity, "pending_claims": pending,
+        "sweeps": _sweeps(config, rows_by_task),
         "stage1_stability": stage1_stability(records), "budgets": budgets(records, facts or {}),
         "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
@@ -176,9 +184,14 @@ def _plain(section) -> dict:
     return as_dict(section)
 
 
+def _label(claim) -> str:
+    return claim.claim + (f" [{claim.mode}]" if claim.mode else "")
+
+
 def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     """The claim per task with both sides scored, and over all tasks (the mean of the tasks'
-    differences, items drawn within each task) once every task has both sides from the same seeds."""
+    differences, items drawn within each task) once every task has both sides from the same seeds.
+    Sides made at the same seeds are paired by seed in the bootstrap (:func:`paired_bootstrap`)."""
     found, sides = [], {}
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
@@ -186,36 +199,45 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
             continue
         sides[task] = (a, b)
         expected = [resolver.expected_seeds(claim.a), resolver.expected_seeds(claim.b)]
-        found.append(_decide(claim, task, a[0], b[0], study.resamples) | {"seeds_expected": expected})
+        found.append(_decide(claim, task, a[0], b[0], study.resamples, pair=_paired(a[1], b[1]))
+                     | {"seeds_expected": expected})
     seeds = {(tuple(a[1]), tuple(b[1])) for a, b in sides.values()}
     if len(sides) == len(resolvers) > 1 and len(seeds) == 1:
         a = np.concatenate([a[0] for a, _ in sides.values()], axis=1)
         b = np.concatenate([b[0] for _, b in sides.values()], axis=1)
         strata = [a[0].shape[1] for a, _ in sides.values()]
-        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata)
+        (sa, sb), = seeds
+        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata, _paired(list(sa), list(sb)))
                      | {"seeds_expected": found[-1]["seeds_expected"]})
     return found
 
 
-def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None) -> dict:
-    c = bootstrap(a, b, resamples, strata)
-    return {"claim": claim.claim, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
+def _paired(a_seeds: list, b_seeds: list) -> bool:
+    """Whether two sides' rows come from the same seeds, in the same order (then paired by seed)."""
+    return len(a_seeds) > 1 and list(a_seeds) == list(b_seeds) and None not in a_seeds
+
+
+def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None,
+            pair: bool = False) -> dict:
+    c = bootstrap(a, b, resamples, strata, pair)
+    return {"claim": claim.claim, "mode": claim.mode, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
             "margin": claim.margin, "difference": c.difference, "ci95": list(c.ci95), "n": c.n,
-            "seeds": list(c.seeds), "verdict": c.verdict(claim.kind, claim.margin)}
+            "seeds": list(c.seeds), "paired_seeds": pair, "verdict": c.verdict(claim.kind, claim.margin)}
 
 
 _BOOTSTRAPS: dict[str, Comparison] = {}
 
 
-def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None) -> Comparison:
+def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None,
+              pair_seeds: bool = False) -> Comparison:
     """:func:`paired_bootstrap`, remembered by its inputs: the study rewrites its report after every
     unit, and a unit changes a few rows of a report whose bootstraps draw ~2e9 items in all."""
-    digest = hashlib.sha256(repr((a.shape, b.shape, resamples, strata)).encode())
+    digest = hashlib.sha256(repr((a.shape, b.shape, resamples, strata, pair_seeds)).encode())
     for x in (a, b):
         digest.update(np.ascontiguousarray(x, dtype=float).tobytes())
     key = digest.hexdigest()
     if key not in _BOOTSTRAPS:
-        _BOOTSTRAPS[key] = paired_bootstrap(a, b, resamples, strata=strata)
+        _BOOTSTRAPS[key] = paired_bootstrap(a, b, resamples, strata=strata, pair_seeds=pair_seeds)
     return _BOOTSTRAPS[key]
 
 
@@ -233,9 +255,17 @@ def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
                 if row:
                     out.setdefault(name, {}).setdefault(task, []).append(
                         {"lr": lr, "acc": row["acc"], "acc_norm": row["acc_norm"], "best_dev_loss": row.get("best_dev_loss")})
-            chosen = chosen_rate(_Cache(rows), name, lrs, seed, leaf != "row", study.metric_of(task))
+            chosen = chosen_rate(_Cache(rows), name, lrs, seed, leaf != "row")
             if chosen is not None:
                 out[name][task + " chosen"] = chosen
+    task = study.sweep_task or study.tasks[0]
+    for mode, lrs in study.mode_sweeps.items():  # dev loss only: no item was scored
+        found = [{"lr": lr, "best_dev_loss": row["best_dev_loss"], "initial_dev_loss": row.get("initial_dev_loss")}
+                 for lr in lrs if (row := rows_by_task.get(task, {}).get(sweep_key(mode, lr, seed)))]
+        if found:
+            out.setdefault(f"mode {mode}", {})[task] = found
+            if len(found) == len(lrs):
+                out[f"mode {mode}"][task + " chosen"] = min(found, key=lambda r: (r["best_dev_loss"], r["lr"]))["lr"]
     return out
 
 

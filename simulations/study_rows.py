@@ -4,8 +4,11 @@ trained centrally for as many steps. Both are scored on the study's evaluation i
 federated-vs-centralised claim is paired item by item like every other claim.
 
 Rows (in the task's row cache): ``federated/seed{s}/{emulator_finetune,plug_in}`` and
-``centralised/seed{s}/{emulator_finetune,plug_in}``; the simulation's own run folder is
-``<out>/<task>/federated/seed{s}`` (resumed after a stop, like the study). The study
+``centralised/seed{s}/{emulator_finetune,plug_in}`` in the study's first mode, and
+``federated:<mode>/...``, ``centralised:<mode>/...`` in each other mode of ``[study] modes``
+(the simulation's ``[finetune]`` mode and rate replaced by the study's); the simulation's own
+run folder is ``<out>/<task>/federated/seed{s}`` (``federated/<mode>/seed{s}`` in other modes),
+resumed after a stop, like the study. The study
 (:mod:`recipes.study`) does not import this program: the ``study`` command hands it over.
 """
 
@@ -60,21 +63,27 @@ class StudyFederation:
         return cls(config, fed)
 
     def run(self, task: str, seed: int, emulator_dir: Path, folder: Path, rows: RowCache,
-            full_zero_shot: dict | None) -> dict:
+            full_zero_shot: dict | None, mode: str | None = None, lr: float | None = None) -> dict:
         """Run (or resume) the seed's federation with its centralised twin in ``folder`` and copy
-        their rows into ``rows``. Returns the federated plug-in row."""
+        their rows into ``rows``; ``mode`` and ``lr``: the data owners' fine-tuning, the study's
+        (its rows in the first mode are named as before modes were federated). Returns the
+        federated plug-in row."""
         from .runner import simulate
 
         study = self.config.study
+        first = mode is None or mode == study.modes[0]
+        overrides = {k: v for k, v in (("finetune.mode", mode), ("finetune.lr", lr)) if v is not None}
         fed = load_fed_config(study.federated, {
             "run.out": str(folder), "run.seed": seed, "finetune.seed": seed, "run.eval_limit": study.eval_limit_of(task),
-            "run.final_table": True, "run.centralised_offsite": True})
+            "run.eval_split": study.eval_split_of(task),
+            "run.final_table": True, "run.centralised_offsite": True} | overrides)
         section = next(e for e in self.config.emulators if e.name == fed.emulator.name)
         fed = dataclasses.replace(fed, emulator=dataclasses.replace(section, path=str(emulator_dir)))
         if not (folder / "DONE").exists():
             started = has_checkpoint(folder)  # a stopped run resumes; one stopped before round 1 starts again
             simulate(fed, resume=started, overwrite=not started)
         done = RowCache(folder)
+        suffix = "" if first else f":{mode}"
         for side, prefix in zip(FEDERATED_SIDES, (f"{section.name}/federated", section.name)):
             for row in ROWS:
                 found = done.get(f"{prefix}/{row}")
@@ -83,5 +92,5 @@ class StudyFederation:
                 if full_zero_shot is not None and found["items"]["gold"] != full_zero_shot["items"]["gold"]:
                     raise ConfigError(f"{folder} scored other items than the study's {task} rows; delete the folder "
                                       "and rerun (the study sets the simulation's evaluation items)")
-                rows.put(f"{side}/seed{seed}/{row}", found)
-        return rows.get(f"federated/seed{seed}/plug_in")
+                rows.put(f"{side}{suffix}/seed{seed}/{row}", found)
+        return rows.get(f"federated{suffix}/seed{seed}/plug_in")

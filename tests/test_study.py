@@ -112,7 +112,8 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     assert [e["lr"] for e in sweeps["full_finetune"]["piqa"]] == [1e-4, 1e-3]
     chosen = sweeps["full_finetune"]["piqa chosen"]
     assert rows["full_finetune"]["piqa"]["rows"] == [f"full_finetune/lr{chosen:g}/seed{s}/row" for s in (0, 1)]
-    strongest = max(sweeps["scaleot/attack"]["piqa"], key=lambda e: e["acc"])["lr"]
+    # the strongest attacker by its dev loss, never by a score on the evaluation items
+    strongest = min(sweeps["scaleot/attack"]["piqa"], key=lambda e: (e["best_dev_loss"], e["lr"]))["lr"]
     assert sweeps["scaleot/attack"]["piqa chosen"] == strongest
     # per-item files for every scored row, from which the row's accuracy is recomputed
     files = summary["items_files"]["piqa"]
