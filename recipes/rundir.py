@@ -197,8 +197,11 @@ def check_run_dir(out: Path, config: dict[str, Any], may_change: tuple[str, ...]
 def config_changes(saved: dict[str, Any], config: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys of ``config`` that differ from the ``saved`` snapshot, but those in
     ``may_change`` (a section name or a dotted key)."""
-    return [k for k in changed_keys(saved, json.loads(json.dumps(config)))
-            if k.split(".")[0] not in may_change and k not in may_change]
+    def allowed(key: str) -> bool:  # the key or a section above it (study.mode_lrs covers study.mode_lrs.full)
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in may_change for i in range(1, len(parts) + 1))
+
+    return [k for k in changed_keys(saved, json.loads(json.dumps(config))) if not allowed(k)]
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -282,7 +285,10 @@ def cached_rows(rows: RowCache, log):
         if found is None:
             log(f"  computing {key} ...")
             found = rows.put(key, compute())
-        log(f"  {key}: acc {found['acc']:.4f} acc_norm {found['acc_norm']:.4f}")
+        if "acc" in found:
+            log(f"  {key}: acc {found['acc']:.4f} acc_norm {found['acc_norm']:.4f}")
+        else:  # a row judged by dev loss alone (a mode sweep's)
+            log(f"  {key}: best dev loss {found['best_dev_loss']:.4f}")
         return found
 
     return cache

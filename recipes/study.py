@@ -263,18 +263,18 @@ class Grid:
         keys: set[str] = set()
 
         def unit(label: str, key: str, cost: float, compute: Callable[[], object],
-                 needs: tuple[EmulatorSection, int] | None = None, waits: str | None = None) -> None:
+                 needs: tuple[EmulatorSection, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
             if key in keys:  # an unseeded emulator's zero-shot, met again at a later seed or mode
                 return
             keys.add(key)
-            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs,
-                              waits=lambda: waits))
+            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs, waits=waits))
 
         unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
-        waiting = {mode: self.mode_waits(mode) for mode in {m for _, m in config.cells()}}
+        for mode in {m for _, m in config.cells()}:
+            self.mode_waits(mode)  # a declared rate that is not its sweep's choice: refused before anything runs
         for seed in study.seeds:
             for emulator, mode in config.cells():
-                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train, waiting[mode])
+                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train)
             for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None] * bool(study.full_finetune_lrs)):
                 units.append(self.swept(task, rows, get, "full_finetune", lr, seed,
                                         (evaluation + 3 * train) * self.layers, study.full_finetune_lrs))
@@ -316,14 +316,13 @@ class Grid:
 
         cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
         suffix = {m: "" if m == modes[0] else f":{m}" for m in modes}
-        waits = {m: self.mode_waits(m) for m in modes}
         return [Unit(f"{task}: federated and centralised{suffix[m].replace(':', ' ')} seed {s}", cost,
                      lambda s=s, m=m: rows.get(f"centralised{suffix[m]}/seed{s}/plug_in") is not None,
-                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: waits[m])
+                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m))
                 for s in self.config.study.seeds for m in modes]
 
     def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
-                   train: float, waits: str | None = None) -> None:
+                   train: float) -> None:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
@@ -339,7 +338,8 @@ class Grid:
                                                        trained_path(folder, mode))
 
         unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
-             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed), waits=waits)
+             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed),
+             waits=lambda: self.mode_waits(mode))
 
     def stage1_cost(self) -> float:  # a forward and backward through every block, per token
         return (lr := self.config.layer_replace).steps * lr.batch_size * lr.block_size * 6 * self.layers

@@ -27,11 +27,16 @@ def interval(claim: dict) -> str:
     return f"[{bound(claim['ci95'][0])}, {bound(claim['ci95'][1])}]"
 
 
+def label(claim: dict) -> str:
+    """A claim as a line names it: its sentence, and its mode where it was decided per mode."""
+    return claim["claim"] + (f" [{claim['mode']}]" if claim.get("mode") else "")
+
+
 def report_markdown(summary: dict) -> str:
     """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
     stability and the budgets; every number from ``summary``."""
-    parts = [_head(summary), _glance(summary), _claims(summary), _rows(summary), _sweeps(summary), _stage1(summary),
-             _budgets(summary)]
+    parts = [_head(summary), _glance(summary), _claims(summary), _sensitivity(summary), _rows(summary),
+             _sweeps(summary), _stage1(summary), _budgets(summary)]
     return "\n".join(line for part in parts for line in part) + "\n"
 
 
@@ -60,7 +65,7 @@ def _glance(summary: dict) -> list[str]:
     cells: dict[str, dict[str, str]] = {}
     for c in claims:
         provisional = any(got < want for got, want in zip(c["seeds"], c["seeds_expected"]))
-        cells.setdefault(c["claim"], {})[c["task"]] = (f"{100 * c['difference']:+.1f} {MARKS[c['verdict']]}"
+        cells.setdefault(label(c), {})[c["task"]] = (f"{100 * c['difference']:+.1f} {MARKS[c['verdict']]}"
                                                       + (" (p)" if provisional else ""))
     return ["## Verdicts at a glance", "",
             "a - b in points and the verdict from its 95 % interval (below): **holds**, **fails** (does not hold) or ? "
@@ -73,7 +78,9 @@ def _glance(summary: dict) -> list[str]:
 
 def _claims(summary: dict) -> list[str]:
     lines = ["## Claims", "",
-             f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples); a verdict follows from the "
+             f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples; where both sides come from "
+             "the same seeds, the seeds are drawn jointly, paired, marked (paired) by the seed counts); "
+             "a verdict follows from the "
              "95 % interval: `greater` holds when the interval lies above 0, does not hold when it lies below; `close` "
              "holds when it lies inside +-margin, does not hold when it lies outside; an interval on or across a "
              "boundary is inconclusive at this n (bounds get more decimals where one would hide their side). "
@@ -87,11 +94,33 @@ def _claims(summary: dict) -> list[str]:
         partial = any(got < want for got, want in zip(c["seeds"], expected))
         verdict = f"**{c['verdict']}**" + (f" (provisional: seeds {c['seeds'][0]} of {expected[0]}, "
                                            f"{c['seeds'][1]} of {expected[1]})" if partial else "")
-        lines.append(f"| {c['claim']}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
-                     f"{interval(c)} | {_n(c, summary)} | {c['seeds'][0]}, {c['seeds'][1]} | "
+        paired = " (paired)" if c.get("paired_seeds") else ""
+        lines.append(f"| {label(c)}{margin} | {c['task']} | {100 * c['difference']:+.1f} | "
+                     f"{interval(c)} | {_n(c, summary)} | {c['seeds'][0]}, {c['seeds'][1]}{paired} | "
                      f"{verdict} |")
     for claim in summary["pending_claims"]:
         lines.append(f"| {claim} | | | | | | pending: a side not scored yet |")
+    return lines
+
+
+def _sensitivity(summary: dict) -> list[str]:
+    """The claims decided again in the other metric (``acc_norm`` beside ``acc``): not verdicts,
+    a view of how much they rest on the metric's choice."""
+    other = summary.get("claims_other_metric") or []
+    if not other:
+        return []
+    primary = {(label(c), c["task"]): c for c in summary["claims"]}
+    lines = ["", "## Sensitivity: the other metric", "",
+             "Each claim decided again with the other metric (acc_norm where the primary is acc): not the study's "
+             "verdicts, which follow the metric declared before running; a line whose verdict changes rests on "
+             "that choice.", "", "| claim | task | primary | other metric: a - b | 95 % CI | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in other:
+        first = primary.get((label(c), c["task"]))
+        was = f"{100 * first['difference']:+.1f} {MARKS[first['verdict']]}" if first else ""
+        changed = " (changes)" if first and first["verdict"] != c["verdict"] else ""
+        lines.append(f"| {label(c)} | {c['task']} | {was} | {100 * c['difference']:+.1f} | {interval(c)} | "
+                     f"{MARKS[c['verdict']]}{changed} |")
     return lines
 
 
@@ -119,8 +148,12 @@ def _rows(summary: dict) -> list[str]:
 def _sweeps(summary: dict) -> list[str]:
     lines = []
     for name, per_task in summary["sweeps"].items():
-        lines += [f"## Sweep: {name}", "", "At the first seed; fine-tuning keeps the lowest dev loss, the attack the "
-                  "highest score on the evaluation items (the strongest attacker).", "",
+        dev_only = name.startswith("mode ")  # a mode sweep scores no item
+        what = ("a mode's rate for every cell of the mode, on one task: the emulator trained, its dev loss alone "
+                "(no evaluation item scored); the config declares the winner" if dev_only else
+                "the lowest dev loss is chosen, for fine-tuning and for the attack (the strongest attacker by "
+                "the loss its own data shows, never by a score on the evaluation items)")
+        lines += [f"## Sweep: {name}", "", f"At the first seed; {what}.", "",
                   "| task | lr | acc | acc_norm | best dev loss |", "|---|---|---|---|---|"]
         for task, entries in per_task.items():
             if task.endswith(" chosen"):
@@ -128,7 +161,7 @@ def _sweeps(summary: dict) -> list[str]:
             for e in entries:
                 mark = " (chosen)" if per_task.get(task + " chosen") == e["lr"] else ""
                 dev = "" if e["best_dev_loss"] is None else f"{e['best_dev_loss']:.4f}"
-                lines.append(f"| {task} | {e['lr']:g}{mark} | {_pct(e['acc'])} | {_pct(e['acc_norm'])} | {dev} |")
+                lines.append(f"| {task} | {e['lr']:g}{mark} | {_pct(e.get('acc'))} | {_pct(e.get('acc_norm'))} | {dev} |")
         lines.append("")
     return lines
 
@@ -219,7 +252,7 @@ def plot_claims(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     claims = summary["claims"]
-    labels = [textwrap.fill(f"{c['claim']} [{c['task']}]", 60) for c in claims]
+    labels = [textwrap.fill(f"{label(c)} [{c['task']}]", 60) for c in claims]
     fig, ax = plt.subplots(figsize=(9, 0.2 * max(8, sum(label.count("\n") + 1.5 for label in labels)) + 1))
     for i, c in enumerate(claims):
         d, (lo, hi) = 100 * c["difference"], (100 * c["ci95"][0], 100 * c["ci95"][1])
@@ -237,7 +270,7 @@ def plot_claims(summary: dict, path: Path) -> None:
 
 def closing_text(summary: dict, config) -> str:
     """What the ``study`` command prints at the end: the claims' verdicts and where it wrote what."""
-    verdicts = [f"  {c['verdict']:>13}: {c['claim']} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
+    verdicts = [f"  {c['verdict']:>13}: {label(c)} [{c['task']}] {100 * c['difference']:+.1f} points, 95% CI "
                 f"{interval(c)}" for c in summary["claims"]]
     files = sum(len(v) for v in summary["items_files"].values())
     return "\n".join((["claims:", *verdicts] if verdicts else ["no claim has both sides scored yet"]) + [

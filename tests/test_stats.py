@@ -103,3 +103,21 @@ def test_a_bound_on_the_boundary_is_exact_and_reads_inconclusive():
     assert touching(0.02, 0.05).verdict("close", margin=0.02) == "inconclusive"
     assert touching(-0.05, -0.02).verdict("close", margin=0.02) == "inconclusive"
     assert touching(0.021, 0.05).verdict("close", margin=0.02) == "does not hold"
+
+
+def test_sides_from_the_same_seeds_are_paired_by_seed_and_the_interval_is_narrower():
+    """Both sides share each seed's large shift (the same stage 1 / data order moves every item of
+    both): drawn jointly it cancels; drawn apart it counts twice and widens the interval."""
+    rng = np.random.default_rng(0)
+    items = (rng.random(400) < 0.6).astype(float)  # (items,)
+    shifts = np.array([-0.15, 0.0, 0.15])  # (seeds,): what each seed moves every item by
+    a = np.clip(items[None, :] + shifts[:, None], 0, 1)  # (seeds, items)
+    b = np.clip(items[None, :] + shifts[:, None] - 0.05, 0, 1)  # a's seeds, 5 points lower
+    paired = paired_bootstrap(a, b, resamples=4000, pair_seeds=True)
+    unpaired = paired_bootstrap(a, b, resamples=4000)
+    assert paired.difference == unpaired.difference
+    width = lambda c: c.ci95[1] - c.ci95[0]  # noqa: E731
+    assert width(paired) < 0.5 * width(unpaired)
+    assert paired.verdict() == "holds" and unpaired.verdict() == "inconclusive"
+    with pytest.raises(ConfigError, match="same seeds"):
+        paired_bootstrap(a, b[:2], pair_seeds=True)

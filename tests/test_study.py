@@ -713,3 +713,85 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "| all (mean over tasks) | +30.0 | " in report and "| 400 (2 tasks, equal weight) |" in report
     assert "| plug-in beats the emulator | +50.0 **holds** | +10.0 **holds** | +30.0 **holds** |" in report
+
+
+MODES = """
+[study]
+out = "{out}"
+results = "{results}"
+model = "{model}"
+tasks = ["piqa"]
+seeds = [0, 1]
+modes = ["full", "lora"]
+mode_sweeps = {{ full = [1e-4, 1e-2] }}
+{declared}
+train_limit = 24
+dev_items = 4
+eval_limit = 6
+eval_batch_size = 4
+resamples = 200
+
+[finetune]
+steps = 2
+batch_size = 4
+max_length = 64
+eval_every = 1
+
+[[emulator]]
+name = "uniform"
+strategy = "uniform-drop"
+num_adapter_layers = 2
+alpha = 0.5
+
+[[claim]]
+claim = "plug-in beats the emulator fine-tuned"
+a = "uniform/plug_in"
+b = "uniform/emulator_finetune"
+"""
+
+
+def test_a_modes_rate_is_swept_by_dev_loss_alone_and_declared_before_its_cells_run(tmp_path, tiny_model_dir,
+                                                                                     capsys, monkeypatch):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    results, config = tmp_path / "results", tmp_path / "study.toml"
+
+    def write(declared: str) -> None:
+        config.write_text(MODES.format(out=tmp_path / "study", results=results, model=tmp_path / "model",
+                                       declared=declared))
+
+    import recipes.single_owner as single_owner
+
+    scored = []
+    real_score = single_owner.score_items
+    monkeypatch.setattr(single_owner, "score_items", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    write("")
+    assert main(["study", "--config", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((results / "summary.json").read_text())
+    sweep = summary["sweeps"]["mode full"]["piqa"]
+    losses = {e["lr"]: e["best_dev_loss"] for e in sweep}
+    chosen = min(losses, key=lambda lr: (losses[lr], lr))
+    assert summary["sweeps"]["mode full"]["piqa chosen"] == chosen and len(losses) == 2
+    rows = sorted(p.name for p in (tmp_path / "study" / "piqa" / "rows").glob("sweep__*"))
+    assert rows == ["sweep__full__lr0.0001__seed0__row.json", "sweep__full__lr0.01__seed0__row.json"]
+    for name in rows:  # dev loss only: the evaluation items are never scored for a sweep
+        assert "items" not in json.loads((tmp_path / "study" / "piqa" / "rows" / name).read_text())
+    # the swept mode's cells wait; the other mode (no sweep: [finetune] lr) ran
+    assert f"declare it in the config as [study] mode_lrs.full = {chosen:g}" in out
+    assert "uniform:lora/plug_in" in summary["rows"] and "uniform/plug_in" not in summary["rows"]
+    assert [c["mode"] for c in summary["claims"] if c["task"] == "piqa"] == ["lora"]
+    assert any("[full]" in p for p in summary["pending_claims"])
+    n_scored = len(scored)
+    # a rate that is not the sweep's choice is refused before anything runs
+    other = 1e-2 if chosen == 1e-4 else 1e-4
+    write(f"mode_lrs = {{ full = {other:g} }}")
+    assert main(["study", "--config", str(config), "--no-progress"]) == 2
+    assert f"but the full sweep chose {chosen:g} by dev loss" in capsys.readouterr().err
+    write(f"mode_lrs = {{ full = {chosen:g} }}")
+    assert main(["study", "--config", str(config), "--no-progress"]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    row = json.loads((tmp_path / "study" / "piqa" / "rows" / "uniform__seed1__emulator_finetune.json").read_text())
+    assert row["lr"] == chosen and row["mode"] == "full" and len(scored) > n_scored
+    assert sorted(c["mode"] for c in summary["claims"] if c["task"] == "piqa") == ["full", "lora"]
+    assert all(c["paired_seeds"] for c in summary["claims"])  # both sides from seeds 0 and 1
+    assert {c["mode"] for c in summary["claims_other_metric"]} == {"full", "lora"}

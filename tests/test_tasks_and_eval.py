@@ -167,3 +167,61 @@ def test_a_sampled_limit_draws_a_fixed_content_keyed_sample(tmp_path):
                             for i in items))
     assert load_task(str(path), "validation", 40, sample_seed=0) == drawn
     assert load_task(str(path), "validation", 40) == items[:40]  # lm-eval's --limit without a seed
+
+
+def test_the_anchors_test_splits_load_whole_deduplicated_and_in_lm_evals_prompts():
+    """lm-eval scores ARC and OpenBookQA on their labelled test splits: every doc once (the file
+    holds several requests per doc), in file order, re-templated like the training items."""
+    from scaleot_fed.tasks import ANCHOR_SPLITS
+
+    sizes = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}
+    for task, n in sizes.items():
+        items = load_task(task, "test")
+        assert len(items) == n and ANCHOR_SPLITS[task] == "test"
+        assert len({(i.context, i.choices) for i in items}) >= n - 2  # (ARC repeats a question or two)
+    arc = load_task("arc_easy", "test", limit=1)[0]
+    assert arc.context.startswith("Question: Which statement best explains why photosynthesis") and arc.gold == 0
+    assert arc.context.endswith("\nAnswer:") and arc.fields["source"] == "Mercury"
+    obqa = load_task("openbookqa", "test", limit=3)
+    assert not any(i.context.startswith("Question: ") for i in obqa)  # the bare stem, as lm-eval prompts it
+    assert ANCHOR_SPLITS["piqa"] == ANCHOR_SPLITS["hellaswag"] == "validation"
+    with pytest.raises(ScaleOTError, match="no labelled test split"):
+        load_task("piqa", "test")
+
+
+def test_the_gemma_alias_resolves_offline_from_its_part_wheels(tmp_path, monkeypatch):
+    """`gemma3-270m`: four part wheels joined once into the cache, checked against the recorded
+    sha256; its config (Gemma 3, 18 blocks) is read from the GGUF without converting anything."""
+    from scaleot_fed import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    gguf, name = models._gguf_of(models.GEMMA3_ALIAS)
+    assert gguf == tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf" and name == models.GEMMA3_ALIAS
+    assert models._gguf_of(models.GEMMA3_ALIAS)[0] == gguf  # joined once
+    config = models.load_model_config(models.GEMMA3_ALIAS)
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18
+    assert not (tmp_path / "models").exists()  # nothing converted
+    gguf.unlink()
+    (tmp_path / "gguf" / ".gemma-3-270m-q4_k_m.gguf.partial").write_bytes(b"left by a crash")
+    assert models._gguf_of(models.GEMMA3_ALIAS)[0] == gguf and gguf.stat().st_size > 200e6  # a stale partial is rewritten
+
+
+def test_an_alias_whose_parts_do_not_join_to_the_recorded_file_is_refused(tmp_path, monkeypatch):
+    import hashlib
+
+    from scaleot_fed import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    for i, part in enumerate(("p1", "p2")):  # two fake part wheels and the checksum wheel
+        (tmp_path / part / "data").mkdir(parents=True)
+        (tmp_path / part / "data" / f"m.gguf.part0{i}").write_bytes(b"abc"[i:i + 1] * 10)
+    (tmp_path / "sums" / "data").mkdir(parents=True)
+    good = hashlib.sha256(b"a" * 10 + b"b" * 10).hexdigest()
+    monkeypatch.setattr(models, "package_dir", lambda package, hint: tmp_path / package)
+    alias = models._Alias("sums", "pip install ...", "a test model", add_bos=True, parts=("p1", "p2"))
+    (tmp_path / "sums" / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  m.gguf\n")
+    with pytest.raises(ScaleOTError, match="joined from 2 parts has sha256"):
+        models._alias_gguf(alias)
+    assert not (tmp_path / "cache" / "gguf" / "m.gguf").exists()  # nothing half-checked left in place
+    (tmp_path / "sums" / "data" / "SHA256SUMS").write_text(f"{good}  m.gguf\n")
+    assert models._alias_gguf(alias).read_bytes() == b"a" * 10 + b"b" * 10
