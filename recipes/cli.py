@@ -164,6 +164,14 @@ def _pipeline_parsers(sub) -> None:
                            help="list the units left, their cost and time, and the ETA; run, lock and write nothing")
 
 
+def _verdicts_parser(sub) -> None:
+    p = sub.add_parser("verdicts", help="the claims' verdicts across studies (models x modes) as one table")
+    p.add_argument("results", nargs="+", help="studies' results folders (each holds summary.json)")
+    p.add_argument("--into", nargs="*", default=[],
+                   help="files whose generated part (between the verdicts markers) the table replaces")
+    p.set_defaults(func=c.cmd_verdicts)
+
+
 def _federation_parsers(sub) -> None:
     """Federated runs, certificates for deployments, emulator info."""
     p = sub.add_parser("simulate", help="federated offsite-tuning on Flower's simulation engine (Ray)")
@@ -198,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``scaleot-fed`` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="scaleot-fed", description="ScaleOT offsite-tuning across many data owners")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_stage_parsers, _model_parsers, _pipeline_parsers, _federation_parsers):
+    for add in (_stage_parsers, _model_parsers, _pipeline_parsers, _verdicts_parser, _federation_parsers):
         add(sub)
     return parser
 

@@ -338,6 +338,12 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(closing_text(summary, config))
 
 
+def cmd_verdicts(args: argparse.Namespace) -> None:
+    from .study_verdicts import write_verdicts
+
+    print(write_verdicts(args.results, args.into))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from scaleot_fed.emulator import read_manifest
     from scaleot_fed.manifest import manifest_summary
