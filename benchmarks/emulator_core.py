@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from scaleot_fed.artifact import load_artifact, save_artifact  # noqa: E402
 from scaleot_fed.emulator import EmulatorConfig  # noqa: E402
-from scaleot_fed.emulator_build import build_emulator  # noqa: E402
+from scaleot_fed.emulator.build import build_emulator  # noqa: E402
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace  # noqa: E402
 from scaleot_fed.models import count_parameters, load_model  # noqa: E402
 from scaleot_fed.text import lambada_passages, token_blocks  # noqa: E402

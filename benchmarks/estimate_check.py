@@ -63,7 +63,7 @@ def main() -> None:
         return worker(args)
 
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
     from scaleot_fed.estimate import estimate
     from scaleot_fed.finetune import FinetuneConfig
     from scaleot_fed.models import load_model

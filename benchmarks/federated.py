@@ -188,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
     from scaleot_fed.models import count_parameters, load_model
     from simulations.runner import simulate
 

@@ -157,7 +157,7 @@ def main() -> None:
 
     from scaleot_fed.artifact import load_artifact, save_artifact
     from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
     from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
     from scaleot_fed.models import load_model
     from scaleot_fed.text import lambada_passages, token_blocks

@@ -47,7 +47,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
 
 def _stage_parsers(sub) -> None:
     """The method's steps, one command each: stage 1, stage 2, plug-in."""
-    from scaleot_fed.emulator import STRATEGIES, EmulatorConfig
+    from scaleot_fed.emulator import EmulatorConfig, strategy_names
     from scaleot_fed.layer_replace import LayerReplaceConfig
 
     p = sub.add_parser("layer-replace", help="stage 1: importance scores + harmonizers (Dynamic LayerReplace)")
@@ -67,7 +67,7 @@ def _stage_parsers(sub) -> None:
 
     p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
     p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument("--strategy", choices=STRATEGIES, default="scaleot")
+    p.add_argument("--strategy", choices=strategy_names(), default="scaleot")
     p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a, even (default 4)")
     p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha, help="share of middle blocks replaced (default 0.5)")
     p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,
@@ -104,7 +104,8 @@ def _model_parsers(sub) -> None:
     p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP + ", or an emulator folder")
     p.add_argument("--task", help="piqa, arc_easy, arc_challenge, openbookqa, hellaswag, sciq, or a .jsonl/.csv file")
     p.add_argument("--text", help="perplexity instead: 'lambada', a .txt/.jsonl file or a datasets folder")
-    p.add_argument("--split", default="validation", choices=("train", "validation"))
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"),
+                   help="test: the labelled test splits of ARC-Easy, ARC-Challenge and OpenBookQA (lm-eval's)")
     p.add_argument("--limit", type=int, help="first N items (or N token blocks with --text) only")
     p.add_argument("--block-size", type=int, default=512, help="tokens per block for --text")
     p.add_argument("--batch-size", type=int, default=8)

@@ -84,9 +84,8 @@ def cmd_layer_replace(args: argparse.Namespace) -> None:
 def cmd_build_emulator(args: argparse.Namespace) -> None:
     from scaleot_fed.artifact import load_artifact
     from scaleot_fed.config import from_dict
-    from scaleot_fed.crash import calibration_tokens
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
     from scaleot_fed.models import load_model
     from scaleot_fed.text import load_text_corpus
 
@@ -95,11 +94,11 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
                                         "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
                                         "dtype": args.dtype})
     importance = load_artifact(args.importance) if args.importance else None
-    texts = load_text_corpus(args.calibration) if config.strategy == "crash" else None
+    texts = load_text_corpus(args.calibration) if config.method.needs_calibration else None
     check_output(args.out, args.overwrite)
     if args.stream:
+        from scaleot_fed.emulator.streaming import build_emulator_streaming, local_folder
         from scaleot_fed.models import saved_tokenizer
-        from scaleot_fed.streaming import build_emulator_streaming, local_folder
 
         clear_output(args.out)
         out = build_emulator_streaming(folder := local_folder(args.model), config, args.out, importance,
@@ -110,7 +109,7 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
           f"rank_keep_ratio={config.rank_keep_ratio} (SRC factorises each kept middle block) ...", flush=True)
-    calibration = calibration_tokens(loaded.tokenizer, texts) if texts is not None else None
+    calibration = config.method.calibration(loaded.tokenizer, texts) if texts is not None else None
     emulator = build_emulator(loaded.model, config, importance, source_model=args.model, calibration=calibration)
     clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)
@@ -126,7 +125,7 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     manifest = read_manifest(args.emulator)
     check_output(args.out, args.overwrite)
     if args.stream:
-        from scaleot_fed.streaming import local_folder, plug_in_streaming
+        from scaleot_fed.emulator.streaming import local_folder, plug_in_streaming
 
         clear_output(args.out)
         out = plug_in_streaming(local_folder(args.model), manifest, args.trained, args.out)

@@ -63,12 +63,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def add_parser(sub, default_model: str, model_help: str) -> None:
-    from scaleot_fed.emulator import STRATEGIES, EmulatorConfig
+    from scaleot_fed.emulator import EmulatorConfig, strategy_names
     from scaleot_fed.finetune import MODES
 
     p = sub.add_parser("estimate", help="memory and bytes of a federation from the model's config (no weights)")
     p.add_argument("--model", default=default_model, help=model_help)
-    p.add_argument("--strategy", choices=STRATEGIES, default="scaleot")
+    p.add_argument("--strategy", choices=strategy_names(), default="scaleot")
     p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a")
     p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha)
     p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio)

@@ -17,11 +17,10 @@ from torch import nn
 
 from scaleot_fed.artifact import LayerReplaceArtifact, load_artifact, save_artifact
 from scaleot_fed.config import as_dict
-from scaleot_fed.crash import calibration_tokens
 from scaleot_fed.devices import Placement
 from scaleot_fed.distill import DistillConfig, distill_emulator
 from scaleot_fed.emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
 from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
@@ -132,7 +131,7 @@ def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer
         return load_emulator(edir)
     importance = _importance(section, full, tokenizer, layer_replace, model_name, out, log)
     base = EmulatorConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(EmulatorConfig)})
-    calibration = calibration_tokens(tokenizer, lambada_passages()) if section.strategy == "crash" else None
+    calibration = base.method.calibration(tokenizer, lambada_passages()) if base.method.needs_calibration else None
     emulator = build_emulator(full, base, importance, source_model=model_name, calibration=calibration)
     if importance is not None:
         emulator.manifest["build_cost"] = {"kind": "layer-replace"} | importance.meta["cost"]

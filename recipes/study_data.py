@@ -68,8 +68,8 @@ def task_tokens(tokenizer, train: list[MCItem], evaluation: list[MCItem], finetu
 def emulator_blocks(layers: int, section: EmulatorSection) -> float:
     """Block-equivalents a token passes through in the emulator (for the ETA)."""
     middle = layers - section.num_adapter_layers
-    runs = 1.0 if section.strategy == "crash" else 1 - section.alpha  # crash's shared positions run too
-    return section.num_adapter_layers + middle * runs * (0.5 + 0.5 * section.rank_keep_ratio)
+    return section.num_adapter_layers + middle * section.method.middle_runs(section.alpha) * (
+        0.5 + 0.5 * section.rank_keep_ratio)
 
 
 ITEM_KEYS = ("train_limit", "dev_items", "eval_limit", "eval_limits", "random_subsets", "eval_split", "eval_splits")

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .arch import architecture_of, get_layers, set_layers
-from .crash import kept_count, shared_copy
 from .devices import resolve_dtype
 from .emulator import EmulatorConfig
-from .emulator_build import plan_layout
+from .emulator.build import plan_layout
+from .emulator.crash import shared_copy
 from .errors import ConfigError
 from .finetune import FinetuneConfig, make_trainable
 from .harmonizer import Harmonizer
@@ -91,12 +91,8 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
     its layout."""
     arch = architecture_of(full)
     blocks = get_layers(full, arch)
-    scores = {i: float(i) for i in range(len(blocks))}  # which blocks go does not change the sizes
     middle = middle_layers(len(blocks), config.num_adapter_layers)
-    shared_from = None
-    if config.strategy == "crash":  # the first kept blocks, the rest shared
-        shared_from = {m: middle[0] for m in middle[kept_count(middle, config.alpha):]}
-    layout = plan_layout(len(blocks), config, scores, shared_from)
+    layout = plan_layout(len(blocks), config, config.method.sizing_inputs(middle, config.alpha))
     model = copy.deepcopy(full)
     source = get_layers(model, arch)
     new = []

@@ -118,7 +118,7 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
 def test_tampered_emulator_via_real_process(workspace, tmp_path):
     """The command, run as users run it, refuses a tampered emulator: exit 2, one line, no traceback."""
     from scaleot_fed.emulator import EmulatorConfig, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
 
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")
     out = save_emulator(build_emulator(model, EmulatorConfig("uniform-drop", 2, 0.5)), tmp_path / "emu")

@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import load_file
 
 from scaleot_fed.arch import get_layers
-from scaleot_fed.crash import cluster_adjacent, linear_cka, token_similarity
 from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
+from scaleot_fed.emulator.crash import cluster_adjacent, linear_cka, token_similarity
 from scaleot_fed.errors import ConfigError
 
 from .conftest import tiny_model

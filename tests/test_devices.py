@@ -90,7 +90,7 @@ def test_stage1_in_bf16_tracks_float32_and_returns_float32_harmonizers_on_the_cp
 
 def test_an_emulator_stored_in_bf16_is_half_the_bytes_and_loads_in_bf16(tmp_path, gpt2_tokenizer):
     from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
 
     full = tiny_model("gpt2", num_layers=6, vocab_size=len(gpt2_tokenizer))
     paths = {}

@@ -4,7 +4,7 @@ import torch
 from scaleot_fed.arch import block_index_of_key
 from scaleot_fed.distill import DistillConfig, distill_emulator, normalised_mse
 from scaleot_fed.emulator import EmulatorConfig
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import ConfigError
 
 from .conftest import tiny_model

@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 
 from scaleot_fed.arch import architecture_of, get_layers, projection_weight
 from scaleot_fed.artifact import load_artifact, save_artifact
-from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator, plan_layout
+from scaleot_fed.emulator import EmulatorConfig, PlanInputs, load_emulator, save_emulator
+from scaleot_fed.emulator.build import build_emulator, plan_layout
 from scaleot_fed.errors import ConfigError, IntegrityError
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 
@@ -93,7 +93,7 @@ def test_manifest_fields_and_layout(family, tokens, tmp_path):
 
 
 def test_uniform_drop_keeps_evenly_spaced_blocks():
-    layout = plan_layout(14, EmulatorConfig("uniform-drop", 2, alpha=0.5))
+    layout = plan_layout(14, EmulatorConfig("uniform-drop", 2, alpha=0.5), PlanInputs(0.5))
     middle_kept = [e["source"] for e in layout if e["kind"] == "block"]
     assert middle_kept == [1, 3, 5, 8, 10, 12]
     assert [e["source"] for e in layout if e["kind"] == "adapter"] == [0, 13]

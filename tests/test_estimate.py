@@ -5,7 +5,7 @@ import torch
 
 from recipes.cli import main
 from scaleot_fed.emulator import EmulatorConfig
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.estimate import _saved_bytes, estimate
 from scaleot_fed.finetune import FinetuneConfig, make_trainable
 

@@ -7,7 +7,7 @@ import torch
 
 from scaleot_fed.arch import TESTED_FAMILIES, architecture_of, get_layers
 from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import evaluate_multiple_choice
 from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from scaleot_fed.arch import block_index_of_key
 from scaleot_fed.emulator import EmulatorConfig
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import IGNORE, FinetuneConfig, encode_example, finetune, make_trainable
 from scaleot_fed.plugin import export_trained, plug_in_path

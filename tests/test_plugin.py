@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from scaleot_fed.arch import block_index_of_key
 from scaleot_fed.emulator import EmulatorConfig
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import IntegrityError
 from scaleot_fed.plugin import load_adapter_state, plug_in, plug_in_path, save_adapter_state
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from scaleot_fed.artifact import load_artifact, save_artifact
 from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.plugin import plug_in
 from scaleot_fed.text import lambada_passages, token_blocks

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scaleot_fed.emulator import EmulatorConfig
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig, make_trainable
 from scaleot_fed.harmonizer import Harmonizer

@@ -5,12 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from scaleot_fed.emulator import EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator_build import build_emulator
+from scaleot_fed.emulator.build import build_emulator
+from scaleot_fed.emulator.streaming import build_emulator_streaming, plug_in_streaming
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig, make_trainable
 from scaleot_fed.models import load_model
 from scaleot_fed.plugin import export_trained, plug_in_path
-from scaleot_fed.streaming import build_emulator_streaming, plug_in_streaming
 
 from .conftest import tiny_model
 from .test_emulator import _artifact
@@ -79,8 +79,8 @@ def test_files_without_the_model_prefix_and_in_another_precision_stream_as_from_
 
     from safetensors.torch import load_file, save_file
 
+    from scaleot_fed.emulator.streaming import fingerprint_of, lazy_state, meta_model
     from scaleot_fed.models import model_fingerprint
-    from scaleot_fed.streaming import fingerprint_of, lazy_state, meta_model
 
     folder = tmp_path / "gpt2-hub-style"
     tiny_model("gpt2").save_pretrained(folder)

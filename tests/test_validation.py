@@ -107,7 +107,7 @@ def test_emulator_ranges(kwargs, message):
 
 
 def test_alpha_zero_is_an_src_only_emulator():
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
     from scaleot_fed.src import rank_for_ratio
 
     with pytest.raises(ConfigError) as info:
@@ -141,7 +141,7 @@ def test_the_full_model_emulator_is_refused_by_every_command(tmp_path, capsys, t
 @pytest.fixture(scope="module")
 def emulator_folder(tmp_path_factory, tiny_model_dir, gpt2_tokenizer):
     """A complete emulator folder (config, tokenizer, weights, manifest) of the tiny GPT-2. Read-only."""
-    from scaleot_fed.emulator_build import build_emulator
+    from scaleot_fed.emulator.build import build_emulator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("validation") / "emu"

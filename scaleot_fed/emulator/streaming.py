@@ -25,12 +25,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .arch import architecture_of, block_index_of_key, get_layers, set_layers
-from .artifact import LayerReplaceArtifact
-from .emulator import Emulator, EmulatorConfig, save_emulator
-from .errors import ConfigError, IntegrityError
-from .files import save_tensors, write_atomic
-from .models import fingerprint_of
+from ..arch import architecture_of, block_index_of_key, get_layers, set_layers
+from ..artifact import LayerReplaceArtifact
+from ..errors import ConfigError, IntegrityError
+from ..files import save_tensors, write_atomic
+from ..models import fingerprint_of
+from .config import EmulatorConfig
+from .io import Emulator, save_emulator
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -109,7 +110,7 @@ class TensorFiles:
 def local_folder(spec: str) -> Path:
     """``--model`` as a local folder of safetensors: a folder, an alias, a GGUF (converted once), or
     a hub id (its safetensors, config and tokenizer files downloaded once, not loaded)."""
-    from .models import resolve_model_path
+    from ..models import resolve_model_path
 
     path = Path(resolve_model_path(spec))
     if path.is_dir():
@@ -216,12 +217,17 @@ def build_emulator_streaming(folder: str | Path, config: EmulatorConfig, out: st
                              importance: LayerReplaceArtifact | None = None, source_model: str = "",
                              tokenizer=None) -> Path:
     """Write the emulator of the checkpoint in ``folder`` to ``out`` without loading the model:
-    the files :func:`~scaleot_fed.emulator_build.build_emulator` + ``save_emulator`` write."""
-    from .emulator_build import check_importance, compress_block, finish_emulator, plan_layout, source_facts
+    the files :func:`~scaleot_fed.emulator.build.build_emulator` + ``save_emulator`` write. A
+    strategy that measures the full model first (``crash``) cannot be built this way."""
+    from .build import check_importance, compress_block, finish_emulator, plan_layout, source_facts
+    from .strategy import PlanInputs
 
+    if not config.method.streamable:
+        raise ConfigError(f"the {config.strategy} strategy measures the full model on calibration text before it "
+                          "chooses; build it in memory (without --stream)")
     model, files = meta_model(folder)
     facts = source_facts(model, fingerprint_of(lazy_state(model, files)))
-    layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts))
+    layout = plan_layout(facts["num_layers"], config, PlanInputs(config.alpha, check_importance(config, importance, facts)))
     load_outside_blocks(model, files)
     arch, blocks, records = architecture_of(model), [], []
     for entry in layout:  # one source block in memory at a time, compressed as soon as it is read
@@ -272,7 +278,7 @@ def _lora_updates(adapter_dir: Path, adapters: set[int], model: nn.Module) -> di
 
 def _state_updates(path: Path, manifest: dict, model: nn.Module) -> dict[str, Callable]:
     """model key -> function returning the trained tensor (a full / BitFit state file)."""
-    from .plugin import load_adapter_state
+    from ..plugin import load_adapter_state
 
     arch, adapters, updates = architecture_of(model), set(manifest["adapter_layers"]), {}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -293,7 +299,7 @@ def _state_updates(path: Path, manifest: dict, model: nn.Module) -> dict[str, Ca
 def plug_in_streaming(folder: str | Path, manifest: dict, trained: str | Path, out: str | Path) -> Path:
     """Write ``folder``'s model with ``trained`` (a state file or peft LoRA folder, full-model
     numbering) plugged in, as one safetensors shard per block plus an index, to ``out``."""
-    from .plugin import check_fingerprint, check_trained_path
+    from ..plugin import check_fingerprint, check_trained_path
 
     folder, trained, out = Path(folder), Path(trained), Path(out)
     model, files = meta_model(folder)

@@ -1,22 +1,6 @@
-"""Stage 2: build, save and load an emulator = (N_a, alpha, rank_keep_ratio).
-
-Layout of an emulator built from an ``L``-block model with ``N_a`` adapter blocks::
-
-    [adapter 0 .. N_a/2-1] [middle: original | compressed | harmonizer, or dropped] [adapter top]
-
-Strategies differ only in which middle blocks go and what stands in for them:
-
-* ``scaleot``: the ``alpha`` share of middle blocks with the lowest stage-1 scores are replaced by
-  their trained harmonizers; the rest get Selective Rank Compression.
-* ``importance-drop``: the same lowest-score blocks are removed outright (no harmonizers).
-* ``uniform-drop``: evenly spaced middle blocks are kept (Offsite-Tuning's emulator without
-  distillation); no stage-1 artifact needed.
-* ``crash``: adjacent middle blocks clustered by representation similarity on calibration text;
-  each cluster keeps one block and its other positions run that block's weights again (CRaSh,
-  :mod:`scaleot_fed.crash`); the full depth, the kept blocks' parameters.
-
-The saved folder is self-sufficient for a data owner (config, tokenizer, weights, manifest) and
-holds no full-rank copy of any replaced or compressed block.
+"""Saving and loading an emulator folder: ``config.json``, the tokenizer, ``model.safetensors``
+and ``manifest.json`` (what each block became and where it came from). The saved folder is
+self-sufficient for a data owner and holds no full-rank copy of any replaced or compressed block.
 """
 
 from __future__ import annotations
@@ -30,17 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .arch import Architecture, architecture_of, get_layers, set_layers
+from ..arch import Architecture, architecture_of, get_layers, set_layers
+from ..devices import place, resolve_dtype
+from ..errors import IntegrityError
+from ..files import save_tensors, write_atomic
+from ..harmonizer import Harmonizer
+from ..manifest import manifest_summary
+from ..src import FusedLowRankLinear, LowRankLinear
 from .crash import shared_copy
-from .devices import place, resolve_dtype
-from .errors import ConfigError, IntegrityError
-from .files import save_tensors, write_atomic
-from .harmonizer import Harmonizer
-from .layer_replace import check_num_adapter_layers
-from .manifest import manifest_summary
-from .src import FusedLowRankLinear, LowRankLinear
 
-STRATEGIES = ("scaleot", "importance-drop", "uniform-drop", "crash")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MANIFEST_FORMAT = "scaleot-fed/emulator"
@@ -51,55 +33,6 @@ MANIFEST_KEYS = (
 )
 """What :func:`read_manifest` requires (what loading, plugging in and ``info`` read)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-
-
-@dataclass
-class EmulatorConfig:
-    """What emulator to build.
-
-    Attributes
-    ----------
-    strategy:
-        ``scaleot``, ``importance-drop``, ``uniform-drop`` or ``crash``.
-    num_adapter_layers:
-        ``N_a``: trainable blocks, half at the bottom and half at the top; even, >= 2.
-    alpha:
-        Share of the middle blocks replaced (by harmonizers) or dropped, in [0, 1]; 0 only with
-        ``rank_keep_ratio < 1`` (an SRC-only emulator: with both at their identity the emulator
-        would be the full model).
-    rank_keep_ratio:
-        Selective Rank Compression of the kept middle blocks' attention projections: the share of
-        each matrix's rank kept, in (0, 1] (1 = no compression; the kept rank is at least 1).
-    dtype:
-        Precision the emulator is stored and shipped in: ``auto`` (the full model's),
-        ``float32``, ``bfloat16`` or ``float16`` (half the bytes to download). The manifest says
-        which; data owners train in their own ``[finetune] dtype`` whatever it is.
-    """
-
-    strategy: str = "scaleot"
-    num_adapter_layers: int = 4
-    alpha: float = 0.5
-    rank_keep_ratio: float = 1.0
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown emulator strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 < float(self.rank_keep_ratio) <= 1.0:
-            raise ConfigError(f"rank_keep_ratio must be in (0, 1] (1 = no compression), got {self.rank_keep_ratio}")
-        if float(self.alpha) == 0.0 and float(self.rank_keep_ratio) == 1.0:
-            raise ConfigError(
-                "alpha = 0 with rank_keep_ratio = 1 replaces and compresses nothing: that emulator would be the "
-                "full model; alpha = 0 is only meaningful with rank_keep_ratio < 1 (an SRC-only emulator)")
-        check_num_adapter_layers(self.num_adapter_layers)
-        if self.dtype != "auto":
-            resolve_dtype(self.dtype)
-
-    @property
-    def needs_importance(self) -> bool:
-        return self.strategy in ("scaleot", "importance-drop")
 
 
 @dataclass

@@ -4,39 +4,34 @@ Layout of an emulator built from an ``L``-block model with ``N_a`` adapter block
 
     [adapter 0 .. N_a/2-1] [middle: original | compressed | harmonizer, or dropped] [adapter top]
 
-:func:`plan_layout` decides what each source block becomes (no weights involved);
-:func:`build_emulator` carries it out on a copy of the model and writes the manifest. The
-strategies are described in :mod:`scaleot_fed.emulator`.
+:func:`plan_layout` decides what each source block becomes (no weights involved), asking the
+strategy (:mod:`scaleot_fed.emulator.strategy`) which middle blocks go and what stands in for
+them; :func:`build_emulator` carries it out on a copy of the model and writes the manifest.
 """
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
-from .artifact import LayerReplaceArtifact
-from .crash import plan_sharing, shared_copy
-from .devices import model_dtype, place, resolve_dtype
-from .emulator import MANIFEST_FORMAT, Emulator, EmulatorConfig
-from .errors import ConfigError
-from .layer_replace import middle_layers
-from .models import base_model_reference, count_parameters, model_fingerprint
-from .src import CompressionRecord, FusedLowRankLinear, LowRankLinear, rank_for_ratio, relative_frobenius_error
+from .. import __version__
+from ..arch import Architecture, architecture_of, get_layers, projection_weight, set_layers
+from ..artifact import LayerReplaceArtifact
+from ..devices import model_dtype, place, resolve_dtype
+from ..errors import ConfigError
+from ..layer_replace import middle_layers
+from ..models import base_model_reference, count_parameters, model_fingerprint
+from ..src import CompressionRecord, FusedLowRankLinear, LowRankLinear, rank_for_ratio, relative_frobenius_error
+from .config import EmulatorConfig
+from .crash import shared_copy
+from .io import MANIFEST_FORMAT, Emulator
+from .strategy import STAND_INS, PlanInputs
 
 
-def plan_layout(
-    num_layers: int, config: EmulatorConfig, scores: dict[int, float] | None = None,
-    shared_from: dict[int, int] | None = None,
-) -> list[dict]:
+def plan_layout(num_layers: int, config: EmulatorConfig, inputs: PlanInputs) -> list[dict]:
     """Decide, per source block, what the emulator holds (pure function, no weights).
-
-    ``shared_from`` (``crash`` only): replaced block -> the kept block it runs again
-    (:func:`scaleot_fed.crash.plan_sharing`).
 
     Returns
     -------
@@ -46,36 +41,25 @@ def plan_layout(
         the kept block whose weights it runs). Dropped blocks have no entry.
     """
     middle = middle_layers(num_layers, config.num_adapter_layers)
-    n_replace = int(round(config.alpha * len(middle)))
-    if config.strategy == "crash":
-        if shared_from is None:
-            raise ConfigError("the crash strategy needs the full model's block similarities on calibration text; "
-                              "build it in memory (not --stream) with calibration token blocks")
-        replaced = set(shared_from)
-    elif config.strategy == "uniform-drop":
-        n_keep = len(middle) - n_replace
-        keep_pos = set(np.linspace(0, len(middle) - 1, n_keep).round().astype(int).tolist()) if n_keep else set()
-        replaced = {m for j, m in enumerate(middle) if j not in keep_pos}
-    else:
-        if scores is None:
-            raise ConfigError(f"strategy {config.strategy!r} needs importance scores (--importance DIR from layer-replace)")
-        missing = [m for m in middle if m not in scores]
-        if missing:
-            raise ConfigError(
-                f"the importance artifact has no score for blocks {missing}: it was made with more adapter blocks; "
-                f"build with a larger N_a or rerun layer-replace with --adapters {config.num_adapter_layers}"
-            )
-        replaced = set(sorted(middle, key=lambda m: (scores[m], m))[:n_replace])
+    replaced = config.method.replace(middle, int(round(config.alpha * len(middle))), inputs)
+    stray = [i for i in replaced if i not in middle]
+    bad = [e for e in replaced.values() if e is not None and (e.get("kind") not in STAND_INS or
+                                                             (e["kind"] == "shared") != ("of" in e))]
+    kept = set(middle) - set(replaced)
+    unkept = [e["of"] for e in replaced.values() if e is not None and "of" in e and e["of"] not in kept]
+    if stray or bad or unkept:
+        raise ConfigError(f"emulator strategy {config.strategy!r} planned {'blocks outside the middle ' + str(stray) if stray else ''}"
+                          f"{' stand-ins it may not use ' + str(bad) if bad else ''}"
+                          f"{' shared blocks that are not kept ' + str(unkept) if unkept else ''}; "
+                          f"stand-ins are {', '.join(STAND_INS)} (shared with 'of': a kept middle block)")
     compress = config.rank_keep_ratio < 1.0
     layout = []
     for i in range(num_layers):
         if i not in middle:
             layout.append({"source": i, "kind": "adapter"})
         elif i in replaced:
-            if config.strategy == "scaleot":
-                layout.append({"source": i, "kind": "harmonizer"})
-            elif config.strategy == "crash":
-                layout.append({"source": i, "kind": "shared", "of": shared_from[i]})
+            if replaced[i] is not None:  # (None: dropped)
+                layout.append({"source": i, **replaced[i]})
         else:
             layout.append({"source": i, "kind": "compressed" if compress else "block"})
     return layout
@@ -153,30 +137,27 @@ def build_emulator(
     config:
         Strategy and ``(N_a, alpha, rank_keep_ratio)``.
     importance:
-        Stage-1 artifact; required by ``scaleot`` and ``importance-drop``, checked to come from
-        this very model.
+        Stage-1 artifact; required by the strategies that need importance scores (``scaleot``,
+        ``importance-drop``), checked to come from this very model.
     source_model:
         Name recorded in the manifest.
     calibration:
-        ``(sequences, length)`` token ids the ``crash`` strategy clusters the blocks on (ignored
-        by the other strategies).
+        ``(sequences, length)`` token ids a strategy that needs calibration text measures the
+        full model on (``crash`` clusters the blocks on them; ignored by the others).
 
     A checkpoint too big for memory: :func:`scaleot_fed.streaming.build_emulator_streaming`.
     """
     arch = architecture_of(model)
     facts = source_facts(model, model_fingerprint(model))
-    sharing = None
-    if config.strategy == "crash":
-        middle = middle_layers(facts["num_layers"], config.num_adapter_layers)
-        sharing = plan_sharing(model, calibration, middle, config.alpha)
-    layout = plan_layout(facts["num_layers"], config, check_importance(config, importance, facts),
-                         sharing and sharing["shared_from"])
+    method = config.method
+    middle = middle_layers(facts["num_layers"], config.num_adapter_layers)
+    measured = method.measure(model, calibration, middle, config.alpha) if method.needs_calibration else None
+    inputs = PlanInputs(config.alpha, check_importance(config, importance, facts), measured)
+    layout = plan_layout(facts["num_layers"], config, inputs)
     emulator_model, records = _assemble(model, arch, layout, config, importance)
     emulator = finish_emulator(emulator_model, facts, arch, layout, config, importance, records, source_model)
-    if sharing is not None:  # what the clustering saw, for the report (JSON keys are strings)
-        emulator.manifest["sharing"] = {"clusters": sharing["clusters"], "kept": sharing["kept"],
-                                        "block_similarity": sharing["similarity"],
-                                        "calibration_tokens": int(calibration.numel())}
+    if measured is not None:
+        emulator.manifest[method.record_key] = method.record(measured)
     return emulator
 
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import get_layers
-from .errors import ConfigError
-from .heads import hidden_states
-from .text import token_blocks
+from ..arch import get_layers
+from ..errors import ConfigError
+from ..heads import hidden_states
+from ..text import token_blocks
+from .strategy import EmulatorStrategy, PlanInputs
 
 CALIBRATION_SEQUENCES = 32
 CALIBRATION_LENGTH = 128
@@ -160,3 +161,39 @@ def shared_copy(block: nn.Module) -> nn.Module:
     """A structural copy of ``block`` whose parameters *are* ``block``'s (trained together, stored
     once) while its modules are its own (a KV cache slot and ``layer_idx`` per position)."""
     return copy.deepcopy(block, {id(p): p for p in block.parameters()})  # the memo maps each parameter to itself
+
+
+class CRaSh(EmulatorStrategy):
+    """Adjacent middle blocks clustered by representation similarity; each cluster's kept block
+    runs again at its other positions."""
+
+    name = "crash"
+    needs_calibration = True
+    record_key = "sharing"
+
+    def record(self, measured: dict) -> dict:
+        return {k: v for k, v in measured.items() if k != "shared_from"}  # (the layout has it)
+
+    def calibration(self, tokenizer, texts: list[str]) -> torch.Tensor:
+        return calibration_tokens(tokenizer, texts)
+
+    def measure(self, model: nn.Module, calibration: torch.Tensor | None, middle: list[int], alpha: float) -> dict:
+        sharing = plan_sharing(model, calibration, middle, alpha)
+        # what the clustering saw, for the report (JSON keys are strings)
+        return {"clusters": sharing["clusters"], "kept": sharing["kept"], "block_similarity": sharing["similarity"],
+                "calibration_tokens": int(calibration.numel()),
+                "shared_from": {str(k): v for k, v in sharing["shared_from"].items()}}
+
+    def replace(self, middle: list[int], n_replace: int, inputs: PlanInputs) -> dict[int, dict | None]:
+        if inputs.measured is None:
+            raise ConfigError("the crash strategy needs the full model's block similarities on calibration text; "
+                              "build it in memory (not --stream) with calibration token blocks")
+        return {int(k): {"kind": "shared", "of": v} for k, v in inputs.measured["shared_from"].items()}
+
+    def sizing_inputs(self, middle: list[int], alpha: float) -> PlanInputs:
+        # the first kept blocks, the rest shared: the sizes of any clustering with this many clusters
+        n_keep = kept_count(middle, alpha)
+        return PlanInputs(alpha, measured={"shared_from": {str(m): middle[0] for m in middle[n_keep:]}})
+
+    def middle_runs(self, alpha: float) -> float:
+        return 1.0  # every middle position runs a block: the full depth
