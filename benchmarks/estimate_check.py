@@ -30,10 +30,10 @@ def worker(args) -> None:
     import torch
     import transformers  # noqa: F401
 
-    from recipes.procs import status_bytes
     from scaleot_fed.emulator import load_emulator
     from scaleot_fed.finetune import FinetuneConfig, make_trainable
     from scaleot_fed.heads import answer_token_loss
+    from scaleot_fed.procs import status_bytes
 
     baseline = status_bytes("VmRSS")
     emulator = load_emulator(args.emulator)

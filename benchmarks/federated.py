@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.procs import descendants, process_table, tree_rss  # noqa: E402
 from scaleot_fed.env import configure_environment  # noqa: E402
+from scaleot_fed.procs import descendants, process_table, tree_rss  # noqa: E402
 
 configure_environment(offline=True)
 

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.procs import status_bytes  # noqa: E402
 from scaleot_fed.env import configure_environment  # noqa: E402
+from scaleot_fed.procs import status_bytes  # noqa: E402
 
 configure_environment(offline=True)
 

@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "streaming.json"))
     args = parser.parse_args()
     work = Path(args.work)
-    cli = [sys.executable, "-m", "recipes.cli"]
+    cli = [sys.executable, "-m", "scaleot_fed_cli"]
     report = json.loads(Path(args.out).read_text()) if args.step != "all" else {}
     if args.step == "all":
         shutil.rmtree(work, ignore_errors=True)

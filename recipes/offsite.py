@@ -1,5 +1,5 @@
 """The one-data-owner offsite-tuning pipeline: the five rows of Offsite-Tuning's table
-(:mod:`recipes.report`) for one task and one or more emulators of the same full model.
+(:mod:`scaleot_fed.report`) for one task and one or more emulators of the same full model.
 
 Each row is written to ``rows/`` as soon as it is known, so a stopped run continues where it was.
 """
@@ -10,18 +10,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scaleot_fed.attack import AttackConfig
 from scaleot_fed.config import as_dict, from_dict, load_toml
 from scaleot_fed.distill import DistillConfig
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.models import load_model
+from scaleot_fed.report import emulator_entry, write_results
+from scaleot_fed.rundir import RowCache, cached_rows, open_run_dir
+from scaleot_fed.single_owner import EmulatorSection, SingleOwner, TaskRunSection, prepare_emulator, trained_path
 from scaleot_fed.tasks import load_task
-
-from .attack import AttackConfig
-from .report import emulator_entry, write_results
-from .rundir import RowCache, cached_rows, open_run_dir
-from .single_owner import EmulatorSection, SingleOwner, TaskRunSection, prepare_emulator, trained_path
 
 
 @dataclass
@@ -119,7 +118,7 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print, overwri
     """Run (or resume) the pipeline; returns the results dict also written to ``results.json``.
 
     A folder holding a run of another config is refused unless ``overwrite`` (see
-    :func:`recipes.rundir.open_run_dir`)."""
+    :func:`scaleot_fed.rundir.open_run_dir`)."""
     run = config.run
     out = open_run_dir(run.out, as_dict(config), overwrite, may_change=ADDS_ROWS)
     owner = _owner(config, out, progress, log)

@@ -20,7 +20,7 @@ Rows, per task (keys of the task's row cache):
   learning rates tried on the sweep emulator, judged by dev loss alone (no item is scored); the
   mode's cells wait until ``[study] mode_lrs`` declares the rate;
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`simulations.study_rows`, given to :func:`recipes.study_run.run_study` by the CLI).
+  (:mod:`recipes.study_federated`, given to :func:`recipes.study_run.run_study` by the CLI).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
 from scaleot_fed.rerank import rerank, rerank_changes
+from scaleot_fed.rundir import RowCache, cached_rows
+from scaleot_fed.single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from . import study_ledger as ledger
-from .rundir import RowCache, cached_rows
-from .single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from .study_config import (  # noqa: F401  (the study's public names, re-exported)
     GRID_EXTENT,
     METRICS,
@@ -247,51 +247,37 @@ class Grid:
 
     # -- the units of one task ----------------------------------------------------------------
     def units(self, task: str) -> list[Unit]:
-        study, config = self.config.study, self.config
-        owner: dict[str, SingleOwner] = {}
-        rows = RowCache(self.out / task_folder(task))
-
-        def get() -> SingleOwner:  # the task's data, read when a unit first needs it
-            if not owner:
-                owner["o"] = self.owner(task, rows)
-            return owner["o"]
-
-        train_items, _, eval_items = self.items(task)
-        tokens = task_tokens(self.tokenizer, train_items, eval_items, config.finetune)
-        evaluation, train = tokens.scoring, tokens.training
-        units: list[Unit] = []
-        keys: set[str] = set()
-
-        def unit(label: str, key: str, cost: float, compute: Callable[[], object],
-                 needs: tuple[EmulatorSection, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
-            if key in keys:  # an unseeded emulator's zero-shot, met again at a later seed or mode
-                return
-            keys.add(key)
-            units.append(Unit(f"{task}: {label}", cost, lambda: rows.get(key) is not None, compute, needs, waits=waits))
-
-        unit("full zero-shot", "full_zero_shot", evaluation * self.layers, lambda: get().full_zero_shot())
-        for mode in {m for _, m in config.cells()}:
+        """``task``'s units, in run order: seed by seed, each emulator's together (:meth:`by_emulator`)."""
+        study, ctx = self.config.study, TaskUnits(self, task)
+        ctx.add("full zero-shot", "full_zero_shot", ctx.evaluation * self.layers, lambda: ctx.owner().full_zero_shot())
+        for mode in {m for _, m in self.config.cells()}:
             self.mode_waits(mode)  # a declared rate that is not its sweep's choice: refused before anything runs
         for seed in study.seeds:
-            for emulator, mode in config.cells():
-                self.cell_units(task, unit, get, emulator, mode, seed, evaluation, train)
-            for lr in (study.full_finetune_lrs if seed == study.seeds[0] else [None] * bool(study.full_finetune_lrs)):
-                units.append(self.swept(task, rows, get, "full_finetune", lr, seed,
-                                        (evaluation + 3 * train) * self.layers, study.full_finetune_lrs))
-            if study.attack_emulator:
-                section = next(e for e in config.emulators if e.name == study.attack_emulator)
-                for lr in (study.attack_lrs if seed == study.seeds[0] else [None]):
-                    units.append(self.swept(task, rows, get, f"{section.name}/attack", lr, seed,
-                                            (evaluation + 3 * train) * emulator_blocks(self.layers, section), study.attack_lrs,
-                                            section=section))
+            for emulator, mode in self.config.cells():
+                self.cell_units(ctx, emulator, mode, seed)
+            self.swept_units(ctx, seed)
         if self.federation is not None and task == self.federation.task:
-            units += self.federated_units(task, rows, evaluation, train)
-        units = self.by_emulator(units)
+            ctx.units += self.federated_units(ctx)
+        units = self.by_emulator(ctx.units)
         for u in units:  # the first pending unit to need an emulator that is not on disk pays its build
             if u.needs is not None and not u.done():
                 u.cost += self.build_cost(*u.needs)
-            u.resumed = rows.take_resumed_seconds  # (units run one at a time)
+            u.resumed = ctx.rows.take_resumed_seconds  # (units run one at a time)
         return units
+
+    def swept_units(self, ctx: TaskUnits, seed: int) -> None:
+        """Full fine-tuning and the attack: every rate of the sweep at the first seed, the chosen
+        rate at the others."""
+        study, first = self.config.study, seed == self.config.study.seeds[0]
+        if study.full_finetune_lrs:
+            for lr in study.full_finetune_lrs if first else [None]:
+                ctx.units.append(self.swept(ctx, "full_finetune", lr, seed, (ctx.evaluation + 3 * ctx.train) * self.layers,
+                                            study.full_finetune_lrs))
+        if study.attack_emulator:
+            section = next(e for e in self.config.emulators if e.name == study.attack_emulator)
+            cost = (ctx.evaluation + 3 * ctx.train) * emulator_blocks(self.layers, section)
+            for lr in study.attack_lrs if first else [None]:
+                ctx.units.append(self.swept(ctx, f"{section.name}/attack", lr, seed, cost, study.attack_lrs, section))
 
     def by_emulator(self, units: list[Unit]) -> list[Unit]:
         """``units`` with those of one emulator at one seed next to each other, where the first was (its
@@ -302,11 +288,11 @@ class Grid:
             groups.setdefault(key, []).append(u)
         return [u for group in groups.values() for u in group]
 
-    def federated_units(self, task: str, rows: RowCache, evaluation: float, train: float) -> list[Unit]:
+    def federated_units(self, ctx: TaskUnits) -> list[Unit]:
         """Per seed and mode, the federation and its centralised twin (trained with the same steps
         in all); in a mode other than the first, at the mode's rate, waiting for it like its cells."""
         name = next(e for e in self.config.emulators if e.name == self.federation.emulator)
-        modes = self.config.study.modes
+        modes, task, rows, evaluation, train = self.config.study.modes, ctx.task, ctx.rows, ctx.evaluation, ctx.train
 
         def run(seed: int, mode: str) -> dict:
             self.emulator(name, seed)  # built if needed
@@ -321,25 +307,25 @@ class Grid:
                      lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m))
                 for s in self.config.study.seeds for m in modes]
 
-    def cell_units(self, task: str, unit, get, emulator: EmulatorSection, mode: str, seed: int, evaluation: float,
-                   train: float) -> None:
+    def cell_units(self, ctx: TaskUnits, emulator: EmulatorSection, mode: str, seed: int) -> None:
+        """An emulator's zero-shot (once where no seed changes it) and its fine-tune + plug-in in ``mode``."""
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
-        unit(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", evaluation * blocks,
-             lambda: get().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed))
-        folder = self.out / task_folder(task) / "trained" / cell / f"seed{seed}"
+        ctx.add(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", ctx.evaluation * blocks,
+                lambda: ctx.owner().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed))
+        folder = self.out / task_folder(ctx.task) / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
-            owner = get()
+            owner = ctx.owner()
             owner.finetune = dataclasses.replace(self.config.finetune, mode=mode, seed=seed, lr=self.mode_rate(mode),
                                                  eval_items=len(owner.dev))
             return owner.emulator_finetune_and_plug_in(f"{cell}/seed{seed}", self.emulator(emulator, seed),
                                                        trained_path(folder, mode))
 
-        unit(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
-             2 * train * blocks + evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed),
-             waits=lambda: self.mode_waits(mode))
+        ctx.add(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
+                2 * ctx.train * blocks + ctx.evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed),
+                waits=lambda: self.mode_waits(mode))
 
     def stage1_cost(self) -> float:  # a forward and backward through every block, per token
         return (lr := self.config.layer_replace).steps * lr.batch_size * lr.block_size * 6 * self.layers
@@ -360,10 +346,10 @@ class Grid:
             cost += self.stage1_cost()
         return cost
 
-    def swept(self, task: str, rows: RowCache, get, name: str, lr: float | None, seed: int, cost: float,
-              lrs: list[float], section: EmulatorSection | None = None) -> Unit:
+    def swept(self, ctx: TaskUnits, name: str, lr: float | None, seed: int, cost: float, lrs: list[float],
+              section: EmulatorSection | None = None) -> Unit:
         """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
-        first = self.config.study.seeds[0]
+        first, rows = self.config.study.seeds[0], ctx.rows
 
         def key() -> str | None:
             rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None)
@@ -372,7 +358,7 @@ class Grid:
 
         def run() -> dict:
             rate = lr if lr is not None else chosen_rate(rows, name, lrs, first, section is not None)
-            owner = get()
+            owner = ctx.owner()
             ft = dataclasses.replace(self.config.attack if section else self.config.finetune, lr=rate, seed=seed)
             if section is not None:
                 path = self.emulator_dir(section, seed)
@@ -381,7 +367,7 @@ class Grid:
             return owner.full_finetune(f"{name}/lr{rate:g}/seed{seed}/row", dataclasses.replace(ft, mode="full"))
 
         label = f"{name} lr {lr:g} seed {seed}" if lr is not None else f"{name} seed {seed} (chosen rate)"
-        return Unit(f"{task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run,
+        return Unit(f"{ctx.task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run,
                     (section, seed) if section is not None else None)
 
     # -- data -------------------------------------------------------------------------------
@@ -398,6 +384,35 @@ class Grid:
                  + (" (a fixed random subset)" if task in study.random_subsets else ""))
         return SingleOwner(self.full, self.tokenizer, train, dev, evaluation, self.config.finetune,
                            study.eval_batch_size, cache=cached_rows(rows, self.log), checkpoint=rows.checkpoint)
+
+
+class TaskUnits:
+    """One task's part of the grid as it is laid out: its row cache, what a scoring and a training
+    push through the model (the costs' weights), its data owner (read when a unit first needs
+    it), and the units so far (a row's unit once, however many cells meet it)."""
+
+    def __init__(self, grid: Grid, task: str) -> None:
+        self.grid, self.task = grid, task
+        self.rows = RowCache(grid.out / task_folder(task))
+        train_items, _, eval_items = grid.items(task)
+        tokens = task_tokens(grid.tokenizer, train_items, eval_items, grid.config.finetune)
+        self.evaluation, self.train = tokens.scoring, tokens.training
+        self.units: list[Unit] = []
+        self._keys: set[str] = set()
+        self._owner: SingleOwner | None = None
+
+    def owner(self) -> SingleOwner:
+        if self._owner is None:
+            self._owner = self.grid.owner(self.task, self.rows)
+        return self._owner
+
+    def add(self, label: str, key: str, cost: float, compute: Callable[[], object],
+            needs: tuple[EmulatorSection, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
+        """A unit that makes row ``key`` (once: an unseeded emulator's zero-shot meets it at every seed)."""
+        if key not in self._keys:
+            self._keys.add(key)
+            self.units.append(Unit(f"{self.task}: {label}", cost, lambda: self.rows.get(key) is not None, compute,
+                                   needs, waits=waits))
 
 
 def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=None) -> tuple[list[Unit], list[bool], dict]:

@@ -12,10 +12,10 @@ from pathlib import Path
 from scaleot_fed.config import from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import MODES
+from scaleot_fed.single_owner import EmulatorSection
 from scaleot_fed.tasks import ANCHOR_SPLITS, SPLITS
 
 from .offsite import PipelineSections, read_pipeline_toml
-from .single_owner import EmulatorSection
 
 METRICS = ("acc", "acc_norm")
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
@@ -81,11 +81,17 @@ class StudySection:
     federated: str | None = None
     """A simulation config (``simulations/configs/...``) run once per seed on its ``[run] task``
     with the ``[[emulator]]`` its ``[emulator] name`` names: the rows ``federated/...`` and, on the
-    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`simulations.study_rows`)."""
+    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study_federated`)."""
     resamples: int = 10_000
     """Bootstrap resamples per confidence interval."""
 
     def __post_init__(self) -> None:
+        self._check_grid()
+        self._check_items()
+        self._check_rates()
+
+    def _check_grid(self) -> None:
+        """Tasks, seeds, modes and metrics: what the grid is made of."""
         if not self.tasks or not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"study.tasks and study.seeds must be non-empty, seeds distinct; got {self.tasks}, {self.seeds}")
         for name in ("dev_items", "eval_batch_size", "train_limit", "eval_limit", "resamples"):
@@ -99,23 +105,29 @@ class StudySection:
         if self.metric not in METRICS or bad:
             raise ConfigError(f"study.metric is one of {', '.join(METRICS)} and study.metrics maps a task of "
                               f"study.tasks to one; got {self.metric!r}, {bad} with tasks {self.tasks}")
-        if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
-            raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
         folders = [task_folder(t) for t in self.tasks]
         if len(set(folders)) != len(folders) or set(folders) & set(RUN_FOLDER_NAMES):
             raise ConfigError(f"study.tasks {self.tasks} would share a folder, or take one the run folder uses "
                               f"({', '.join(RUN_FOLDER_NAMES)}), as {folders}; name each task's file differently")
-        if [t for t in self.random_subsets if t not in self.tasks]:
-            raise ConfigError(f"study.random_subsets names tasks of study.tasks, got {self.random_subsets}")
-        if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
-            raise ConfigError("study.full_finetune_lrs and study.attack_lrs must be positive learning rates")
         if bool(self.variant_emulator) != bool(self.variant_modes):
             raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
                               "and the extra fine-tuning modes to train it with")
+
+    def _check_items(self) -> None:
+        """Which items each task is scored and trained on."""
+        if [t for t in self.eval_limits if t not in self.tasks] or [n for n in self.eval_limits.values() if n < 1]:
+            raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
+        if [t for t in self.random_subsets if t not in self.tasks]:
+            raise ConfigError(f"study.random_subsets names tasks of study.tasks, got {self.random_subsets}")
         if self.eval_split not in (*SPLITS[1:], "anchor") or [t for t, v in self.eval_splits.items()
                                                                if t not in self.tasks or v not in SPLITS[1:]]:
             raise ConfigError(f"study.eval_split is validation, test or anchor, and study.eval_splits maps tasks of "
                               f"study.tasks to validation or test; got {self.eval_split!r}, {self.eval_splits}")
+
+    def _check_rates(self) -> None:
+        """The learning rates: swept, declared, the attacker's."""
+        if [lr for lr in self.full_finetune_lrs + self.attack_lrs if lr <= 0]:
+            raise ConfigError("study.full_finetune_lrs and study.attack_lrs must be positive learning rates")
         for key in ("mode_lrs", "mode_sweeps"):
             if [m for m in getattr(self, key) if m not in self.modes + self.variant_modes]:
                 raise ConfigError(f"study.{key} names modes of study.modes / variant_modes ({self.modes + self.variant_modes}); "
@@ -245,7 +257,7 @@ def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool) -> f
     """The sweep's choice at the first seed: the rate with the lowest dev loss (ties: the lower
     rate), for fine-tuning and for the attack alike. Never a score on the evaluation items: that
     would select on the items the claims are decided on (for the attack, the strongest attacker
-    by dev loss, the loss its own data owner can see). ``rows``: a :class:`recipes.rundir.RowCache`,
+    by dev loss, the loss its own data owner can see). ``rows``: a :class:`scaleot_fed.rundir.RowCache`,
     or anything with its ``get``. ``None`` while a rate of the sweep is missing."""
     found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
     if not lrs or any(v is None for v in found.values()):

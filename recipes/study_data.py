@@ -19,9 +19,9 @@ from pathlib import Path
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import TARGET_DELIMITER
 from scaleot_fed.finetune import FinetuneConfig
+from scaleot_fed.single_owner import EmulatorSection
 from scaleot_fed.tasks import MCItem, load_task
 
-from .single_owner import EmulatorSection
 from .study_config import StudySection, task_folder
 
 SUBSET_SEED = 0

@@ -27,8 +27,8 @@ from pathlib import Path
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
+from scaleot_fed.rundir import RowCache, config_changes, write_json
 
-from .rundir import RowCache, config_changes, write_json
 from .study_config import StudyConfig, task_folder
 from .study_data import check_task_data
 

@@ -4,7 +4,7 @@ ETA, without running anything.
 A plan takes no lock and writes nothing in the run or results folders, so it may look at a study
 that is running (the unit it is working on shows as pending, marked with the minutes it has run
 so far; the ETA counts it whole), and the trainings and scorings a resume continues
-(:meth:`recipes.rundir.RowCache.saved`). It refuses what a resume would refuse, and counts as
+(:meth:`scaleot_fed.rundir.RowCache.saved`). It refuses what a resume would refuse, and counts as
 done what a resume would: the run folder's rows and the committed ledger's, which a resume
 restores into the run folder and the plan into a scratch view of it (links to the run folder's
 files, in the temporary folder; its ``training/`` folders empty, so that a row restored there
@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
+from scaleot_fed.rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
 from scaleot_fed.train_state import Checkpoint
 
 from . import study_ledger as ledger
-from .rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
 from .study import GRID_EXTENT, StudyConfig, open_grid
 from .study_config import task_folder
 from .study_data import TASK_DATA, unit_rate
@@ -65,7 +65,7 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
 def plan_line(label: str, cost: float, rate: float, running: dict | None = None) -> str:
     """A pending unit: its cost (million block-token passes), its time at ``rate`` (seconds per
     block-token; none while 0) and, when it is the ``running`` one
-    (:func:`recipes.rundir.running_unit`, with ``at``: when it was read), how long it had run then."""
+    (:func:`scaleot_fed.rundir.running_unit`, with ``at``: when it was read), how long it had run then."""
     line = f"  {label}: {cost / 1e6:.1f} M block-tokens" + (f", ~{cost * rate / 60:.1f} min" if rate > 0 else "")
     if running is not None and running.get("unit") == label:
         elapsed = running.get("at", time.time()) - running["since"]

@@ -14,10 +14,10 @@ import numpy as np
 
 from scaleot_fed.config import as_dict
 from scaleot_fed.files import write_atomic
+from scaleot_fed.rundir import write_json
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
 from . import study_ledger as ledger
-from .rundir import write_json
 from .study import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.rundir import mark_running, open_run_dir
 
 from . import study_ledger as ledger
-from .rundir import mark_running, open_run_dir
 from .study import GRID_EXTENT, StudyConfig, open_grid
 from .study_data import TASK_DATA
 
@@ -22,7 +22,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
               federation=None) -> dict:
     """Run (or resume) the grid; after every unit, rewrite the summary and the report
     (:mod:`recipes.study_report`). ``federation`` runs the ``[study] federated`` rows (a
-    :class:`simulations.study_rows.StudyFederation`, which the ``study`` command passes). Returns
+    :class:`recipes.study_federated.StudyFederation`, which the ``study`` command passes). Returns
     the summary."""
     from tqdm.auto import tqdm
 

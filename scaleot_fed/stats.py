@@ -115,9 +115,10 @@ def _seed_shift(seed_means: np.ndarray, m: int, rng: np.random.Generator) -> np.
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation of two score lists over the same blocks (ties broken by order)."""
-    ra = np.argsort(np.argsort(np.asarray(a, dtype=float), kind="stable"), kind="stable").astype(float)
-    rb = np.argsort(np.argsort(np.asarray(b, dtype=float), kind="stable"), kind="stable").astype(float)
-    if len(ra) < 2:
-        raise ConfigError("a rank correlation needs at least two blocks")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman rank correlation of two score lists over the same blocks (tied scores share their
+    mean rank, as :func:`scipy.stats.spearmanr` ranks them)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or len(a) != len(b):
+        raise ConfigError(f"a rank correlation needs two equally long lists of at least two scores, got {len(a)}, {len(b)}")
+    return float(spearmanr(np.asarray(a, dtype=float), np.asarray(b, dtype=float)).statistic)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipes.attack import AttackConfig
-from recipes.single_owner import EmulatorSection, TaskRunSection
+from scaleot_fed.attack import AttackConfig
 from scaleot_fed.config import as_dict, from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.realign import RealignConfig
+from scaleot_fed.single_owner import EmulatorSection, TaskRunSection
 
 from .owners import OwnersConfig
 from .privacy import PrivacyConfig
@@ -91,6 +91,11 @@ class RunConfig(TaskRunSection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_rounds()
+        self._check_resources()
+
+    def _check_rounds(self) -> None:
+        """The federation's shape: rounds, owners, how many train each round."""
         if self.num_rounds < 1:
             raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.num_clients < 1:
@@ -112,6 +117,9 @@ class RunConfig(TaskRunSection):
             raise ConfigError(f"client_val_fraction must be in (0, 1), got {self.client_val_fraction}")
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+
+    def _check_resources(self) -> None:
+        """What each owner's process may use, how long a round may take, what stays private."""
         if self.client_num_cpus <= 0:
             raise ConfigError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
         if self.client_num_gpus < 0:

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.procs import process_table
 from scaleot_fed.errors import RunError
+from scaleot_fed.procs import process_table
 
 # ----------------------------------------------------------------------------- certificates
 
@@ -258,8 +258,7 @@ class LoopbackFederation:
         """Every live process this federation started (and their children), zombies excluded,
         as ``"pid command"``."""
         groups = {p.pid for p in [self.superlink, *self.supernodes.values()] if p is not None} | set(self._superexec)
-        return [f"{p.pid} {_cmdline(p.pid)}" for p in process_table()
-                if p.group in groups and p.state != "Z"]
+        return [f"{p.pid} {p.cmdline[:120]}" for p in process_table() if p.group in groups and p.alive]
 
     def stop(self, grace: float = 10.0) -> None:
         """SuperNodes first (they leave the SuperLink cleanly), then the SuperLink; whatever is
@@ -293,13 +292,6 @@ class LoopbackFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
-    except OSError:
-        return "?"
 
 
 def _children(pid: int) -> list[int]:

@@ -21,14 +21,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from recipes.rundir import lock_run_dir, write_json
-from recipes.single_owner import prepare_emulator
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError, RunError
 from scaleot_fed.finetune import make_trainable
 from scaleot_fed.manifest import check_shippable
 from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
+from scaleot_fed.rundir import lock_run_dir, write_json
+from scaleot_fed.single_owner import prepare_emulator
 
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig

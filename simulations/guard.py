@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from recipes.procs import descendants, terminate
+from scaleot_fed.procs import descendants, terminate
 
 from .checkpoint import CHECKPOINT_LOCK
 

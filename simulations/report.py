@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recipes.report import emulator_entry, write_results
-from recipes.rundir import RowCache, cached_rows, write_json
-from recipes.single_owner import SingleOwner, trained_path
 from scaleot_fed.config import as_dict
 from scaleot_fed.emulator import WEIGHTS, load_emulator
 from scaleot_fed.plugin import save_plugged
+from scaleot_fed.report import emulator_entry, write_results
+from scaleot_fed.rundir import RowCache, cached_rows, write_json
+from scaleot_fed.single_owner import SingleOwner, trained_path
 
 from .config import FedConfig
 from .partition import client_data, item_table, partition_indices, train_items

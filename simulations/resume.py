@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipes.rundir import changed_keys
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.rundir import changed_keys
 
 from .checkpoint import read_state
 from .config import FedConfig, apply_overrides, fed_config_from_dict, load_fed_config

@@ -9,8 +9,8 @@ from scaleot_fed.env import configure_environment
 
 configure_environment()
 
-from recipes.rundir import check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
 from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
+from scaleot_fed.rundir import check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
 
 from .config import FedConfig  # noqa: E402
 from .guard import stop_cleanly  # noqa: E402

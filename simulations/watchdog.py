@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from recipes.procs import Proc, descendants, process_table, terminate
+from scaleot_fed.procs import Proc, descendants, process_table, terminate
 
 POLL = 0.5
 

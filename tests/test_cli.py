@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
-from recipes.cli import main
+from scaleot_fed_cli.main import main
 
 from .conftest import tiny_model, write_items
 
@@ -124,12 +124,12 @@ def test_tampered_emulator_via_real_process(workspace, tmp_path):
     out = save_emulator(build_emulator(model, EmulatorConfig("uniform-drop", 2, 0.5)), tmp_path / "emu")
     (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-8] + b"12345678")
     write_items(tmp_path / "items.jsonl", 4, 0)
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "evaluate", "--model", str(out), "--task",
+    proc = subprocess.run([sys.executable, "-m", "scaleot_fed_cli", "evaluate", "--model", str(out), "--task",
                            str(tmp_path / "items.jsonl"), "--limit", "2"], capture_output=True, text=True,
                           env=os.environ.copy())
     assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "build-emulator", "--strategy", "uniform-drop",
+    proc = subprocess.run([sys.executable, "-m", "scaleot_fed_cli", "build-emulator", "--strategy", "uniform-drop",
                            "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -94,7 +94,7 @@ def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
 def test_certs_command_writes_a_ca_server_certificate_and_keys_and_never_overwrites(tmp_path, capsys):
     from cryptography import x509
 
-    from recipes.cli import main
+    from scaleot_fed_cli.main import main
 
     out = tmp_path / "certs"
     assert main(["certs", "--out", str(out), "--host", "fl.example.org", "--host", "10.0.0.5",

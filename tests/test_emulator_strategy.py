@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from recipes.cli import main
 from scaleot_fed.emulator import EmulatorConfig, EmulatorStrategy, PlanInputs, register_strategy
 from scaleot_fed.emulator import registry as emulator_registry
 from scaleot_fed.emulator.build import plan_layout
 from scaleot_fed.errors import ConfigError
+from scaleot_fed_cli.main import main
 
 from .conftest import write_items
 

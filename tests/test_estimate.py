@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from recipes.cli import main
 from scaleot_fed.emulator import EmulatorConfig
 from scaleot_fed.emulator.build import build_emulator
 from scaleot_fed.estimate import _saved_bytes, estimate
 from scaleot_fed.finetune import FinetuneConfig, make_trainable
+from scaleot_fed_cli.main import main
 
 from .conftest import ALL_FAMILIES, tiny_config, tiny_model
 

@@ -2,7 +2,10 @@
 two runs on one folder, changed configs on resume, corrupt checkpoints and caches, bad input.
 
 Every process is started with a generous timeout and nothing asserts how long anything took;
-the module checks at the end that no process it started (Ray included) is left behind.
+the module checks at the end that no process it started (Ray included) is left behind. It looks
+only at the process trees of the runs it started (followed while they live: Ray's GCS, raylet
+and actors, the watchdog are the driver's descendants until it dies), never at other processes
+on the machine: a run of another checkout beside this one is not this test's leftover.
 """
 
 import json
@@ -10,32 +13,55 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from recipes.cli import main
-from recipes.procs import process_table
-from recipes.rundir import lock_run_dir, unlock_run_dir
+from scaleot_fed.rundir import lock_run_dir, unlock_run_dir
+from scaleot_fed_cli.main import main
 
 from .conftest import write_items
 
 ROOT = Path(__file__).resolve().parents[1]
-LEFTOVER = ("raylet", "gcs_server", "ray::", "simulations.watchdog", "recipes.cli", "dashboard", "log_monitor")
+TREES: dict[int, set[tuple[int, float]]] = {}
+"""Per process this module started: every descendant seen while it lived, as (pid, start time)."""
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+def _follow(proc: subprocess.Popen) -> subprocess.Popen:
+    """Record ``proc``'s process tree every 0.2 s until it ends (its Ray processes, its watchdog)."""
+    seen = TREES.setdefault(proc.pid, set())
+
+    def sample() -> None:
+        while proc.poll() is None:
+            try:
+                seen.update((c.pid, c.create_time()) for c in psutil.Process(proc.pid).children(recursive=True))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return proc
 
 
-def _ours(before: set[tuple[int, int]]) -> list[str]:
-    """Live processes started since ``before`` that belong to a run (Ray, watchdog, our CLI)."""
-    return [f"{p.pid} {_cmdline(p.pid)[:100]}" for p in process_table()
-            if p.alive and (p.pid, p.start) not in before and any(k in _cmdline(p.pid) for k in LEFTOVER)]
+def _left(seen: set[tuple[int, float]]) -> list[str]:
+    """Those of ``seen`` still alive (the same process: pid and start time), as "pid command"."""
+    left = []
+    for pid, started in seen:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {' '.join(p.cmdline())[:100]}")
+        except psutil.Error:
+            continue
+    return left
+
+
+def _ours() -> list[str]:
+    """Live processes of the trees of every run this module started."""
+    return [entry for seen in TREES.values() for entry in _left(seen)]
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +72,15 @@ def ws(tmp_path_factory, tiny_model_dir):
     write_items(root / "eval.jsonl", 6, 1)
     old = os.environ.get("SCALEOT_FED_EMULATOR_CACHE")
     os.environ["SCALEOT_FED_EMULATOR_CACHE"] = str(root / "owners")  # the data owners' caches, ours only
-    before = {(p.pid, p.start) for p in process_table()}
     yield root
     if old is None:
         os.environ.pop("SCALEOT_FED_EMULATOR_CACHE")
     else:
         os.environ["SCALEOT_FED_EMULATOR_CACHE"] = old
     deadline = time.monotonic() + 60
-    while _ours(before) and time.monotonic() < deadline:
+    while _ours() and time.monotonic() < deadline:
         time.sleep(1)
-    assert not _ours(before), f"processes left behind: {_ours(before)}"
+    assert not _ours(), f"processes left behind: {_ours()}"
 
 
 def _run_file(ws: Path, name: str, tiny_model_dir: Path, **run) -> Path:
@@ -71,8 +96,15 @@ def _run_file(ws: Path, name: str, tiny_model_dir: Path, **run) -> Path:
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=os.environ.copy())
+    proc = _follow(subprocess.Popen([sys.executable, "-m", "scaleot_fed_cli", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy()))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _main(*args: str, capsys) -> tuple[int, str]:
@@ -83,8 +115,8 @@ def _main(*args: str, capsys) -> tuple[int, str]:
 
 def _start(*args: str, log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 -- closed with the process (read back by the test)
-    return subprocess.Popen([sys.executable, "-m", "recipes.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=os.environ.copy())
+    return _follow(subprocess.Popen([sys.executable, "-m", "scaleot_fed_cli", *args], stdout=handle,
+                                    stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy()))
 
 
 def _wait_for_round(out: Path, round_: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -103,15 +135,12 @@ def _wait_for_round(out: Path, round_: int, proc: subprocess.Popen, timeout: flo
 
 
 def _no_run_processes_of(pid: int, timeout: float = 60) -> list[str]:
-    """Processes whose command line mentions Ray or our watchdog of ``pid`` after ``timeout``."""
+    """The processes of ``pid``'s tree (as seen while it lived) still alive after ``timeout``."""
+    assert TREES.get(pid), f"no process of run {pid}'s tree was seen: the check would see nothing"
     deadline = time.monotonic() + timeout
-    while True:
-        left = [f"{p.pid} {_cmdline(p.pid)[:80]}" for p in process_table()
-                if p.alive and (f"watchdog {pid}" in _cmdline(p.pid) or "raylet" in _cmdline(p.pid)
-                                or "gcs_server" in _cmdline(p.pid) or _cmdline(p.pid).startswith("ray::"))]
-        if not left or time.monotonic() > deadline:
-            return left
+    while (left := _left(TREES.get(pid, set()))) and time.monotonic() < deadline:
         time.sleep(1)
+    return left
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from recipes.cli import main
 from recipes.offsite import load_offsite_config
 from scaleot_fed.errors import ConfigError
+from scaleot_fed_cli.main import main
 
 from .conftest import write_items
 
@@ -64,7 +64,7 @@ alpha = 0.5
 
 
 def test_offsite_pipeline_writes_five_rows_and_resumes(setup, capsys, monkeypatch):
-    from recipes.rundir import RowCache
+    from scaleot_fed.rundir import RowCache
     from scaleot_fed.train_state import Checkpoint
 
     saved, save = set(), Checkpoint.save

@@ -121,3 +121,14 @@ def test_sides_from_the_same_seeds_are_paired_by_seed_and_the_interval_is_narrow
     assert paired.verdict() == "holds" and unpaired.verdict() == "inconclusive"
     with pytest.raises(ConfigError, match="same seeds"):
         paired_bootstrap(a, b[:2], pair_seeds=True)
+
+
+def test_spearman_gives_tied_scores_their_mean_rank():
+    """Ties broken by order would call [1, 1, 2] and [2, 1, 3] less than perfectly ranked alike
+    when the first two blocks are indistinguishable; with mean ranks the answer is the textbook one."""
+    from scaleot_fed.stats import spearman
+
+    # ranks (1.5, 1.5, 3) vs (2, 1, 3): Pearson of the ranks = 0.866
+    assert spearman([1.0, 1.0, 2.0], [2.0, 1.0, 3.0]) == pytest.approx(np.sqrt(3) / 2)
+    with pytest.raises(ConfigError, match="at least two"):
+        spearman([1.0], [1.0])

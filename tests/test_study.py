@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from recipes.cli import main
+from scaleot_fed_cli.main import main
 
 from .conftest import write_items
 
@@ -221,10 +221,10 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     seed, the claim's interval comes from the items, the verdict from the interval."""
     import numpy as np
 
-    from recipes.rundir import RowCache
-    from recipes.single_owner import EmulatorSection
     from recipes.study import ClaimSection, StudyConfig, StudySection
     from recipes.study_report import write_report
+    from scaleot_fed.rundir import RowCache
+    from scaleot_fed.single_owner import EmulatorSection
 
     rng = np.random.default_rng(0)
 
@@ -342,10 +342,10 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
                                                                         monkeypatch):
     import dataclasses
 
-    from recipes.single_owner import EmulatorSection
     from recipes.study import Grid, StudyConfig, StudySection, task_folder
     from scaleot_fed.config import as_dict
     from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import EmulatorSection
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     write_items(tmp_path / "b.jsonl", 20, 0)  # the same items: the same scoring and training cost
@@ -361,7 +361,7 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     assert {k: v for k, v in first.items() if "zero-shot" not in k} == {k: v for k, v in second.items() if "zero-shot" not in k}
     # the weights are gone but the first task's zero-shot row is kept (a lost run folder): the
     # build goes to the next unit that will run, the cell's fine-tuning
-    from recipes.rundir import RowCache
+    from scaleot_fed.rundir import RowCache
 
     RowCache(tmp_path / "run" / task_folder(tasks[0])).put("ot/seed0/emulator_zero_shot", {"acc": 0.5})
     grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
@@ -387,9 +387,9 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
                                                                           monkeypatch):
     """The attack follows its emulator's cells at its seed (a fresh checkout builds the emulator
     once, not again for the attack at the end of the seed), and seeds still run one by one."""
-    from recipes.single_owner import EmulatorSection
     from recipes.study import Grid, StudyConfig, StudySection
     from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import EmulatorSection
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     monkeypatch.chdir(tmp_path)
@@ -410,10 +410,10 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
 
 def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_model_dir, gpt2_tokenizer):
     from recipes import study_ledger as ledger
-    from recipes.single_owner import EmulatorSection
     from recipes.study import Grid, StudyConfig, StudySection
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import EmulatorSection
 
     section = EmulatorSection(name="u", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5)
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
@@ -438,11 +438,11 @@ def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, ti
     import dataclasses
 
     from recipes import study_ledger as ledger
-    from recipes.single_owner import EmulatorSection
     from recipes.study import Grid, StudyConfig, StudySection
     from scaleot_fed.config import as_dict
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import EmulatorSection
 
     section = EmulatorSection(name="s", strategy="scaleot", num_adapter_layers=2, alpha=0.5)
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
@@ -653,8 +653,8 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
 def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
     import os
 
-    from recipes.rundir import lock_run_dir, mark_running, running_unit, unlock_run_dir
     from recipes.study_plan import plan_line
+    from scaleot_fed.rundir import lock_run_dir, mark_running, running_unit, unlock_run_dir
 
     out = tmp_path / "run"
     assert running_unit(out) is None
@@ -681,10 +681,10 @@ def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
 def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_have_the_same_seeds(tmp_path):
     import numpy as np
 
-    from recipes.rundir import RowCache
-    from recipes.single_owner import EmulatorSection
     from recipes.study import ClaimSection, StudyConfig, StudySection
     from recipes.study_report import write_report
+    from scaleot_fed.rundir import RowCache
+    from scaleot_fed.single_owner import EmulatorSection
 
     def row(correct: list[bool]) -> dict:
         items = {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * len(correct),
@@ -759,7 +759,7 @@ def test_a_modes_rate_is_swept_by_dev_loss_alone_and_declared_before_its_cells_r
         config.write_text(MODES.format(out=tmp_path / "study", results=results, model=tmp_path / "model",
                                        declared=declared))
 
-    import recipes.single_owner as single_owner
+    import scaleot_fed.single_owner as single_owner
 
     scored = []
     real_score = single_owner.score_items

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from recipes import study_ledger as ledger
-from recipes.rundir import RowCache
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.rundir import RowCache
 
 
 def _row(acc: float, **record) -> dict:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from recipes.cli import main
 from recipes.study_verdicts import BEGIN, END, POOLED, verdict_table
 from scaleot_fed.errors import ConfigError
+from scaleot_fed_cli.main import main
 
 
 def _claim(claim: str, mode: str, verdict: str, difference: float, task: str = POOLED, seeds=(3, 3)) -> dict:

@@ -98,7 +98,7 @@ def test_a_checkpoint_of_another_run_or_a_broken_one_is_refused(gpt2_tokenizer, 
 
 
 def test_a_row_stored_removes_its_training_and_scoring_checkpoints(tmp_path):
-    from recipes.rundir import RowCache
+    from scaleot_fed.rundir import RowCache
 
     rows = RowCache(tmp_path)
     saved = [rows.checkpoint("emu/emulator_finetune", kind) for kind in ("training", "scoring")]
@@ -132,8 +132,8 @@ def test_a_plan_says_how_far_a_saved_training_and_scoring_got(tmp_path):
 
 
 def test_a_plan_view_of_a_run_folder_never_reaches_its_saved_states(tmp_path):
-    from recipes.rundir import RowCache
     from recipes.study_plan import mirror
+    from scaleot_fed.rundir import RowCache
 
     rows = RowCache(tmp_path / "run" / "piqa")
     rows.put("a/plug_in", {"acc": 1.0})

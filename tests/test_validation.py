@@ -9,10 +9,10 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM
 
-from recipes.cli import main
 from scaleot_fed.config import from_dict
 from scaleot_fed.emulator import EmulatorConfig, load_emulator, looks_like_emulator, save_emulator, sha256_file
 from scaleot_fed.errors import ConfigError, IntegrityError
+from scaleot_fed_cli.main import main
 
 from .conftest import tiny_model, write_items
 

@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.rundir import RowCache
-from recipes.study_config import FEDERATED_SIDES, StudyConfig
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.rundir import RowCache
+from simulations.checkpoint import has_checkpoint
+from simulations.config import FedConfig, load_fed_config
 
-from .checkpoint import has_checkpoint
-from .config import FedConfig, load_fed_config
+from .study_config import FEDERATED_SIDES, StudyConfig
 
 ROWS = ("emulator_finetune", "plug_in")
 
@@ -68,7 +68,7 @@ class StudyFederation:
         their rows into ``rows``; ``mode`` and ``lr``: the data owners' fine-tuning, the study's
         (its rows in the first mode are named as before modes were federated). Returns the
         federated plug-in row."""
-        from .runner import simulate
+        from simulations.runner import simulate
 
         study = self.config.study
         first = mode is None or mode == study.modes[0]

@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from recipes.rundir import check_output, check_writable, clear_output
 from scaleot_fed.env import USER_SET_THREADS
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.rundir import check_output, check_writable, clear_output
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -227,8 +227,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_offsite(args: argparse.Namespace, attack: bool = False) -> dict:
-    from .offsite import load_offsite_config, run_offsite
-    from .report import markdown_table
+    from recipes.offsite import load_offsite_config, run_offsite
+    from scaleot_fed.report import markdown_table
 
     overrides = ({"out": args.out} if args.out else {}) | ({"attack": True} if attack else {})
     config = load_offsite_config(args.config, overrides)
@@ -313,12 +313,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from simulations.study_rows import StudyFederation
-
-    from .study import load_study_config
-    from .study_markdown import closing_text
-    from .study_report import report_study
-    from .study_run import run_study
+    from recipes.study import load_study_config
+    from recipes.study_federated import StudyFederation
+    from recipes.study_markdown import closing_text
+    from recipes.study_report import report_study
+    from recipes.study_run import run_study
 
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out
@@ -326,7 +325,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     # the federated rows come from the simulations package, a program beside the study
     federation = StudyFederation.load(config, args.config) if config.study.federated else None
     if args.plan:
-        from .study_plan import plan_study
+        from recipes.study_plan import plan_study
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
@@ -338,7 +337,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_verdicts(args: argparse.Namespace) -> None:
-    from .study_verdicts import write_verdicts
+    from recipes.study_verdicts import write_verdicts
 
     print(write_verdicts(args.results, args.into))
 

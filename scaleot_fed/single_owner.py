@@ -15,22 +15,21 @@ from pathlib import Path
 
 from torch import nn
 
-from scaleot_fed.artifact import LayerReplaceArtifact, load_artifact, save_artifact
-from scaleot_fed.config import as_dict
-from scaleot_fed.devices import Placement
-from scaleot_fed.distill import DistillConfig, distill_emulator
-from scaleot_fed.emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
-from scaleot_fed.emulator.build import build_emulator
-from scaleot_fed.errors import ConfigError
-from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
-from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
-from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
-from scaleot_fed.plugin import export_trained, plug_in_path
-from scaleot_fed.tasks import ANCHOR_SPLITS, MCItem, is_builtin, load_task
-from scaleot_fed.text import lambada_passages, token_blocks
-from scaleot_fed.train_state import Checkpoint
-
+from .artifact import LayerReplaceArtifact, load_artifact, save_artifact
 from .attack import AttackConfig, attack_emulator
+from .config import as_dict
+from .devices import Placement
+from .distill import DistillConfig, distill_emulator
+from .emulator import MANIFEST, Emulator, EmulatorConfig, load_emulator, save_emulator
+from .emulator.build import build_emulator
+from .errors import ConfigError
+from .evaluate import accuracy_from_scores, item_record, score_items
+from .finetune import FinetuneConfig, FinetuneResult, finetune, make_trainable
+from .layer_replace import LayerReplaceConfig, run_layer_replace
+from .plugin import export_trained, plug_in_path
+from .tasks import ANCHOR_SPLITS, MCItem, is_builtin, load_task
+from .text import lambada_passages, token_blocks
+from .train_state import Checkpoint
 
 Log = Callable[[str], None]
 Cache = Callable[[str, Callable[[], dict]], dict]
@@ -194,7 +193,7 @@ class SingleOwner:
     stopped run resumes); rows are named ``<row>`` for the full model and ``<emulator>/<row>``.
     ``checkpoint(key, kind)`` gives the training (``kind`` "training") and the scoring ("scoring")
     behind a row a place to save themselves as they go, so that a stop mid-way resumes there
-    (:class:`recipes.rundir.RowCache` keeps them until the row is stored).
+    (:class:`scaleot_fed.rundir.RowCache` keeps them until the row is stored).
     """
 
     full: nn.Module
@@ -212,7 +211,7 @@ class SingleOwner:
     def evaluate(self, model: nn.Module, key: str) -> dict:
         """Row ``key``'s ``acc``, ``acc_norm``, ``n`` and, under ``items``, every item's per-choice
         log-likelihoods with its gold index and choice lengths: any metric can be recomputed from a
-        row (:func:`recipes.report.write_results` moves them to ``items/``)."""
+        row (:func:`scaleot_fed.report.write_results` moves them to ``items/``)."""
         self.eval_placement.apply(model, training=False)
         scores = score_items(model, self.tokenizer, self.evaluation, batch_size=self.eval_batch_size,
                              checkpoint=self.checkpoint(key, "scoring"))

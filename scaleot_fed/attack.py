@@ -15,9 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
-from scaleot_fed.errors import ConfigError
-from scaleot_fed.finetune import FinetuneConfig, FinetuneResult, finetune
-from scaleot_fed.train_state import Checkpoint
+from .errors import ConfigError
+from .finetune import FinetuneConfig, FinetuneResult, finetune
+from .train_state import Checkpoint
 
 
 @dataclass
@@ -46,7 +46,7 @@ def attack_emulator(emulator_path: str | Path, train_items: list, dev_items: lis
     """Fine-tune all weights of a freshly loaded emulator (harmonizers and compressed blocks
     included) on ``train_items``; returns the trained model and the training record.
     ``checkpoint``: see :func:`scaleot_fed.finetune.finetune`."""
-    from scaleot_fed.emulator import load_emulator
+    from .emulator import load_emulator
 
     emulator = load_emulator(emulator_path)  # pristine: other rows may have wrapped their copy
     open_all_weights(emulator.model)

@@ -48,7 +48,7 @@ def emulator_entry(rows: dict[str, dict], manifest: dict, config: dict) -> dict:
 
 def write_results(out: Path, results: dict) -> None:
     """``results.json``, ``results.md`` and ``results.png`` in ``out``; every row's per-item
-    record (``items``, see :meth:`recipes.single_owner.SingleOwner.evaluate`) moves to
+    record (``items``, see :meth:`scaleot_fed.single_owner.SingleOwner.evaluate`) moves to
     ``items/<entry>__<row>.loglik.json.gz`` and the row keeps its path as ``items_file``."""
     written: dict[int, dict] = {}  # a row shared by entries (the full model's) gets one file
     for name, entry in results.get("emulators", {}).items():

@@ -1,6 +1,6 @@
 """``scaleot-fed`` command line: the parser and the entry point.
 
-The commands themselves are in :mod:`recipes.commands`. User errors
+The commands themselves are in :mod:`scaleot_fed_cli.commands`. User errors
 (:class:`~scaleot_fed.errors.ScaleOTError`) print one line on stderr and exit 2; no traceback.
 """
 

@@ -17,10 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from scaleot_fed.errors import ConfigError
-from scaleot_fed.files import write_atomic
-from scaleot_fed.score_state import SAVE_EVERY_S
-from scaleot_fed.train_state import Checkpoint
+from .errors import ConfigError
+from .files import write_atomic
+from .score_state import SAVE_EVERY_S
+from .train_state import Checkpoint
 
 LOCK = ".lock"
 _HELD: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
@@ -278,7 +278,7 @@ class RowCache:
 
 
 def cached_rows(rows: RowCache, log):
-    """A :class:`recipes.single_owner.SingleOwner` ``cache`` over ``rows``: a row is computed once,
+    """A :class:`scaleot_fed.single_owner.SingleOwner` ``cache`` over ``rows``: a row is computed once,
     logged with its scores, and read back on every later call (and on resume)."""
     def cache(key: str, compute) -> dict:
         found = rows.get(key)
