@@ -34,6 +34,7 @@ from scaleot_fed.errors import IntegrityError, RunError  # noqa: E402
 from scaleot_fed.evaluate import evaluate_multiple_choice  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
+from strategies.requirements import FREEZE_LORA_A  # noqa: E402
 
 from .config import FedConfig, fed_config_from_json  # noqa: E402
 from .owners import owner_finetune  # noqa: E402
@@ -270,7 +271,7 @@ def train(msg: Message, context: Context) -> Message:
         select_best=False,
     )
     frozen = []
-    if bool(cfg.get("freeze-lora-a", False)):  # FFA-LoRA: only B trains, so averaging B is exact
+    if bool(cfg.get(FREEZE_LORA_A, False)):  # the strategy asks (FFA-LoRA): only B trains, averaging B is exact
         frozen = [p for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)

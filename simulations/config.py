@@ -197,16 +197,18 @@ class StrategyConfig:
     """``[strategy]``: aggregation by name plus the Flower strategy's own keyword arguments."""
 
     name: str = "fedavg"
+    """A built-in (``fedavg``, ``fedprox``, ``fedadam``, ``ffa-lora``, ...), or your own Flower
+    Strategy subclass as ``"package.module:Class"`` or ``"path/to/file.py:Class"`` (a relative
+    path from where the command runs; ``docs/strategies.md``)."""
     params: dict[str, Any] = field(default_factory=dict)
     """E.g. ``proximal_mu`` (fedprox), ``eta``/``beta_1``/``tau`` (fedadam, fedyogi),
     ``server_learning_rate``/``server_momentum`` (fedavgm), ``beta`` (fedtrimmedavg),
     ``num_malicious_nodes`` (krum)."""
 
     def __post_init__(self) -> None:
-        from strategies import STRATEGIES
+        from strategies import resolve_strategy
 
-        if self.name not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        resolve_strategy(self.name)  # imported now: a typo or a broken file is one line before anything starts
 
 
 @dataclass

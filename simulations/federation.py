@@ -29,11 +29,12 @@ from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
 from scaleot_fed.rundir import lock_run_dir, write_json
 from scaleot_fed.single_owner import prepare_emulator
+from strategies.replies import pad_replies, reply_problem
 
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
 from .delivery import deliver
-from .owners import expected_state, owner_eval_items, pad_replies, personalise, reply_problem, score_with_owners
+from .owners import expected_state, owner_eval_items, personalise, score_with_owners
 from .privacy import PrivacyLedger, make_strategy
 from .realignment import Realigner
 from .report import emulator_bytes, final_table, per_owner_summary, plot_partitions, write_metrics

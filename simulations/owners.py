@@ -8,7 +8,6 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from torch import nn
 
@@ -16,7 +15,7 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import accuracy_from_scores, item_record, score_items
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.tasks import MCItem
-from strategies import pad_rank, slice_rank
+from strategies import slice_rank
 
 if TYPE_CHECKING:
     from .config import FedConfig
@@ -116,15 +115,6 @@ def expected_state(arrays: ArrayRecord, config: FedConfig, owner: int | None) ->
     return slice_rank(state, rank) if rank is not None else state
 
 
-def pad_replies(replies: list[Message], sent: ArrayRecord) -> None:
-    """Every reply's lower-rank LoRA factors padded (in place) to the server's rank
-    (:func:`strategies.lora.pad_rank`), so that any strategy can average them."""
-    state = {n: v.numpy() for n, v in sent.items()}
-    for msg in replies:
-        padded = pad_rank({n: a.numpy() for n, a in msg.content["arrays"].items()}, state)
-        msg.content["arrays"] = ArrayRecord({n: Array(v) for n, v in padded.items()})
-
-
 def owner_eval_items(config: FedConfig) -> dict[int, list[MCItem]]:
     """Each owner's held-out items that ``[run] per_owner_eval`` scores (first ``per_owner_items``)."""
     from .partition import client_data
@@ -148,30 +138,6 @@ def score_with_owners(model: nn.Module, tokenizer, items: list[MCItem], owners: 
         per_owner[owner] = {"plug_in_acc": metrics["acc"], "plug_in_acc_norm": metrics["acc_norm"], "n": metrics["n"]}
         start += len(part)
     return overall, per_owner
-
-
-def reply_problem(msg: Message, names: tuple[str, ...], expected: dict, realign_version: int = 0) -> str | None:
-    """Why a train reply cannot be averaged in (an error, missing or extra tensors, a shape other
-    than ``expected``'s, NaN/Inf, training on another re-aligned emulator), or None when it can."""
-    if msg.has_error():
-        return f"client error: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else 'unknown'}"
-    metrics = msg.content.metric_records.get("metrics", {})
-    if int(metrics.get("realign-version", 0)) != realign_version:
-        return f"trained on re-aligned emulator version {metrics.get('realign-version', 0)}, not {realign_version}"
-    arrays = msg.content.array_records.get("arrays")
-    if arrays is None:
-        return "no arrays in the reply"
-    if set(arrays.keys()) != set(names):
-        extra = sorted(set(arrays.keys()) - set(names))[:2]
-        missing = sorted(set(names) - set(arrays.keys()))[:2]
-        return f"wrong keys (unexpected {extra}, missing {missing})"
-    for name, want in expected.items():
-        value = arrays[name].numpy()
-        if tuple(value.shape) != tuple(want.shape):
-            return f"wrong shape for {name}: {tuple(value.shape)} instead of {tuple(want.shape)}"
-        if not np.isfinite(value).all():
-            return f"NaN or Inf in {name}"
-    return None
 
 
 def owner_finetune(config: FedConfig, cfg: ConfigRecord) -> FinetuneConfig:

@@ -58,6 +58,7 @@ def validate(config: FedConfig) -> None:
     from scaleot_fed.layer_replace import middle_layers
     from scaleot_fed.manifest import check_shippable
     from scaleot_fed.models import load_model_config
+    from strategies import check_requirements, resolve_strategy
 
     from .partition import partition_indices
     from .privacy import make_strategy
@@ -71,13 +72,9 @@ def validate(config: FedConfig) -> None:
         model = load_model_config(run.model)
         architecture_of(model)
         middle_layers(int(model.num_hidden_layers), config.emulator.num_adapter_layers)
-    if config.strategy.name == "ffa-lora" and config.finetune.mode != "lora":
-        raise ConfigError("strategy ffa-lora needs [finetune] mode = \"lora\"")
-    if config.strategy.name == "ffa-lora" and config.privacy.mode == "local":
-        # local DP noises every array an owner sends, the frozen A matrices too, and FFA-LoRA
-        # then (rightly) refuses updates that changed A
-        raise ConfigError("strategy ffa-lora cannot run with [privacy] mode = \"local\" (its noise would change the "
-                          "frozen A matrices); for DP use fedavg or fedprox")
+    # what the strategy declares it needs of the owners (FFA-LoRA: LoRA, A frozen, no local DP)
+    check_requirements(config.strategy.name, resolve_strategy(config.strategy.name), config.finetune.mode,
+                       config.privacy.mode)
     check_client_devices(config)
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
     too_small = [i for i, n in enumerate(sizes) if n < 2]

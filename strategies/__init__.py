@@ -1,49 +1,19 @@
-"""Flower strategies for offsite-tuning, found by name.
+"""Everything about aggregation, one module per concern.
 
-Aggregation is Flower's own (``flwr.serverapp.strategy``); what this package adds is built by
-subclassing or wrapping them (:class:`~strategies.lora.FFALoRA`). Node sampling is done by the
-server loop (deterministic, by partition), so every strategy is built to take all nodes it is
-handed.
+* :mod:`.registry`: strategies by name: Flower's built-ins, FFA-LoRA, and a user's own Strategy
+  class by ``"module:Class"`` or ``"path/file.py:Class"`` (``docs/strategies.md``);
+* :mod:`.requirements`: what a strategy requires of the owners' training, declared on the class;
+* :mod:`.lora`: FFA-LoRA (exact LoRA averaging) and mixed-rank padding (HetLoRA);
+* :mod:`.privacy`: central differential privacy as a wrapper around the strategy;
+* :mod:`.replies`: which owners' replies may be averaged in at all.
+
+Aggregation itself is Flower's (``flwr.serverapp.strategy``); what this package adds is built by
+subclassing or wrapping it, never by forking the loop.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
-
-from scaleot_fed.errors import ConfigError
-
 from .lora import FFALoRA, pad_rank, rank_axis, slice_rank
+from .registry import BUILTIN, build_strategy, resolve_strategy
+from .requirements import FREEZE_LORA_A, ClientRequirements, check_requirements, requirements_of
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedavgm": FedAvgM,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-    "ffa-lora": FFALoRA,
-}
-
-# The server loop picks the clients; the strategy aggregates whatever it is handed.
-_TAKE_ALL = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                 min_available_nodes=1)
-
-
-def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
-    """Instantiate strategy ``name`` with its keyword ``params``; clear error on unknown ones."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    params = dict(params or {})
-    clash = sorted(set(params) & set(_TAKE_ALL))
-    if clash:
-        raise ConfigError(f"strategy params {clash} are set by the run ([run] clients_per_round), not the strategy")
-    try:
-        return STRATEGIES[name](**_TAKE_ALL, **params)
-    except TypeError as exc:
-        raise ConfigError(f"strategy {name}: {exc}") from exc
-
-
-__all__ = ["STRATEGIES", "build_strategy", "FFALoRA", "pad_rank", "rank_axis", "slice_rank"]
+__all__ = ["BUILTIN", "FFALoRA", "FREEZE_LORA_A", "ClientRequirements", "build_strategy", "check_requirements",
+           "pad_rank", "rank_axis", "requirements_of", "resolve_strategy", "slice_rank"]

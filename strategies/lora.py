@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-FREEZE_A_KEY = "freeze-lora-a"
+from .requirements import FREEZE_LORA_A, ClientRequirements
 
 
 class FFALoRA(FedAvg):
@@ -25,10 +25,12 @@ class FFALoRA(FedAvg):
     carries the A it was sent: a client that moved A would make the average inexact.
     """
 
+    client_requirements = ClientRequirements(mode="lora", freeze_lora_a=True, local_dp=False, sum_based=True)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent_a = {k: v.numpy() for k, v in arrays.items() if "lora_A" in k}
-        config[FREEZE_A_KEY] = True
+        config[FREEZE_LORA_A] = True
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -42,7 +44,7 @@ class FFALoRA(FedAvg):
             for key, expected in sent.items():
                 if not np.array_equal(record[key].numpy(), expected):
                     raise ValueError(
-                        f"FFA-LoRA: a client changed the frozen {key}; clients must honour '{FREEZE_A_KEY}'"
+                        f"FFA-LoRA: a client changed the frozen {key}; clients must honour '{FREEZE_LORA_A}'"
                     )
         return super().aggregate_train(server_round, replies)
 

@@ -362,3 +362,33 @@ def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
     assert first["realign_bytes_down"] > 0 and second["realign_bytes_down"] == 2 * first["realign_bytes_down"]
     assert second["successful"] == 3  # every owner trained on version 1 (a stale reply is rejected)
     assert 0 <= second["emulator_acc"] <= 1
+
+
+def test_a_users_own_strategy_from_a_file_runs_a_real_round(fed):
+    """docs/strategies.md's example, named by its path: owners' updates clipped to a tiny norm
+    leave LoRA's B (zero at the start) near zero, where plain FedAvg moves it."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "clipped_fedavg.py"
+    config = _config(fed, "user-strategy", num_rounds=1)
+    config["strategy"] = {"name": f"{example}:ClippedFedAvg", "params": {"max_norm": 1e-6}}
+    clipped = _aggregate(simulate(fed_config_from_dict(config)))
+    plain = _aggregate(_finished(fed, "user-strategy-ref", num_rounds=1))
+    b = [k for k in clipped if "lora_B" in k]
+    assert b and max(float(clipped[k].abs().max()) for k in b) < 1e-6
+    assert max(float(plain[k].abs().max()) for k in b) > 1e-4
+
+
+@pytest.mark.parametrize("name,match", [
+    ("no_such_strategy", "unknown strategy 'no_such_strategy'; name a built-in"),
+    ("docs/examples/missing.py:X", "no file"),
+    ("docs/examples/clipped_fedavg.py:Nope", "has no 'Nope'"),
+    ("numpy:ndarray", "not a subclass of flwr.serverapp.strategy.Strategy"),
+    ("no.such.module:Thing", "cannot import no.such.module"),
+])
+def test_a_bad_strategy_name_is_one_line_before_anything_starts(fed, name, match):
+    config = _config(fed, "bad-strategy")
+    config["strategy"] = {"name": name}
+    with pytest.raises(ConfigError, match=match):
+        fed_config_from_dict(config)
+    assert not (fed / "bad-strategy").exists()

@@ -6,7 +6,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from scaleot_fed.errors import ConfigError
-from strategies import STRATEGIES, build_strategy
+from strategies import BUILTIN as STRATEGIES
+from strategies import build_strategy
 
 
 @pytest.fixture(autouse=True)

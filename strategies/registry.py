@@ -1,0 +1,109 @@
+"""Aggregation strategies by name: Flower's built-ins, this package's own, and a user's own class
+from their own code (``"module:Class"`` or ``"path/to/file.py:Class"``), resolved before anything
+starts so that a typo is one line at the start, not a failure inside Ray.
+
+The server loop picks the clients of each round (deterministically, by partition); the strategy
+aggregates whatever it is handed, so every strategy is built to take all the nodes it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+
+from scaleot_fed.errors import ConfigError
+
+from .lora import FFALoRA
+
+BUILTIN: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "ffa-lora": FFALoRA,
+}
+
+SUM_BASED = (FedAvg, FedProx, FedAdam, FedYogi, FedAvgM)
+"""Built-ins whose aggregate needs only the (weighted) mean of the replies (the adaptive ones
+apply their server optimiser to it): what secure aggregation, which reveals only the sum, allows."""
+
+TAKE_ALL = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+                min_available_nodes=1)
+"""Sampling arguments every strategy is built with: the server loop has already chosen the nodes."""
+
+HOW = ('name a built-in ({builtin}), or your own Flower Strategy subclass as "package.module:Class" or '
+       '"path/to/file.py:Class"')
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """The strategy class ``name`` stands for (importing a user's module or file once).
+
+    Raises
+    ------
+    ConfigError
+        Unknown built-in, a module or file that cannot be imported, no such class, or a class
+        that is not a Flower ``Strategy``: one line naming what to fix.
+    """
+    if name in BUILTIN:
+        return BUILTIN[name]
+    how = HOW.format(builtin=", ".join(BUILTIN))
+    if ":" not in name:
+        raise ConfigError(f"unknown strategy {name!r}; {how}")
+    where, _, attr = name.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise ConfigError(f"strategy {name!r} is not \"module:Class\" or \"file.py:Class\"; {how}")
+    module = _load_file(where, name) if where.endswith(".py") or "/" in where else _import(where, name)
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ConfigError(f"strategy {name!r}: {where} has no {attr!r}; " + how)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy {name!r}: {attr} is not a subclass of flwr.serverapp.strategy.Strategy "
+                          "(subclass FedAvg, or another Flower strategy, and override what you change)")
+    return cls
+
+
+def _import(module: str, name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"strategy {name!r}: cannot import {module} ({exc}); is it on PYTHONPATH?") from exc
+
+
+def _load_file(where: str, name: str):
+    path = Path(where).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"strategy {name!r}: no file {path}")
+    key = f"scaleot_fed_user_strategy_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    if key in sys.modules:  # one module per file, however often it is named
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's file raises, said in one line
+        del sys.modules[key]
+        raise ConfigError(f"strategy {name!r}: {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
+    """Instantiate strategy ``name`` with its keyword ``params``; clear error on unknown ones."""
+    cls = resolve_strategy(name)
+    params = dict(params or {})
+    clash = sorted(set(params) & set(TAKE_ALL))
+    if clash:
+        raise ConfigError(f"strategy params {clash} are set by the run ([run] clients_per_round), not the strategy")
+    try:
+        return cls(**TAKE_ALL, **params)
+    except TypeError as exc:
+        raise ConfigError(f"strategy {name}: {exc}") from exc
