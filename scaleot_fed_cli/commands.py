@@ -314,10 +314,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from recipes.study import load_study_config
-    from recipes.study_federated import StudyFederation
-    from recipes.study_markdown import closing_text
-    from recipes.study_report import report_study
-    from recipes.study_run import run_study
+    from recipes.study.federated import StudyFederation
+    from recipes.study.markdown import closing_text
+    from recipes.study.report import report_study
+    from recipes.study.run import run_study
 
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out
@@ -325,7 +325,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     # the federated rows come from the simulations package, a program beside the study
     federation = StudyFederation.load(config, args.config) if config.study.federated else None
     if args.plan:
-        from recipes.study_plan import plan_study
+        from recipes.study.plan import plan_study
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
@@ -337,7 +337,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_verdicts(args: argparse.Namespace) -> None:
-    from recipes.study_verdicts import write_verdicts
+    from recipes.study.verdicts import write_verdicts
 
     print(write_verdicts(args.results, args.into))
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from scaleot_fed.env import configure_environment
@@ -244,18 +245,29 @@ def _personal_baseline(config: FedConfig, model: torch.nn.Module, tokenizer, val
     return {"local-acc": evaluate_multiple_choice(model, tokenizer, items, batch_size=config.run.eval_batch_size)["acc"]}
 
 
-# Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
-@app.train(mods=[secure_mod, dp_mod(_privacy_of)])
-def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+@dataclass
+class _Job:
+    """One owner's training round, decoded from the server's message."""
+
+    config: FedConfig
+    pid: int
+    sha: str
+    round_: int
+    cfg: ConfigRecord
+    train_items: list
+    val_items: list
+    model: torch.nn.Module
+    names: tuple[str, ...]
+    received: ArrayRecord
+    local: FinetuneConfig
+
+
+def _decode(msg: Message, context: Context) -> _Job:
+    """The run's config, this owner's data, and the model with the server's state loaded."""
     config, pid, sha, (train_items, val_items) = _setup(msg, context)
     cfg = _run_config(msg)
     round_ = int(cfg["round"])
-    failure = config.debug.fail.get(str(pid))
-    if failure in ("raise", "slow"):  # chaos drills: an owner that fails, or one too slow for round_timeout
-        if failure == "raise":
-            raise RuntimeError(f"injected failure in client {pid}")
-        time.sleep(config.debug.slow_seconds)
+    _inject_failure(config, pid, "before")
     owner_ft = owner_finetune(config, cfg)
     model, names = trainable_model(sha, owner_ft)
     if is_secure(msg):  # the legacy layout carries a list in the exchange order
@@ -263,49 +275,73 @@ def train(msg: Message, context: Context) -> Message:
     else:
         received = msg.content["arrays"]
     _load(model, names, received, msg)
-    local = dataclasses.replace(
-        owner_ft,
-        seed=hash((config.run.seed, round_, pid)) % (2**31),
-        eval_items=len(val_items),
-        eval_every=owner_ft.steps,
-        select_best=False,
-    )
+    local = dataclasses.replace(owner_ft, seed=hash((config.run.seed, round_, pid)) % (2**31),
+                                eval_items=len(val_items), eval_every=owner_ft.steps, select_best=False)
+    return _Job(config, pid, sha, round_, cfg, train_items, val_items, model, names, received, local)
+
+
+def _train(job: _Job):
+    """Local training of the exchanged state (LoRA's A frozen where the strategy asks)."""
     frozen = []
-    if bool(cfg.get(FREEZE_LORA_A, False)):  # the strategy asks (FFA-LoRA): only B trains, averaging B is exact
-        frozen = [p for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad]
+    if bool(job.cfg.get(FREEZE_LORA_A, False)):  # the strategy asks (FFA-LoRA): only B trains, averaging B is exact
+        frozen = [p for n, p in job.model.named_parameters() if "lora_A" in n and p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
     try:
-        emulator = get_emulator(sha)
-        result = finetune(model, emulator.tokenizer, train_items, val_items, local, progress=False,
-                          proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+        return finetune(job.model, get_emulator(job.sha).tokenizer, job.train_items, job.val_items, job.local,
+                        progress=False, proximal_mu=float(job.cfg.get("proximal-mu", 0.0)))
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    state = exchange_state(model, names)
+
+
+def _encode(msg: Message, job: _Job, result, started: float) -> Message:
+    """The reply: the trained state and what the round cost and measured (masked by SecAgg+ when
+    the round is secure)."""
+    state = exchange_state(job.model, job.names)
     # How far training moved the state (before any DP clipping): the scale clipping_norm must fit.
-    update_norm = float(torch.sqrt(sum(((state[n] - torch.from_numpy(np.array(received[n].numpy()))) ** 2).sum()
-                                       for n in names)))
-    if failure == "nan":
-        state[names[0]] = torch.full_like(state[names[0]], float("nan"))
-    if failure == "wrong-keys":
-        state = {k + ".bogus": v for k, v in state.items()}
+    update_norm = float(torch.sqrt(sum(((state[n] - torch.from_numpy(np.array(job.received[n].numpy()))) ** 2).sum()
+                                       for n in job.names)))
+    state = _inject_failure(job.config, job.pid, "after", state)
     metrics = {
-        "num-examples": len(train_items),
+        "num-examples": len(job.train_items),
         UNIT_WEIGHT: 1,
         "train-loss": float(result.history[-1]["train_loss"]),
-        "train-steps": local.steps, "realign-version": int(cfg.get("realign-version", 0)),  # what it trained
+        "train-steps": job.local.steps, "realign-version": int(job.cfg.get("realign-version", 0)),  # what it trained
         "client-val-loss": float(result.best_val_loss),
         "client-val-loss-before": float(result.initial_val_loss),
         "update-norm": update_norm,
         # the round-cost breakdown: this owner's own work (setup, training, export) vs the round
         "client-seconds": time.perf_counter() - started,
         "client-train-seconds": result.seconds,
-    } | _personal_baseline(config, model, emulator.tokenizer, val_items)
+    } | _personal_baseline(job.config, job.model, get_emulator(job.sha).tokenizer, job.val_items)
     if is_secure(msg):  # secaggplus_mod masks this reply before it leaves
-        return legacy_train_reply(msg, [state[n].numpy() for n in names], len(train_items), metrics)
-    metrics = MetricRecord(metrics)
-    return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics}), reply_to=msg)
+        return legacy_train_reply(msg, [state[n].numpy() for n in job.names], len(job.train_items), metrics)
+    return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def _inject_failure(config: FedConfig, pid: int, when: str, state: dict | None = None) -> dict | None:
+    """``[debug] fail`` (chaos drills): before training, an owner that raises or is too slow for
+    ``round_timeout``; after it, one that sends NaN or the wrong tensors."""
+    failure = config.debug.fail.get(str(pid))
+    if when == "before" and failure == "raise":
+        raise RuntimeError(f"injected failure in client {pid}")
+    if when == "before" and failure == "slow":
+        time.sleep(config.debug.slow_seconds)
+    if when == "after" and failure == "nan":
+        state[next(iter(state))] = torch.full_like(next(iter(state.values())), float("nan"))
+    if when == "after" and failure == "wrong-keys":
+        state = {k + ".bogus": v for k, v in state.items()}
+    return state
+
+
+# Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
+@app.train(mods=[secure_mod, dp_mod(_privacy_of)])
+def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    job = _decode(msg, context)
+    return _encode(msg, job, _train(job), started)
 
 
 @app.evaluate()

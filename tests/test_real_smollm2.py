@@ -110,3 +110,26 @@ def test_a_gguf_file_is_a_model_converted_once(smollm2, tmp_path, monkeypatch):
         (tmp_path / "two" / name).write_bytes(b"")
     with pytest.raises(ConfigError, match="holds 2 .gguf files"):
         resolve_model_path(str(tmp_path / "two"))
+
+
+def test_scoring_matches_lm_evaluation_harness_item_by_item(smollm2):
+    """tests/data/lm_eval_golden.json holds lm-eval 0.4.13's own per-choice log-likelihoods of this
+    very model (its fingerprint recorded) on the first 24 PIQA and ARC-Easy validation items, made
+    with lm-eval's task templates (benchmarks/lm_eval_golden.py, in an environment of its own).
+    Our templates give the same items, and our scoring the same numbers, to 1e-4."""
+    from pathlib import Path
+
+    from scaleot_fed.evaluate import score_items
+    from scaleot_fed.models import model_fingerprint
+    from scaleot_fed.tasks import load_task
+
+    golden = json.loads((Path(__file__).parent / "data" / "lm_eval_golden.json").read_text())
+    assert golden["fingerprint"] == model_fingerprint(smollm2.model)  # the weights the numbers came from
+    for task in ("piqa", "arc_easy"):
+        expected = [i for i in golden["items"] if i["task"] == task]
+        ours = load_task(task, "validation", limit=len(expected))
+        assert [(i.context, list(i.choices), i.gold) for i in ours] == [
+            (e["context"], e["choices"], e["gold"]) for e in expected]
+        scores = score_items(smollm2.model, smollm2.tokenizer, ours, batch_size=8)
+        for got, want in zip(scores, expected):
+            assert got == pytest.approx(want["loglik"], abs=1e-4), want["context"][:60]

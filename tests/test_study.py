@@ -222,7 +222,7 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     import numpy as np
 
     from recipes.study import ClaimSection, StudyConfig, StudySection
-    from recipes.study_report import write_report
+    from recipes.study.report import write_report
     from scaleot_fed.rundir import RowCache
     from scaleot_fed.single_owner import EmulatorSection
 
@@ -301,7 +301,7 @@ def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
 
 def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
     from recipes.study import StudySection
-    from recipes.study_data import check_task_data
+    from recipes.study.data import check_task_data
     from scaleot_fed.errors import ConfigError
 
     saved = {"tasks": ["piqa", "hellaswag", "arc_easy"], "eval_limits": {"hellaswag": 2000}}  # before random_subsets
@@ -323,7 +323,8 @@ def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
 
 def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     from recipes.study import StudySection
-    from recipes.study_data import task_items, task_tokens
+    from recipes.study.costs import task_tokens
+    from recipes.study.data import task_items
     from scaleot_fed.finetune import FinetuneConfig
 
     short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
@@ -409,8 +410,7 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
 
 
 def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_model_dir, gpt2_tokenizer):
-    from recipes import study_ledger as ledger
-    from recipes.study import Grid, StudyConfig, StudySection
+    from recipes.study import Grid, StudyConfig, StudySection, ledger
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
     from scaleot_fed.single_owner import EmulatorSection
@@ -437,8 +437,7 @@ def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, ti
     one, it would differ), naming what to delete; a ranking nothing was built from may change."""
     import dataclasses
 
-    from recipes import study_ledger as ledger
-    from recipes.study import Grid, StudyConfig, StudySection
+    from recipes.study import Grid, StudyConfig, StudySection, ledger
     from scaleot_fed.config import as_dict
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
@@ -468,7 +467,7 @@ def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, ti
 
 
 def test_the_eta_is_the_timed_units_rate_times_what_is_left():
-    from recipes.study_data import eta_line
+    from recipes.study.costs import eta_line
 
     left = [("stage 1 na4-a0.5 seed 2", 1e6), ("piqa: full zero-shot", 1e6), ("piqa: u seed 0 fine-tune + plug-in", 2e6)]
     assert eta_line([], 0.0, left) is None  # nothing has run: no rate yet
@@ -572,7 +571,7 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
 
 def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
     from recipes.study import load_study_config
-    from recipes.study_run import run_study
+    from recipes.study.run import run_study
     from scaleot_fed.errors import ConfigError
 
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m").replace('"uniform"', '"other"'))
@@ -593,7 +592,7 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
 
 
 def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
-    from recipes.study_markdown import _claims
+    from recipes.study.markdown import _claims
 
     claim = {"claim": "a beats b", "task": "piqa", "kind": "greater", "margin": 0.0, "difference": 0.05,
              "ci95": [0.01, 0.09], "n": 100, "verdict": "holds"}
@@ -610,7 +609,7 @@ def test_a_verdict_from_fewer_seeds_than_the_study_is_marked_provisional():
 
 
 def test_a_printed_interval_shows_which_side_of_a_boundary_each_bound_is_on():
-    from recipes.study_markdown import interval
+    from recipes.study.markdown import interval
 
     def shown(lo: float, hi: float, kind: str = "greater", margin: float = 0.0) -> str:
         return interval({"ci95": [lo, hi], "kind": kind, "margin": margin})
@@ -627,8 +626,8 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
     """A user's task file (absolute path) is one folder name in the run folder and in ``items/``;
     nothing is written beside the file."""
     from recipes.study import StudyConfig, StudySection, task_folder
-    from recipes.study_report import report_study
-    from recipes.study_run import run_study
+    from recipes.study.report import report_study
+    from recipes.study.run import run_study
     from scaleot_fed.errors import ConfigError
 
     data = tmp_path / "data"
@@ -653,7 +652,7 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
 def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
     import os
 
-    from recipes.study_plan import plan_line
+    from recipes.study.plan import plan_line
     from scaleot_fed.rundir import lock_run_dir, mark_running, running_unit, unlock_run_dir
 
     out = tmp_path / "run"
@@ -682,7 +681,7 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
     import numpy as np
 
     from recipes.study import ClaimSection, StudyConfig, StudySection
-    from recipes.study_report import write_report
+    from recipes.study.report import write_report
     from scaleot_fed.rundir import RowCache
     from scaleot_fed.single_owner import EmulatorSection
 

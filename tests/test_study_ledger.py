@@ -1,4 +1,4 @@
-"""The study's ledger (recipes.study_ledger): a fresh checkout gets its finished rows back from
+"""The study's ledger (recipes.study.ledger): a fresh checkout gets its finished rows back from
 the committed results, and only rows made with the same config."""
 
 import gzip
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recipes import study_ledger as ledger
+from recipes.study import ledger
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import RowCache
 

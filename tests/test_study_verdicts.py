@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from recipes.study_verdicts import BEGIN, END, POOLED, verdict_table
+from recipes.study.verdicts import BEGIN, END, POOLED, verdict_table
 from scaleot_fed.errors import ConfigError
 from scaleot_fed_cli.main import main
 
@@ -49,7 +49,7 @@ def test_the_table_replaces_only_the_part_between_its_markers(tmp_path, capsys):
     assert "| c | full |" in text and text.count(BEGIN) == 1
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ConfigError, match="needs one"):
-        from recipes.study_verdicts import write_verdicts
+        from recipes.study.verdicts import write_verdicts
 
         write_verdicts([str(tmp_path / "s1")], [str(tmp_path / "plain.md")])
     assert main(["verdicts", str(tmp_path / "missing")]) == 2

@@ -121,7 +121,7 @@ def test_a_row_stored_removes_its_training_and_scoring_checkpoints(tmp_path):
 
 
 def test_a_plan_says_how_far_a_saved_training_and_scoring_got(tmp_path):
-    from recipes.study_plan import saved_state
+    from recipes.study.plan import saved_state
 
     Checkpoint(tmp_path / "t.pt").save({"progress": {"step": 40, "seconds": 90.0}})
     Checkpoint(tmp_path / "s.pt").save({"batches": {"packed 0": [0.5], "packed 8": [0.25]}})
@@ -132,7 +132,7 @@ def test_a_plan_says_how_far_a_saved_training_and_scoring_got(tmp_path):
 
 
 def test_a_plan_view_of_a_run_folder_never_reaches_its_saved_states(tmp_path):
-    from recipes.study_plan import mirror
+    from recipes.study.plan import mirror
     from scaleot_fed.rundir import RowCache
 
     rows = RowCache(tmp_path / "run" / "piqa")

@@ -1,5 +1,4 @@
-"""A study: the offsite pipeline over emulators x tasks x fine-tuning modes x seeds, with the
-claims it tests declared up front and decided by paired bootstrap intervals.
+"""The study's grid: the offsite pipeline over emulators x tasks x fine-tuning modes x seeds.
 
 The grid is a list of units (a stage-1 run, an emulator build, a training run, a scoring), each
 cached on disk as soon as it is done, so a stopped study continues where it was; a progress bar
@@ -20,7 +19,7 @@ Rows, per task (keys of the task's row cache):
   learning rates tried on the sweep emulator, judged by dev loss alone (no item is scored); the
   mode's cells wait until ``[study] mode_lrs`` declares the rate;
 * ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`recipes.study_federated`, given to :func:`recipes.study_run.run_study` by the CLI).
+  (:mod:`recipes.study.federated`, given to :func:`recipes.study.run.run_study` by the CLI).
 """
 
 from __future__ import annotations
@@ -42,21 +41,10 @@ from scaleot_fed.rundir import RowCache, cached_rows
 from scaleot_fed.single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
 from scaleot_fed.text import lambada_passages, token_blocks
 
-from . import study_ledger as ledger
-from .study_config import (  # noqa: F401  (the study's public names, re-exported)
-    GRID_EXTENT,
-    METRICS,
-    ClaimSection,
-    StudyConfig,
-    StudySection,
-    chosen_rate,
-    load_study_config,
-    row_families,
-    seeded,
-    sweep_key,
-    task_folder,
-)
-from .study_data import emulator_blocks, eta_line, model_facts, task_items, task_tokens
+from . import ledger
+from .config import StudyConfig, chosen_rate, seeded, sweep_key, task_folder
+from .costs import emulator_blocks, eta_line, model_facts, task_tokens
+from .data import task_items
 
 
 @dataclass
@@ -133,7 +121,7 @@ class Grid:
         return changes
 
     def check_rebuild(self, path: Path, seed: int) -> bool:
-        """Whether the ledger records the stage-1 run at ``path`` (:func:`recipes.study_ledger.check_rebuild`)."""
+        """Whether the ledger records the stage-1 run at ``path`` (:func:`recipes.study.ledger.check_rebuild`)."""
         meta = path / "layer_replace.json"
         return bool(self.records) and ledger.check_rebuild(ledger.stage1_record(self.records, meta), meta,
                                                             ledger.same_stage1, self.made_from(self.users(path, seed), seed))
@@ -372,7 +360,7 @@ class Grid:
 
     # -- data -------------------------------------------------------------------------------
     def items(self, task: str) -> tuple:
-        """``(train, dev, evaluation)`` of ``task`` (:func:`recipes.study_data.task_items`), read once."""
+        """``(train, dev, evaluation)`` of ``task`` (:func:`recipes.study.data.task_items`), read once."""
         if task not in self._items:
             self._items[task] = task_items(self.config.study, task)
         return self._items[task]

@@ -15,7 +15,7 @@ from scaleot_fed.finetune import MODES
 from scaleot_fed.single_owner import EmulatorSection
 from scaleot_fed.tasks import ANCHOR_SPLITS, SPLITS
 
-from .offsite import PipelineSections, read_pipeline_toml
+from ..offsite import PipelineSections, read_pipeline_toml
 
 METRICS = ("acc", "acc_norm")
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
@@ -66,7 +66,7 @@ class StudySection:
     """Per-task exceptions to ``eval_limit`` (e.g. ``{ hellaswag = 2000 }``)."""
     random_subsets: list[str] = field(default_factory=list)
     """Tasks whose ``train_limit`` / eval limit keep a fixed pseudo-random subset, the same in every
-    cell (:mod:`recipes.study_data`), instead of the first items: for files ordered by source
+    cell (:mod:`recipes.study.data`), instead of the first items: for files ordered by source
     (HellaSwag's first 2,000 validation items are all ActivityNet, none WikiHow)."""
     eval_batch_size: int = 16
     full_finetune_lrs: list[float] = field(default_factory=list)
@@ -81,7 +81,7 @@ class StudySection:
     federated: str | None = None
     """A simulation config (``simulations/configs/...``) run once per seed on its ``[run] task``
     with the ``[[emulator]]`` its ``[emulator] name`` names: the rows ``federated/...`` and, on the
-    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study_federated`)."""
+    same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study.federated`)."""
     resamples: int = 10_000
     """Bootstrap resamples per confidence interval."""
 

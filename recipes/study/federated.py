@@ -23,7 +23,7 @@ from scaleot_fed.rundir import RowCache
 from simulations.checkpoint import has_checkpoint
 from simulations.config import FedConfig, load_fed_config
 
-from .study_config import FEDERATED_SIDES, StudyConfig
+from .config import FEDERATED_SIDES, StudyConfig
 
 ROWS = ("emulator_finetune", "plug_in")
 

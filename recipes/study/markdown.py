@@ -1,5 +1,5 @@
 """The study's report in words and pictures: ``REPORT.md``, ``rows.png`` and ``claims.png``, from
-the summary :func:`recipes.study_report.write_report` builds (every number from it)."""
+the summary :func:`recipes.study.report.write_report` builds (every number from it)."""
 
 from __future__ import annotations
 

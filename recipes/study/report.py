@@ -1,7 +1,7 @@
 """The study's report, made from the run folder's rows and the ledger alone: ``summary.json``,
 ``REPORT.md``, ``rows.png`` (every row per task, mean over seeds with its 95 % interval),
 ``claims.png`` and the per-item files ``items/<task>/<row>.loglik.json.gz``
-(:mod:`recipes.study_ledger`). Rewritten after every unit, so a stopped study has a true report
+(:mod:`recipes.study.ledger`). Rewritten after every unit, so a stopped study has a true report
 of what it has so far."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from scaleot_fed.files import write_atomic
 from scaleot_fed.rundir import write_json
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
-from . import study_ledger as ledger
-from .study import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
+from . import ledger
+from .config import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 
@@ -121,7 +121,7 @@ class _Cache:
 
 def families(config: StudyConfig) -> list[str]:
     """Every row family of the grid, in report order."""
-    from .study import row_families
+    from .config import row_families
 
     known = row_families(config)
     return [f for f in FAMILY_ORDER if f in known] + sorted(known - set(FAMILY_ORDER))
@@ -169,7 +169,7 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "stage1_stability": stage1_stability(records), "budgets": budgets(records, facts or {}),
         "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
-    from .study_markdown import plot_claims, plot_rows, report_markdown
+    from .markdown import plot_claims, plot_rows, report_markdown
 
     write_json(results / "summary.json", summary)
     write_atomic(results / "REPORT.md", report_markdown(summary))
@@ -345,8 +345,9 @@ def report_study(config: StudyConfig) -> dict:
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
 
-    from .study import GRID_EXTENT
-    from .study_data import TASK_DATA, model_facts
+    from .config import GRID_EXTENT
+    from .costs import model_facts
+    from .data import TASK_DATA
 
     out = Path(config.study.out)
     results = Path(config.study.results or out)

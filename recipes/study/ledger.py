@@ -8,7 +8,7 @@ and lives beside the report:
 
 * ``items/<task>/<row>.loglik.json.gz``: a scored row, whole: ``acc``, ``acc_norm``, its other
   fields under ``record`` (dev losses, training stats) and its per-item log-likelihoods
-  (``<task>``: :func:`recipes.study_config.task_folder`, the task's name unless given by path);
+  (``<task>``: :func:`recipes.study.config.task_folder`, the task's name unless given by path);
 * ``ledger/config.json``: the config the rows were made with (checked like the run folder's);
 * ``ledger/units.jsonl``: the wall seconds and estimated cost of every unit the study ran (the
   compute-used line; the ETA's rate);
@@ -29,8 +29,8 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
 from scaleot_fed.rundir import RowCache, config_changes, write_json
 
-from .study_config import StudyConfig, task_folder
-from .study_data import check_task_data
+from .config import StudyConfig, task_folder
+from .data import check_task_data
 
 LEDGER = "ledger"
 SCORES = ("acc", "acc_norm")
@@ -118,7 +118,7 @@ def check_config(results: Path, config: dict, may_change: tuple[str, ...]) -> bo
 def check_resume(out: Path, results: Path, config: StudyConfig) -> None:
     """Emulators may be added to a study, not changed under a name its cached rows (in the run
     folder or the ledger) already use; a task's items may change only while it has no results
-    (:func:`recipes.study_data.check_task_data`)."""
+    (:func:`recipes.study.data.check_task_data`)."""
     saved = saved_config(out, results)
     if saved is None:
         return

@@ -1,5 +1,5 @@
 """``scaleot-fed study``: run (or resume) a study's grid unit by unit, rewriting its report as
-units finish (:mod:`recipes.study` is the grid, :mod:`recipes.study_report` the report)."""
+units finish (:mod:`recipes.study` is the grid, :mod:`recipes.study.report` the report)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import mark_running, open_run_dir
 
-from . import study_ledger as ledger
-from .study import GRID_EXTENT, StudyConfig, open_grid
-from .study_data import TASK_DATA
+from . import ledger
+from .config import GRID_EXTENT, StudyConfig
+from .data import TASK_DATA
+from .grid import open_grid
 
 REPORT_EVERY = 120.0
 """Seconds between rewrites of the report while the grid runs (and once at the end)."""
@@ -21,12 +22,12 @@ REPORT_EVERY = 120.0
 def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False,
               federation=None) -> dict:
     """Run (or resume) the grid; after every unit, rewrite the summary and the report
-    (:mod:`recipes.study_report`). ``federation`` runs the ``[study] federated`` rows (a
-    :class:`recipes.study_federated.StudyFederation`, which the ``study`` command passes). Returns
+    (:mod:`recipes.study.report`). ``federation`` runs the ``[study] federated`` rows (a
+    :class:`recipes.study.federated.StudyFederation`, which the ``study`` command passes). Returns
     the summary."""
     from tqdm.auto import tqdm
 
-    from .study_report import write_report
+    from .report import write_report
 
     study = config.study
     if study.federated and federation is None:

@@ -21,10 +21,11 @@ from scaleot_fed.config import as_dict
 from scaleot_fed.rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
 from scaleot_fed.train_state import Checkpoint
 
-from . import study_ledger as ledger
-from .study import GRID_EXTENT, StudyConfig, open_grid
-from .study_config import task_folder
-from .study_data import TASK_DATA, unit_rate
+from . import ledger
+from .config import GRID_EXTENT, StudyConfig, task_folder
+from .costs import unit_rate
+from .data import TASK_DATA
+from .grid import open_grid
 
 
 def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[str, float]]:

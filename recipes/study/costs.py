@@ -1,45 +1,20 @@
-"""The study's data and what its ETA weighs.
+"""What the study's units cost, for its ETA and its budgets.
 
-A task's items are its first ``train_limit`` / eval-limit items, or for the tasks in
-``[study] random_subsets`` a fixed pseudo-random subset (:func:`scaleot_fed.tasks.sample_items`):
-the same in every cell, so rows stay paired item by item. Items may change while a task has no
-results, never under finished rows (:func:`check_task_data`).
-
-The ETA counts tokens with the model's tokenizer on the task's own items: tasks differ about six
-times in tokens per choice (OpenBookQA ~7, HellaSwag ~40), so a count per item would misjudge
-every task but the one it was fitted on.
+Costs are estimated block-token passes (a token through one decoder block, forward or backward),
+counted with the model's tokenizer on each task's own items: tasks differ about six times in
+tokens per choice (OpenBookQA ~7, HellaSwag ~40), so a count per item would misjudge every task
+but the one it was fitted on. The ETA multiplies them by the rate the finished units measured.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import TARGET_DELIMITER
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.single_owner import EmulatorSection
-from scaleot_fed.tasks import MCItem, load_task
-
-from .study_config import StudySection, task_folder
-
-SUBSET_SEED = 0
-"""The seed of ``random_subsets``' draw: fixed, not a study seed, so every cell sees the same items."""
-
-
-def sample_seed(study: StudySection, task: str) -> int | None:
-    return SUBSET_SEED if task in study.random_subsets else None
-
-
-def task_items(study: StudySection, task: str) -> tuple[list[MCItem], list[MCItem], list[MCItem]]:
-    """``(train, dev, evaluation)`` of a task: the last ``dev_items`` of its training items are the dev set."""
-    seed = sample_seed(study, task)
-    train_all = load_task(task, "train", study.train_limit, seed)
-    if len(train_all) <= study.dev_items:
-        raise ConfigError(f"{task}: {len(train_all)} training items, need more than dev_items={study.dev_items}")
-    evaluation = load_task(task, study.eval_split_of(task), study.eval_limit_of(task), seed)
-    return train_all[: -study.dev_items], train_all[-study.dev_items :], evaluation
+from scaleot_fed.tasks import MCItem
 
 
 @dataclass(frozen=True)
@@ -70,32 +45,6 @@ def emulator_blocks(layers: int, section: EmulatorSection) -> float:
     middle = layers - section.num_adapter_layers
     return section.num_adapter_layers + middle * section.method.middle_runs(section.alpha) * (
         0.5 + 0.5 * section.rank_keep_ratio)
-
-
-ITEM_KEYS = ("train_limit", "dev_items", "eval_limit", "eval_limits", "random_subsets", "eval_split", "eval_splits")
-TASK_DATA = tuple(f"study.{key}" for key in ITEM_KEYS)
-"""``[study]`` keys that choose a task's items: a resumed study may change them for tasks with no results."""
-
-
-def check_task_data(folders: list[Path], before: dict, study: StudySection) -> None:
-    """Refuse a change of a task's items (``before``: the run's saved ``[study]``) where the task has
-    results in one of ``folders`` (the run folder, the ledger's items): its rows and trained
-    adapters were made on the old items."""
-    defaults = StudySection()  # (for keys a run saved before they existed)
-    old = {k: before.get(k, getattr(defaults, k)) for k in ITEM_KEYS}
-    new = {k: getattr(study, k) for k in ITEM_KEYS}
-
-    def items(s: dict, task: str) -> tuple:
-        split = StudySection(tasks=study.tasks, eval_split=s["eval_split"], eval_splits=s["eval_splits"]).eval_split_of(task)
-        return (s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"],
-                split)
-
-    changed = [t for t in study.tasks if items(old, t) != items(new, t)
-               and any(p.is_file() for f in folders for p in (f / task_folder(t)).rglob("*"))]
-    if changed:
-        raise ConfigError(f"{folders[0]}: the items of {changed} changed ({', '.join(TASK_DATA)}), but those tasks have "
-                          "results made on the old items; restore the old values, or delete the tasks' folders "
-                          "(in the run folder and in the results' items/) to score them again")
 
 
 def unit_rate(log: list[dict], finished: float) -> tuple[float, str]:
