@@ -74,7 +74,7 @@ def main() -> None:
     full_params, emu_params = count_parameters(loaded.model), count_parameters(emulator.model)
     report = {
         "model": args.model,
-        "emulator": {"strategy": "scaleot", "num_adapter_layers": args.adapters, "alpha": args.alpha,
+        "emulator": {"method": "scaleot", "num_adapter_layers": args.adapters, "alpha": args.alpha,
                      "rank_keep_ratio": args.rank_keep_ratio},
         "params_full": full_params,
         "params_emulator": emu_params,

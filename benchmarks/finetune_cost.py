@@ -209,7 +209,7 @@ def main() -> None:
     print(f"emulator + LoRA / full FT: tokens/s {speed:.2f}x (FLOP ideal {flop_ideal:.2f}x, "
           f"{speed / flop_ideal:.0%} of it); peak memory {memory:.2f}x (byte ideal {memory_ideal:.2f}x, "
           f"measured/ideal {memory / memory_ideal:.2f})")
-    report = {"model": args.model, "emulator": {"strategy": "scaleot", "num_adapter_layers": args.adapters,
+    report = {"model": args.model, "emulator": {"method": "scaleot", "num_adapter_layers": args.adapters,
                                                 "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio},
               "task": "piqa", "batch": BATCH, "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
               "speed_ratio": speed, "flop_ideal_ratio": flop_ideal, "memory_ratio": memory,

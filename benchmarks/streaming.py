@@ -128,7 +128,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         return
     if args.step == "build":
-        peak, seconds = peak_of(cli + ["build-emulator", "--model", str(work / "model"), "--strategy", "uniform-drop",
+        peak, seconds = peak_of(cli + ["build-emulator", "--model", str(work / "model"), "--method", "uniform-drop",
                                        "--adapters", "4", "--alpha", "0.5", "--rank-keep-ratio", "0.5",
                                        "--out", str(work / "emulator"), "--stream", "--overwrite"])
         size = (work / "emulator" / "model.safetensors").stat().st_size

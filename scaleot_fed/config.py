@@ -7,6 +7,7 @@ import functools
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     label = f"[{where}] " if where else ""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{label or cls.__name__ + ' '}must be a table of key = value pairs, got {_show(data)}")
+    data = _renamed(cls, data, label)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)
     if unknown:
@@ -49,6 +51,24 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise type(exc)(f"{label}{exc}") from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{label}{exc}") from exc
+
+
+def _renamed(cls: type, data: Mapping[str, Any], label: str) -> Mapping[str, Any]:
+    """``data`` with the keys ``cls.RENAMED`` lists (old -> new) under their new names, each
+    with a one-line warning; both spelled at once is an error."""
+    renamed = getattr(cls, "RENAMED", {})
+    found = [old for old in renamed if old in data]
+    if not found:
+        return data
+    data = dict(data)
+    for old in found:
+        new = renamed[old]
+        if new in data:
+            raise ConfigError(f"{label}{old} and {new} are one key ({old} is its old name); keep {new}")
+        warnings.warn(f"{label}{old} is now called {new}; write {new} = {_show(data[old])}", FutureWarning,
+                      stacklevel=3)
+        data[new] = data.pop(old)
+    return data
 
 
 @functools.cache

@@ -92,7 +92,7 @@ def _meta_emulator(full: nn.Module, config: EmulatorConfig, harmonizer_rank: int
     arch = architecture_of(full)
     blocks = get_layers(full, arch)
     middle = middle_layers(len(blocks), config.num_adapter_layers)
-    layout = plan_layout(len(blocks), config, config.method.sizing_inputs(middle, config.alpha))
+    layout = plan_layout(len(blocks), config, config.emulator_strategy.sizing_inputs(middle, config.alpha))
     model = copy.deepcopy(full)
     source = get_layers(model, arch)
     new = []

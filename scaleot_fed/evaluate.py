@@ -1,4 +1,5 @@
-"""Zero-shot evaluation the way lm-evaluation-harness does it (see shared EVAL-NOTES).
+"""Zero-shot evaluation the way lm-evaluation-harness does it (its scoring rules, as this module
+follows them, are below; ``tests/test_real_smollm2.py`` checks the numbers against lm-eval itself).
 
 Each choice is the continuation ``" " + choice`` after the context; its score is the sum of the
 log-probabilities of its tokens. ``acc`` takes the best score, ``acc_norm`` the best score divided

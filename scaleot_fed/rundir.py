@@ -197,6 +197,10 @@ def check_run_dir(out: Path, config: dict[str, Any], may_change: tuple[str, ...]
 def config_changes(saved: dict[str, Any], config: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys of ``config`` that differ from the ``saved`` snapshot, but those in
     ``may_change`` (a section name or a dotted key)."""
+    from .emulator.config import upgrade_saved
+
+    saved = upgrade_saved(saved)  # a snapshot written before a key was renamed compares in today's keys
+
     def allowed(key: str) -> bool:  # the key or a section above it (study.mode_lrs covers study.mode_lrs.full)
         parts = key.split(".")
         return any(".".join(parts[:i]) in may_change for i in range(1, len(parts) + 1))

@@ -108,10 +108,10 @@ class EmulatorSection(EmulatorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.distill and self.strategy != "uniform-drop":
-            raise ConfigError("distill = true is Offsite-Tuning's emulator: it needs strategy = \"uniform-drop\"")
+        if self.distill and self.method != "uniform-drop":
+            raise ConfigError("distill = true is Offsite-Tuning's emulator: it needs method = \"uniform-drop\"")
         if not self.name:
-            self.name = f"{self.strategy}-a{self.alpha}-r{self.rank_keep_ratio}"
+            self.name = f"{self.method}-a{self.alpha}-r{self.rank_keep_ratio}"
 
     def emulator_dir(self, out: Path) -> Path:
         """Where the emulator is: ``path`` if given, else ``out/<name>/emulator``."""
@@ -130,7 +130,7 @@ def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer
         return load_emulator(edir)
     importance = _importance(section, full, tokenizer, layer_replace, model_name, out, log)
     base = EmulatorConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(EmulatorConfig)})
-    calibration = base.method.calibration(tokenizer, lambada_passages()) if base.method.needs_calibration else None
+    calibration = base.emulator_strategy.calibration(tokenizer, lambada_passages()) if base.emulator_strategy.needs_calibration else None
     emulator = build_emulator(full, base, importance, source_model=model_name, calibration=calibration)
     if importance is not None:
         emulator.manifest["build_cost"] = {"kind": "layer-replace"} | importance.meta["cost"]

@@ -90,11 +90,11 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     from scaleot_fed.text import load_text_corpus
 
     # Validated before anything heavy is loaded.
-    config = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
+    config = from_dict(EmulatorConfig, {"method": args.method, "num_adapter_layers": args.adapters,
                                         "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
                                         "dtype": args.dtype})
     importance = load_artifact(args.importance) if args.importance else None
-    texts = load_text_corpus(args.calibration) if config.method.needs_calibration else None
+    texts = load_text_corpus(args.calibration) if config.emulator_strategy.needs_calibration else None
     check_output(args.out, args.overwrite)
     if args.stream:
         from scaleot_fed.emulator.streaming import build_emulator_streaming, local_folder
@@ -107,9 +107,9 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
         return
     print(f"build-emulator: loading {args.model} ...", flush=True)
     loaded = load_model(args.model)
-    print(f"build-emulator: {config.strategy}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
+    print(f"build-emulator: {config.method}, N_a={config.num_adapter_layers}, alpha={config.alpha}, "
           f"rank_keep_ratio={config.rank_keep_ratio} (SRC factorises each kept middle block) ...", flush=True)
-    calibration = config.method.calibration(loaded.tokenizer, texts) if texts is not None else None
+    calibration = config.emulator_strategy.calibration(loaded.tokenizer, texts) if texts is not None else None
     emulator = build_emulator(loaded.model, config, importance, source_model=args.model, calibration=calibration)
     clear_output(args.out)
     out = save_emulator(emulator, args.out, tokenizer=loaded.tokenizer)

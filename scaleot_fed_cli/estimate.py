@@ -27,7 +27,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from scaleot_fed.finetune import FinetuneConfig
     from scaleot_fed.models import load_model_config
 
-    emulator = from_dict(EmulatorConfig, {"strategy": args.strategy, "num_adapter_layers": args.adapters,
+    emulator = from_dict(EmulatorConfig, {"method": args.method, "num_adapter_layers": args.adapters,
                                           "alpha": args.alpha, "rank_keep_ratio": args.rank_keep_ratio,
                                           "dtype": args.emulator_dtype})
     finetune = from_dict(FinetuneConfig, {"mode": args.mode, "lora_r": args.lora_r, "dtype": args.dtype})
@@ -37,7 +37,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     client = est.client_bytes(device)
     server = est.full_bytes + est.emulator_bytes + int(PROCESS_BASELINE["cpu"])
     print(f"{args.model}: {est.full_params:,} parameters ({est.full_bytes / GB:.2f} GB as stored)")
-    print(f"emulator ({emulator.strategy}, N_a={emulator.num_adapter_layers}, alpha={emulator.alpha}, "
+    print(f"emulator ({emulator.method}, N_a={emulator.num_adapter_layers}, alpha={emulator.alpha}, "
           f"rank_keep_ratio={emulator.rank_keep_ratio}): {est.emulator_params:,} parameters "
           f"({est.emulator_params / est.full_params:.0%}), {est.emulator_bytes / GB:.2f} GB to send ({args.emulator_dtype})")
     print(f"trainable per owner ({finetune.mode}): {est.trainable_params:,} parameters; per round each owner "
@@ -66,9 +66,11 @@ def add_parser(sub, default_model: str, model_help: str) -> None:
     from scaleot_fed.emulator import EmulatorConfig, strategy_names
     from scaleot_fed.finetune import MODES
 
+    from .main import add_method_argument
+
     p = sub.add_parser("estimate", help="memory and bytes of a federation from the model's config (no weights)")
     p.add_argument("--model", default=default_model, help=model_help)
-    p.add_argument("--strategy", choices=strategy_names(), default="scaleot")
+    add_method_argument(p, strategy_names())
     p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a")
     p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha)
     p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio)

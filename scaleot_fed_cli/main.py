@@ -24,6 +24,23 @@ MODEL_HELP = "local HF folder, hub id, or the offline alias smollm2-135m (defaul
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
+class _OldFlag(argparse.Action):
+    """A renamed flag, still accepted: sets the new one's value and says the new name (one line)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"scaleot-fed: {option_string} is now called --method", file=sys.stderr)
+        if values not in self.choices:
+            parser.error(f"argument --method: invalid choice: {values!r} (choose from {', '.join(self.choices)})")
+        setattr(namespace, self.dest, values)
+
+
+def add_method_argument(p: argparse.ArgumentParser, names: list[str]) -> None:
+    """``--method`` (the emulator strategy by name) and its old spelling ``--strategy``."""
+    p.add_argument("--method", choices=names, default="scaleot",
+                   help="the emulator's method: " + ", ".join(names) + " (or one registered from your code)")
+    p.add_argument("--strategy", dest="method", action=_OldFlag, choices=names, help=argparse.SUPPRESS)
+
+
 def _scalar_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -67,7 +84,7 @@ def _stage_parsers(sub) -> None:
 
     p = sub.add_parser("build-emulator", help="stage 2: build an emulator (N_a, alpha, rank_keep_ratio)")
     p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument("--strategy", choices=strategy_names(), default="scaleot")
+    add_method_argument(p, strategy_names())
     p.add_argument("--adapters", type=int, default=EmulatorConfig.num_adapter_layers, help="N_a, even (default 4)")
     p.add_argument("--alpha", type=float, default=EmulatorConfig.alpha, help="share of middle blocks replaced (default 0.5)")
     p.add_argument("--rank-keep-ratio", type=float, default=EmulatorConfig.rank_keep_ratio,

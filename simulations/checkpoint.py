@@ -44,7 +44,7 @@ def save_aggregate(arrays: ArrayRecord, path: Path) -> None:
 
 
 @dataclass
-class Checkpoint:
+class RoundState:
     """What a resumed server needs (besides the config and the emulator)."""
 
     round: int
@@ -59,13 +59,13 @@ class Checkpoint:
     """The emulator tensors ``[realign]`` changed, as the owners now hold them (empty: none)."""
 
 
-def save_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
+def save_checkpoint(out: Path, ckpt: RoundState, sha: str) -> None:
     """Write ``out/checkpoint`` for the emulator ``sha``, with the global RNG states of now."""
     with CHECKPOINT_LOCK:
         _write_checkpoint(out, ckpt, sha)
 
 
-def _write_checkpoint(out: Path, ckpt: Checkpoint, sha: str) -> None:
+def _write_checkpoint(out: Path, ckpt: RoundState, sha: str) -> None:
     final, tmp = out / LATEST, unique_tmp(out / LATEST)
     tmp.mkdir(parents=True)
     save_aggregate(ckpt.arrays, tmp / "aggregate.safetensors")
@@ -123,7 +123,7 @@ def read_state(out: Path) -> tuple[Path, dict]:
     raise ConfigError(f"{out} has no usable checkpoint to resume from ({'; '.join(problems)})")
 
 
-def load_checkpoint(out: Path, sha: str) -> Checkpoint:
+def load_checkpoint(out: Path, sha: str) -> RoundState:
     """Read the newest usable checkpoint of ``out`` and restore the global RNG states it saved.
 
     Raises
@@ -137,7 +137,7 @@ def load_checkpoint(out: Path, sha: str) -> Checkpoint:
     torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
-    return Checkpoint(
+    return RoundState(
         round=state["round"],
         arrays=ArrayRecord(torch_state_dict=load_file(str(ckpt / "aggregate.safetensors"))),
         strategy_state=pickle.loads((ckpt / "strategy.pkl").read_bytes()),

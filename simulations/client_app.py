@@ -41,7 +41,7 @@ from .config import FedConfig, fed_config_from_json  # noqa: E402
 from .owners import owner_finetune  # noqa: E402
 from .partition import client_data, local_data  # noqa: E402
 from .privacy import UNIT_WEIGHT, dp_mod  # noqa: E402
-from .realignment import apply_realigned, received_realigned  # noqa: E402
+from .realign_rounds import apply_realigned, received_realigned  # noqa: E402
 from .secure import is_secure, legacy_config, legacy_parameters, legacy_train_reply, secure_mod  # noqa: E402
 
 app = ClientApp()

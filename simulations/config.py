@@ -247,9 +247,12 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         if self.secure_aggregation.enabled:
-            if self.strategy.name != "fedavg":
-                raise ConfigError(f"[secure_aggregation] averages with FedAvg (the server never sees single updates, "
-                                  f"so it cannot run {self.strategy.name!r}); set [strategy] name = \"fedavg\"")
+            from strategies import requirements_of, resolve_strategy
+
+            if not requirements_of(resolve_strategy(self.strategy.name)).sum_based:
+                raise ConfigError(f"[secure_aggregation] reveals only the sum of the owners' updates, and strategy "
+                                  f"{self.strategy.name!r} needs each one (it is not sum-based); use fedavg, fedprox, "
+                                  "fedadam, fedyogi or fedavgm")
             if self.privacy.enabled:
                 raise ConfigError("[secure_aggregation] and [privacy] cannot be combined yet; choose one")
             if self.run.clients_per_round < 2:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
@@ -31,12 +31,12 @@ from scaleot_fed.rundir import lock_run_dir, write_json
 from scaleot_fed.single_owner import prepare_emulator
 from strategies.replies import pad_replies, reply_problem
 
-from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
+from .checkpoint import RoundState, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
 from .delivery import deliver
 from .owners import expected_state, owner_eval_items, personalise, score_with_owners
 from .privacy import PrivacyLedger, make_strategy
-from .realignment import Realigner
+from .realign_rounds import Realigner
 from .report import emulator_bytes, final_table, per_owner_summary, plot_partitions, write_metrics
 from .secure import max_examples, secure_round
 
@@ -246,20 +246,32 @@ class FederatedRun:
                                            "realign_bytes_down": realign_bytes}
 
     def _train_secure(self, grid: Grid, view: Grid, nodes: list[int], partitions: list[int], round_: int):
-        """One SecAgg+ round: the server learns the average, never a single owner's update."""
-        new_arrays, stats = secure_round(grid, nodes, self.arrays, self._train_config(round_), round_,
-                                         self.config.secure_aggregation, max_examples(self.config, self.deployed))
+        """One SecAgg+ round: the server learns the owners' (example-weighted) mean, never a single
+        owner's update; the configured strategy, a sum-based one, then aggregates that mean as it
+        would the replies (FedAvg keeps it, FedAdam / FedYogi / FedAvgM take their server step)."""
+        # what the strategy sends this round (FedProx's proximal-mu, FFA-LoRA's frozen A), and the
+        # state it keeps for its aggregate (the arrays sent)
+        instructions = list(self.strategy.configure_train(round_, self.arrays, self._train_config(round_), view))
+        config = instructions[0].content["config"] if instructions else self._train_config(round_)
+        mean, stats = secure_round(grid, nodes, self.arrays, config, round_, self.config.secure_aggregation,
+                                   max_examples(self.config, self.deployed))
         self.owner_metrics = {}  # the server sees only the sum
         summed = set(stats.pop("nodes"))
         failed = [p for p in partitions if self.partition_to_node.get(p) not in summed]
         if failed:
             log.warning("round %d: clients %s are not in the secure sum (dropped out)", round_, failed)
         self._enough(round_, len(summed), partitions, failed)
-        if new_arrays is None:
+        if mean is None:
             raise RoundFailed(f"round {round_}: secure aggregation halted (too few owners left to unmask the sum; "
                               f"reconstruction_threshold={self.config.secure_aggregation.reconstruction_threshold})")
-        return new_arrays, stats.pop("metrics"), stats | {
-            "successful": len(summed), "failed": failed}
+        seen = stats.pop("metrics") or {}
+        # the mean as the one reply the strategy aggregates: weight = every summed owner's examples
+        reply = Message(RecordDict({"arrays": mean, "metrics": MetricRecord(
+            {**seen, "num-examples": stats.pop("examples")})}), reply_to=instructions[0])
+        new_arrays, _ = self.strategy.aggregate_train(round_, [reply])
+        if new_arrays is None:
+            raise RoundFailed(f"round {round_}: the strategy produced no aggregate from the secure sum")
+        return new_arrays, seen or None, stats | {"successful": len(summed), "failed": failed}
 
     def _enough(self, round_: int, good: int, partitions: list[int], failed: list[int]) -> None:
         if good < self.config.run.min_successful_clients:
@@ -293,7 +305,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ checkpoints and reports
 
     def save_checkpoint(self, round_: int) -> None:
-        save_checkpoint(self.out, Checkpoint(round_, self.arrays, self.base_strategy.__dict__, self.metrics,
+        save_checkpoint(self.out, RoundState(round_, self.arrays, self.base_strategy.__dict__, self.metrics,
                                              self.bytes_down_total, self.bytes_up_total, as_dict(self.config),
                                              self.realigner.state), self.sha)
 

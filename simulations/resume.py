@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleot_fed.config import as_dict
+from scaleot_fed.emulator.config import upgrade_saved
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import changed_keys
 
@@ -40,7 +41,7 @@ def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None
         path = run_dir / "config.json"
         if not path.is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
-        data = apply_overrides(json.loads(path.read_text()), overrides or {})
+        data = apply_overrides(upgrade_saved(json.loads(path.read_text())), overrides or {})
     data.setdefault("debug", {})["stop_after_round"] = None  # a resumed run goes to the end
     data["run"]["out"] = str(run_dir)
     return fed_config_from_dict(data, str(config_file or run_dir / "config.json"))
@@ -60,6 +61,7 @@ def check_resume(config: FedConfig, out: Path) -> None:
         log.warning("the checkpoint in %s predates config checks on resume: changes are not verified", out)
         return
     new = json.loads(json.dumps(as_dict(config)))
+    recorded = upgrade_saved(recorded)  # (a checkpoint written before a key was renamed, in today's keys)
     changed = [k for k in changed_keys(recorded, new) if k not in IGNORED_ON_RESUME]
     unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
     if unsafe:

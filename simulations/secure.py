@@ -9,7 +9,9 @@ pairwise masks (Diffie-Hellman) and share their mask secrets (Shamir), so the se
 the sum, even after dropouts down to the reconstruction threshold, and nothing else.
 
 What the server gives up: it cannot check single updates (NaN, wrong shapes) or run robust
-aggregation (Krum, trimmed mean) on them; it still sees each owner's train-loss metric.
+aggregation (Krum, trimmed mean) on them; it still sees each owner's train-loss metric. The run's
+strategy aggregates the mean when it is sum-based (its aggregate needs only the mean:
+:class:`strategies.ClientRequirements` ``sum_based``); any other is refused by name.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def secure_round(grid, node_ids: list[int], arrays: ArrayRecord, train_config: C
     metrics = {k: sum(n * float(m[k]) for _, n, m in seen) / examples for k in sorted(keys)} if examples else None
     stats = {"bytes_down": recorder.bytes_down, "bytes_up": recorder.bytes_up,
              "plaintext_arrays_seen": recorder.plaintext_arrays, "nodes": [node for node, _, _ in seen],
-             "metrics": metrics}
+             "metrics": metrics, "examples": examples}
     if not seen:  # the workflow halted before unmasking
         return None, stats
     return ArrayRecord({n: _array(v, arrays[n]) for n, v in zip(names, result)}), stats

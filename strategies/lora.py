@@ -25,7 +25,9 @@ class FFALoRA(FedAvg):
     carries the A it was sent: a client that moved A would make the average inexact.
     """
 
-    client_requirements = ClientRequirements(mode="lora", freeze_lora_a=True, local_dp=False, sum_based=True)
+    # a mean, but not sum-based for SecAgg+: its check that every owner kept A exactly cannot pass
+    # through SecAgg+'s quantisation (and local DP's noise would move A too)
+    client_requirements = ClientRequirements(mode="lora", freeze_lora_a=True, local_dp=False, sum_based=False)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -35,7 +35,7 @@ def run(argv, capsys):
 
 
 def test_build_info_and_plug_in(workspace, capsys, tmp_path):
-    rc, out, _ = run(["build-emulator", "--model", str(workspace / "model"), "--strategy", "scaleot", "--adapters", "2",
+    rc, out, _ = run(["build-emulator", "--model", str(workspace / "model"), "--method", "scaleot", "--adapters", "2",
                       "--alpha", "0.5", "--rank-keep-ratio", "0.5", "--importance", str(workspace / "importance"),
                       "--out", str(tmp_path / "emu")], capsys)
     assert rc == 0 and "wrote emulator to" in out
@@ -75,12 +75,12 @@ def _bad_cases(ws, tmp):
     model = str(ws / "model")
     build = ["build-emulator", "--model", model, "--out", str(tmp / "e")]
     return {
-        "alpha": (build + ["--strategy", "uniform-drop", "--alpha", "1.5"], "alpha must be in [0, 1]"),
-        "ratio": (build + ["--strategy", "uniform-drop", "--rank-keep-ratio", "-0.2"], "rank_keep_ratio must be in (0, 1]"),
-        "odd": (build + ["--strategy", "uniform-drop", "--adapters", "3"], "even"),
-        "too_many": (build + ["--strategy", "uniform-drop", "--adapters", "6"], "smaller than"),
-        "no_importance": (build + ["--strategy", "scaleot"], "layer-replace"),
-        "missing_model": (["build-emulator", "--model", str(tmp / "nope"), "--strategy", "uniform-drop", "--out",
+        "alpha": (build + ["--method", "uniform-drop", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+        "ratio": (build + ["--method", "uniform-drop", "--rank-keep-ratio", "-0.2"], "rank_keep_ratio must be in (0, 1]"),
+        "odd": (build + ["--method", "uniform-drop", "--adapters", "3"], "even"),
+        "too_many": (build + ["--method", "uniform-drop", "--adapters", "6"], "smaller than"),
+        "no_importance": (build + ["--method", "scaleot"], "layer-replace"),
+        "missing_model": (["build-emulator", "--model", str(tmp / "nope"), "--method", "uniform-drop", "--out",
                            str(tmp / "e")], "does not exist"),
         "not_emulator": (["info", str(tmp)], "not an emulator folder"),
         "bad_artifact": (build + ["--importance", str(tmp)], "not a layer-replace artifact"),
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_and_exit_2(workspace, capsys, tmp_path, case):
 
 def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "bert"), "--strategy", "uniform-drop", "--out",
+    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "bert"), "--method", "uniform-drop", "--out",
                       str(tmp_path / "e")], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "unsupported model 'bert'" in err and "tested families" in err and "llama" in err
@@ -110,7 +110,7 @@ def test_unknown_architecture_and_foreign_artifact(workspace, capsys, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         if (workspace / "model" / f).exists():
             (tmp_path / "other" / f).write_bytes((workspace / "model" / f).read_bytes())
-    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "other"), "--strategy", "scaleot", "--adapters", "2",
+    rc, _, err = run(["build-emulator", "--model", str(tmp_path / "other"), "--method", "scaleot", "--adapters", "2",
                       "--importance", str(workspace / "importance"), "--out", str(tmp_path / "e")], capsys)
     assert rc == 2 and "different model" in err
 
@@ -129,7 +129,7 @@ def test_tampered_emulator_via_real_process(workspace, tmp_path):
                           env=os.environ.copy())
     assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "scaleot_fed_cli", "build-emulator", "--strategy", "uniform-drop",
+    proc = subprocess.run([sys.executable, "-m", "scaleot_fed_cli", "build-emulator", "--method", "uniform-drop",
                            "--alpha", "7", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -184,7 +184,7 @@ def test_layer_replace_over_a_device_map_trains_what_the_placed_model_trains(wor
 def test_streaming_build_and_plug_in_commands(workspace, capsys, tmp_path):
     """``build-emulator --stream`` writes the emulator the in-memory command writes, byte for byte;
     ``plug-in --stream`` a sharded model with an index that loads."""
-    args = ["build-emulator", "--model", str(workspace / "model"), "--strategy", "uniform-drop", "--adapters", "2",
+    args = ["build-emulator", "--model", str(workspace / "model"), "--method", "uniform-drop", "--adapters", "2",
             "--alpha", "0.5", "--rank-keep-ratio", "0.5"]
     assert run(args + ["--out", str(tmp_path / "memory")], capsys)[0] == 0
     assert run(args + ["--out", str(tmp_path / "streamed"), "--stream"], capsys)[0] == 0

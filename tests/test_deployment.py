@@ -32,7 +32,7 @@ batch_size = 4
 lr = 5e-3
 
 [emulator]
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 """)

@@ -147,7 +147,7 @@ def test_artifact_made_with_more_adapters_is_refused(tokens, tmp_path):
         ({"alpha": -0.1}, "alpha"),
         ({"rank_keep_ratio": 2.0}, "rank_keep_ratio"),
         ({"num_adapter_layers": 3}, "even"),
-        ({"strategy": "magic"}, "unknown emulator strategy"),
+        ({"method": "magic"}, "unknown emulator strategy"),
     ],
 )
 def test_bad_emulator_config(kwargs, match):

@@ -39,11 +39,11 @@ def test_a_strategy_defined_in_a_test_file_builds_estimates_trains_and_plugs_in(
     layout = plan_layout(10, EmulatorConfig("keep-ends", 2, alpha=0.5), PlanInputs(0.5))
     assert [(e["source"], e["kind"]) for e in layout] == [(0, "adapter"), (1, "block"), (2, "block"), (3, "shared"),
                                                           (7, "block"), (8, "block"), (9, "adapter")]
-    assert main(["build-emulator", "--model", str(tiny_model_dir), "--strategy", "keep-ends", "--adapters", "2",
+    assert main(["build-emulator", "--model", str(tiny_model_dir), "--method", "keep-ends", "--adapters", "2",
                  "--alpha", "0.5", "--out", str(tmp_path / "emu")]) == 0
     manifest = json.loads((tmp_path / "emu" / "manifest.json").read_text())
     assert manifest["strategy"] == "keep-ends" and manifest["shared_layers"] and manifest["dropped_layers"]
-    assert main(["estimate", "--model", str(tiny_model_dir), "--strategy", "keep-ends", "--adapters", "2",
+    assert main(["estimate", "--model", str(tiny_model_dir), "--method", "keep-ends", "--adapters", "2",
                  "--alpha", "0.5", "--seq-len", "16"]) == 0
     assert "emulator (keep-ends" in capsys.readouterr().out
     write_items(tmp_path / "items.jsonl", 24, seed=0)
@@ -69,3 +69,21 @@ def test_a_strategy_that_plans_what_it_may_not_is_refused(toy):
         register_strategy(type("Other", (KeepEnds,), {"name": "scaleot"})())
     with pytest.raises(ConfigError, match="unknown emulator strategy 'nope'; choose one of scaleot, "):
         EmulatorConfig("nope")
+
+
+def test_the_old_key_strategy_is_read_as_method_with_one_line_and_old_snapshots_compare_equal():
+    from scaleot_fed.config import as_dict, from_dict
+    from scaleot_fed.rundir import config_changes
+
+    with pytest.warns(FutureWarning, match=r"\[emulator\] strategy is now called method; write method = 'crash'"):
+        config = from_dict(EmulatorConfig, {"strategy": "crash", "alpha": 0.25}, "emulator")
+    assert config.method == "crash" and config.alpha == 0.25
+    with pytest.raises(ConfigError, match="strategy and method are one key"):
+        from_dict(EmulatorConfig, {"strategy": "crash", "method": "scaleot"}, "emulator")
+    # a run folder written before the rename: its snapshot says "strategy" and is the same config
+    new = {"emulators": [as_dict(config)], "strategy": {"name": "fedavg", "params": {}}}
+    saved = {"emulators": [{**{k: v for k, v in as_dict(config).items() if k != "method"}, "strategy": "crash"}],
+             "strategy": {"name": "fedavg", "params": {}}}
+    assert config_changes(saved, new) == []
+    saved["emulators"][0]["strategy"] = "scaleot"
+    assert config_changes(saved, new) == ["emulators"]

@@ -89,7 +89,7 @@ def _run_file(ws: Path, name: str, tiny_model_dir: Path, **run) -> Path:
               "eval_every": 1000, "final_table": False, "eval_batch_size": 8} | run
     body = "[run]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     body += ('[finetune]\nmode = "lora"\nsteps = 1\nbatch_size = 2\n'
-             '[emulator]\nstrategy = "uniform-drop"\nnum_adapter_layers = 2\nalpha = 0.5\n')
+             '[emulator]\nmethod = "uniform-drop"\nnum_adapter_layers = 2\nalpha = 0.5\n')
     path = ws / f"{name}.toml"
     path.write_text(body)
     return path
@@ -261,7 +261,7 @@ def test_adapters_larger_than_the_model_fail_before_ray(ws, tiny_model_dir, caps
 
 def test_outputs_are_never_replaced_silently_and_get_the_usual_permissions(ws, tiny_model_dir, tmp_path, capsys):
     emulator = tmp_path / "emu"
-    build = ["build-emulator", "--model", str(tiny_model_dir), "--strategy", "uniform-drop", "--adapters", "2",
+    build = ["build-emulator", "--model", str(tiny_model_dir), "--method", "uniform-drop", "--adapters", "2",
              "--out", str(emulator)]
     assert _main(*build, capsys=capsys)[0] == 0
     code, err = _main(*build, capsys=capsys)

@@ -40,7 +40,7 @@ def _config(root, out, **run):
         "partition": {"kind": "iid"},
         "strategy": {"name": "fedavg"},
         "finetune": {"mode": "lora", "steps": 2, "batch_size": 4, "lr": 5e-3},
-        "emulator": {"strategy": "uniform-drop", "num_adapter_layers": 2, "alpha": 0.5},
+        "emulator": {"method": "uniform-drop", "num_adapter_layers": 2, "alpha": 0.5},
     }
     return data
 
@@ -246,8 +246,23 @@ def test_secure_aggregation_equals_fedavg_and_the_server_sees_no_update(fed):
     assert rounds[0]["bytes_up"] > plain_rounds[0]["bytes_up"]  # masked vectors + key shares
 
 
+def test_secure_aggregation_runs_the_configured_sum_based_strategy(fed):
+    """FedAdam under SecAgg+: its server step on the securely summed mean, as without SecAgg+ (up
+    to quantisation), and not FedAvg's plain mean."""
+    def run(out, secure):
+        config = _config(fed, out, clients_per_round=3, num_rounds=1, client_eval=False)
+        config["strategy"] = {"name": "fedadam", "params": {"eta": 0.05}}
+        if secure:
+            config["secure_aggregation"] = {"enabled": True}
+        return _aggregate(simulate(fed_config_from_dict(config)))
+
+    plain, secure, fedavg = run("adam-plain", False), run("adam-sa", True), _aggregate(_fedavg_one_round(fed))
+    assert all(torch.allclose(plain[k], secure[k], rtol=0, atol=1e-4) for k in plain)
+    assert max(float((secure[k] - fedavg[k]).abs().max()) for k in secure) > 1e-3
+
+
 @pytest.mark.parametrize("change,match", [
-    ({"strategy": {"name": "krum"}}, "averages with FedAvg"),
+    ({"strategy": {"name": "krum"}}, "strategy .krum. needs each one \\(it is not sum-based\\)"),
     ({"privacy": {"mode": "local"}}, "cannot be combined"),
 ])
 def test_secure_aggregation_config_errors(fed, change, match):
@@ -321,7 +336,7 @@ def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
                      per_owner_eval=True, per_owner_items=5, per_owner_local=True, final_table=True,
                      emulator_eval=True)
     config["partition"] = {"kind": "task", "tasks": [["t0"], ["t1"], ["t2"]]}
-    config["emulator"] = {"strategy": "scaleot", "num_adapter_layers": 2, "alpha": 0.5, "rank_keep_ratio": 0.5}
+    config["emulator"] = {"method": "scaleot", "num_adapter_layers": 2, "alpha": 0.5, "rank_keep_ratio": 0.5}
     config["layer_replace"] = {"steps": 2, "batch_size": 2, "block_size": 16, "harmonizer_rank": 8}
     config["realign"] = {"every": 1, "steps": 2, "batch_size": 2, "block_size": 16, "text": str(corpus)}
     config["strategy"] = {"name": "ffa-lora"}

@@ -42,20 +42,20 @@ harmonizer_rank = 4
 
 [[emulator]]
 name = "scaleot"
-strategy = "scaleot"
+method = "scaleot"
 num_adapter_layers = 2
 alpha = 0.5
 rank_keep_ratio = 0.5
 
 [[emulator]]
 name = "uniform"
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 
 [[emulator]]
 name = "crash"
-strategy = "crash"
+method = "crash"
 num_adapter_layers = 2
 alpha = 0.5
 """
@@ -137,7 +137,7 @@ def test_offsite_user_file_needs_an_eval_task(setup, capsys):
 
 
 def test_finetune_command_on_an_emulator(setup, capsys, monkeypatch):
-    assert main(["build-emulator", "--model", str(setup / "model"), "--strategy", "uniform-drop", "--adapters", "2",
+    assert main(["build-emulator", "--model", str(setup / "model"), "--method", "uniform-drop", "--adapters", "2",
                  "--out", str(setup / "emu")]) == 0
     assert main(["finetune", "--model", str(setup / "emu"), "--task", str(setup / "train.jsonl"), "--mode", "full",
                  "--steps", "3", "--batch-size", "4", "--dev-items", "8", "--no-progress", "--save-every", "0",

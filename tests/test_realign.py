@@ -92,8 +92,8 @@ def test_the_server_realigns_on_its_own_text_and_never_reads_owner_data(setting,
     """The model owner's re-alignment reads its text corpus and nothing a data owner holds."""
     import scaleot_fed.tasks as tasks
     import simulations.partition as partition
-    import simulations.realignment as realignment
-    from simulations.realignment import Realigner
+    import simulations.realign_rounds as realignment
+    from simulations.realign_rounds import Realigner
 
     _, emulator, trainable, teacher = setting
 

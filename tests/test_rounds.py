@@ -13,7 +13,7 @@ from simulations.config import fed_config_from_dict
 from simulations.federation import FederatedRun, _SelectedGrid
 from simulations.owners import personalise
 from simulations.privacy import make_strategy
-from simulations.realignment import Realigner
+from simulations.realign_rounds import Realigner
 
 from .test_strategies import task_identity  # noqa: F401  (messages outside an app need an identity)
 
@@ -120,13 +120,13 @@ def test_owner_tiers_are_drawn_with_the_seed_and_lists_are_checked():
 def test_a_checkpoint_keeps_the_realigned_emulator_and_resume_restores_it(tmp_path):
     """What the owners hold after a re-alignment survives a checkpoint: the tensors come back,
     the server's emulator gets them, and the version continues."""
-    from simulations.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from simulations.checkpoint import RoundState, load_checkpoint, save_checkpoint
 
     g = torch.Generator().manual_seed(4)
     realigned = {"model.layers.3.mlp.down_proj.weight": torch.randn(6, 5, generator=g)}
     arrays = ArrayRecord(torch_state_dict={"l.lora_B.weight": torch.randn(5, 4, generator=g)})
     rows = [{"round": 1, "realign": {"version": 1}}, {"round": 2, "realign": {"version": 2}}]
-    save_checkpoint(tmp_path, Checkpoint(2, arrays, {}, rows, 10, 20, None, realigned), "f" * 64)
+    save_checkpoint(tmp_path, RoundState(2, arrays, {}, rows, 10, 20, None, realigned), "f" * 64)
     ckpt = load_checkpoint(tmp_path, "f" * 64)
     assert ckpt.realigned.keys() == realigned.keys()
     assert all(torch.equal(ckpt.realigned[k], realigned[k]) for k in realigned)
@@ -137,5 +137,5 @@ def test_a_checkpoint_keeps_the_realigned_emulator_and_resume_restores_it(tmp_pa
     assert torch.equal(model.w.detach(), realigned["model.layers.3.mlp.down_proj.weight"]) and realigner.version == 2
     with pytest.raises(Exception, match="do not exist"):
         realigner.restore({"nope": torch.zeros(1)}, model, 3)
-    save_checkpoint(tmp_path / "plain", Checkpoint(1, arrays, {}, rows[:1], 1, 2), "f" * 64)
+    save_checkpoint(tmp_path / "plain", RoundState(1, arrays, {}, rows[:1], 1, 2), "f" * 64)
     assert load_checkpoint(tmp_path / "plain", "f" * 64).realigned == {}

@@ -49,20 +49,20 @@ block_size = 16
 
 [[emulator]]
 name = "ot-distilled"
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 distill = true
 
 [[emulator]]
 name = "uniform"
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 
 [[emulator]]
 name = "scaleot"
-strategy = "scaleot"
+method = "scaleot"
 num_adapter_layers = 2
 alpha = 0.5
 rank_keep_ratio = 0.5
@@ -198,7 +198,7 @@ def test_study_variant_emulator_must_exist(tmp_path):
     from scaleot_fed.errors import ConfigError
 
     (tmp_path / "s.toml").write_text('[study]\nvariant_emulator = "nope"\nvariant_modes = ["full"]\n'
-                                     '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+                                     '[[emulator]]\nname = "u"\nmethod = "uniform-drop"\n')
     with pytest.raises(ConfigError, match="not one of"):
         load_study_config(tmp_path / "s.toml")
 
@@ -207,7 +207,7 @@ def test_a_claim_must_name_rows_of_the_grid_and_a_close_claim_a_margin(tmp_path)
     from recipes.study import load_study_config
     from scaleot_fed.errors import ConfigError
 
-    head = '[study]\ntasks = ["piqa"]\n[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n'
+    head = '[study]\ntasks = ["piqa"]\n[[emulator]]\nname = "u"\nmethod = "uniform-drop"\n'
     (tmp_path / "s.toml").write_text(head + '[[claim]]\nclaim = "x"\na = "u/plug_in"\nb = "full_finetune"\n')
     with pytest.raises(ConfigError, match="names 'full_finetune', not a row of this grid"):
         load_study_config(tmp_path / "s.toml")  # no full_finetune_lrs: no full fine-tuning row
@@ -246,7 +246,7 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
               ClaimSection("adapters beat LoRA", "u:adapter/plug_in", "u/plug_in")]
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
                                             variant_modes=["adapter"], random_subsets=["piqa"]),
-                         emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
+                         emulators=[EmulatorSection(name="u", method="uniform-drop")], claims=claims)
     assert [config.cell_name(e, m) for e, m in config.cells()] == ["u", "u:adapter"]
     summary = write_report(config, tmp_path / "run", tmp_path / "results")
     verdicts = {c["claim"]: c for c in summary["claims"]}
@@ -294,7 +294,7 @@ def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
 
     for metrics in ('{ piqa = "f1" }', '{ hellaswag = "acc_norm" }'):
         (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["piqa"]\nmetrics = {metrics}\n'
-                                         '[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+                                         '[[emulator]]\nname = "u"\nmethod = "uniform-drop"\n')
         with pytest.raises(ConfigError, match="study.metrics"):
             load_study_config(tmp_path / "s.toml")
 
@@ -353,7 +353,7 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     monkeypatch.chdir(tmp_path)
     tasks = ["a.jsonl", "b.jsonl"]  # (task names: each task's rows live in <run>/<task_folder(task)>/)
     config = StudyConfig(study=StudySection(tasks=tasks, seeds=[0], train_limit=None, dev_items=4),
-                         emulators=[EmulatorSection(name="ot", strategy="uniform-drop", num_adapter_layers=2,
+                         emulators=[EmulatorSection(name="ot", method="uniform-drop", num_adapter_layers=2,
                                                     alpha=0.5, distill=True)])
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
     first, second = ({u.label.split(": ", 1)[1]: u.cost for u in grid.units(t)} for t in tasks)
@@ -371,7 +371,7 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     assert again["ot seed 0 fine-tune + plug-in"] == first["ot seed 0 fine-tune + plug-in"] + build
     assert {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[1])} == second
     # a ScaleOT emulator whose stage 1 only the ledger records: its first unit pays the rerun too
-    scaleot = EmulatorSection(name="s", strategy="scaleot", num_adapter_layers=2, alpha=0.5)
+    scaleot = EmulatorSection(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
     config = dataclasses.replace(config, emulators=[scaleot])
     grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
     (stage1,) = grid.stage1_units()
@@ -394,8 +394,8 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     monkeypatch.chdir(tmp_path)
-    sections = [EmulatorSection(name="ot", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
-                EmulatorSection(name="u", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5)]
+    sections = [EmulatorSection(name="ot", method="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
+                EmulatorSection(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)]
     config = StudyConfig(study=StudySection(tasks=["a.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4,
                                             full_finetune_lrs=[1e-4], attack_emulator="ot", attack_lrs=[1e-4, 1e-3]),
                          emulators=sections)
@@ -415,7 +415,7 @@ def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_
     from scaleot_fed.models import load_model
     from scaleot_fed.single_owner import EmulatorSection
 
-    section = EmulatorSection(name="u", strategy="uniform-drop", num_adapter_layers=2, alpha=0.5)
+    section = EmulatorSection(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
     full, records, logged = load_model(str(tiny_model_dir)).model, tmp_path / "ledger", []
     grid = Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records)
@@ -443,7 +443,7 @@ def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, ti
     from scaleot_fed.models import load_model
     from scaleot_fed.single_owner import EmulatorSection
 
-    section = EmulatorSection(name="s", strategy="scaleot", num_adapter_layers=2, alpha=0.5)
+    section = EmulatorSection(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
     config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
     records = tmp_path / "ledger"
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print, records=records)
@@ -504,7 +504,7 @@ max_length = 64
 
 [[emulator]]
 name = "uniform"
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 
@@ -576,7 +576,7 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
 
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m").replace('"uniform"', '"other"'))
     (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["arc_easy"]\nfederated = "{tmp_path / "fed.toml"}"\n'
-                                     f'out = "{tmp_path / "out"}"\n[[emulator]]\nname = "u"\nstrategy = "uniform-drop"\n')
+                                     f'out = "{tmp_path / "out"}"\n[[emulator]]\nname = "u"\nmethod = "uniform-drop"\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--no-progress"]) == 2  # before any work
     assert "'other' is not one of the [[emulator]] names ['u']; its task 'piqa' is not one of study.tasks" in \
         capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -586,7 +586,7 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m"))
     (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["piqa"]\nfederated = "{tmp_path / "fed.toml"}"\n'
                                      f'out = "{tmp_path / "out"}"\neval_limit = 6\nrandom_subsets = ["piqa"]\n'
-                                     '[[emulator]]\nname = "uniform"\nstrategy = "uniform-drop"\n')
+                                     '[[emulator]]\nname = "uniform"\nmethod = "uniform-drop"\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--no-progress"]) == 2
     assert "'piqa' is in study.random_subsets with an eval limit" in capsys.readouterr().err
 
@@ -700,7 +700,7 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
                 rows.put(f"u/seed{seed}/emulator_finetune", row([i < emu * n for i in range(n)]))
     claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune")]
     config = StudyConfig(study=StudySection(tasks=["piqa", "arc_easy"], seeds=[0, 1], resamples=300),
-                         emulators=[EmulatorSection(name="u", strategy="uniform-drop")], claims=claims)
+                         emulators=[EmulatorSection(name="u", method="uniform-drop")], claims=claims)
     found = {c["task"]: c for c in write_report(config, tmp_path / "run", tmp_path / "results")["claims"]}
     assert set(found) == {"piqa", "arc_easy"}  # arc_easy's emulator side has seed 0 only: no mean yet
     RowCache(tmp_path / "run" / "arc_easy").put("u/seed1/emulator_finetune", row([i < 150 for i in range(300)]))
@@ -738,7 +738,7 @@ eval_every = 1
 
 [[emulator]]
 name = "uniform"
-strategy = "uniform-drop"
+method = "uniform-drop"
 num_adapter_layers = 2
 alpha = 0.5
 

@@ -122,7 +122,7 @@ def test_alpha_zero_is_an_src_only_emulator():
 
 
 def test_the_full_model_emulator_is_refused_by_every_command(tmp_path, capsys, tiny_model_dir):
-    rc = main(["build-emulator", "--model", str(tiny_model_dir), "--strategy", "uniform-drop", "--adapters", "2",
+    rc = main(["build-emulator", "--model", str(tiny_model_dir), "--method", "uniform-drop", "--adapters", "2",
                "--alpha", "0", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert rc == 2 and "full model" in err and len(err.strip().splitlines()) == 1

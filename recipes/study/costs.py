@@ -43,7 +43,7 @@ def task_tokens(tokenizer, train: list[MCItem], evaluation: list[MCItem], finetu
 def emulator_blocks(layers: int, section: EmulatorSection) -> float:
     """Block-equivalents a token passes through in the emulator (for the ETA)."""
     middle = layers - section.num_adapter_layers
-    return section.num_adapter_layers + middle * section.method.middle_runs(section.alpha) * (
+    return section.num_adapter_layers + middle * section.emulator_strategy.middle_runs(section.alpha) * (
         0.5 + 0.5 * section.rank_keep_ratio)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
+from scaleot_fed.emulator.config import upgrade_saved
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
 from scaleot_fed.rundir import RowCache, config_changes, write_json
@@ -98,7 +99,7 @@ def saved_config(out: Path, results: Path) -> dict | None:
     """The config a study's results were made with: the run folder's, else the ledger's."""
     for path in (Path(out) / "config.json", ledger_dir(results) / "config.json"):
         if path.is_file():
-            return json.loads(path.read_text())
+            return upgrade_saved(json.loads(path.read_text()))  # (in today's keys)
     return None
 
 

@@ -41,14 +41,14 @@ def plan_layout(num_layers: int, config: EmulatorConfig, inputs: PlanInputs) -> 
         the kept block whose weights it runs). Dropped blocks have no entry.
     """
     middle = middle_layers(num_layers, config.num_adapter_layers)
-    replaced = config.method.replace(middle, int(round(config.alpha * len(middle))), inputs)
+    replaced = config.emulator_strategy.replace(middle, int(round(config.alpha * len(middle))), inputs)
     stray = [i for i in replaced if i not in middle]
     bad = [e for e in replaced.values() if e is not None and (e.get("kind") not in STAND_INS or
                                                              (e["kind"] == "shared") != ("of" in e))]
     kept = set(middle) - set(replaced)
     unkept = [e["of"] for e in replaced.values() if e is not None and "of" in e and e["of"] not in kept]
     if stray or bad or unkept:
-        raise ConfigError(f"emulator strategy {config.strategy!r} planned {'blocks outside the middle ' + str(stray) if stray else ''}"
+        raise ConfigError(f"emulator strategy {config.method!r} planned {'blocks outside the middle ' + str(stray) if stray else ''}"
                           f"{' stand-ins it may not use ' + str(bad) if bad else ''}"
                           f"{' shared blocks that are not kept ' + str(unkept) if unkept else ''}; "
                           f"stand-ins are {', '.join(STAND_INS)} (shared with 'of': a kept middle block)")
@@ -114,7 +114,7 @@ def check_importance(config: EmulatorConfig, importance: LayerReplaceArtifact | 
         return importance.scores if importance is not None else None
     if importance is None:
         raise ConfigError(
-            f"strategy {config.strategy!r} needs a layer-replace artifact (--importance DIR); "
+            f"strategy {config.method!r} needs a layer-replace artifact (--importance DIR); "
             "make one with `scaleot-fed layer-replace`"
         )
     importance.check_fingerprint(facts["fingerprint"])
@@ -149,7 +149,7 @@ def build_emulator(
     """
     arch = architecture_of(model)
     facts = source_facts(model, model_fingerprint(model))
-    method = config.method
+    method = config.emulator_strategy
     middle = middle_layers(facts["num_layers"], config.num_adapter_layers)
     measured = method.measure(model, calibration, middle, config.alpha) if method.needs_calibration else None
     inputs = PlanInputs(config.alpha, check_importance(config, importance, facts), measured)
@@ -215,7 +215,7 @@ def _manifest(facts: dict, emulator_model: nn.Module, arch: Architecture, layout
         "model_type": facts["model_type"],
         "num_layers": num_layers,
         "emulator_num_layers": len(layout),
-        "strategy": config.strategy,
+        "strategy": config.method,  # (the file format's key: the emulator's method)
         "alpha": config.alpha,
         "rank_keep_ratio": config.rank_keep_ratio,
         "adapter_layers": kinds["adapter"],

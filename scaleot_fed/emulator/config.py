@@ -1,8 +1,13 @@
-"""What emulator to build: the strategy by name and ``(N_a, alpha, rank_keep_ratio)``."""
+"""What emulator to build: the method by name and ``(N_a, alpha, rank_keep_ratio)``.
+
+The key was called ``strategy`` until 2026-12-06, a word the run files also use for aggregation
+(``[strategy]``); a config or saved snapshot that still says ``strategy`` is read as ``method``
+(a config with a one-line warning naming the new key)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..devices import resolve_dtype
 from ..errors import ConfigError
@@ -17,7 +22,7 @@ class EmulatorConfig:
 
     Attributes
     ----------
-    strategy:
+    method:
         The emulator strategy, by name (:mod:`scaleot_fed.emulator.registry`): ``scaleot``,
         ``importance-drop``, ``uniform-drop``, ``crash`` or one a user registered.
     num_adapter_layers:
@@ -35,14 +40,14 @@ class EmulatorConfig:
         which; data owners train in their own ``[finetune] dtype`` whatever it is.
     """
 
-    strategy: str = "scaleot"
+    method: str = "scaleot"
     num_adapter_layers: int = 4
     alpha: float = 0.5
     rank_keep_ratio: float = 1.0
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        get_strategy(self.strategy)  # an unknown name is an error here, naming the known ones
+        get_strategy(self.method)  # an unknown name is an error here, naming the known ones
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 < float(self.rank_keep_ratio) <= 1.0:
@@ -55,11 +60,27 @@ class EmulatorConfig:
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
 
+    RENAMED: ClassVar[dict[str, str]] = {"strategy": "method"}
+    """Old key -> new key: read, with a warning (:func:`scaleot_fed.config.from_dict`)."""
+
     @property
-    def method(self) -> EmulatorStrategy:
-        """The strategy object this config names."""
-        return get_strategy(self.strategy)
+    def emulator_strategy(self) -> EmulatorStrategy:
+        """The strategy object :attr:`method` names."""
+        return get_strategy(self.method)
 
     @property
     def needs_importance(self) -> bool:
-        return self.method.needs_importance
+        return self.emulator_strategy.needs_importance
+
+
+def upgrade_saved(snapshot: Any) -> Any:
+    """A saved config snapshot (a run folder's ``config.json``) in today's keys: every emulator
+    section (a table with ``num_adapter_layers``) that says ``strategy`` says ``method``."""
+    if isinstance(snapshot, list):
+        return [upgrade_saved(v) for v in snapshot]
+    if not isinstance(snapshot, dict):
+        return snapshot
+    out = {k: upgrade_saved(v) for k, v in snapshot.items()}
+    if "num_adapter_layers" in out and isinstance(out.get("strategy"), str) and "method" not in out:
+        out["method"] = out.pop("strategy")
+    return out

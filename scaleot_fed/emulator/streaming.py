@@ -222,8 +222,8 @@ def build_emulator_streaming(folder: str | Path, config: EmulatorConfig, out: st
     from .build import check_importance, compress_block, finish_emulator, plan_layout, source_facts
     from .strategy import PlanInputs
 
-    if not config.method.streamable:
-        raise ConfigError(f"the {config.strategy} strategy measures the full model on calibration text before it "
+    if not config.emulator_strategy.streamable:
+        raise ConfigError(f"the {config.method} strategy measures the full model on calibration text before it "
                           "chooses; build it in memory (without --stream)")
     model, files = meta_model(folder)
     facts = source_facts(model, fingerprint_of(lazy_state(model, files)))
