@@ -206,9 +206,11 @@ class StrategyConfig:
     ``num_malicious_nodes`` (krum)."""
 
     def __post_init__(self) -> None:
-        from strategies import resolve_strategy
+        from strategies import check_strategy_name
 
-        resolve_strategy(self.name)  # imported now: a typo or a broken file is one line before anything starts
+        # the name's form only: a user's class is imported by the model owner before anything
+        # starts (runner.validate); data owners read this config too and never have that code
+        check_strategy_name(self.name)
 
 
 @dataclass
@@ -230,6 +232,15 @@ class DebugConfig:
                 raise ConfigError(f"debug.fail entries map partition ids to one of {FAILURE_KINDS}, got {pid}={kind}")
 
 
+def check_secure_strategy(name: str, strategy) -> None:
+    """SecAgg+ reveals only the sum: the strategy must aggregate from the mean alone."""
+    from strategies import requirements_of
+
+    if not requirements_of(strategy).sum_based:
+        raise ConfigError(f"[secure_aggregation] reveals only the sum of the owners' updates, and strategy {name!r} "
+                          "needs each one (it is not sum-based); use fedavg, fedprox, fedadam, fedyogi or fedavgm")
+
+
 @dataclass
 class FedConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -247,12 +258,10 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         if self.secure_aggregation.enabled:
-            from strategies import requirements_of, resolve_strategy
+            from strategies import BUILTIN
 
-            if not requirements_of(resolve_strategy(self.strategy.name)).sum_based:
-                raise ConfigError(f"[secure_aggregation] reveals only the sum of the owners' updates, and strategy "
-                                  f"{self.strategy.name!r} needs each one (it is not sum-based); use fedavg, fedprox, "
-                                  "fedadam, fedyogi or fedavgm")
+            if self.strategy.name in BUILTIN:  # (a user's class: checked where it is imported, runner.validate)
+                check_secure_strategy(self.strategy.name, BUILTIN[self.strategy.name])
             if self.privacy.enabled:
                 raise ConfigError("[secure_aggregation] and [privacy] cannot be combined yet; choose one")
             if self.run.clients_per_round < 2:

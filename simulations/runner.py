@@ -12,7 +12,7 @@ configure_environment()
 from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
 from scaleot_fed.rundir import check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
 
-from .config import FedConfig  # noqa: E402
+from .config import FedConfig, check_secure_strategy  # noqa: E402
 from .guard import stop_cleanly  # noqa: E402
 from .resume import check_resume  # noqa: E402
 
@@ -73,8 +73,10 @@ def validate(config: FedConfig) -> None:
         architecture_of(model)
         middle_layers(int(model.num_hidden_layers), config.emulator.num_adapter_layers)
     # what the strategy declares it needs of the owners (FFA-LoRA: LoRA, A frozen, no local DP)
-    check_requirements(config.strategy.name, resolve_strategy(config.strategy.name), config.finetune.mode,
-                       config.privacy.mode)
+    strategy = resolve_strategy(config.strategy.name)
+    check_requirements(config.strategy.name, strategy, config.finetune.mode, config.privacy.mode)
+    if config.secure_aggregation.enabled:
+        check_secure_strategy(config.strategy.name, strategy)
     check_client_devices(config)
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
     too_small = [i for i, n in enumerate(sizes) if n < 2]

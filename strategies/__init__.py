@@ -12,8 +12,9 @@ subclassing or wrapping it, never by forking the loop.
 """
 
 from .lora import FFALoRA, pad_rank, rank_axis, slice_rank
-from .registry import BUILTIN, build_strategy, resolve_strategy
+from .registry import BUILTIN, build_strategy, check_strategy_name, resolve_strategy
 from .requirements import FREEZE_LORA_A, ClientRequirements, check_requirements, requirements_of
 
 __all__ = ["BUILTIN", "FFALoRA", "FREEZE_LORA_A", "ClientRequirements", "build_strategy", "check_requirements",
+           "check_strategy_name",
            "pad_rank", "rank_axis", "requirements_of", "resolve_strategy", "slice_rank"]

@@ -44,6 +44,20 @@ HOW = ('name a built-in ({builtin}), or your own Flower Strategy subclass as "pa
        '"path/to/file.py:Class"')
 
 
+def check_strategy_name(name: str) -> None:
+    """Refuse a name that is neither a built-in nor ``"module:Class"`` / ``"file.py:Class"``,
+    importing nothing: what every process that reads a run's config (the data owners' too, which
+    never have the model owner's strategy code) can check."""
+    if name in BUILTIN:
+        return
+    how = HOW.format(builtin=", ".join(BUILTIN))
+    if ":" not in name:
+        raise ConfigError(f"unknown strategy {name!r}; {how}")
+    where, _, attr = name.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise ConfigError(f"strategy {name!r} is not \"module:Class\" or \"file.py:Class\"; {how}")
+
+
 def resolve_strategy(name: str) -> type[Strategy]:
     """The strategy class ``name`` stands for (importing a user's module or file once).
 
@@ -53,14 +67,11 @@ def resolve_strategy(name: str) -> type[Strategy]:
         Unknown built-in, a module or file that cannot be imported, no such class, or a class
         that is not a Flower ``Strategy``: one line naming what to fix.
     """
+    check_strategy_name(name)
     if name in BUILTIN:
         return BUILTIN[name]
     how = HOW.format(builtin=", ".join(BUILTIN))
-    if ":" not in name:
-        raise ConfigError(f"unknown strategy {name!r}; {how}")
     where, _, attr = name.rpartition(":")
-    if not where or not attr.isidentifier():
-        raise ConfigError(f"strategy {name!r} is not \"module:Class\" or \"file.py:Class\"; {how}")
     module = _load_file(where, name) if where.endswith(".py") or "/" in where else _import(where, name)
     cls = getattr(module, attr, None)
     if cls is None:

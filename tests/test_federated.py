@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
 from scaleot_fed.errors import ConfigError, ScaleOTError
@@ -405,5 +407,29 @@ def test_a_bad_strategy_name_is_one_line_before_anything_starts(fed, name, match
     config = _config(fed, "bad-strategy")
     config["strategy"] = {"name": name}
     with pytest.raises(ConfigError, match=match):
-        fed_config_from_dict(config)
+        validate(fed_config_from_dict(config))  # (only the name's form is checked where the config is read)
     assert not (fed / "bad-strategy").exists()
+
+
+class HalfStepFedAvg(FedAvg):
+    """A strategy defined only here, named "tests.test_federated:HalfStepFedAvg": the server moves
+    half way from the state it sent to the owners' mean."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent = {name: a.numpy() for name, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        mean, metrics = super().aggregate_train(server_round, replies)
+        return ArrayRecord({n: Array((self.sent[n] + 0.5 * (a.numpy() - self.sent[n])).astype(a.numpy().dtype))
+                            for n, a in mean.items()}), metrics
+
+
+def test_a_strategy_defined_in_a_test_module_runs_by_module_and_class(fed):
+    config = _config(fed, "half-step", clients_per_round=3, num_rounds=1)
+    config["strategy"] = {"name": "tests.test_federated:HalfStepFedAvg"}
+    half = _aggregate(simulate(fed_config_from_dict(config)))
+    mean = _aggregate(_fedavg_one_round(fed))
+    b = [k for k in half if "lora_B" in k]  # zero before round 1: half of the mean's step
+    assert b and all(torch.allclose(half[k], 0.5 * mean[k], atol=1e-6) for k in b)
+    assert max(float(mean[k].abs().max()) for k in b) > 1e-4
