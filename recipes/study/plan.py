@@ -45,14 +45,15 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
         view = mirror(out, Path(scratch))
         ledger.restore(view, results, as_dict(config), study.tasks, may_change, lambda *_: None)
         units, done, _ = open_grid(config, view, results, log, federation)
+        why = [None if d else u.waits() for u, d in zip(units, done)]  # (read while the view exists)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
     waits: dict[str, int] = {}
-    for u, d in zip(units, done):
+    for u, d, reason in zip(units, done, why):
         if not d:
-            log(plan_line(u.label, u.cost, rate, now) + ("; waits" if u.waits() else ""))
-            if why := u.waits():
-                waits[why] = waits.get(why, 0) + 1
+            log(plan_line(u.label, u.cost, rate, now) + ("; waits" if reason else ""))
+            if reason:
+                waits[reason] = waits.get(reason, 0) + 1
     for why, count in waits.items():
         log(f"study: {count} units wait: {why}")
     for task in study.tasks:
