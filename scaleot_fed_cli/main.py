@@ -41,6 +41,13 @@ def add_method_argument(p: argparse.ArgumentParser, names: list[str]) -> None:
     p.add_argument("--strategy", dest="method", action=_OldFlag, choices=names, help=argparse.SUPPRESS)
 
 
+def _output_arguments(p: argparse.ArgumentParser, out_help: str, stream_help: str) -> None:
+    """``--out``, ``--overwrite`` and ``--stream`` of the commands that write a model folder."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--stream", action="store_true", help="never hold the full model: " + stream_help)
+
+
 def _scalar_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -94,22 +101,16 @@ def _stage_parsers(sub) -> None:
                    help="text crash clusters the blocks on: 'lambada' (offline), a .txt/.jsonl file or a folder")
     p.add_argument("--dtype", default=EmulatorConfig.dtype, choices=("auto", "float32", "bfloat16", "float16"),
                    help="precision the emulator is stored and shipped in (auto: the model's; bfloat16 halves it)")
-    p.add_argument("--out", required=True, help="emulator folder to write")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--stream", action="store_true",
-                   help="never hold the full model: read its safetensors tensor by tensor, one block at a time "
-                        "(checkpoints bigger than memory; the same files as without it)")
+    _output_arguments(p, "emulator folder to write", "read its safetensors tensor by tensor, one block at a time "
+                      "(checkpoints bigger than memory; the same files as without it)")
     p.set_defaults(func=c.cmd_build_emulator)
 
     p = sub.add_parser("plug-in", help="put trained adapter blocks into the full model")
     p.add_argument("--model", default=c.DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--emulator", required=True, help="emulator folder the state was trained on")
     p.add_argument("--trained", required=True, help="adapter state (.safetensors) or peft LoRA folder")
-    p.add_argument("--out", required=True, help="folder for the plugged-in model")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--stream", action="store_true",
-                   help="never hold the full model: read and write it one block at a time (sharded safetensors "
-                        "with an index; LoRA folders and full/BitFit states)")
+    _output_arguments(p, "folder for the plugged-in model", "read and write it one block at a time (sharded "
+                      "safetensors with an index; LoRA folders and full/BitFit states)")
     p.set_defaults(func=c.cmd_plug_in)
 
 

@@ -781,7 +781,9 @@ def test_a_modes_rate_is_swept_by_dev_loss_alone_and_declared_before_its_cells_r
     assert [c["mode"] for c in summary["claims"] if c["task"] == "piqa"] == ["lora"]
     assert any("[full]" in p for p in summary["pending_claims"])
     n_scored = len(scored)
-    # a plan says the same (it reads the finished sweep from its view of the run folder)
+    # a plan says the same, also from a fresh checkout: the sweep's rows are in the committed ledger
+    for row in (tmp_path / "study" / "piqa" / "rows").glob("sweep__*"):
+        row.unlink()
     assert main(["study", "--config", str(config), "--plan"]) == 0
     assert f"units wait: the full sweep chose lr {chosen:g} by dev loss" in capsys.readouterr().out
     # a rate that is not the sweep's choice is refused before anything runs

@@ -42,16 +42,17 @@ def ledger_dir(results: Path) -> Path:
 
 
 def item_text(key: str, row: dict) -> str:
-    """A scored row's per-item file: every field of the row, the per-item record flattened in as
-    the files have always had it (``loglik``, ``gold``, ``choice_chars``)."""
+    """A row's file: every field of the row, the per-item record flattened in as the files have
+    always had it (``loglik``, ``gold``, ``choice_chars``). A row judged by dev loss alone (a mode
+    sweep's) has no scores nor items: its file holds its record, so a fresh checkout keeps it."""
     record = {k: v for k, v in row.items() if k not in ("items", *SCORES)}
-    return json.dumps({"row": key} | {k: row[k] for k in SCORES} | {"record": record} | row["items"])
+    return json.dumps({"row": key} | {k: row[k] for k in SCORES if k in row} | {"record": record} | row.get("items", {}))
 
 
 def row_from_items(data: dict) -> dict:
     """The row a per-item file holds (inverse of :func:`item_text`)."""
     items = {k: v for k, v in data.items() if k not in ("row", "record", *SCORES)}
-    return {k: data[k] for k in SCORES} | data.get("record", {}) | {"items": items}
+    return {k: data[k] for k in SCORES if k in data} | data.get("record", {}) | ({"items": items} if items else {})
 
 
 def read_items(path: Path) -> dict | None:
@@ -79,13 +80,12 @@ def item_file(key: str) -> str:
 
 
 def write_items(rows: dict[str, dict], folder: Path) -> dict[str, str]:
-    """Each scored row as ``<row>.loglik.json.gz`` in ``folder``, rewritten (atomically, with no
+    """Each row as ``<row>.loglik.json.gz`` in ``folder`` (a scored row with its per-item
+    log-likelihoods, a sweep's dev-loss row with its record), rewritten (atomically, with no
     timestamp in the gzip header, so an unchanged row gives the same bytes) when the row changed.
     Returns ``{row key: path relative to the results folder}``."""
     written = {}
     for key, row in rows.items():
-        if "items" not in row:
-            continue
         path = folder / item_file(key)
         text = item_text(key, row)
         if _stored_text(path) != text:
