@@ -712,6 +712,18 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "| all (mean over tasks) | +30.0 | " in report and "| 400 (2 tasks, equal weight) |" in report
     assert "| plug-in beats the emulator | +50.0 **holds** | +10.0 **holds** | +30.0 **holds** |" in report
+    # a task added after the first row: the claim over tasks is decided with it and without it
+    third = RowCache(tmp_path / "run" / "arc_challenge")
+    for seed in (0, 1):
+        third.put(f"u/seed{seed}/plug_in", row([True] * 50))
+        third.put(f"u/seed{seed}/emulator_finetune", row([False] * 50))
+    config.study = StudySection(tasks=["piqa", "arc_easy", "arc_challenge"], seeds=[0, 1], resamples=300,
+                                added_tasks=["arc_challenge"])
+    found = {c["task"]: c for c in write_report(config, tmp_path / "run", tmp_path / "results")["claims"]}
+    assert found["all (mean over tasks)"]["difference"] == pytest.approx((0.5 + 0.1 + 1.0) / 3)
+    without = found["all but arc_challenge (mean over tasks)"]
+    assert without["difference"] == pytest.approx(0.3) and without["tasks"] == ["piqa", "arc_easy"]
+    assert "| 400 (2 tasks, equal weight) |" in (tmp_path / "results" / "REPORT.md").read_text()
 
 
 MODES = """

@@ -56,6 +56,10 @@ class StudySection:
     dev_items: int = 64
     eval_limit: int | None = None
     """Evaluation items per task (None: the whole evaluation split)."""
+    added_tasks: list[str] = field(default_factory=list)
+    """Tasks of ``tasks`` added after the study's first row: every claim over tasks is also
+    decided without them (the list declared before running is the study's; an addition is shown
+    beside it, never silently folded in)."""
     eval_split: str = "validation"
     """The split every task is scored on: ``validation``, ``test``, or ``anchor``: the split lm-eval
     scores the task on (:data:`scaleot_fed.tasks.ANCHOR_SPLITS`: ARC's and OpenBookQA's labelled
@@ -119,6 +123,8 @@ class StudySection:
             raise ConfigError(f"study.eval_limits maps tasks of study.tasks to counts >= 1, got {self.eval_limits}")
         if [t for t in self.random_subsets if t not in self.tasks]:
             raise ConfigError(f"study.random_subsets names tasks of study.tasks, got {self.random_subsets}")
+        if [t for t in self.added_tasks if t not in self.tasks]:
+            raise ConfigError(f"study.added_tasks names tasks of study.tasks, got {self.added_tasks}")
         if self.eval_split not in (*SPLITS[1:], "anchor") or [t for t, v in self.eval_splits.items()
                                                                if t not in self.tasks or v not in SPLITS[1:]]:
             raise ConfigError(f"study.eval_split is validation, test or anchor, and study.eval_splits maps tasks of "
@@ -272,7 +278,7 @@ def sweep_key(mode: str, lr: float, seed: int) -> str:
 
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
-               "study.mode_lrs", "study.mode_sweeps", "study.sweep_task", "study.sweep_emulator",
+               "study.mode_lrs", "study.mode_sweeps", "study.sweep_task", "study.sweep_emulator", "study.added_tasks",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
                "layer_replace.ranking_candidates", "layer_replace.ranking_batches")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one

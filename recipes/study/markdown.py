@@ -127,7 +127,7 @@ def _sensitivity(summary: dict) -> list[str]:
 def _n(claim: dict, summary: dict) -> str:
     """Items a claim's line rests on; over tasks, each task weighs the same whatever its items."""
     pooled = claim["task"] not in summary["tasks"]
-    return f"{claim['n']} ({len(summary['tasks'])} tasks, equal weight)" if pooled else str(claim["n"])
+    return f"{claim['n']} ({len(claim.get('tasks', summary['tasks']))} tasks, equal weight)" if pooled else str(claim["n"])
 
 
 def _rows(summary: dict) -> list[str]:

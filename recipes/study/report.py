@@ -21,6 +21,8 @@ from . import ledger
 from .config import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
+POOLED = "all (mean over tasks)"
+"""The line of a claim over every task (each task weighing the same)."""
 
 
 def load_rows(out: Path, task: str, results: Path | None = None) -> dict[str, dict]:
@@ -203,12 +205,17 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
                      | {"seeds_expected": expected})
     seeds = {(tuple(a[1]), tuple(b[1])) for a, b in sides.values()}
     if len(sides) == len(resolvers) > 1 and len(seeds) == 1:
-        a = np.concatenate([a[0] for a, _ in sides.values()], axis=1)
-        b = np.concatenate([b[0] for _, b in sides.values()], axis=1)
-        strata = [a[0].shape[1] for a, _ in sides.values()]
         (sa, sb), = seeds
-        found.append(_decide(claim, "all (mean over tasks)", a, b, study.resamples, strata, _paired(list(sa), list(sb)))
-                     | {"seeds_expected": found[-1]["seeds_expected"]})
+        pools = {POOLED: list(sides)}
+        first = [t for t in sides if t not in study.added_tasks]
+        if study.added_tasks and len(first) > 1:  # a task added after the first row: the verdict without it too
+            pools[f"all but {', '.join(study.added_tasks)} (mean over tasks)"] = first
+        for name, tasks in pools.items():
+            a = np.concatenate([sides[t][0][0] for t in tasks], axis=1)
+            b = np.concatenate([sides[t][1][0] for t in tasks], axis=1)
+            strata = [sides[t][0][0].shape[1] for t in tasks]
+            found.append(_decide(claim, name, a, b, study.resamples, strata, _paired(list(sa), list(sb)))
+                         | {"seeds_expected": found[-1]["seeds_expected"], "tasks": tasks})
     return found
 
 
