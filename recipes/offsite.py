@@ -19,13 +19,13 @@ from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.models import load_model
 from scaleot_fed.report import emulator_entry, write_results
 from scaleot_fed.rundir import RowCache, cached_rows, open_run_dir
-from scaleot_fed.single_owner import EmulatorSection, SingleOwner, TaskRunSection, prepare_emulator, trained_path
+from scaleot_fed.single_owner import NamedEmulatorConfig, SingleOwner, TaskRunConfig, prepare_emulator, trained_path
 from scaleot_fed.tasks import load_task
 
 
 @dataclass
-class RunSection(TaskRunSection):
-    """``[run]``: what to run on (see :class:`TaskRunSection`) and which rows to compute."""
+class OffsiteRunConfig(TaskRunConfig):
+    """``[run]``: what to run on (see :class:`TaskRunConfig`) and which rows to compute."""
 
     out: str = "runs/offsite"
     dev_items: int = 64
@@ -43,20 +43,20 @@ class RunSection(TaskRunSection):
 
 
 @dataclass
-class PipelineSections:
+class PipelineConfig:
     """The tables an ``offsite`` and a ``study`` file share (the head table is each one's own)."""
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    emulators: list[EmulatorSection] = field(default_factory=list)
+    emulators: list[NamedEmulatorConfig] = field(default_factory=list)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 @dataclass
-class OffsiteConfig(PipelineSections):
-    run: RunSection = field(default_factory=RunSection)
-    emulators: list[EmulatorSection] = field(default_factory=lambda: [EmulatorSection()])
+class OffsiteConfig(PipelineConfig):
+    run: OffsiteRunConfig = field(default_factory=OffsiteRunConfig)
+    emulators: list[NamedEmulatorConfig] = field(default_factory=lambda: [NamedEmulatorConfig()])
 
 
 def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | None = None,
@@ -81,7 +81,7 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
         "layer_replace": from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
         "distill": from_dict(DistillConfig, data.get("distill", {}), "distill"),
         "attack": from_dict(AttackConfig, data.get("attack", {}), "attack"),
-        "emulators": [from_dict(EmulatorSection, e, f"emulator {i}") for i, e in enumerate(emulators)],
+        "emulators": [from_dict(NamedEmulatorConfig, e, f"emulator {i}") for i, e in enumerate(emulators)],
     }
     names = [e.name for e in values["emulators"]]
     if len(set(names)) != len(names):
@@ -92,7 +92,7 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
 def load_offsite_config(path: str | Path, overrides: dict | None = None) -> OffsiteConfig:
     """Read an offsite TOML file: ``[run]``, ``[finetune]``, ``[layer_replace]``, ``[distill]``,
     ``[[emulator]]`` (``overrides`` replace ``[run]`` values)."""
-    return OffsiteConfig(**read_pipeline_toml(path, "run", RunSection, overrides))
+    return OffsiteConfig(**read_pipeline_toml(path, "run", OffsiteRunConfig, overrides))
 
 
 def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner:

@@ -47,7 +47,7 @@ def no_checkpoint(key: str, kind: str = "training") -> None:
 
 
 @dataclass
-class TaskRunSection:
+class TaskRunConfig:
     """What every program's ``[run]`` names: the model, the task, how many items, where to write."""
 
     out: str = "runs/run"
@@ -95,7 +95,7 @@ class TaskRunSection:
 
 
 @dataclass
-class EmulatorSection(EmulatorConfig):
+class NamedEmulatorConfig(EmulatorConfig):
     """One ``[[emulator]]``: an :class:`EmulatorConfig` plus a label and where its stage 1 is."""
 
     name: str = ""
@@ -118,7 +118,7 @@ class EmulatorSection(EmulatorConfig):
         return Path(self.path) if self.path else out / self.name / "emulator"
 
 
-def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
+def prepare_emulator(section: NamedEmulatorConfig, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
                      model_name: str, out: Path, log: Log = print, distill: DistillConfig | None = None) -> Emulator:
     """The emulator of ``section`` in ``out/<name>/emulator``: loaded if already built, else built
     (running stage 1 into ``out/importance`` when it needs one and names no artifact, and the
@@ -140,7 +140,7 @@ def prepare_emulator(section: EmulatorSection, full: nn.Module, tokenizer, layer
     return load_emulator(edir)  # the saved artifact is what gets evaluated and trained
 
 
-def _importance(section: EmulatorSection, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
+def _importance(section: NamedEmulatorConfig, full: nn.Module, tokenizer, layer_replace: LayerReplaceConfig,
                 model_name: str, out: Path, log: Log) -> LayerReplaceArtifact | None:
     """The section's stage-1 artifact: the one it names, or one trained into ``out/importance``."""
     if not section.needs_importance:
@@ -156,7 +156,7 @@ def _importance(section: EmulatorSection, full: nn.Module, tokenizer, layer_repl
     return load_artifact(path)
 
 
-def _distill(section: EmulatorSection, full: nn.Module, emulator: Emulator, tokenizer, config: DistillConfig,
+def _distill(section: NamedEmulatorConfig, full: nn.Module, emulator: Emulator, tokenizer, config: DistillConfig,
              log: Log) -> None:
     """Offsite-Tuning's distilled emulator: train the kept middle blocks to match the full model."""
     log(f"  distillation ({config.steps} steps) for {section.name} ...")

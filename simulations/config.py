@@ -20,7 +20,7 @@ from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.realign import RealignConfig
-from scaleot_fed.single_owner import EmulatorSection, TaskRunSection
+from scaleot_fed.single_owner import NamedEmulatorConfig, TaskRunConfig
 
 from .owners import OwnersConfig
 from .privacy import PrivacyConfig
@@ -35,8 +35,8 @@ FAILURE_KINDS = ("raise", "nan", "wrong-keys", "slow")
 
 
 @dataclass
-class RunConfig(TaskRunSection):
-    """``[run]``: the federation and its budget (model, task and item counts: :class:`TaskRunSection`)."""
+class RunConfig(TaskRunConfig):
+    """``[run]``: the federation and its budget (model, task and item counts: :class:`TaskRunConfig`)."""
 
     out: str = "runs/federated"
     eval_batch_size: int = 16
@@ -247,7 +247,7 @@ class FedConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, select_best=False))
-    emulator: EmulatorSection = field(default_factory=lambda: EmulatorSection(name="emulator"))
+    emulator: NamedEmulatorConfig = field(default_factory=lambda: NamedEmulatorConfig(name="emulator"))
     layer_replace: LayerReplaceConfig = field(default_factory=LayerReplaceConfig)
     owners: OwnersConfig = field(default_factory=OwnersConfig)
     realign: RealignConfig = field(default_factory=RealignConfig)
@@ -283,7 +283,7 @@ _SECTIONS = {
     "partition": PartitionConfig,
     "strategy": StrategyConfig,
     "finetune": FinetuneConfig,
-    "emulator": EmulatorSection,
+    "emulator": NamedEmulatorConfig,
     "layer_replace": LayerReplaceConfig,
     "owners": OwnersConfig,
     "realign": RealignConfig,

@@ -221,10 +221,10 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     seed, the claim's interval comes from the items, the verdict from the interval."""
     import numpy as np
 
-    from recipes.study import ClaimSection, StudyConfig, StudySection
+    from recipes.study import ClaimConfig, StudyConfig, StudyGridConfig
     from recipes.study.report import write_report
     from scaleot_fed.rundir import RowCache
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
     rng = np.random.default_rng(0)
 
@@ -240,13 +240,13 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     for seed in (0, 1):
         rows.put(f"u/seed{seed}/plug_in", row(0.8))
         rows.put(f"u/seed{seed}/emulator_finetune", row(0.4))
-    claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"),
-              ClaimSection("the emulator is close to plug-in", "u/emulator_finetune", "u/plug_in", kind="close", margin=0.02),
-              ClaimSection("zero-shot beats plug-in", "full_zero_shot", "u/plug_in"),
-              ClaimSection("adapters beat LoRA", "u:adapter/plug_in", "u/plug_in")]
-    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
+    claims = [ClaimConfig("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"),
+              ClaimConfig("the emulator is close to plug-in", "u/emulator_finetune", "u/plug_in", kind="close", margin=0.02),
+              ClaimConfig("zero-shot beats plug-in", "full_zero_shot", "u/plug_in"),
+              ClaimConfig("adapters beat LoRA", "u:adapter/plug_in", "u/plug_in")]
+    config = StudyConfig(study=StudyGridConfig(tasks=["piqa"], seeds=[0, 1], resamples=500, variant_emulator="u",
                                             variant_modes=["adapter"], random_subsets=["piqa"]),
-                         emulators=[EmulatorSection(name="u", method="uniform-drop")], claims=claims)
+                         emulators=[NamedEmulatorConfig(name="u", method="uniform-drop")], claims=claims)
     assert [config.cell_name(e, m) for e, m in config.cells()] == ["u", "u:adapter"]
     summary = write_report(config, tmp_path / "run", tmp_path / "results")
     verdicts = {c["claim"]: c for c in summary["claims"]}
@@ -300,7 +300,7 @@ def test_study_metrics_must_name_study_tasks_and_known_metrics(tmp_path):
 
 
 def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
-    from recipes.study import StudySection
+    from recipes.study import StudyGridConfig
     from recipes.study.data import check_task_data
     from scaleot_fed.errors import ConfigError
 
@@ -312,17 +312,17 @@ def test_a_tasks_items_may_change_until_it_has_results(tmp_path):
     (items / "arc_easy").mkdir(parents=True)  # results kept only in the ledger count too
     (items / "arc_easy" / "full_zero_shot.loglik.json.gz").write_bytes(b"")
     for change in ({"random_subsets": ["hellaswag"]}, {"eval_limits": {"hellaswag": 3000}}, {}):
-        check_task_data([run, items], saved, StudySection(**saved | change))
+        check_task_data([run, items], saved, StudyGridConfig(**saved | change))
     for change, refused in (({"random_subsets": ["piqa"]}, "'piqa'"), ({"train_limit": 1000}, "'piqa', 'arc_easy'"),
                             ({"eval_limit": 100}, "'piqa', 'arc_easy'")):
         with pytest.raises(ConfigError, match=rf"the items of \[{refused}\] changed"):
-            check_task_data([run, items], saved, StudySection(**saved | change))
+            check_task_data([run, items], saved, StudyGridConfig(**saved | change))
     with pytest.raises(ConfigError, match="study.random_subsets"):
-        StudySection(tasks=["piqa"], random_subsets=["hellaswag"])
+        StudyGridConfig(tasks=["piqa"], random_subsets=["hellaswag"])
 
 
 def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
-    from recipes.study import StudySection
+    from recipes.study import StudyGridConfig
     from recipes.study.costs import task_tokens
     from recipes.study.data import task_items
     from scaleot_fed.finetune import FinetuneConfig
@@ -331,7 +331,7 @@ def test_the_eta_weighs_tasks_by_their_tokens(tmp_path, gpt2_tokenizer):
     write_items(short, 40, 0)
     long.write_text("".join(json.dumps({"context": "Question: " + "say it again " * 30 + f"{i}\nAnswer:",
                                         "choices": ["a long answer " * 5, "b"], "gold": 0}) + "\n" for i in range(40)))
-    study = StudySection(tasks=[str(short), str(long)], train_limit=None, dev_items=4)
+    study = StudyGridConfig(tasks=[str(short), str(long)], train_limit=None, dev_items=4)
     ft = FinetuneConfig(steps=10, batch_size=4, max_length=48)
     a, b = (task_tokens(gpt2_tokenizer, *task_items(study, str(t))[::2], ft) for t in (short, long))
     contexts = [len(gpt2_tokenizer(json.loads(line)["context"])["input_ids"]) for line in long.read_text().splitlines()]
@@ -343,17 +343,17 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
                                                                         monkeypatch):
     import dataclasses
 
-    from recipes.study import Grid, StudyConfig, StudySection, task_folder
+    from recipes.study import Grid, StudyConfig, StudyGridConfig, task_folder
     from scaleot_fed.config import as_dict
     from scaleot_fed.models import load_model
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     write_items(tmp_path / "b.jsonl", 20, 0)  # the same items: the same scoring and training cost
     monkeypatch.chdir(tmp_path)
     tasks = ["a.jsonl", "b.jsonl"]  # (task names: each task's rows live in <run>/<task_folder(task)>/)
-    config = StudyConfig(study=StudySection(tasks=tasks, seeds=[0], train_limit=None, dev_items=4),
-                         emulators=[EmulatorSection(name="ot", method="uniform-drop", num_adapter_layers=2,
+    config = StudyConfig(study=StudyGridConfig(tasks=tasks, seeds=[0], train_limit=None, dev_items=4),
+                         emulators=[NamedEmulatorConfig(name="ot", method="uniform-drop", num_adapter_layers=2,
                                                     alpha=0.5, distill=True)])
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
     first, second = ({u.label.split(": ", 1)[1]: u.cost for u in grid.units(t)} for t in tasks)
@@ -371,7 +371,7 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     assert again["ot seed 0 fine-tune + plug-in"] == first["ot seed 0 fine-tune + plug-in"] + build
     assert {u.label.split(": ", 1)[1]: u.cost for u in grid.units(tasks[1])} == second
     # a ScaleOT emulator whose stage 1 only the ledger records: its first unit pays the rerun too
-    scaleot = EmulatorSection(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
+    scaleot = NamedEmulatorConfig(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
     config = dataclasses.replace(config, emulators=[scaleot])
     grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
     (stage1,) = grid.stage1_units()
@@ -388,15 +388,15 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
                                                                           monkeypatch):
     """The attack follows its emulator's cells at its seed (a fresh checkout builds the emulator
     once, not again for the attack at the end of the seed), and seeds still run one by one."""
-    from recipes.study import Grid, StudyConfig, StudySection
+    from recipes.study import Grid, StudyConfig, StudyGridConfig
     from scaleot_fed.models import load_model
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
     write_items(tmp_path / "a.jsonl", 20, 0)
     monkeypatch.chdir(tmp_path)
-    sections = [EmulatorSection(name="ot", method="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
-                EmulatorSection(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)]
-    config = StudyConfig(study=StudySection(tasks=["a.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4,
+    sections = [NamedEmulatorConfig(name="ot", method="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
+                NamedEmulatorConfig(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)]
+    config = StudyConfig(study=StudyGridConfig(tasks=["a.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4,
                                             full_finetune_lrs=[1e-4], attack_emulator="ot", attack_lrs=[1e-4, 1e-3]),
                          emulators=sections)
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
@@ -410,13 +410,13 @@ def test_the_units_of_one_emulator_at_one_seed_run_together_and_seed_by_seed(tmp
 
 
 def test_an_emulator_rebuilt_unlike_the_ledgers_build_is_refused(tmp_path, tiny_model_dir, gpt2_tokenizer):
-    from recipes.study import Grid, StudyConfig, StudySection, ledger
+    from recipes.study import Grid, StudyConfig, StudyGridConfig, ledger
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
-    section = EmulatorSection(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)
-    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
+    section = NamedEmulatorConfig(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)
+    config = StudyConfig(study=StudyGridConfig(tasks=["piqa"], seeds=[0]), emulators=[section])
     full, records, logged = load_model(str(tiny_model_dir)).model, tmp_path / "ledger", []
     grid = Grid(config, tmp_path / "run", full, gpt2_tokenizer, logged.append, records=records)
     grid.emulator(section, 0)  # built, nothing recorded yet
@@ -437,14 +437,14 @@ def test_a_stage1_ranking_an_emulator_was_built_from_is_not_changed(tmp_path, ti
     one, it would differ), naming what to delete; a ranking nothing was built from may change."""
     import dataclasses
 
-    from recipes.study import Grid, StudyConfig, StudySection, ledger
+    from recipes.study import Grid, StudyConfig, StudyGridConfig, ledger
     from scaleot_fed.config import as_dict
     from scaleot_fed.errors import ConfigError
     from scaleot_fed.models import load_model
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
-    section = EmulatorSection(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
-    config = StudyConfig(study=StudySection(tasks=["piqa"], seeds=[0]), emulators=[section])
+    section = NamedEmulatorConfig(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5)
+    config = StudyConfig(study=StudyGridConfig(tasks=["piqa"], seeds=[0]), emulators=[section])
     records = tmp_path / "ledger"
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print, records=records)
     path, lr = grid.stage1_dir(section, 0), grid.stage1_config(section, 0)
@@ -625,7 +625,7 @@ def test_a_printed_interval_shows_which_side_of_a_boundary_each_bound_is_on():
 def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny_model_dir):
     """A user's task file (absolute path) is one folder name in the run folder and in ``items/``;
     nothing is written beside the file."""
-    from recipes.study import StudyConfig, StudySection, task_folder
+    from recipes.study import StudyConfig, StudyGridConfig, task_folder
     from recipes.study.report import report_study
     from recipes.study.run import run_study
     from scaleot_fed.errors import ConfigError
@@ -637,8 +637,8 @@ def test_a_task_given_by_path_keeps_its_rows_in_the_study_folders(tmp_path, tiny
     assert task_folder("arc_easy") == "arc_easy" and task_folder("piqa+arc_easy") == "piqa+arc_easy"
     assert "/" not in task_folder(task) and len(task_folder("/a" * 200 + ".jsonl")) < 100
     with pytest.raises(ConfigError, match="would share a folder"):  # two paths that make one name
-        StudySection(tasks=[task, task.lstrip("/")])
-    config = StudyConfig(study=StudySection(out=str(tmp_path / "run"), results=str(tmp_path / "results"),
+        StudyGridConfig(tasks=[task, task.lstrip("/")])
+    config = StudyConfig(study=StudyGridConfig(out=str(tmp_path / "run"), results=str(tmp_path / "results"),
                                             model=str(tiny_model_dir), tasks=[task], seeds=[0], train_limit=None,
                                             dev_items=4, eval_limit=6, eval_batch_size=4, resamples=100))
     summary = run_study(config)
@@ -680,10 +680,10 @@ def test_a_plan_marks_the_unit_a_live_study_is_working_on(tmp_path):
 def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_have_the_same_seeds(tmp_path):
     import numpy as np
 
-    from recipes.study import ClaimSection, StudyConfig, StudySection
+    from recipes.study import ClaimConfig, StudyConfig, StudyGridConfig
     from recipes.study.report import write_report
     from scaleot_fed.rundir import RowCache
-    from scaleot_fed.single_owner import EmulatorSection
+    from scaleot_fed.single_owner import NamedEmulatorConfig
 
     def row(correct: list[bool]) -> dict:
         items = {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * len(correct),
@@ -698,9 +698,9 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
             rows.put(f"u/seed{seed}/plug_in", row([i < plug * n for i in range(n)]))
             if task == "piqa" or seed == 0:  # arc_easy's emulator row at seed 1 not scored yet
                 rows.put(f"u/seed{seed}/emulator_finetune", row([i < emu * n for i in range(n)]))
-    claims = [ClaimSection("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune")]
-    config = StudyConfig(study=StudySection(tasks=["piqa", "arc_easy"], seeds=[0, 1], resamples=300),
-                         emulators=[EmulatorSection(name="u", method="uniform-drop")], claims=claims)
+    claims = [ClaimConfig("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune")]
+    config = StudyConfig(study=StudyGridConfig(tasks=["piqa", "arc_easy"], seeds=[0, 1], resamples=300),
+                         emulators=[NamedEmulatorConfig(name="u", method="uniform-drop")], claims=claims)
     found = {c["task"]: c for c in write_report(config, tmp_path / "run", tmp_path / "results")["claims"]}
     assert set(found) == {"piqa", "arc_easy"}  # arc_easy's emulator side has seed 0 only: no mean yet
     RowCache(tmp_path / "run" / "arc_easy").put("u/seed1/emulator_finetune", row([i < 150 for i in range(300)]))
@@ -717,7 +717,7 @@ def test_a_claim_over_every_task_is_the_mean_of_the_tasks_differences_once_all_h
     for seed in (0, 1):
         third.put(f"u/seed{seed}/plug_in", row([True] * 50))
         third.put(f"u/seed{seed}/emulator_finetune", row([False] * 50))
-    config.study = StudySection(tasks=["piqa", "arc_easy", "arc_challenge"], seeds=[0, 1], resamples=300,
+    config.study = StudyGridConfig(tasks=["piqa", "arc_easy", "arc_challenge"], seeds=[0, 1], resamples=300,
                                 added_tasks=["arc_challenge"])
     found = {c["task"]: c for c in write_report(config, tmp_path / "run", tmp_path / "results")["claims"]}
     assert found["all (mean over tasks)"]["difference"] == pytest.approx((0.5 + 0.1 + 1.0) / 3)

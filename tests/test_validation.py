@@ -69,16 +69,16 @@ def test_right_types_pass_and_ranges_say_where():
 
 
 def test_subclassed_sections_check_inherited_and_own_fields():
-    from recipes.offsite import RunSection
-    from recipes.study import StudySection
+    from recipes.offsite import OffsiteRunConfig
+    from recipes.study import StudyGridConfig
     from simulations.config import RunConfig
 
     with pytest.raises(ConfigError, match=r"^\[run\] eval_batch_size must be an integer, got '8'$"):
-        from_dict(RunConfig, {"eval_batch_size": "8"}, "run")  # a TaskRunSection field
+        from_dict(RunConfig, {"eval_batch_size": "8"}, "run")  # a TaskRunConfig field
     with pytest.raises(ConfigError, match=r"^\[run\] dev_items must be an integer, got 2\.5$"):
-        from_dict(RunSection, {"dev_items": 2.5}, "run")
+        from_dict(OffsiteRunConfig, {"dev_items": 2.5}, "run")
     with pytest.raises(ConfigError, match=r"^\[study\] metrics must be a table of strings"):
-        from_dict(StudySection, {"tasks": ["piqa"], "metrics": {"piqa": 1}}, "study")
+        from_dict(StudyGridConfig, {"tasks": ["piqa"], "metrics": {"piqa": 1}}, "study")
     with pytest.raises(ConfigError, match=r"^\[run\] must be a table of key = value pairs, got 3$"):
         from_dict(RunConfig, 3, "run")  # `run = 3` instead of a [run] table
 

@@ -9,8 +9,8 @@ each is made), :mod:`.federated` (the federated rows, from :mod:`simulations`), 
 :mod:`.verdicts` (the claims across studies).
 """
 
-from .config import GRID_EXTENT, METRICS, ClaimSection, StudyConfig, StudySection, load_study_config, task_folder
+from .config import GRID_EXTENT, METRICS, ClaimConfig, StudyConfig, StudyGridConfig, load_study_config, task_folder
 from .grid import Grid, Unit, open_grid
 
-__all__ = ["GRID_EXTENT", "METRICS", "ClaimSection", "Grid", "StudyConfig", "StudySection", "Unit", "load_study_config",
+__all__ = ["GRID_EXTENT", "METRICS", "ClaimConfig", "Grid", "StudyConfig", "StudyGridConfig", "Unit", "load_study_config",
            "open_grid", "task_folder"]

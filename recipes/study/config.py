@@ -12,10 +12,10 @@ from pathlib import Path
 from scaleot_fed.config import from_dict, load_toml
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import MODES
-from scaleot_fed.single_owner import EmulatorSection
+from scaleot_fed.single_owner import NamedEmulatorConfig
 from scaleot_fed.tasks import ANCHOR_SPLITS, SPLITS
 
-from ..offsite import PipelineSections, read_pipeline_toml
+from ..offsite import PipelineConfig, read_pipeline_toml
 
 METRICS = ("acc", "acc_norm")
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
@@ -25,7 +25,7 @@ FEDERATED_SIDES = ("federated", "centralised")
 
 
 @dataclass
-class StudySection:
+class StudyGridConfig:
     """``[study]``: the grid's fixed part."""
 
     out: str = "runs/study"
@@ -161,7 +161,7 @@ class StudySection:
 
 
 @dataclass
-class ClaimSection:
+class ClaimConfig:
     """One ``[[claim]]``: "``a`` beats ``b``" (``greater``) or "``a`` is within ``margin`` of
     ``b``" (``close``), rows named as in the module docstring without the seed and learning rate
     (``full_finetune``, ``scaleot/plug_in``, ``scaleot/gap``). Declared before running."""
@@ -185,28 +185,28 @@ class ClaimSection:
 
 
 @dataclass
-class StudyConfig(PipelineSections):
-    study: StudySection = field(default_factory=StudySection)
-    claims: list[ClaimSection] = field(default_factory=list)
+class StudyConfig(PipelineConfig):
+    study: StudyGridConfig = field(default_factory=StudyGridConfig)
+    claims: list[ClaimConfig] = field(default_factory=list)
 
-    def cells(self) -> list[tuple[EmulatorSection, str]]:
+    def cells(self) -> list[tuple[NamedEmulatorConfig, str]]:
         """``(emulator, mode)`` pairs: every emulator in the main modes, the variant in its own."""
         s = self.study
         return [(e, m) for e in self.emulators
                 for m in s.modes + ([m for m in s.variant_modes if m not in s.modes] if e.name == s.variant_emulator else [])]
 
-    def cell_name(self, emulator: EmulatorSection, mode: str) -> str:
+    def cell_name(self, emulator: NamedEmulatorConfig, mode: str) -> str:
         return emulator.name if mode == self.study.modes[0] else f"{emulator.name}:{mode}"
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read a study TOML file: ``[study]``, the offsite tables (at least one ``[[emulator]]``) and
     the ``[[claim]]`` tables; every claim's rows must exist in the grid."""
-    values = read_pipeline_toml(path, "study", StudySection, default_emulator=False, extra=("claim",))
+    values = read_pipeline_toml(path, "study", StudyGridConfig, default_emulator=False, extra=("claim",))
     claims = load_toml(path).get("claim", [])
     if not isinstance(claims, list):
         raise ConfigError(f"{path}: write each claim as a [[claim]] table")
-    config = StudyConfig(**values, claims=[from_dict(ClaimSection, c, f"claim {i}") for i, c in enumerate(claims)])
+    config = StudyConfig(**values, claims=[from_dict(ClaimConfig, c, f"claim {i}") for i, c in enumerate(claims)])
     if [c for c in config.claims if c.mode is not None]:
         raise ConfigError(f"{path}: [[claim]] mode is set by the study (one claim per mode); remove it")
     names = [e.name for e in config.emulators]
@@ -232,7 +232,7 @@ MODE_ROWS = ("emulator_finetune", "plug_in", "gap")
 """A cell's rows that depend on its mode (its zero-shot and the attack do not)."""
 
 
-def per_mode(config: StudyConfig, claim: ClaimSection) -> list[ClaimSection]:
+def per_mode(config: StudyConfig, claim: ClaimConfig) -> list[ClaimConfig]:
     """``claim`` once per mode of ``[study] modes`` when it names a cell's trained rows
     (``<emulator>/plug_in`` is the first mode's cell; ``<emulator>:<mode>/plug_in`` the others'),
     each with its ``mode`` set; as it is otherwise (only the first mode's cells, or none)."""
@@ -298,6 +298,6 @@ def task_folder(task: str) -> str:
     return name if len(name) <= 96 else f"{name[-80:].lstrip('_.')}-{hashlib.sha1(task.encode()).hexdigest()[:10]}"
 
 
-def seeded(section: EmulatorSection) -> bool:
+def seeded(section: NamedEmulatorConfig) -> bool:
     """Whether building the emulator draws random numbers (stage 1, distillation)."""
     return section.needs_importance or section.distill

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from scaleot_fed.evaluate import TARGET_DELIMITER
 from scaleot_fed.finetune import FinetuneConfig
-from scaleot_fed.single_owner import EmulatorSection
+from scaleot_fed.single_owner import NamedEmulatorConfig
 from scaleot_fed.tasks import MCItem
 
 
@@ -40,7 +40,7 @@ def task_tokens(tokenizer, train: list[MCItem], evaluation: list[MCItem], finetu
                       training=finetune.steps * size * sum(padded) / len(lengths))
 
 
-def emulator_blocks(layers: int, section: EmulatorSection) -> float:
+def emulator_blocks(layers: int, section: NamedEmulatorConfig) -> float:
     """Block-equivalents a token passes through in the emulator (for the ETA)."""
     middle = layers - section.num_adapter_layers
     return section.num_adapter_layers + middle * section.emulator_strategy.middle_runs(section.alpha) * (

@@ -13,17 +13,17 @@ from pathlib import Path
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.tasks import MCItem, load_task
 
-from .config import StudySection, task_folder
+from .config import StudyGridConfig, task_folder
 
 SUBSET_SEED = 0
 """The seed of ``random_subsets``' draw: fixed, not a study seed, so every cell sees the same items."""
 
 
-def sample_seed(study: StudySection, task: str) -> int | None:
+def sample_seed(study: StudyGridConfig, task: str) -> int | None:
     return SUBSET_SEED if task in study.random_subsets else None
 
 
-def task_items(study: StudySection, task: str) -> tuple[list[MCItem], list[MCItem], list[MCItem]]:
+def task_items(study: StudyGridConfig, task: str) -> tuple[list[MCItem], list[MCItem], list[MCItem]]:
     """``(train, dev, evaluation)`` of a task: the last ``dev_items`` of its training items are the dev set."""
     seed = sample_seed(study, task)
     train_all = load_task(task, "train", study.train_limit, seed)
@@ -38,16 +38,16 @@ TASK_DATA = tuple(f"study.{key}" for key in ITEM_KEYS)
 """``[study]`` keys that choose a task's items: a resumed study may change them for tasks with no results."""
 
 
-def check_task_data(folders: list[Path], before: dict, study: StudySection) -> None:
+def check_task_data(folders: list[Path], before: dict, study: StudyGridConfig) -> None:
     """Refuse a change of a task's items (``before``: the run's saved ``[study]``) where the task has
     results in one of ``folders`` (the run folder, the ledger's items): its rows and trained
     adapters were made on the old items."""
-    defaults = StudySection()  # (for keys a run saved before they existed)
+    defaults = StudyGridConfig()  # (for keys a run saved before they existed)
     old = {k: before.get(k, getattr(defaults, k)) for k in ITEM_KEYS}
     new = {k: getattr(study, k) for k in ITEM_KEYS}
 
     def items(s: dict, task: str) -> tuple:
-        split = StudySection(tasks=study.tasks, eval_split=s["eval_split"], eval_splits=s["eval_splits"]).eval_split_of(task)
+        split = StudyGridConfig(tasks=study.tasks, eval_split=s["eval_split"], eval_splits=s["eval_splits"]).eval_split_of(task)
         return (s["train_limit"], s["dev_items"], s["eval_limits"].get(task, s["eval_limit"]), task in s["random_subsets"],
                 split)
 

@@ -38,7 +38,7 @@ from scaleot_fed.layer_replace import LayerReplaceConfig, run_layer_replace
 from scaleot_fed.models import load_model
 from scaleot_fed.rerank import rerank, rerank_changes
 from scaleot_fed.rundir import RowCache, cached_rows
-from scaleot_fed.single_owner import EmulatorSection, SingleOwner, prepare_emulator, trained_path
+from scaleot_fed.single_owner import NamedEmulatorConfig, SingleOwner, prepare_emulator, trained_path
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from . import ledger
@@ -56,7 +56,7 @@ class Unit:
     """Estimated block-token passes (for the ETA: the bar's rate is measured in them)."""
     done: Callable[[], bool]
     run: Callable[[], object]
-    needs: tuple[EmulatorSection, int] | None = None
+    needs: tuple[NamedEmulatorConfig, int] | None = None
     """The emulator (section, seed) it builds if that is not on disk (its build is charged once)."""
     resumed: Callable[[], float] = lambda: 0.0
     """After ``run()``: the seconds of its training and scoring done by earlier processes (resumed)."""
@@ -79,37 +79,37 @@ class Grid:
         self._items: dict[str, tuple] = {}  # (train, dev, evaluation) per task, read once
 
     # -- shared artefacts: stage 1 and emulators ------------------------------------------------
-    def stage1_dir(self, section: EmulatorSection, seed: int) -> Path:
+    def stage1_dir(self, section: NamedEmulatorConfig, seed: int) -> Path:
         return self.out / "stage1" / f"na{section.num_adapter_layers}-a{section.alpha}" / f"seed{seed}"
 
-    def stage1_config(self, section: EmulatorSection, seed: int) -> LayerReplaceConfig:
+    def stage1_config(self, section: NamedEmulatorConfig, seed: int) -> LayerReplaceConfig:
         return dataclasses.replace(self.config.layer_replace, num_adapter_layers=section.num_adapter_layers,
                                    alpha=section.alpha, seed=seed)
 
-    def stage1(self, section: EmulatorSection, seed: int) -> Path:
-        path, lr = self.stage1_dir(section, seed), self.stage1_config(section, seed)
+    def stage1(self, section: NamedEmulatorConfig, seed: int) -> Path:
+        path, stage1_cfg = self.stage1_dir(section, seed), self.stage1_config(section, seed)
         meta = path / "layer_replace.json"
         if meta.exists():
             self.check_rebuild(path, seed)
             artifact = load_artifact(path)  # read once: its record and its source check
-            if not (changes := self.ranking_changes(path, artifact.meta, lr, seed)):
+            if not (changes := self.ranking_changes(path, artifact.meta, stage1_cfg, seed)):
                 artifact.check_matches(self.full)  # (a rerank checks it itself)
             else:  # only the ranking's settings: measured again with the trained harmonizers
                 self.log(f"study: stage 1 seed {seed}: ranking again ({', '.join(changes)} changed)")
-                save_artifact(rerank(self.full, self.stage1_text(lr), artifact, lr), path)
+                save_artifact(rerank(self.full, self.stage1_text(stage1_cfg), artifact, stage1_cfg), path)
             return path
         if self.records and (recorded := ledger.stage1_record(self.records, meta)).is_file():
-            self.ranking_changes(path, json.loads(recorded.read_text()), lr, seed)  # refused before the run, not after
-        self.log(f"study: stage 1 ({lr.steps} steps) seed {seed} for N_a={lr.num_adapter_layers}, alpha={lr.alpha}")
-        save_artifact(run_layer_replace(self.full, self.stage1_text(lr), lr, self.config.study.model, progress=False), path)
+            self.ranking_changes(path, json.loads(recorded.read_text()), stage1_cfg, seed)  # refused before the run, not after
+        self.log(f"study: stage 1 ({stage1_cfg.steps} steps) seed {seed} for N_a={stage1_cfg.num_adapter_layers}, alpha={stage1_cfg.alpha}")
+        save_artifact(run_layer_replace(self.full, self.stage1_text(stage1_cfg), stage1_cfg, self.config.study.model, progress=False), path)
         if self.check_rebuild(path, seed):
             self.log(f"study: stage 1 seed {seed} rebuilt: the same run as the one the study's rows were made with")
         return path
 
-    def ranking_changes(self, path: Path, meta: dict, lr: LayerReplaceConfig, seed: int) -> list[str]:
-        """The ranking settings ``lr`` changes against stage 1's record ``meta`` (its run folder's or
+    def ranking_changes(self, path: Path, meta: dict, stage1_cfg: LayerReplaceConfig, seed: int) -> list[str]:
+        """The ranking settings ``stage1_cfg`` changes against stage 1's record ``meta`` (its run folder's or
         the ledger's); refused when it changes more, or when an emulator was built from the ranking."""
-        changes = rerank_changes(meta, lr)
+        changes = rerank_changes(meta, stage1_cfg)
         if changes is None or meta.get("data", "lambada") != "lambada":
             raise ConfigError(f"{path} was trained with another [layer_replace] config or text; delete it to "
                               "retrain, or restore the config it was made with")
@@ -126,19 +126,19 @@ class Grid:
         return bool(self.records) and ledger.check_rebuild(ledger.stage1_record(self.records, meta), meta,
                                                             ledger.same_stage1, self.made_from(self.users(path, seed), seed))
 
-    def users(self, path: Path, seed: int) -> list[EmulatorSection]:  # the emulators built from that stage 1
+    def users(self, path: Path, seed: int) -> list[NamedEmulatorConfig]:  # the emulators built from that stage 1
         return [e for e in self.config.emulators if e.needs_importance and self.stage1_dir(e, seed) == path]
 
-    def made_from(self, sections: list[EmulatorSection], seed: int) -> str:
+    def made_from(self, sections: list[NamedEmulatorConfig], seed: int) -> str:
         """What the study made from these emulators at ``seed``: their folders, ledger records and rows."""
         fed, records = getattr(self.federation, "emulator", None), self.records or Path("<results>/ledger")
         return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}"
                          f", {ledger.row_files(e.name, seed if seeded(e) else None, e.name == fed)}" for e in sections)
 
-    def stage1_text(self, lr: LayerReplaceConfig):
-        return token_blocks(self.tokenizer, lambada_passages(), lr.block_size, max_blocks=lr.blocks_needed())
+    def stage1_text(self, stage1_cfg: LayerReplaceConfig):
+        return token_blocks(self.tokenizer, lambada_passages(), stage1_cfg.block_size, max_blocks=stage1_cfg.blocks_needed())
 
-    def stage1_current(self, section: EmulatorSection, seed: int) -> bool:
+    def stage1_current(self, section: NamedEmulatorConfig, seed: int) -> bool:
         """Whether the seed's stage 1 is on disk, or recorded in the ledger (its weights rebuilt when
         an emulator needs them), with the config's ranking settings."""
         path = self.stage1_dir(section, seed)
@@ -146,10 +146,10 @@ class Grid:
         meta = next((p for p in (path / "layer_replace.json", recorded) if p and p.exists()), None)
         return meta is not None and rerank_changes(json.loads(meta.read_text()), self.stage1_config(section, seed)) == []
 
-    def emulator_dir(self, section: EmulatorSection, seed: int) -> Path:
+    def emulator_dir(self, section: NamedEmulatorConfig, seed: int) -> Path:
         return self.out / "emulators" / (f"seed{seed}" if seeded(section) else "shared") / section.name / "emulator"
 
-    def emulator(self, section: EmulatorSection, seed: int):
+    def emulator(self, section: NamedEmulatorConfig, seed: int):
         """A fresh copy of the emulator (built on first use; the last two read kept in memory: training
         wraps the model in place); a rebuild must have the weights the ledger records."""
         edir = self.emulator_dir(section, seed)
@@ -295,7 +295,7 @@ class Grid:
                      lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m))
                 for s in self.config.study.seeds for m in modes]
 
-    def cell_units(self, ctx: TaskUnits, emulator: EmulatorSection, mode: str, seed: int) -> None:
+    def cell_units(self, ctx: TaskUnits, emulator: NamedEmulatorConfig, mode: str, seed: int) -> None:
         """An emulator's zero-shot (once where no seed changes it) and its fine-tune + plug-in in ``mode``."""
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
@@ -316,9 +316,9 @@ class Grid:
                 waits=lambda: self.mode_waits(mode))
 
     def stage1_cost(self) -> float:  # a forward and backward through every block, per token
-        return (lr := self.config.layer_replace).steps * lr.batch_size * lr.block_size * 6 * self.layers
+        return (stage1_cfg := self.config.layer_replace).steps * stage1_cfg.batch_size * stage1_cfg.block_size * 6 * self.layers
 
-    def build_cost(self, section: EmulatorSection, seed: int) -> float:
+    def build_cost(self, section: NamedEmulatorConfig, seed: int) -> float:
         """What building the emulator costs while it is not on disk: its distillation, and its
         stage 1 where only the ledger's record of it is left; charged once (then 0), to the first
         unit that asks, whichever task's unit that is."""
@@ -335,7 +335,7 @@ class Grid:
         return cost
 
     def swept(self, ctx: TaskUnits, name: str, lr: float | None, seed: int, cost: float, lrs: list[float],
-              section: EmulatorSection | None = None) -> Unit:
+              section: NamedEmulatorConfig | None = None) -> Unit:
         """A row trained at learning rate ``lr``, or (``None``) at the rate the first seed's sweep chose."""
         first, rows = self.config.study.seeds[0], ctx.rows
 
@@ -395,7 +395,7 @@ class TaskUnits:
         return self._owner
 
     def add(self, label: str, key: str, cost: float, compute: Callable[[], object],
-            needs: tuple[EmulatorSection, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
+            needs: tuple[NamedEmulatorConfig, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
         """A unit that makes row ``key`` (once: an unseeded emulator's zero-shot meets it at every seed)."""
         if key not in self._keys:
             self._keys.add(key)
