@@ -28,9 +28,7 @@ class _OldFlag(argparse.Action):
     """A renamed flag, still accepted: sets the new one's value and says the new name (one line)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"scaleot-fed: {option_string} is now called --method", file=sys.stderr)
-        if values not in self.choices:
-            parser.error(f"argument --method: invalid choice: {values!r} (choose from {', '.join(self.choices)})")
+        print(f"scaleot-fed: {option_string} is now called --method", file=sys.stderr)  # (argparse checked the choice)
         setattr(namespace, self.dest, values)
 
 

@@ -265,10 +265,21 @@ def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool) -> f
     would select on the items the claims are decided on (for the attack, the strongest attacker
     by dev loss, the loss its own data owner can see). ``rows``: a :class:`scaleot_fed.rundir.RowCache`,
     or anything with its ``get``. ``None`` while a rate of the sweep is missing."""
-    found = {lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row")) for lr in lrs}
-    if not lrs or any(v is None for v in found.values()):
+    return lowest_dev_loss({lr: rows.get(f"{name}/lr{lr:g}/seed{seed}/" + ("emulator_attack" if attack else "row"))
+                            for lr in lrs})
+
+
+def lowest_dev_loss(found: dict[float, dict | None]) -> float | None:
+    """The rate whose row has the lowest dev loss (ties: the lower rate); ``None`` while a rate's
+    row is missing. Every sweep of the study chooses this way."""
+    if not found or any(v is None for v in found.values()):
         return None
-    return min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+    return min(found, key=lambda lr: (found[lr]["best_dev_loss"], lr))
+
+
+def mode_sweep_rows(rows, mode: str, lrs: list[float], seed: int) -> dict[float, dict | None]:
+    """A mode sweep's rows by rate (None where not run yet)."""
+    return {lr: rows.get(sweep_key(mode, lr, seed)) for lr in lrs}
 
 
 def sweep_key(mode: str, lr: float, seed: int) -> str:

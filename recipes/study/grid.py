@@ -42,7 +42,7 @@ from scaleot_fed.single_owner import NamedEmulatorConfig, SingleOwner, prepare_e
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from . import ledger
-from .config import StudyConfig, chosen_rate, seeded, sweep_key, task_folder
+from .config import StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, sweep_key, task_folder
 from .costs import emulator_blocks, eta_line, model_facts, task_tokens
 from .data import task_items
 
@@ -206,10 +206,9 @@ class Grid:
             return None
         task = study.sweep_task or study.tasks[0]
         rows, lrs, seed = RowCache(self.out / task_folder(task)), study.mode_sweeps[mode], study.seeds[0]
-        found = {lr: rows.get(sweep_key(mode, lr, seed)) for lr in lrs}
-        if any(v is None for v in found.values()):
+        found = mode_sweep_rows(rows, mode, lrs, seed)
+        if (chosen := lowest_dev_loss(found)) is None:
             return f"the {mode} sweep on {task} is not finished"
-        chosen = min(lrs, key=lambda lr: (found[lr]["best_dev_loss"], lr))
         losses = ", ".join(f"{lr:g}: {found[lr]['best_dev_loss']:.4f}" for lr in lrs)
         if mode not in study.mode_lrs:
             return (f"the {mode} sweep chose lr {chosen:g} by dev loss ({losses}); declare it in the config as "

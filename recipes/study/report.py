@@ -18,7 +18,7 @@ from scaleot_fed.rundir import write_json
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
 from . import ledger
-from .config import METRICS, StudyConfig, chosen_rate, seeded, sweep_key, task_folder
+from .config import METRICS, StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, task_folder
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 POOLED = "all (mean over tasks)"
@@ -267,12 +267,13 @@ def _sweeps(config: StudyConfig, rows_by_task: dict[str, dict]) -> dict:
                 out[name][task + " chosen"] = chosen
     task = study.sweep_task or study.tasks[0]
     for mode, lrs in study.mode_sweeps.items():  # dev loss only: no item was scored
+        rows = mode_sweep_rows(_Cache(rows_by_task.get(task, {})), mode, lrs, seed)
         found = [{"lr": lr, "best_dev_loss": row["best_dev_loss"], "initial_dev_loss": row.get("initial_dev_loss")}
-                 for lr in lrs if (row := rows_by_task.get(task, {}).get(sweep_key(mode, lr, seed)))]
+                 for lr, row in rows.items() if row]
         if found:
             out.setdefault(f"mode {mode}", {})[task] = found
-            if len(found) == len(lrs):
-                out[f"mode {mode}"][task + " chosen"] = min(found, key=lambda r: (r["best_dev_loss"], r["lr"]))["lr"]
+            if (chosen := lowest_dev_loss(rows)) is not None:
+                out[f"mode {mode}"][task + " chosen"] = chosen
     return out
 
 
