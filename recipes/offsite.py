@@ -21,6 +21,7 @@ from scaleot_fed.report import emulator_entry, write_results
 from scaleot_fed.rundir import RowCache, cached_rows, open_run_dir
 from scaleot_fed.single_owner import NamedEmulatorConfig, SingleOwner, TaskRunConfig, prepare_emulator, trained_path
 from scaleot_fed.tasks import load_task
+from scaleot_fed.tracking import TrackingConfig, track_once
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PipelineConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     emulators: list[NamedEmulatorConfig] = field(default_factory=list)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
     ``[layer_replace]``, ``[distill]`` and ``[[emulator]]``, as keyword arguments of the config
     (tables named in ``extra`` are allowed and left to the caller)."""
     data = load_toml(path)
-    known = {head, "finetune", "layer_replace", "distill", "emulator", "attack", *extra}
+    known = {head, "finetune", "layer_replace", "distill", "emulator", "attack", "tracking", *extra}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -81,11 +83,13 @@ def read_pipeline_toml(path: str | Path, head: str, head_cls, overrides: dict | 
         "layer_replace": from_dict(LayerReplaceConfig, data.get("layer_replace", {}), "layer_replace"),
         "distill": from_dict(DistillConfig, data.get("distill", {}), "distill"),
         "attack": from_dict(AttackConfig, data.get("attack", {}), "attack"),
+        "tracking": from_dict(TrackingConfig, data.get("tracking", {}), "tracking"),
         "emulators": [from_dict(NamedEmulatorConfig, e, f"emulator {i}") for i, e in enumerate(emulators)],
     }
     names = [e.name for e in values["emulators"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: emulator names must be unique, got {names}")
+    values["tracking"].check_installed()
     return values
 
 
@@ -110,8 +114,9 @@ def _owner(config: OffsiteConfig, out: Path, progress: bool, log) -> SingleOwner
                        cache=cached_rows(rows, log), checkpoint=rows.checkpoint, eval_placement=run.eval_placement())
 
 
-ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators")
-"""Config keys a rerun into the same folder may change: they add rows (rows are cached by name)."""
+ADDS_ROWS = ("run.attack", "run.full_finetune", "run.eval_batch_size", "emulators", "tracking")
+"""Config keys a rerun into the same folder may change: they add rows (rows are cached by name),
+or send them elsewhere too."""
 
 
 def run_offsite(config: OffsiteConfig, progress: bool = True, log=print, overwrite: bool = False) -> dict:
@@ -139,4 +144,6 @@ def run_offsite(config: OffsiteConfig, progress: bool = True, log=print, overwri
     results = {"model": run.model, "task": run.task, "n_train": len(owner.train), "n_eval": len(owner.evaluation),
                "finetune": as_dict(owner.finetune), "emulators": per_emulator}
     write_results(out, results)
+    track_once(config.tracking, out, as_dict(config), results, artifacts=[out / "results.md", out / "results.json",
+                                                                          out / "results.png"])
     return results

@@ -31,15 +31,18 @@ def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None,
     return from_dict(cls, values, where)
 
 
-def _toml_section(args: argparse.Namespace, section: str) -> dict:
+def _toml_section(args: argparse.Namespace, section: str, beside: tuple[str, ...] = ()) -> dict:
+    """Table ``section`` of ``--config`` (empty without one); tables other than it and ``beside``
+    are refused."""
     if not getattr(args, "config", None):
         return {}
     from scaleot_fed.config import load_toml
 
     data = load_toml(args.config)
-    unknown = sorted(set(data) - {section})
+    unknown = sorted(set(data) - {section, *beside})
     if unknown:
-        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads [{section}]")
+        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; this command reads "
+                          + ", ".join(f"[{s}]" for s in (section, *beside)))
     return data.get(section, {})
 
 
@@ -189,13 +192,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from scaleot_fed.config import as_dict, from_dict
     from scaleot_fed.finetune import FinetuneConfig, finetune, make_trainable
     from scaleot_fed.models import load_model_or_emulator
     from scaleot_fed.plugin import export_trained, save_plugged
     from scaleot_fed.tasks import load_task
+    from scaleot_fed.tracking import TrackingConfig, track_once
     from scaleot_fed.train_state import Checkpoint
 
-    config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune"), "finetune")
+    config = dataclass_from_args(FinetuneConfig, args, _toml_section(args, "finetune", ("tracking",)), "finetune")
+    tracked = _toml_section(args, "tracking", ("finetune",)) | ({"backend": args.tracking} if args.tracking else {})
+    tracking = from_dict(TrackingConfig, tracked, "tracking")
+    tracking.check_installed()
     checkpoint = Checkpoint(f"{str(args.out).rstrip('/')}.training.pt", args.save_every)  # a stopped run resumes from it
     items = load_task(args.task, "train", args.train_limit)
     if len(items) <= args.dev_items:
@@ -223,6 +231,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         merged = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
         out = save_plugged(merged, tokenizer, args.out)
         print(f"wrote the fine-tuned full model to {out}")
+    summary = {"initial_dev_loss": result.initial_val_loss, "best_dev_loss": result.best_val_loss,
+               "best_step": result.best_step, "trainable_params": result.trainable_params,
+               "tokens_per_second": result.tokens_per_second}
+    track_once(tracking, Path(f"{str(args.out).rstrip('/')}.tracking"), {"finetune": as_dict(config), "model": args.model, "task": args.task,
+                                          "train_items": len(train), "dev_items": len(dev)}, summary, result.history)
     checkpoint.remove()
 
 

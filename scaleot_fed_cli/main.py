@@ -16,6 +16,7 @@ from scaleot_fed.env import configure_environment
 configure_environment()  # before torch / ray / flwr are imported anywhere below
 
 from scaleot_fed.errors import ScaleOTError  # noqa: E402
+from scaleot_fed.tracking import BACKENDS as TRACKING_BACKENDS  # noqa: E402
 
 from . import commands as c  # noqa: E402
 
@@ -143,7 +144,9 @@ def _model_parsers(sub) -> None:
     p.add_argument("--train-limit", type=int, help="first N training items")
     p.add_argument("--dev-items", type=int, default=64,
                    help="items cut from the end of the training items for checkpoint selection")
-    p.add_argument("--config", help="TOML file with a [finetune] table")
+    p.add_argument("--config", help="TOML file with a [finetune] table (and [tracking])")
+    p.add_argument("--tracking", choices=tuple(TRACKING_BACKENDS),
+                   help="also track the run there (overrides [tracking] backend; its files in OUT.tracking/)")
     p.add_argument("--out", required=True, help="adapter state (.safetensors) or LoRA folder to write; the run saves "
                    "itself to OUT.training.pt as it goes (every --save-every seconds), and a stopped run given the "
                    "same arguments resumes there")

@@ -13,6 +13,7 @@ Messages it answers:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -31,9 +32,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from scaleot_fed.emulator import WEIGHTS, Emulator, check_emulator_folder, load_emulator, sha256_file  # noqa: E402
-from scaleot_fed.errors import IntegrityError, RunError  # noqa: E402
+from scaleot_fed.errors import ConfigError, IntegrityError, RunError  # noqa: E402
 from scaleot_fed.evaluate import evaluate_multiple_choice  # noqa: E402
 from scaleot_fed.finetune import FinetuneConfig, answer_loss, finetune, make_trainable  # noqa: E402
+from scaleot_fed.imports import load_object  # noqa: E402
 from scaleot_fed.models import cache_dir  # noqa: E402
 from strategies.requirements import FREEZE_LORA_A  # noqa: E402
 
@@ -267,7 +269,6 @@ def _decode(msg: Message, context: Context) -> _Job:
     config, pid, sha, (train_items, val_items) = _setup(msg, context)
     cfg = _run_config(msg)
     round_ = int(cfg["round"])
-    _inject_failure(config, pid, "before")
     owner_ft = owner_finetune(config, cfg)
     model, names = trainable_model(sha, owner_ft)
     if is_secure(msg):  # the legacy layout carries a list in the exchange order
@@ -302,7 +303,6 @@ def _encode(msg: Message, job: _Job, result, started: float) -> Message:
     # How far training moved the state (before any DP clipping): the scale clipping_norm must fit.
     update_norm = float(torch.sqrt(sum(((state[n] - torch.from_numpy(np.array(job.received[n].numpy()))) ** 2).sum()
                                        for n in job.names)))
-    state = _inject_failure(job.config, job.pid, "after", state)
     metrics = {
         "num-examples": len(job.train_items),
         UNIT_WEIGHT: 1,
@@ -321,23 +321,36 @@ def _encode(msg: Message, job: _Job, result, started: float) -> Message:
                    reply_to=msg)
 
 
-def _inject_failure(config: FedConfig, pid: int, when: str, state: dict | None = None) -> dict | None:
-    """``[debug] fail`` (chaos drills): before training, an owner that raises or is too slow for
-    ``round_timeout``; after it, one that sends NaN or the wrong tensors."""
-    failure = config.debug.fail.get(str(pid))
-    if when == "before" and failure == "raise":
-        raise RuntimeError(f"injected failure in client {pid}")
-    if when == "before" and failure == "slow":
-        time.sleep(config.debug.slow_seconds)
-    if when == "after" and failure == "nan":
-        state[next(iter(state))] = torch.full_like(next(iter(state.values())), float("nan"))
-    if when == "after" and failure == "wrong-keys":
-        state = {k + ".bogus": v for k, v in state.items()}
-    return state
+CLIENT_MODS = "SCALEOT_FED_CLIENT_MODS"
+"""Environment variable: Flower mods around every owner's train handler, as comma-separated
+``"package.module:function"`` (a mod is ``mod(msg, context, call_next) -> Message``): chaos drills
+(the tests' failures, ``tests/faults.py``), tracing. Read where the owner runs, when a message
+arrives; Ray's workers inherit it from the process that starts the simulation."""
+
+
+@functools.cache
+def _mods(spec: str) -> tuple:
+    mods = tuple(load_object(s.strip(), f"${CLIENT_MODS} entry {s.strip()!r}") for s in spec.split(",") if s.strip())
+    if not all(callable(m) for m in mods):
+        raise ConfigError(f"${CLIENT_MODS} = {spec!r} names something that is not a function (msg, context, call_next)")
+    return mods
+
+
+def client_mods() -> tuple:
+    """The mods ``$SCALEOT_FED_CLIENT_MODS`` names, imported (a bad name: one ConfigError line)."""
+    return _mods(os.environ.get(CLIENT_MODS, ""))
+
+
+def _named_mods(msg: Message, context: Context, call_next) -> Message:
+    """Runs the handler inside :func:`client_mods`, the first outermost."""
+    def inside(mods: tuple):
+        return call_next if not mods else lambda m, c: mods[0](m, c, inside(mods[1:]))
+
+    return inside(client_mods())(msg, context)
 
 
 # Mods on train only (Flower's DP mods break other messages); SecAgg+ masks what DP/training made.
-@app.train(mods=[secure_mod, dp_mod(_privacy_of)])
+@app.train(mods=[secure_mod, dp_mod(_privacy_of), _named_mods])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     job = _decode(msg, context)
@@ -356,11 +369,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def delivery_content(emulator_path: Path, sha: str, weights: np.ndarray | None = None) -> RecordDict:
+def delivery_content(emulator_path: Path, sha: str) -> RecordDict:
     """What the server sends to a data owner that lacks the emulator: the weights file bytes (so
     the sha256 is checked end to end) and the small files beside it."""
-    if weights is None:
-        weights = np.frombuffer((emulator_path / WEIGHTS).read_bytes(), dtype=np.uint8)
+    weights = np.frombuffer((emulator_path / WEIGHTS).read_bytes(), dtype=np.uint8)
     files = {p.name: p.read_bytes() for p in sorted(emulator_path.iterdir()) if p.is_file() and p.name != WEIGHTS}
     return RecordDict({
         "config": ConfigRecord({"sha256": sha}),

@@ -1,9 +1,11 @@
 """Federated run configuration: one dataclass per TOML table, unknown keys rejected.
 
 A run file has ``[run]``, ``[partition]``, ``[strategy]``, ``[finetune]``, ``[emulator]``,
-``[layer_replace]``, ``[owners]``, ``[realign]``, ``[privacy]``, ``[secure_aggregation]``, ``[attack]`` and (for
-tests and chaos drills) ``[debug]``. The resolved configuration is written into every run folder and sent to clients with each message, so the two ways to run
-(``scaleot-fed simulate`` and ``flwr run .``) behave the same.
+``[layer_replace]``, ``[owners]``, ``[realign]``, ``[privacy]``, ``[secure_aggregation]``, ``[attack]`` and
+``[tracking]``.
+The resolved configuration is written into every run folder and sent to clients with each
+message, so the two ways to run (``scaleot-fed simulate`` and ``flwr run .``) behave the same.
+Failures for drills are not configured here: a client mod injects them (``tests/faults.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scaleot_fed.finetune import FinetuneConfig
 from scaleot_fed.layer_replace import LayerReplaceConfig
 from scaleot_fed.realign import RealignConfig
 from scaleot_fed.single_owner import NamedEmulatorConfig, TaskRunConfig
+from scaleot_fed.tracking import TrackingConfig
 
 from .owners import OwnersConfig
 from .privacy import PrivacyConfig
@@ -31,7 +34,6 @@ RENAMED_PARTITIONERS = {
     "dirichlet": "kind = \"label-skew\" (the same Dirichlet over `by`)",
     "pathological": "kind = \"label-skew\" with classes_per_client = N",
 }
-FAILURE_KINDS = ("raise", "nan", "wrong-keys", "slow")
 
 
 @dataclass
@@ -213,25 +215,6 @@ class StrategyConfig:
         check_strategy_name(self.name)
 
 
-@dataclass
-class DebugConfig:
-    """``[debug]``: make chosen clients misbehave, to exercise failure handling."""
-
-    fail: dict[str, str] = field(default_factory=dict)
-    """Partition id (as a string) -> ``raise``, ``nan``, ``wrong-keys`` or ``slow`` (sleeps
-    ``slow_seconds`` before training, to exercise ``round_timeout``)."""
-    slow_seconds: float = 30.0
-    stop_after_round: int | None = None
-    """Stop the server (as if killed) right after this round's checkpoint."""
-    tamper_delivery: bool = False
-    """Flip one byte of the first emulator delivery (its receiver must refuse it)."""
-
-    def __post_init__(self) -> None:
-        for pid, kind in self.fail.items():
-            if kind not in FAILURE_KINDS or not str(pid).isdigit():
-                raise ConfigError(f"debug.fail entries map partition ids to one of {FAILURE_KINDS}, got {pid}={kind}")
-
-
 def check_secure_strategy(name: str, strategy) -> None:
     """SecAgg+ reveals only the sum: the strategy must aggregate from the mean alone."""
     from strategies import requirements_of
@@ -254,7 +237,7 @@ class FedConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.secure_aggregation.enabled:
@@ -290,12 +273,15 @@ _SECTIONS = {
     "privacy": PrivacyConfig,
     "secure_aggregation": SecureAggregationConfig,
     "attack": AttackConfig,
-    "debug": DebugConfig,
+    "tracking": TrackingConfig,
 }
 
 
 def fed_config_from_dict(data: dict, where: str = "config") -> FedConfig:
     """Build a :class:`FedConfig` from nested tables (TOML or JSON)."""
+    if "debug" in data:
+        raise ConfigError(f"{where}: [debug] was removed: failures are injected by the tests' client mod "
+                          "(tests/faults.py, named in $SCALEOT_FED_CLIENT_MODS); remove the table")
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SECTIONS)}")

@@ -56,17 +56,9 @@ def send_one(grid: Grid, message: Message) -> Message:
     return replies[0]
 
 
-def _tampered(emulator_path: Path, sha: str) -> RecordDict:
-    """The delivery with one byte flipped (debug: its receiver must notice)."""
-    content = delivery_content(emulator_path, sha)
-    weights = content.array_records["emulator"]["weights"].numpy().copy()
-    weights[len(weights) // 2] ^= 0xFF
-    return delivery_content(emulator_path, sha, weights)
-
-
-def _send(grid: Grid, node: int, emulator_path: Path, sha: str, tamper: bool) -> int:
+def _send(grid: Grid, node: int, emulator_path: Path, sha: str) -> int:
     """Send the emulator to ``node``; returns the bytes sent."""
-    content = _tampered(emulator_path, sha) if tamper else delivery_content(emulator_path, sha)
+    content = delivery_content(emulator_path, sha)
     size = content.array_records["emulator"].count_bytes() + sum(len(v) for v in content.config_records["files"].values())
     record = send_one(grid, Message(content, dst_node_id=node, message_type="query.emulator")).content["emulator"]
     if not bool(record["has"]):
@@ -91,7 +83,7 @@ def _ask_all(grid: Grid, nodes: list[int], sha: str) -> dict[int, tuple[int, boo
     return answers
 
 
-def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper: bool = False) -> Delivery:
+def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int) -> Delivery:
     """Make sure every connected data owner holds the emulator ``sha``.
 
     All owners are asked at once; those that lack it get it one at a time. After a delivery the
@@ -99,11 +91,6 @@ def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper:
     sharing a disk, as a simulation's actors do); owners on disks of their own are then sent it
     without more questions. A population of any size costs one copy per disk and a few batches of
     queries, never a round trip per owner.
-
-    Parameters
-    ----------
-    tamper:
-        Debug: flip one byte of the first delivery (its receiver must refuse it).
     """
     done = Delivery()
     answers = _ask_all(grid, wait_for_nodes(grid, num_clients), sha)
@@ -120,11 +107,10 @@ def deliver(grid: Grid, emulator_path: Path, sha: str, num_clients: int, tamper:
             break
         node = min(answers)
         try:
-            done.bytes_down += _send(grid, node, emulator_path, sha, tamper)
+            done.bytes_down += _send(grid, node, emulator_path, sha)
             done.node_to_partition[node] = answers.pop(node)[0]
         except RunError as exc:
             log.error("data owner %s (node %s) is left out of this run: %s", answers.pop(node)[0], node, exc)
-        tamper = False  # a tampered copy, once sent, is used up
         if answers and reask:  # did that copy reach others (a shared disk)? Ask while it does.
             answers = _ask_all(grid, sorted(answers), sha)
             reask = any(not isinstance(a, str) and a[1] for a in answers.values())

@@ -10,6 +10,7 @@ continues a killed run to the same result. Delivery of the emulator is in
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from scaleot_fed.models import load_model
 from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
 from scaleot_fed.rundir import lock_run_dir, write_json
 from scaleot_fed.single_owner import prepare_emulator
+from scaleot_fed.tracking import STATE, Tracking
 from strategies.replies import pad_replies, reply_problem
 
 from .checkpoint import RoundState, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
@@ -110,7 +112,7 @@ class FederatedRun:
     def deliver(self, grid: Grid) -> None:
         """Every data owner gets the emulator (once); the server learns who is who."""
         run = self.config.run
-        done = deliver(grid, self.emulator_path, self.sha, run.num_clients, self.config.debug.tamper_delivery)
+        done = deliver(grid, self.emulator_path, self.sha, run.num_clients)
         self.node_to_partition, self.emulator_bytes_down, self.deployed = (
             done.node_to_partition, done.bytes_down, done.deployed)
         if self.deployed:
@@ -220,7 +222,7 @@ class FederatedRun:
             reason = self.check_reply(msg)
             if reason:
                 failed.append(self.node_to_partition.get(node, -1))
-                log.warning("round %d: rejected update of client %s (node %s): %s", round_,
+                log.warning("round %d: rejected update of data owner %s (node %s): %s", round_,
                             self.node_to_partition.get(node), node, reason)
             else:
                 good.append(msg)
@@ -259,7 +261,7 @@ class FederatedRun:
         summed = set(stats.pop("nodes"))
         failed = [p for p in partitions if self.partition_to_node.get(p) not in summed]
         if failed:
-            log.warning("round %d: clients %s are not in the secure sum (dropped out)", round_, failed)
+            log.warning("round %d: data owners %s are not in the secure sum (dropped out)", round_, failed)
         self._enough(round_, len(summed), partitions, failed)
         if mean is None:
             raise RoundFailed(f"round {round_}: secure aggregation halted (too few owners left to unmask the sum; "
@@ -276,10 +278,10 @@ class FederatedRun:
     def _enough(self, round_: int, good: int, partitions: list[int], failed: list[int]) -> None:
         if good < self.config.run.min_successful_clients:
             raise RoundFailed(
-                f"round {round_}: only {good} of {len(partitions)} clients returned a usable update "
-                f"(min_successful_clients={self.config.run.min_successful_clients}; failed clients {sorted(set(failed))}); "
+                f"round {round_}: only {good} of {len(partitions)} data owners returned a usable update "
+                f"(min_successful_clients={self.config.run.min_successful_clients}; failed: {sorted(set(failed))}); "
                 + (f"the last good aggregate is in {self.out / 'checkpoint'}" if has_checkpoint(self.out) else
-                   "no checkpoint exists yet (no round has completed): fix the clients and start the run again")
+                   "no checkpoint exists yet (no round has completed): fix the data owners and start the run again")
             )
 
     # ------------------------------------------------------------------ evaluation
@@ -339,8 +341,19 @@ class FederatedRun:
 
     def run(self, grid: Grid) -> None:
         self.setup()
+        self.tracking = Tracking(self.config.tracking, self.out, resume=self.resume)
+        try:
+            self.tracked_rounds(grid)
+        finally:
+            self.tracking.close()
+
+    def tracked_rounds(self, grid: Grid) -> None:
+        """Delivery, the rounds, the final table; each round's row also to the tracker."""
+        self.tracking.params(as_dict(self.config))
+        for row in self.metrics:  # a resume: the rounds the tracked run missed (stopped before tracking them)
+            if row["round"] in self.tracking.missed([row["round"]]):
+                self.tracking.metrics(tracked_row(row), row["round"])
         self.deliver(grid)
-        stop_after = self.config.debug.stop_after_round
         for round_ in range(self.start_round, self.config.run.num_rounds + 1):
             try:
                 row = self.run_round(grid, round_)
@@ -352,11 +365,20 @@ class FederatedRun:
             self.metrics.append(row)
             self.save_checkpoint(round_)
             self.write_metrics()
+            self.tracking.metrics(tracked_row(row), round_)
             log.info("round %d: %s", round_, {k: v for k, v in row.items() if k not in ("clients",)})
-            if stop_after is not None and round_ >= stop_after and round_ < self.config.run.num_rounds:
-                log.warning("debug.stop_after_round=%d: stopping as if killed", stop_after)
-                return
         save_aggregate(self.arrays, self.out / "aggregate.safetensors")
         if self.config.run.final_table:
             final_table(self)
+        summary = json.loads((self.out / "metrics.json").read_text())
+        self.tracking.metrics({k: v for k, v in summary.items() if k not in ("rounds", "per_owner")},
+                              self.metrics[-1]["round"] if self.metrics else 0)
+        self.tracking.artifacts(sorted(p for p in self.out.iterdir() if p.suffix in (".md", ".json", ".csv", ".png")
+                                       and p.name not in ("config.json", STATE)))
         (self.out / "DONE").write_text("ok\n")
+
+
+def tracked_row(row: dict) -> dict:
+    """A round's row as the tracker gets it: its numbers under their ``metrics.json`` paths
+    (``per_owner/3/plug_in_acc``, ``timing/train``), without the round number and the owner lists."""
+    return {k: v for k, v in row.items() if k not in ("round", "clients", "failed")}

@@ -87,7 +87,7 @@ def _partition_indices(task, train_limit, config_json, num_partitions, seed):
     config = PartitionConfig(**json.loads(config_json))
     items = train_items(task, train_limit)
     if len(items) < num_partitions * 2:
-        raise ConfigError(f"{len(items)} training items cannot feed {num_partitions} clients (need 2 each)")
+        raise ConfigError(f"{len(items)} training items cannot feed {num_partitions} data owners (need 2 each)")
     table = item_table(items)
     by = config.split_field
     if config.kind != "iid" and by not in table:
@@ -120,11 +120,11 @@ def _partition_indices(task, train_limit, config_json, num_partitions, seed):
 
 
 def client_data(config: FedConfig, partition_id: int, num_partitions: int) -> tuple[list[MCItem], list[MCItem]]:
-    """One simulated client's (train, validation) items: its partition of the task."""
+    """One simulated data owner's (train, validation) items: its partition of the task."""
     run = config.run
     indices = partition_indices(run.task, run.train_limit, config.partition, num_partitions, run.seed)[partition_id]
     items = train_items(run.task, run.train_limit)
-    return _split([items[i] for i in indices], config, f"client {partition_id}", f"{run.seed}-split-{partition_id}")
+    return _split([items[i] for i in indices], config, f"data owner {partition_id}", f"{run.seed}-split-{partition_id}")
 
 
 def local_data(config: FedConfig, path: str) -> tuple[list[MCItem], list[MCItem]]:

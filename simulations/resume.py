@@ -8,6 +8,7 @@ run, evaluate more or less often) and are logged; any other change is refused, l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,16 +18,19 @@ from scaleot_fed.config import as_dict
 from scaleot_fed.emulator.config import upgrade_saved
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import changed_keys
+from scaleot_fed.tracking import TrackingConfig
 
 from .checkpoint import read_state
 from .config import FedConfig, apply_overrides, fed_config_from_dict, load_fed_config
 
 log = logging.getLogger("scaleot_fed.federation")
 
-SAFE_ON_RESUME = ("run.num_rounds", "run.eval_every", "run.eval_batch_size", "run.final_table")
-"""Keys a resumed run may change: they do not alter what the completed rounds did."""
-IGNORED_ON_RESUME = ("run.out", "debug.stop_after_round")
-"""Keys that are not part of what a run is: where it lives, and a debug stop."""
+SAFE_ON_RESUME = ("run.num_rounds", "run.eval_every", "run.eval_batch_size", "run.final_table",
+                  *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)))
+"""Keys a resumed run may change: they do not alter what the completed rounds did (a resume with
+another tracking backend starts a new tracked run with every round so far)."""
+IGNORED_ON_RESUME = ("run.out",)
+"""Keys that are not part of what a run is: where it lives."""
 
 
 def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None,
@@ -41,10 +45,17 @@ def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None
         path = run_dir / "config.json"
         if not path.is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
-        data = apply_overrides(upgrade_saved(json.loads(path.read_text())), overrides or {})
-    data.setdefault("debug", {})["stop_after_round"] = None  # a resumed run goes to the end
+        data = apply_overrides(in_todays_keys(json.loads(path.read_text())), overrides or {})
     data["run"]["out"] = str(run_dir)
     return fed_config_from_dict(data, str(config_file or run_dir / "config.json"))
+
+
+def in_todays_keys(snapshot: dict) -> dict:
+    """A saved run config in today's keys: renamed emulator keys (:func:`upgrade_saved`), and
+    without the ``[debug]`` table of runs made before fault injection became a test-only mod."""
+    data = upgrade_saved(snapshot)
+    data.pop("debug", None)
+    return data
 
 
 def _value(config: dict, dotted: str) -> Any:
@@ -61,7 +72,7 @@ def check_resume(config: FedConfig, out: Path) -> None:
         log.warning("the checkpoint in %s predates config checks on resume: changes are not verified", out)
         return
     new = json.loads(json.dumps(as_dict(config)))
-    recorded = upgrade_saved(recorded)  # (a checkpoint written before a key was renamed, in today's keys)
+    recorded = in_todays_keys(recorded)  # (a checkpoint written before a key was renamed or removed)
     changed = [k for k in changed_keys(recorded, new) if k not in IGNORED_ON_RESUME]
     unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
     if unsafe:

@@ -60,6 +60,7 @@ def validate(config: FedConfig) -> None:
     from scaleot_fed.models import load_model_config
     from strategies import check_requirements, resolve_strategy
 
+    from .client_app import client_mods
     from .partition import partition_indices
     from .privacy import make_strategy
 
@@ -78,10 +79,12 @@ def validate(config: FedConfig) -> None:
     if config.secure_aggregation.enabled:
         check_secure_strategy(config.strategy.name, strategy)
     check_client_devices(config)
+    config.tracking.check_installed()
+    client_mods()  # $SCALEOT_FED_CLIENT_MODS: a bad name is one line here, not a failure in every owner
     sizes = [len(p) for p in partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)]
     too_small = [i for i, n in enumerate(sizes) if n < 2]
     if too_small:
-        raise ConfigError(f"clients {too_small} got fewer than 2 items from the {config.partition.kind} partition; "
+        raise ConfigError(f"data owners {too_small} got fewer than 2 items from the {config.partition.kind} partition; "
                            "use fewer clients, more train items or a milder partition")
 
 

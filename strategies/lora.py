@@ -46,7 +46,7 @@ class FFALoRA(FedAvg):
             for key, expected in sent.items():
                 if not np.array_equal(record[key].numpy(), expected):
                     raise ValueError(
-                        f"FFA-LoRA: a client changed the frozen {key}; clients must honour '{FREEZE_LORA_A}'"
+                        f"FFA-LoRA: a data owner changed the frozen {key}; its client must honour '{FREEZE_LORA_A}'"
                     )
         return super().aggregate_train(server_round, replies)
 

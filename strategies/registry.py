@@ -8,16 +8,12 @@ aggregates whatever it is handed, so every strategy is built to take all the nod
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.imports import load_object
 
 from .lora import FFALoRA
 
@@ -70,41 +66,12 @@ def resolve_strategy(name: str) -> type[Strategy]:
     check_strategy_name(name)
     if name in BUILTIN:
         return BUILTIN[name]
-    how = HOW.format(builtin=", ".join(BUILTIN))
-    where, _, attr = name.rpartition(":")
-    module = _load_file(where, name) if where.endswith(".py") or "/" in where else _import(where, name)
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ConfigError(f"strategy {name!r}: {where} has no {attr!r}; " + how)
+    cls = load_object(name, f"strategy {name!r}", HOW.format(builtin=", ".join(BUILTIN)))
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError(f"strategy {name!r}: {attr} is not a subclass of flwr.serverapp.strategy.Strategy "
-                          "(subclass FedAvg, or another Flower strategy, and override what you change)")
+        raise ConfigError(f"strategy {name!r}: {name.rpartition(':')[2]} is not a subclass of "
+                          "flwr.serverapp.strategy.Strategy (subclass FedAvg, or another Flower strategy, "
+                          "and override what you change)")
     return cls
-
-
-def _import(module: str, name: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"strategy {name!r}: cannot import {module} ({exc}); is it on PYTHONPATH?") from exc
-
-
-def _load_file(where: str, name: str):
-    path = Path(where).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"strategy {name!r}: no file {path}")
-    key = f"scaleot_fed_user_strategy_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    if key in sys.modules:  # one module per file, however often it is named
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - whatever the user's file raises, said in one line
-        del sys.modules[key]
-        raise ConfigError(f"strategy {name!r}: {path} failed to import: {type(exc).__name__}: {exc}") from exc
-    return module
 
 
 def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:

@@ -19,7 +19,7 @@ def reply_problem(msg: Message, names: tuple[str, ...], expected: dict, realign_
     """Why a train reply cannot be averaged in, or None when it can. ``expected``: name -> an
     array of the shape the owner must send back."""
     if msg.has_error():
-        return f"client error: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else 'unknown'}"
+        return f"its ClientApp failed: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else 'unknown'}"
     metrics = msg.content.metric_records.get("metrics", {})
     if int(metrics.get("realign-version", 0)) != realign_version:
         return f"trained on re-aligned emulator version {metrics.get('realign-version', 0)}, not {realign_version}"

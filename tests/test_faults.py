@@ -23,6 +23,7 @@ import pytest
 from scaleot_fed.rundir import lock_run_dir, unlock_run_dir
 from scaleot_fed_cli.main import main
 
+from . import faults
 from .conftest import write_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,9 +229,9 @@ def test_kill_9_leaves_no_ray_process_behind(ws, tiny_model_dir):
     unlock_run_dir(ws / "killed")
 
 
-def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir, capsys):
+def test_a_failed_first_round_says_no_checkpoint_exists(ws, tiny_model_dir, capsys, monkeypatch):
     run_file = _run_file(ws, "failing", tiny_model_dir, num_rounds=1, min_successful_clients=1)
-    run_file.write_text(run_file.read_text() + '[debug]\nfail = {"0" = "raise", "1" = "raise"}\n')
+    faults.inject(monkeypatch, {0: "raise", 1: "raise"})
     code, err = _main("simulate", "--config", str(run_file), capsys=capsys)
     assert code == 2 and "no checkpoint exists yet" in err
     assert "the last good aggregate is in" not in err

@@ -16,6 +16,7 @@ from simulations.config import fed_config_from_dict
 from simulations.resume import load_run_config
 from simulations.runner import simulate, validate
 
+from . import faults
 from .conftest import write_items
 
 
@@ -117,10 +118,12 @@ def test_same_seed_same_result_and_no_second_delivery(fed):
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["emulator_bytes_down"] == 0  # cached
 
 
-def test_kill_and_resume_gives_the_uninterrupted_result(fed):
-    config = _config(fed, "c")
-    config["debug"] = {"stop_after_round": 1}
-    out = simulate(fed_config_from_dict(config))
+def test_kill_and_resume_gives_the_uninterrupted_result(fed, monkeypatch):
+    faults.stop_after_round(monkeypatch, 1)
+    with pytest.raises(faults.Killed, match="stopped after round 1"):
+        simulate(fed_config_from_dict(_config(fed, "c")))
+    monkeypatch.undo()
+    out = fed / "c"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 1
     assert not (out / "DONE").exists()
     simulate(load_run_config(out), resume=True)
@@ -129,24 +132,24 @@ def test_kill_and_resume_gives_the_uninterrupted_result(fed):
     assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [1, 2]
 
 
-def test_a_bad_update_is_rejected_and_the_round_continues(fed, caplog):
+def test_a_bad_update_is_rejected_and_the_round_continues(fed, caplog, monkeypatch):
     config = _config(fed, "d", num_rounds=1, clients_per_round=3, min_successful_clients=2)
-    config["debug"] = {"fail": {"0": "nan"}}
+    faults.inject(monkeypatch, {0: "nan"})
     with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
         out = simulate(fed_config_from_dict(config))
     row = json.loads((out / "metrics.json").read_text())["rounds"][0]
     assert row["successful"] == 2 and row["failed"] == [0]
-    assert any("client 0" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
+    assert any("data owner 0" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
 
 
-def test_too_many_failures_stop_the_run_with_a_clear_error(fed, caplog):
+def test_too_many_failures_stop_the_run_with_a_clear_error(fed, caplog, monkeypatch):
     config = _config(fed, "e", num_rounds=1, clients_per_round=3, min_successful_clients=2)
-    config["debug"] = {"fail": {"0": "raise", "1": "wrong-keys"}}
+    faults.inject(monkeypatch, {0: "raise", 1: "wrong-keys"})
     with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
-        with pytest.raises(ScaleOTError, match="only 1 of 3 clients"):
+        with pytest.raises(ScaleOTError, match="only 1 of 3 data owners"):
             simulate(fed_config_from_dict(config))
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "client 0" in messages and "client 1" in messages and "wrong keys" in messages
+    assert "data owner 0" in messages and "data owner 1" in messages and "wrong keys" in messages
 
 
 @pytest.mark.parametrize("change,match", [
@@ -216,7 +219,7 @@ def test_local_dp_clips_every_update_before_it_leaves(fed):
 def test_a_tampered_delivery_is_refused_and_the_others_carry_on(fed, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SCALEOT_FED_EMULATOR_CACHE", str(tmp_path / "owners"))  # nobody holds it yet
     config = _config(fed, "t", num_rounds=1, clients_per_round=3, min_successful_clients=2)
-    config["debug"] = {"tamper_delivery": True}
+    faults.tamper_first_delivery(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="scaleot_fed.federation"):
         out = simulate(fed_config_from_dict(config))
     row = json.loads((out / "metrics.json").read_text())["rounds"][0]
@@ -433,3 +436,54 @@ def test_a_strategy_defined_in_a_test_module_runs_by_module_and_class(fed):
     b = [k for k in half if "lora_B" in k]  # zero before round 1: half of the mean's step
     assert b and all(torch.allclose(half[k], 0.5 * mean[k], atol=1e-6) for k in b)
     assert max(float(mean[k].abs().max()) for k in b) > 1e-4
+
+
+def test_a_bad_client_mod_is_one_line_before_anything_starts(fed, monkeypatch):
+    from simulations.client_app import CLIENT_MODS
+
+    monkeypatch.setenv(CLIENT_MODS, "tests.faults:no_such_mod")
+    with pytest.raises(ConfigError, match=r"^\$SCALEOT_FED_CLIENT_MODS entry 'tests.faults:no_such_mod': "
+                                          r"tests.faults has no 'no_such_mod'$"):
+        validate(fed_config_from_dict(_config(fed, "mods")))
+    monkeypatch.setenv(CLIENT_MODS, "tests.faults:KINDS")
+    with pytest.raises(ConfigError, match="names something that is not a function"):
+        validate(fed_config_from_dict(_config(fed, "mods")))
+    assert not (fed / "mods").exists()
+
+
+def _tracked_matches(tracked: dict[str, list[tuple[int, float]]], out) -> None:
+    """Every number of every round in ``metrics.json`` is the tracked scalar at that round."""
+    from scaleot_fed.tracking import scalars
+    from simulations.federation import tracked_row
+
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    expected = {}
+    for row in rounds:
+        for key, value in scalars(tracked_row(row)).items():
+            expected.setdefault(key, []).append((row["round"], value))
+    assert expected.keys() <= tracked.keys() and "bytes_up" in expected and "plug_in_acc" in expected
+    for key, values in expected.items():
+        got = dict(tracked[key])
+        assert [s for s, _ in values] == sorted(got), key
+        assert all(got[s] == pytest.approx(v, rel=1e-6) for s, v in values), key
+
+
+def test_tensorboard_and_mlflow_track_what_metrics_json_holds_and_a_resume_continues(fed, monkeypatch):
+    from .test_tracking import mlflow_run, tensorboard_scalars
+
+    config = _config(fed, "tracked-tb") | {"tracking": {"backend": "tensorboard"}}
+    out = simulate(fed_config_from_dict(config))
+    _tracked_matches(tensorboard_scalars(out / "tensorboard"), out)
+    # MLflow, stopped after round 1 and resumed: one tracked run holding both rounds and the files
+    faults.stop_after_round(monkeypatch, 1)
+    with pytest.raises(faults.Killed):
+        simulate(fed_config_from_dict(_config(fed, "tracked-ml") | {"tracking": {"backend": "mlflow"}}))
+    monkeypatch.undo()
+    out = simulate(load_run_config(fed / "tracked-ml"), resume=True)
+    client, run = mlflow_run(out)
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    tracked = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in run.data.metrics}
+    _tracked_matches(tracked, out)
+    assert run.data.params["strategy.name"] == "fedavg" and run.data.params["run.num_rounds"] == "2"
+    assert {"metrics.json", "rounds.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -195,3 +195,34 @@ def test_evaluate_perplexity_on_a_text_file(setup, capsys, tmp_path):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["perplexity"] > 1 and result["tokens"] > 0
     assert main(["evaluate", "--model", str(setup / "model")]) == 2
+
+
+def test_offsite_and_finetune_are_tracked_and_read_back(setup, capsys):
+    """``[tracking]`` in an offsite file, ``--tracking`` on finetune: the numbers their own files
+    hold, read back with TensorBoard's and MLflow's readers."""
+    from scaleot_fed.tracking import STATE, scalars
+
+    from .test_tracking import mlflow_run, tensorboard_scalars
+
+    text = (setup / "offsite.toml").read_text()
+    text = text.split("[[emulator]]")[0] + '[[emulator]]\nname = "uniform"\nmethod = "uniform-drop"\n' \
+        'num_adapter_layers = 2\nalpha = 0.5\n\n[tracking]\nbackend = "tensorboard"\n'
+    (setup / "offsite.toml").write_text(text.replace("[run]\n", "[run]\nfull_finetune = false\n"))
+    assert main(["offsite", "--config", str(setup / "offsite.toml"), "--no-progress"]) == 0
+    results = json.loads((setup / "run" / "results.json").read_text())
+    tracked = tensorboard_scalars(setup / "run" / "tensorboard")
+    assert tracked["emulators/uniform/rows/plug_in/acc"] == [(0, pytest.approx(results["emulators"]["uniform"]["rows"]
+                                                                             ["plug_in"]["acc"]))]
+    assert set(scalars(results)) <= set(tracked)
+    # finetune: every step's loss (and the dev loss where measured), then the summary
+    assert main(["build-emulator", "--model", str(setup / "model"), "--method", "uniform-drop", "--adapters", "2",
+                 "--out", str(setup / "emu")]) == 0
+    assert main(["finetune", "--model", str(setup / "emu"), "--task", str(setup / "train.jsonl"), "--steps", "4",
+                 "--batch-size", "4", "--dev-items", "8", "--eval-every", "2", "--no-progress", "--tracking", "mlflow",
+                 "--out", str(setup / "state.safetensors")]) == 0
+    client, run = mlflow_run(setup / "state.safetensors.tracking")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 2, 4]
+    assert run.data.params["finetune.steps"] == "4" and "best_dev_loss" in run.data.metrics
+    capsys.readouterr()
+    assert json.loads((setup / "state.safetensors.tracking" / STATE).read_text())["backend"] == "mlflow"

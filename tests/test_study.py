@@ -811,3 +811,113 @@ def test_a_modes_rate_is_swept_by_dev_loss_alone_and_declared_before_its_cells_r
     assert sorted(c["mode"] for c in summary["claims"] if c["task"] == "piqa") == ["full", "lora"]
     assert all(c["paired_seeds"] for c in summary["claims"])  # both sides from seeds 0 and 1
     assert {c["mode"] for c in summary["claims_other_metric"]} == {"full", "lora"}
+
+
+def test_a_study_runs_seed_by_seed_across_tasks_and_a_mode_only_on_its_tasks(tmp_path, tiny_model_dir, gpt2_tokenizer,
+                                                                           monkeypatch):
+    """Seed 0 of every task before seed 1 of any (a session without the run folder rebuilds a seed's
+    stage 1 and emulators once for every task it reaches), an emulator's units together across
+    tasks; a mode with ``mode_tasks`` has cells on those tasks alone."""
+    from recipes.study import Grid, StudyConfig, StudyGridConfig
+    from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import NamedEmulatorConfig
+
+    for name in ("a.jsonl", "b.jsonl"):
+        write_items(tmp_path / name, 20, 0)
+    monkeypatch.chdir(tmp_path)
+    sections = [NamedEmulatorConfig(name="ot", method="uniform-drop", num_adapter_layers=2, alpha=0.5, distill=True),
+                NamedEmulatorConfig(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5)]
+    config = StudyConfig(study=StudyGridConfig(tasks=["a.jsonl", "b.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4,
+                                            modes=["lora", "full"], mode_tasks={"full": ["b.jsonl"]}),
+                         emulators=sections)
+    grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
+    units = grid.all_units()
+    assert [u.label for u in units] == ["a.jsonl: full zero-shot", "b.jsonl: full zero-shot",
+                      "a.jsonl: ot/seed0 zero-shot", "a.jsonl: ot seed 0 fine-tune + plug-in",
+                      "b.jsonl: ot/seed0 zero-shot", "b.jsonl: ot seed 0 fine-tune + plug-in",
+                      "b.jsonl: ot:full seed 0 fine-tune + plug-in",
+                      "a.jsonl: u zero-shot", "a.jsonl: u seed 0 fine-tune + plug-in",
+                      "b.jsonl: u zero-shot", "b.jsonl: u seed 0 fine-tune + plug-in", "b.jsonl: u:full seed 0 fine-tune + plug-in",
+                      "a.jsonl: ot/seed1 zero-shot", "a.jsonl: ot seed 1 fine-tune + plug-in",
+                      "b.jsonl: ot/seed1 zero-shot", "b.jsonl: ot seed 1 fine-tune + plug-in",
+                      "b.jsonl: ot:full seed 1 fine-tune + plug-in",
+                      "a.jsonl: u seed 1 fine-tune + plug-in", "b.jsonl: u seed 1 fine-tune + plug-in",
+                      "b.jsonl: u:full seed 1 fine-tune + plug-in"]
+    # the distillation is charged once, to the first unit that needs it, wherever its task is
+    builds = [u for u in units if u.label.endswith("ot/seed0 zero-shot")]
+    assert builds[0].cost > builds[1].cost
+
+
+def test_mode_tasks_name_later_modes_and_tasks_of_the_study(tmp_path):
+    from recipes.study import StudyGridConfig
+    from scaleot_fed.errors import ConfigError
+
+    for bad in ({"lora": ["piqa"]}, {"full": ["hellaswag"]}, {"full": []}, {"bottleneck": ["piqa"]}):
+        with pytest.raises(ConfigError, match="study.mode_tasks maps modes after the first"):
+            StudyGridConfig(tasks=["piqa", "arc_easy"], modes=["lora", "full"], mode_tasks=bad)
+    with pytest.raises(ConfigError, match="including the sweep task 'arc_easy'"):  # its sweep runs on a task it skips
+        StudyGridConfig(tasks=["arc_easy", "piqa"], modes=["lora", "full"], mode_sweeps={"full": [1e-4, 1e-3]},
+                        mode_tasks={"full": ["piqa"]})
+    study = StudyGridConfig(tasks=["piqa", "arc_easy"], modes=["lora", "full"], mode_tasks={"full": ["piqa"]})
+    assert study.tasks_of("full") == ["piqa"] and study.tasks_of("lora") == study.tasks_of(None) == ["piqa", "arc_easy"]
+
+
+def test_a_modes_claims_pool_only_the_tasks_it_runs_on(tmp_path):
+    import numpy as np
+
+    from recipes.study import ClaimConfig, StudyConfig, StudyGridConfig
+    from recipes.study.config import per_mode
+    from recipes.study.report import write_report
+    from scaleot_fed.rundir import RowCache
+    from scaleot_fed.single_owner import NamedEmulatorConfig
+
+    def row(correct: list[bool]) -> dict:
+        items = {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * len(correct),
+                 "choice_chars": [[5, 5]] * len(correct)}
+        return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct)), "n": len(correct), "items": items}
+
+    tasks = ["piqa", "arc_easy", "arc_challenge"]
+    for task in tasks:
+        rows = RowCache(tmp_path / "run" / task)
+        for seed in (0, 1):
+            for cell in ("u", "u:full") if task != "arc_easy" else ("u",):
+                rows.put(f"{cell}/seed{seed}/plug_in", row([i < 30 for i in range(40)]))
+                rows.put(f"{cell}/seed{seed}/emulator_finetune", row([i < 20 for i in range(40)]))
+    config = StudyConfig(study=StudyGridConfig(tasks=tasks, seeds=[0, 1], resamples=300, modes=["lora", "full"],
+                                            mode_tasks={"full": ["piqa", "arc_challenge"]}),
+                         emulators=[NamedEmulatorConfig(name="u", method="uniform-drop")])
+    config.claims = per_mode(config, ClaimConfig("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"))
+    summary = write_report(config, tmp_path / "run", tmp_path / "results")
+    pooled = {c["mode"]: c for c in summary["claims"] if c["task"] == "all (mean over tasks)"}
+    assert pooled["lora"]["tasks"] == tasks and pooled["full"]["tasks"] == ["piqa", "arc_challenge"]
+    assert pooled["full"]["n"] == 80 and not summary["pending_claims"]
+    assert summary["mode_tasks"] == {"full": ["piqa", "arc_challenge"]}
+
+
+def test_a_study_is_tracked_unit_by_unit_and_a_resume_continues_its_run(tmp_path, tiny_model_dir, capsys):
+    from .test_tracking import mlflow_run
+
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    head, _, _ = MODES.partition("[[emulator]]")
+    text = head.replace('modes = ["full", "lora"]\nmode_sweeps = {{ full = [1e-4, 1e-2] }}\n{declared}\n', 'modes = ["lora"]\n')
+    text = text.format(out=tmp_path / "study", results=tmp_path / "results", model=tmp_path / "model")
+    text += ('[[emulator]]\nname = "uniform"\nmethod = "uniform-drop"\nnum_adapter_layers = 2\nalpha = 0.5\n\n'
+             '[[claim]]\nclaim = "plug-in beats the emulator fine-tuned"\na = "uniform/plug_in"\n'
+             'b = "uniform/emulator_finetune"\n\n[tracking]\nbackend = "mlflow"\n')
+    (tmp_path / "study.toml").write_text(text)
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    client, run = mlflow_run(tmp_path / "study")
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    plug = summary["rows"]["uniform/plug_in"]["piqa"]["per_seed"]
+    key = "piqa: uniform seed 1 fine-tune _ plug-in/plug_in/acc"  # (unit labels in the names every backend takes)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == [pytest.approx(plug[1])]
+    claim = next(c for c in summary["claims"] if c["task"] == "piqa")
+    tracked = run.data.metrics["claims/plug-in beats the emulator fine-tuned/piqa/difference"]
+    assert tracked == pytest.approx(claim["difference"])
+    assert {"REPORT.md", "summary.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    steps = max(m.step for m in client.get_metric_history(run.info.run_id, key))
+    # a resume (nothing left to run) continues the same tracked run
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    again, rerun = mlflow_run(tmp_path / "study")
+    assert rerun.info.run_id == run.info.run_id and len(again.search_runs([run.info.experiment_id])) == 1
+    assert steps >= 3 and capsys.readouterr()

@@ -48,6 +48,9 @@ class StudyGridConfig:
     """Per mode, the learning rates tried before its cells: the ``sweep_emulator`` trained in the mode
     on ``sweep_task`` at the first seed, judged by dev loss alone (the lowest wins; the evaluation
     items are never scored). Cells of a swept mode wait until ``mode_lrs`` names the winner."""
+    mode_tasks: dict[str, list[str]] = field(default_factory=dict)
+    """Per mode after the first, the tasks its cells run on (default: every task; the first mode
+    always runs on every task). Its claims over tasks pool these tasks only."""
     sweep_task: str | None = None
     """The task of the mode sweeps (default: the first of ``tasks``)."""
     sweep_emulator: str | None = None
@@ -144,9 +147,19 @@ class StudyGridConfig:
                               f"{self.mode_lrs}, {self.mode_sweeps}")
         if self.sweep_task is not None and self.sweep_task not in self.tasks:
             raise ConfigError(f"study.sweep_task = {self.sweep_task!r} is not one of study.tasks {self.tasks}")
+        swept_on = self.sweep_task or self.tasks[0]
+        if [m for m, tasks in self.mode_tasks.items() if m not in self.modes[1:] + self.variant_modes or not tasks
+                or [t for t in tasks if t not in self.tasks] or (m in self.mode_sweeps and swept_on not in tasks)]:
+            raise ConfigError(f"study.mode_tasks maps modes after the first ({self.modes[1:] + self.variant_modes}) to "
+                              f"non-empty lists of study.tasks, a swept mode's including the sweep task "
+                              f"{swept_on!r}; got {self.mode_tasks}")
         if bool(self.attack_emulator) != bool(self.attack_lrs):
             raise ConfigError("study.attack_emulator and study.attack_lrs go together: name the emulator to "
                               "attack and the attacker's learning rates (three or more to find the strongest)")
+
+    def tasks_of(self, mode: str | None) -> list[str]:
+        """The tasks ``mode``'s cells run on (``None``: rows of no mode, on every task)."""
+        return self.mode_tasks.get(mode, self.tasks) if mode is not None else self.tasks
 
     def metric_of(self, task: str) -> str:
         return self.metrics.get(task, self.metric)
@@ -289,9 +302,9 @@ def sweep_key(mode: str, lr: float, seed: int) -> str:
 
 GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
-               "study.mode_lrs", "study.mode_sweeps", "study.sweep_task", "study.sweep_emulator", "study.added_tasks",
+               "study.mode_lrs", "study.mode_sweeps", "study.mode_tasks", "study.sweep_task", "study.sweep_emulator", "study.added_tasks",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
-               "layer_replace.ranking_candidates", "layer_replace.ranking_batches")
+               "layer_replace.ranking_candidates", "layer_replace.ranking_batches", "tracking")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one
 (the ranking's settings re-rank saved stage-1 runs, refused once emulators were built from them)."""
 

@@ -62,12 +62,15 @@ class Unit:
     """After ``run()``: the seconds of its training and scoring done by earlier processes (resumed)."""
     waits: Callable[[], str | None] = lambda: None
     """Why it cannot run yet (a decision the config must declare first), or None: it can."""
+    seed: int | None = None
+    """The seed it runs at (None: a row no seed changes, the full model's zero-shot)."""
 
 
 class Grid:
-    """The study's units over one loaded full model, in the order they run: task by task, and in
-    a task seed by seed, so every comparison exists at the first seed before the next starts (in a
-    seed, the units of one emulator together: :meth:`by_emulator`)."""
+    """The study's units over one loaded full model, in the order they run (:meth:`ordered`): seed
+    by seed, so every comparison exists on every task at the first seed before the next starts, and
+    in a seed the units of one emulator together, across tasks. A session without the run folder
+    rebuilds a seed's stage 1 and emulators once for all the tasks it reaches, and reaches few seeds."""
 
     def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None,
                  records: Path | None = None) -> None:
@@ -191,7 +194,7 @@ class Grid:
         cost = 2 * train * blocks + dev * blocks * (config.finetune.steps // max(1, config.finetune.eval_every) + 1)
         return [Unit(f"{task}: sweep {mode} lr {lr:g} seed {seed} on {section.name} (dev loss only)", cost,
                      lambda m=mode, r=lr: rows.get(sweep_key(m, r, seed)) is not None, lambda m=mode, r=lr: run(m, r),
-                     (section, seed))
+                     (section, seed), seed=seed)
                 for mode, lrs in study.mode_sweeps.items() for lr in lrs]
 
     def mode_rate(self, mode: str) -> float:
@@ -229,28 +232,47 @@ class Grid:
                     seen.add(path)
                     units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", self.stage1_cost(),
                                       lambda s=section, k=seed: self.stage1_current(s, k),
-                                      lambda s=section, k=seed: self.stage1(s, k)))
+                                      lambda s=section, k=seed: self.stage1(s, k), seed=seed))
         return units
 
-    # -- the units of one task ----------------------------------------------------------------
+    # -- the units of the tasks ---------------------------------------------------------------
+    def all_units(self) -> list[Unit]:
+        """Every unit, in run order: the mode sweeps, stage 1, then every task's units (:meth:`ordered`)."""
+        tasks = [u for task in self.config.study.tasks for u in self.task_units(task)]
+        return self.sweep_units() + self.stage1_units() + self.ordered(tasks)
+
     def units(self, task: str) -> list[Unit]:
-        """``task``'s units, in run order: seed by seed, each emulator's together (:meth:`by_emulator`)."""
+        """``task``'s units alone, in run order (:meth:`ordered`)."""
+        return self.ordered(self.task_units(task))
+
+    def ordered(self, units: list[Unit]) -> list[Unit]:
+        """``units`` in run order, seed by seed (the unseeded first), in a seed each emulator's together
+        (:meth:`by_emulator`); the first pending unit to need an emulator that is not on disk pays
+        its build."""
+        rank = {seed: i for i, seed in enumerate(self.config.study.seeds)}
+        units = self.by_emulator(sorted(units, key=lambda u: -1 if u.seed is None else rank[u.seed]))
+        for u in units:
+            if u.needs is not None and not u.done():
+                u.cost += self.build_cost(*u.needs)
+        return units
+
+    def task_units(self, task: str) -> list[Unit]:
+        """``task``'s units as they are laid out: seed by seed, emulator by emulator (each cell of a
+        mode that runs on the task: ``[study] mode_tasks``), the sweeps, the federation last."""
         study, ctx = self.config.study, TaskUnits(self, task)
         ctx.add("full zero-shot", "full_zero_shot", ctx.evaluation * self.layers, lambda: ctx.owner().full_zero_shot())
         for mode in {m for _, m in self.config.cells()}:
             self.mode_waits(mode)  # a declared rate that is not its sweep's choice: refused before anything runs
         for seed in study.seeds:
             for emulator, mode in self.config.cells():
-                self.cell_units(ctx, emulator, mode, seed)
+                if task in study.tasks_of(mode):
+                    self.cell_units(ctx, emulator, mode, seed)
             self.swept_units(ctx, seed)
         if self.federation is not None and task == self.federation.task:
             ctx.units += self.federated_units(ctx)
-        units = self.by_emulator(ctx.units)
-        for u in units:  # the first pending unit to need an emulator that is not on disk pays its build
-            if u.needs is not None and not u.done():
-                u.cost += self.build_cost(*u.needs)
+        for u in ctx.units:
             u.resumed = ctx.rows.take_resumed_seconds  # (units run one at a time)
-        return units
+        return ctx.units
 
     def swept_units(self, ctx: TaskUnits, seed: int) -> None:
         """Full fine-tuning and the attack: every rate of the sweep at the first seed, the chosen
@@ -268,7 +290,8 @@ class Grid:
 
     def by_emulator(self, units: list[Unit]) -> list[Unit]:
         """``units`` with those of one emulator at one seed next to each other, where the first was (its
-        attack and federation after its cells): a session without the run folder usually builds it once."""
+        attack and federation after its cells, its other tasks' units after the first task's): kept
+        in memory, it is read once (and built once, by a session without the run folder)."""
         groups: dict[object, list[Unit]] = {}
         for i, u in enumerate(units):  # (a unit that uses no emulator is a group of its own)
             key = (self.emulator_dir(*u.needs), u.needs[1]) if u.needs is not None else i
@@ -280,19 +303,20 @@ class Grid:
         in all); in a mode other than the first, at the mode's rate, waiting for it like its cells."""
         name = next(e for e in self.config.emulators if e.name == self.federation.emulator)
         modes, task, rows, evaluation, train = self.config.study.modes, ctx.task, ctx.rows, ctx.evaluation, ctx.train
+        first = modes[0]
 
         def run(seed: int, mode: str) -> dict:
             self.emulator(name, seed)  # built if needed
-            folder = self.out / task_folder(task) / "federated" / ("" if mode == modes[0] else mode) / f"seed{seed}"
+            folder = self.out / task_folder(task) / "federated" / ("" if mode == first else mode) / f"seed{seed}"
             return self.federation.run(task, seed, self.emulator_dir(name, seed), folder, rows,
                                        rows.get("full_zero_shot"), mode, self.mode_rate(mode))
 
         cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
-        suffix = {m: "" if m == modes[0] else f":{m}" for m in modes}
+        suffix = {m: "" if m == first else f":{m}" for m in modes}
         return [Unit(f"{task}: federated and centralised{suffix[m].replace(':', ' ')} seed {s}", cost,
                      lambda s=s, m=m: rows.get(f"centralised{suffix[m]}/seed{s}/plug_in") is not None,
-                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m))
-                for s in self.config.study.seeds for m in modes]
+                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m), seed=s)
+                for s in self.config.study.seeds for m in modes if task in self.config.study.tasks_of(m)]
 
     def cell_units(self, ctx: TaskUnits, emulator: NamedEmulatorConfig, mode: str, seed: int) -> None:
         """An emulator's zero-shot (once where no seed changes it) and its fine-tune + plug-in in ``mode``."""
@@ -300,7 +324,8 @@ class Grid:
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
         ctx.add(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", ctx.evaluation * blocks,
-                lambda: ctx.owner().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed))
+                lambda: ctx.owner().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed),
+                seed=seed)
         folder = self.out / task_folder(ctx.task) / "trained" / cell / f"seed{seed}"
 
         def train_and_plug() -> dict:
@@ -312,7 +337,7 @@ class Grid:
 
         ctx.add(f"{cell} seed {seed} fine-tune + plug-in", f"{cell}/seed{seed}/plug_in",
                 2 * ctx.train * blocks + ctx.evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed),
-                waits=lambda: self.mode_waits(mode))
+                waits=lambda: self.mode_waits(mode), seed=seed)
 
     def stage1_cost(self) -> float:  # a forward and backward through every block, per token
         return (stage1_cfg := self.config.layer_replace).steps * stage1_cfg.batch_size * stage1_cfg.block_size * 6 * self.layers
@@ -355,7 +380,7 @@ class Grid:
 
         label = f"{name} lr {lr:g} seed {seed}" if lr is not None else f"{name} seed {seed} (chosen rate)"
         return Unit(f"{ctx.task}: {label}", cost, lambda: (k := key()) is not None and rows.get(k) is not None, run,
-                    (section, seed) if section is not None else None)
+                    (section, seed) if section is not None else None, seed=seed)
 
     # -- data -------------------------------------------------------------------------------
     def items(self, task: str) -> tuple:
@@ -394,12 +419,13 @@ class TaskUnits:
         return self._owner
 
     def add(self, label: str, key: str, cost: float, compute: Callable[[], object],
-            needs: tuple[NamedEmulatorConfig, int] | None = None, waits: Callable[[], str | None] = lambda: None) -> None:
+            needs: tuple[NamedEmulatorConfig, int] | None = None, waits: Callable[[], str | None] = lambda: None,
+            seed: int | None = None) -> None:
         """A unit that makes row ``key`` (once: an unseeded emulator's zero-shot meets it at every seed)."""
         if key not in self._keys:
             self._keys.add(key)
             self.units.append(Unit(f"{self.task}: {label}", cost, lambda: self.rows.get(key) is not None, compute,
-                                   needs, waits=waits))
+                                   needs, waits=waits, seed=seed))
 
 
 def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=None) -> tuple[list[Unit], list[bool], dict]:
@@ -407,7 +433,7 @@ def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=Non
     the ETA) and the model's facts (for the budgets). What a run and a plan start from."""
     loaded = load_model(config.study.model)
     grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
-    units = grid.sweep_units() + grid.stage1_units() + [u for task in config.study.tasks for u in grid.units(task)]
+    units = grid.all_units()
     done = [u.done() for u in units]
     log(f"study: {len(units)} units, {sum(done)} done")
     if eta := eta_line(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d),

@@ -165,6 +165,7 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "random_subsets": study.random_subsets,
         "metric": {t: study.metric_of(t) for t in study.tasks}, "finetune": _plain(config.finetune),
         "eval_split": {t: study.eval_split_of(t) for t in study.tasks}, "modes": study.modes,
+        **({"mode_tasks": study.mode_tasks} if study.mode_tasks else {}),
         "mode_lrs": {m: study.mode_lrs.get(m, config.finetune.lr) for m in study.modes + study.variant_modes},
         "rows": table, "claims": claims, "claims_other_metric": sensitivity, "pending_claims": pending,
         "sweeps": _sweeps(config, rows_by_task),
@@ -195,6 +196,7 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     differences, items drawn within each task) once every task has both sides from the same seeds.
     Sides made at the same seeds are paired by seed in the bootstrap (:func:`paired_bootstrap`)."""
     found, sides = [], {}
+    resolvers = {t: r for t, r in resolvers.items() if t in study.tasks_of(claim.mode)}  # (the mode's tasks)
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
         if a is None or b is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import mark_running, open_run_dir
+from scaleot_fed.tracking import Tracking
 
 from . import ledger
 from .config import GRID_EXTENT, StudyConfig
@@ -25,8 +26,6 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     (:mod:`recipes.study.report`). ``federation`` runs the ``[study] federated`` rows (a
     :class:`recipes.study.federated.StudyFederation`, which the ``study`` command passes). Returns
     the summary."""
-    from tqdm.auto import tqdm
-
     from .report import write_report
 
     study = config.study
@@ -42,6 +41,26 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     units, done, facts = open_grid(config, out, results, log, federation)
     pending = [u for u, d in zip(units, done) if not d]
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
+    tracking = Tracking(config.tracking, out, resume=True)  # one tracked run per run folder, step = units done
+    try:
+        tracking.params(as_dict(config))
+        summary = _run_units(config, out, results, facts, pending, sum(done), tracking, progress, log) or summary
+        tracking.metrics({"claims": claim_metrics(summary)}, sum(done) + len(pending))
+        tracking.artifacts(sorted(p for p in results.iterdir() if p.suffix in (".md", ".json", ".png")))
+    finally:
+        tracking.close()
+    return summary
+
+
+def _run_units(config: StudyConfig, out: Path, results: Path, facts: dict, pending: list, finished: int,
+               tracking: Tracking, progress: bool, log) -> dict | None:
+    """The pending units, one by one (a unit whose decision is not declared yet waits); the
+    report rewritten every :data:`REPORT_EVERY` seconds and at the end (the last summary)."""
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
+    summary = None
     # the bar counts estimated work (million block-token passes), so its ETA weighs each unit's cost
     bar = tqdm(total=sum(u.cost for u in pending) / 1e6, desc="study", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} M block-tokens [{elapsed}<{remaining}] {postfix}")
@@ -54,9 +73,11 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
             start = time.perf_counter()
             mark_running(out, u.label)  # for `--plan` beside this run
             u.resumed()  # (anything a skipped unit's check left behind is not this unit's)
-            u.run()
+            row = u.run()
             # compute used, the ETA's rate: with what earlier processes did of it before a stop
             ledger.log_unit(results, u.label, time.perf_counter() - start, u.cost, u.resumed())
+            finished += 1
+            tracking.metrics({u.label: row if isinstance(row, dict) else {}}, finished)
         bar.update(u.cost / 1e6)
         if time.monotonic() - reported > REPORT_EVERY or index == len(pending) - 1:
             summary, reported = write_report(config, out, results, facts, merge_ledger=False), time.monotonic()
@@ -65,3 +86,10 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     for why, count in waited.items():
         log(f"study: {count} units wait: {why}")
     return summary
+
+
+def claim_metrics(summary: dict) -> dict:
+    """Each decided claim's difference and 95 % interval, under ``<claim> [<mode>]/<task>``."""
+    return {f"{c['claim']}{' [' + c['mode'] + ']' if c.get('mode') else ''}/{c['task']}":
+            {"difference": c["difference"], "ci95_low": c["ci95"][0], "ci95_high": c["ci95"][1]}
+            for c in summary.get("claims", [])}
