@@ -98,6 +98,54 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
     return Comparison(float(_exact(macro(per_item))), (float(lo), float(hi)), a.shape[1], (a.shape[0], b.shape[0]))
 
 
+GROUP_STATISTICS = ("worst", "mean")
+"""Over a row's groups of items (a federation's owners): the lowest group mean, the mean of them."""
+
+
+def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]], statistic: str = "worst",
+                    resamples: int = 10_000, seed: int = 0) -> Comparison:
+    """Compare a statistic over groups of items (``worst``: the lowest group's mean, e.g. the worst
+    data owner's accuracy on its own held-out items; ``mean``: the mean of the groups' means) between
+    two sides scored at the same seeds on the same groups: ``a[s][g]`` is the per-item result of
+    group ``g`` at the ``s``-th seed (groups may differ from seed to seed: a seed draws its own
+    owners), ``b[s][g]`` the other side's on the same items.
+
+    The difference is the mean over seeds of ``statistic(a's groups) - statistic(b's groups)``. Its
+    interval: two-level bootstrap percentiles: items drawn with replacement within every (seed,
+    group), the same draw for both sides, and the seeds' differences drawn with replacement (their
+    spread scaled by ``sqrt(S / (S - 1))``, as in :func:`paired_bootstrap`).
+    """
+    if statistic not in GROUP_STATISTICS:
+        raise ConfigError(f"group statistic must be one of {GROUP_STATISTICS}, got {statistic!r}")
+    shapes_a = [[np.asarray(g).size for g in groups] for groups in a]
+    if not a or shapes_a != [[np.asarray(g).size for g in groups] for groups in b] or min(min(x) for x in shapes_a) < 1:
+        raise ConfigError(f"a group comparison needs both sides on the same non-empty groups at the same seeds, got "
+                          f"{shapes_a} and {[[np.asarray(g).size for g in groups] for groups in b]}")
+    reduce = np.min if statistic == "worst" else np.mean
+    point = np.array([reduce([np.mean(g) for g in ga]) - reduce([np.mean(g) for g in gb]) for ga, gb in zip(a, b)])
+    rng, seeds = np.random.default_rng(seed), len(a)
+    values = np.zeros(resamples)
+    for start in range(0, resamples, CHUNK):
+        m = min(CHUNK, resamples - start)
+        per_seed = np.empty((seeds, m))  # each seed's resampled difference of the statistic
+        for s, (ga, gb) in enumerate(zip(a, b)):
+            means_a, means_b = [], []
+            for x, y in zip(ga, gb):
+                drawn = rng.integers(0, np.asarray(x).size, size=(m, np.asarray(x).size))  # (m, items)
+                means_a.append(np.asarray(x, dtype=float)[drawn].mean(axis=1))
+                means_b.append(np.asarray(y, dtype=float)[drawn].mean(axis=1))
+            per_seed[s] = reduce(np.stack(means_a), axis=0) - reduce(np.stack(means_b), axis=0)  # (m,)
+        centre = per_seed.mean(axis=0)  # (m,)
+        if seeds > 1:
+            picks = rng.integers(0, seeds, size=(m, seeds))
+            drawn_seeds = np.take_along_axis(per_seed.T, picks, axis=1).mean(axis=1)
+            centre = centre + (drawn_seeds - centre) * np.sqrt(seeds / (seeds - 1))
+        values[start : start + m] = centre
+    lo, hi = np.percentile(_exact(values), [2.5, 97.5])
+    n = sum(sum(x) for x in shapes_a)
+    return Comparison(float(_exact(point.mean())), (float(lo), float(hi)), n, (seeds, seeds))
+
+
 def _exact(x):
     """``x`` rounded to 1e-12 (``+ 0.0`` turns -0.0 into 0.0): seed averages such as 1/3 are not
     exact in floats, so a resample whose true mean is 0 comes out as +-1e-19 with a random sign,

@@ -327,7 +327,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from recipes.study import load_study_config
-    from recipes.study.federated import StudyFederation
+    from recipes.study.federated import load_federations
     from recipes.study.markdown import closing_text
     from recipes.study.report import report_study
     from recipes.study.run import run_study
@@ -336,16 +336,16 @@ def cmd_study(args: argparse.Namespace) -> None:
     config.study.out = args.out or config.study.out
     _use_all_cores()
     # the federated rows come from the simulations package, a program beside the study
-    federation = StudyFederation.load(config, args.config) if config.study.federated else None
+    federations = load_federations(config, args.config)
     if args.plan:
         from recipes.study.plan import plan_study
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
-        plan_study(config, federation=federation)
+        plan_study(config, federations=federations)
         return
     summary = report_study(config) if args.report_only else run_study(
-        config, not args.no_progress, overwrite=args.overwrite, federation=federation)
+        config, not args.no_progress, overwrite=args.overwrite, federations=federations)
     print(closing_text(summary, config))
 
 

@@ -200,7 +200,7 @@ class FederatedRun:
         eval_start, row = time.time(), {}
         overall, per_owner = self.plug_in_eval()
         self.last_plug_in = (self.arrays, overall)  # the final table's plug-in row, if nothing changes after
-        row |= {f"plug_in_{k}": v for k, v in overall.items() if k not in ("n", "items")}
+        row |= {f"plug_in_{k}": v for k, v in overall.items() if k not in ("n", "items", "owners")}
         for p, metrics in per_owner.items():
             owners.setdefault(p, {}).update(metrics)
         if self.config.run.emulator_eval:  # the emulator the owners hold, with the aggregate

@@ -127,8 +127,8 @@ def owner_eval_items(config: FedConfig) -> dict[int, list[MCItem]]:
 
 def score_with_owners(model: nn.Module, tokenizer, items: list[MCItem], owners: dict[int, list[MCItem]],
                       batch_size: int) -> tuple[dict, dict[int, dict]]:
-    """Scores on ``items`` (with their per-item record under ``items``), and per owner on its own
-    items, from one pass over all of them."""
+    """Scores on ``items`` (with their per-item record under ``items``, and each owner's under
+    ``owners``, for per-owner intervals), and per owner on its own items, from one pass over all."""
     everything = list(items) + [i for part in owners.values() for i in part]
     scores = score_items(model, tokenizer, everything, batch_size=batch_size)
     overall = accuracy_from_scores(items, scores[:len(items)]) | {"items": item_record(items, scores[:len(items)])}
@@ -136,6 +136,7 @@ def score_with_owners(model: nn.Module, tokenizer, items: list[MCItem], owners: 
     for owner, part in owners.items():
         metrics = accuracy_from_scores(part, scores[start:start + len(part)])
         per_owner[owner] = {"plug_in_acc": metrics["acc"], "plug_in_acc_norm": metrics["acc_norm"], "n": metrics["n"]}
+        overall.setdefault("owners", {})[str(owner)] = item_record(part, scores[start:start + len(part)])
         start += len(part)
     return overall, per_owner
 

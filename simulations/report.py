@@ -193,6 +193,7 @@ def final_table(fed: FederatedRun) -> dict:
     tuned, plug = f"{name}/federated/emulator_finetune", f"{name}/federated/plug_in"
     federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)),
                  "plug_in": owner.cache(plug, lambda: last[1] if last and last[0] is fed.arrays
+                                        else fed.plug_in_eval()[0] if run.per_owner_eval  # (with each owner's items)
                                         else owner.evaluate(plugged, plug))}
     entry_config = as_dict(config.emulator)
     emulators = {f"federated-{config.strategy.name}": emulator_entry(rows | federated, fed.emulator.manifest,

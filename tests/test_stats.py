@@ -132,3 +132,25 @@ def test_spearman_gives_tied_scores_their_mean_rank():
     assert spearman([1.0, 1.0, 2.0], [2.0, 1.0, 3.0]) == pytest.approx(np.sqrt(3) / 2)
     with pytest.raises(ConfigError, match="at least two"):
         spearman([1.0], [1.0])
+
+
+def test_a_worst_owner_comparison_draws_items_within_owners_and_seeds_jointly():
+    import numpy as np
+
+    from scaleot_fed.stats import group_bootstrap
+
+    rng = np.random.default_rng(0)
+    # two seeds, three owners of 200 items; side a lifts only the weakest owner (0.5 -> 0.7)
+    b = [[(rng.random(200) < p).astype(float) for p in (0.5, 0.8, 0.9)] for _ in range(2)]
+    a = [[np.where(rng.random(200) < 0.4, 1.0, g) if i == 0 else g.copy() for i, g in enumerate(owners)]
+         for owners in b]
+    worst = group_bootstrap(a, b, "worst", resamples=2000)
+    mean = group_bootstrap(a, b, "mean", resamples=2000)
+    expected = np.mean([min(x.mean() for x in sa) - min(x.mean() for x in sb) for sa, sb in zip(a, b)])
+    assert worst.difference == pytest.approx(expected) and worst.verdict() == "holds"
+    assert mean.difference == pytest.approx(expected / 3, abs=1e-9)  # one owner of three moved
+    assert worst.n == 1200 and worst.seeds == (2, 2)
+    same = group_bootstrap(b, b, "worst", resamples=200)
+    assert same.difference == 0.0 and same.ci95 == (0.0, 0.0)  # paired draws: no difference, no width
+    with pytest.raises(ConfigError, match="same non-empty groups at the same seeds"):
+        group_bootstrap(a, [owners[:2] for owners in b])

@@ -578,7 +578,7 @@ def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
     (tmp_path / "s.toml").write_text(f'[study]\ntasks = ["arc_easy"]\nfederated = "{tmp_path / "fed.toml"}"\n'
                                      f'out = "{tmp_path / "out"}"\n[[emulator]]\nname = "u"\nmethod = "uniform-drop"\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--no-progress"]) == 2  # before any work
-    assert "'other' is not one of the [[emulator]] names ['u']; its task 'piqa' is not one of study.tasks" in \
+    assert "'other' is not one of the [[emulator]] names ['u']; its tasks ['piqa'] are not all study.tasks" in \
         capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="start the study with `scaleot-fed study`"):
         run_study(load_study_config(tmp_path / "s.toml"))  # the library alone cannot run simulations
@@ -921,3 +921,118 @@ def test_a_study_is_tracked_unit_by_unit_and_a_resume_continues_its_run(tmp_path
     again, rerun = mlflow_run(tmp_path / "study")
     assert rerun.info.run_id == run.info.run_id and len(again.search_runs([run.info.experiment_id])) == 1
     assert steps >= 3 and capsys.readouterr()
+
+
+FEDERATIONS_STUDY = """
+[study]
+out = "{out}"
+model = "{model}"
+tasks = ["piqa", "arc_easy"]
+seeds = [3]
+train_limit = 24
+dev_items = 4
+eval_limit = 6
+eval_batch_size = 4
+resamples = 200
+
+[finetune]
+steps = 2
+batch_size = 4
+max_length = 64
+
+[[emulator]]
+name = "uniform"
+method = "uniform-drop"
+num_adapter_layers = 2
+alpha = 0.5
+
+[federations]
+config = "{fed}"
+tasks = ["piqa"]
+strategies = {{ fedavg = {{ strategy = {{ name = "fedavg" }} }}, prox = {{ strategy = {{ name = "fedprox", params = {{ proximal_mu = 0.5 }} }} }} }}
+partitions = {{ label = {{ partition = {{ kind = "label-skew", alpha = 0.5 }} }} }}
+centralised = true
+
+[[federation]]
+name = "tasks"
+config = "{fed}"
+tasks = ["piqa", "arc_easy"]
+set = {{ run = {{ task = "piqa+arc_easy" }}, partition = {{ kind = "task", tasks = [["piqa"], ["arc_easy"]] }} }}
+
+[[claim]]
+claim = "FedProx's worst owner beats FedAvg's under label skew"
+a = "prox-label/worst_owner"
+b = "fedavg-label/worst_owner"
+
+[[claim]]
+claim = "FedProx beats FedAvg under label skew"
+a = "prox-label/plug_in"
+b = "fedavg-label/plug_in"
+"""
+
+
+def test_a_grid_of_federations_is_scored_per_task_and_per_owner(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Strategies x partitions expand to one federation each (the first strategy with the pooled
+    twin), every one on the study's items; a mixture federation (owners holding different tasks)
+    runs once and is scored on both tasks; worst-owner claims are decided on the same owners'
+    items; the report gives accuracy, worst owner, bytes and seconds per round per federated row."""
+    monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model"))
+    (tmp_path / "study.toml").write_text(FEDERATIONS_STUDY.format(out=tmp_path / "study", model=tmp_path / "model",
+                                                                  fed=tmp_path / "fed.toml"))
+    from recipes.study import load_study_config
+
+    config = load_study_config(tmp_path / "study.toml")
+    assert [(f.name, f.centralised) for f in config.federations] == [
+        ("tasks", None), ("fedavg-label", "centralised-label"), ("prox-label", None)]
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    rows = summary["rows"]
+    for name in ("fedavg-label", "prox-label", "centralised-label"):
+        assert set(rows[f"{name}/plug_in"]) == {"piqa"}, name
+    assert set(rows["tasks/plug_in"]) == {"piqa", "arc_easy"}  # one run, scored on both tasks
+    runs = sorted(p.relative_to(tmp_path / "study").as_posix() for p in (tmp_path / "study").glob("*/federations/*/seed3"))
+    assert runs == ["piqa/federations/fedavg-label/seed3", "piqa/federations/prox-label/seed3",
+                    "piqa/federations/tasks/seed3"]
+    fed_config = json.loads((tmp_path / "study" / "piqa" / "federations" / "prox-label" / "seed3" / "config.json").read_text())
+    assert fed_config["strategy"] == {"name": "fedprox", "params": {"proximal_mu": 0.5}}
+    assert fed_config["partition"]["kind"] == "label-skew" and fed_config["run"]["per_owner_eval"]
+    # the worst owner: each owner's held-out items, the same owners on both sides
+    worst = rows["prox-label/worst_owner"]["piqa"]
+    assert worst["owners"] == [2] and worst["per_seed"][0] <= rows["prox-label/owner_mean"]["piqa"]["per_seed"][0]
+    claims = {c["claim"]: c for c in summary["claims"]}
+    owner_claim = claims["FedProx's worst owner beats FedAvg's under label skew"]
+    assert owner_claim["task"] == "piqa" and owner_claim["ci95"][0] <= owner_claim["difference"] <= owner_claim["ci95"][1]
+    assert owner_claim["difference"] == pytest.approx(worst["mean"] - rows["fedavg-label/worst_owner"]["piqa"]["mean"])
+    table = summary["federations"]["prox-label"]["piqa"]
+    assert table["mb_up"] > 0 and table["seconds_per_round"] > 0 and table["curves"]["round"] == [1]
+    report = (tmp_path / "study" / "REPORT.md").read_text()
+    assert "## Federations" in report and "| prox-label | piqa |" in report
+    assert (tmp_path / "study" / "federations.png").is_file()
+    capsys.readouterr()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    assert "computing" not in capsys.readouterr().out  # resumed: nothing left
+
+
+def test_federation_tables_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m"))
+    head = f'[study]\ntasks = ["piqa"]\nout = "{tmp_path / "out"}"\n[[emulator]]\nname = "uniform"\nmethod = "uniform-drop"\n'
+    cases = [
+        (f'[[federation]]\nname = "uniform"\nconfig = "{tmp_path / "fed.toml"}"\n', "must be distinct and not an emulator's"),
+        (f'[[federation]]\nname = "a b"\nconfig = "{tmp_path / "fed.toml"}"\n', "needs a name (letters, digits"),
+        (f'[federations]\nconfig = "{tmp_path / "fed.toml"}"\nstrategies = {{ fedavg = 1 }}\npartitions = {{ iid = {{}} }}\n',
+         "not tables: fedavg"),
+        (f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\nset = {{ strategy = {{ name = "nope" }} }}\n',
+         "federation 'f'"),
+        (f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\ntasks = ["arc_easy"]\n',
+         "its tasks ['arc_easy'] are not all study.tasks"),
+        (f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\n[[federation]]\nname = "g"\n'
+         f'config = "{tmp_path / "fed.toml"}"\n[[claim]]\nclaim = "x"\na = "f/worst_owner"\nb = "g/plug_in"\n',
+         "an owner row (worst_owner, owner_mean) is compared with the same owner row"),
+    ]
+    for body, message in cases:
+        (tmp_path / "s.toml").write_text(head + body)
+        assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2, message
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from scaleot_fed.config import from_dict, load_toml
 from scaleot_fed.errors import ConfigError
@@ -20,8 +22,11 @@ from ..offsite import PipelineConfig, read_pipeline_toml
 METRICS = ("acc", "acc_norm")
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in", "gap", "emulator_attack")
 """What a claim may name after ``<cell>/`` (``gap``: plug-in minus emulator fine-tuned, per item)."""
-FEDERATED_SIDES = ("federated", "centralised")
-"""With ``[study] federated``: the federation's rows and its pooled-data twin's, named like cells."""
+FEDERATED_ROWS = ("emulator_finetune", "plug_in", "gap")
+"""A federation's rows (and its twin's), per seed and mode, like a cell's."""
+OWNER_ROWS = ("worst_owner", "owner_mean")
+"""A federation's per-owner rows: the plug-in on each owner's held-out items, its worst owner and
+the owners' mean (decided with :func:`scaleot_fed.stats.group_bootstrap`)."""
 
 
 @dataclass
@@ -174,6 +179,78 @@ class StudyGridConfig:
 
 
 @dataclass
+class FederationConfig:
+    """One ``[[federation]]``: a Flower + Ray simulation config run at every seed with the study's
+    emulator, seed, evaluation items and the owners' mode and rate (``[study] modes``), on each of
+    ``tasks``; its rows are ``<name>/seed<s>/{emulator_finetune,plug_in}`` (like a cell's), and
+    ``<name>/worst_owner``, ``<name>/owner_mean`` over the owners' held-out items."""
+
+    name: str = ""
+    config: str = ""
+    """The simulation TOML (``simulations/configs/...``) its runs start from."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Tables of that config replaced key by key: ``{ strategy = { name = "fedprox", params =
+    { proximal_mu = 0.01 } }, partition = { kind = "iid" } }``."""
+    tasks: list[str] = field(default_factory=list)
+    """Tasks of the study it is scored on (default: its ``[run] task``). A mixture task
+    (``"arc_easy+piqa"``, owners holding different tasks) runs once per seed and is scored on each
+    of these; a single task's config runs once per task."""
+    centralised: str | None = None
+    """The rows' name of the same owners' pooled data trained centrally for as many steps (None: no
+    such twin)."""
+    folder: str | None = None
+    """Its runs' folder in a task's run folder (default ``federations/<name>``)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.config or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"every [[federation]] needs a name (letters, digits, _ . -) and a config (a simulation "
+                              f"TOML); got name {self.name!r}, config {self.config!r}")
+        if self.centralised is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.centralised):
+            raise ConfigError(f"[[federation]] {self.name}: centralised names its twin's rows (letters, digits, _ . -)")
+
+
+@dataclass
+class FederationGridConfig:
+    """``[federations]``: one ``[[federation]]`` per strategy x partition (x owners setting), each
+    named ``<strategy>-<partition>[-<owners>]``, all on the same config, tasks, seeds and data."""
+
+    config: str = ""
+    tasks: list[str] = field(default_factory=list)
+    strategies: dict[str, Any] = field(default_factory=dict)
+    """Name -> the tables it sets (``{ fedprox = { strategy = { name = "fedprox" } } }``)."""
+    partitions: dict[str, Any] = field(default_factory=dict)
+    owners: dict[str, Any] = field(default_factory=dict)
+    """Optional third axis (``[owners]`` settings, or any other tables)."""
+    centralised: bool = False
+    """A pooled-data twin per partition (``centralised-<partition>``), run beside its first strategy."""
+
+    def expand(self) -> list[FederationConfig]:
+        axes = [self.strategies, self.partitions] + ([self.owners] if self.owners else [])
+        bad = [name for axis in axes for name, value in axis.items() if not isinstance(value, dict)]
+        if not self.config or not self.strategies or not self.partitions or bad:
+            raise ConfigError("[federations] needs config, and strategies and partitions as tables of named tables "
+                              f"(each the config tables it sets){'; not tables: ' + ', '.join(bad) if bad else ''}")
+        found = []
+        for combo in itertools.product(*(axis.items() for axis in axes)):
+            sets: dict[str, Any] = {}
+            for _, value in combo:
+                sets = merge_tables(sets, value)
+            first = combo[0][0] == next(iter(self.strategies))
+            found.append(FederationConfig(name="-".join(name for name, _ in combo), config=self.config, set=sets,
+                                          tasks=list(self.tasks), centralised=f"centralised-{'-'.join(n for n, _ in combo[1:])}"
+                                          if self.centralised and first else None))
+        return found
+
+
+def merge_tables(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, table by table (a value that is not a table replaces)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge_tables(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
 class ClaimConfig:
     """One ``[[claim]]``: "``a`` beats ``b``" (``greater``) or "``a`` is within ``margin`` of
     ``b``" (``close``), rows named as in the module docstring without the seed and learning rate
@@ -201,6 +278,19 @@ class ClaimConfig:
 class StudyConfig(PipelineConfig):
     study: StudyGridConfig = field(default_factory=StudyGridConfig)
     claims: list[ClaimConfig] = field(default_factory=list)
+    federations: list[FederationConfig] = field(default_factory=list)
+    """``[[federation]]`` and ``[federations]``, and ``[study] federated`` as the federation
+    ``federated`` (its twin ``centralised``, its runs in ``<task>/federated``)."""
+
+    def __post_init__(self) -> None:
+        if self.study.federated and not any(f.name == "federated" for f in self.federations):
+            self.federations.insert(0, FederationConfig(name="federated", config=self.study.federated,
+                                                        centralised="centralised", folder="federated"))
+        names = [n for f in self.federations for n in (f.name, f.centralised) if n]
+        taken = {e.name for e in self.emulators} | {"full_zero_shot", "full_finetune", "sweep"}
+        if len(set(names)) != len(names) or set(names) & taken:
+            raise ConfigError(f"federation rows' names must be distinct and not an emulator's or a fixed row's "
+                              f"({', '.join(sorted(taken))}); got {names}")
 
     def cells(self) -> list[tuple[NamedEmulatorConfig, str]]:
         """``(emulator, mode)`` pairs: every emulator in the main modes, the variant in its own."""
@@ -215,11 +305,17 @@ class StudyConfig(PipelineConfig):
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read a study TOML file: ``[study]``, the offsite tables (at least one ``[[emulator]]``) and
     the ``[[claim]]`` tables; every claim's rows must exist in the grid."""
-    values = read_pipeline_toml(path, "study", StudyGridConfig, default_emulator=False, extra=("claim",))
-    claims = load_toml(path).get("claim", [])
-    if not isinstance(claims, list):
-        raise ConfigError(f"{path}: write each claim as a [[claim]] table")
-    config = StudyConfig(**values, claims=[from_dict(ClaimConfig, c, f"claim {i}") for i, c in enumerate(claims)])
+    values = read_pipeline_toml(path, "study", StudyGridConfig, default_emulator=False,
+                                extra=("claim", "federation", "federations"))
+    data = load_toml(path)
+    claims, federations = data.get("claim", []), data.get("federation", [])
+    if not isinstance(claims, list) or not isinstance(federations, list):
+        raise ConfigError(f"{path}: write each claim as a [[claim]] table, each federation as a [[federation]] table")
+    federations = [from_dict(FederationConfig, f, f"federation {i}") for i, f in enumerate(federations)]
+    if "federations" in data:
+        federations += from_dict(FederationGridConfig, data["federations"], "federations").expand()
+    config = StudyConfig(**values, claims=[from_dict(ClaimConfig, c, f"claim {i}") for i, c in enumerate(claims)],
+                         federations=federations)
     if [c for c in config.claims if c.mode is not None]:
         raise ConfigError(f"{path}: [[claim]] mode is set by the study (one claim per mode); remove it")
     names = [e.name for e in config.emulators]
@@ -237,19 +333,23 @@ def load_study_config(path: str | Path) -> StudyConfig:
             if side not in known:
                 raise ConfigError(f"{path}: [[claim]] {claim.claim!r} names {side!r}, not a row of this grid; "
                                   f"rows: {', '.join(sorted(known))}")
+        kinds = {side.rsplit("/", 1)[-1] for side in (claim.a, claim.b)}
+        if kinds & set(OWNER_ROWS) and len(kinds) > 1:
+            raise ConfigError(f"{path}: [[claim]] {claim.claim!r} compares {claim.a!r} with {claim.b!r}: an owner row "
+                              f"({', '.join(OWNER_ROWS)}) is compared with the same owner row of another federation")
     config.claims = [c for claim in config.claims for c in per_mode(config, claim)]
     return config
 
 
-MODE_ROWS = ("emulator_finetune", "plug_in", "gap")
-"""A cell's rows that depend on its mode (its zero-shot and the attack do not)."""
+MODE_ROWS = ("emulator_finetune", "plug_in", "gap") + OWNER_ROWS
+"""A cell's (or federation's) rows that depend on its mode (its zero-shot and the attack do not)."""
 
 
 def per_mode(config: StudyConfig, claim: ClaimConfig) -> list[ClaimConfig]:
     """``claim`` once per mode of ``[study] modes`` when it names a cell's trained rows
     (``<emulator>/plug_in`` is the first mode's cell; ``<emulator>:<mode>/plug_in`` the others'),
     each with its ``mode`` set; as it is otherwise (only the first mode's cells, or none)."""
-    names, modes = {e.name for e in config.emulators} | set(FEDERATED_SIDES), config.study.modes
+    names, modes = {e.name for e in config.emulators} | set(federation_sides(config)), config.study.modes
     def in_mode(side: str, mode: str) -> str:
         cell, _, row = side.rpartition("/")
         return f"{cell}:{mode}/{row}" if cell in names and row in MODE_ROWS and mode != modes[0] else side
@@ -266,10 +366,17 @@ def row_families(config: StudyConfig) -> set[str]:
         rows |= {f"{config.cell_name(emulator, mode)}/{r}" for r in ROWS if r != "emulator_attack"}
     if config.study.attack_emulator:
         rows.add(f"{config.study.attack_emulator}/emulator_attack")
-    if config.study.federated:
-        rows |= {f"{side}{'' if m == config.study.modes[0] else ':' + m}/{r}" for side in FEDERATED_SIDES
-                 for m in config.study.modes for r in ("emulator_finetune", "plug_in", "gap")}
+    for federation in config.federations:
+        for m in config.study.modes:
+            suffix = "" if m == config.study.modes[0] else f":{m}"
+            rows |= {f"{federation.name}{suffix}/{r}" for r in FEDERATED_ROWS + OWNER_ROWS}
+            rows |= {f"{federation.centralised}{suffix}/{r}" for r in FEDERATED_ROWS if federation.centralised}
     return rows
+
+
+def federation_sides(config: StudyConfig) -> list[str]:
+    """The names of the federations' rows and their twins'."""
+    return [n for f in config.federations for n in (f.name, f.centralised) if n]
 
 
 def chosen_rate(rows, name: str, lrs: list[float], seed: int, attack: bool) -> float | None:
@@ -300,7 +407,7 @@ def sweep_key(mode: str, lr: float, seed: int) -> str:
     return f"sweep/{mode}/lr{lr:g}/seed{seed}/row"
 
 
-GRID_EXTENT = ("emulators", "claims", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
+GRID_EXTENT = ("emulators", "claims", "federations", "study.out", "study.results", "study.resamples", "study.tasks", "study.seeds", "study.modes",
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
                "study.mode_lrs", "study.mode_sweeps", "study.mode_tasks", "study.sweep_task", "study.sweep_emulator", "study.added_tasks",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",

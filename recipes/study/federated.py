@@ -1,96 +1,205 @@
-"""The study's federated rows: one emulator of the grid fine-tuned by a Flower + Ray federation
-(``[study] federated``, a simulation config), once per seed, against the same owners' pooled data
-trained centrally for as many steps. Both are scored on the study's evaluation items, so the
-federated-vs-centralised claim is paired item by item like every other claim.
+"""The study's federated rows: an emulator of the grid fine-tuned by a Flower + Ray federation
+(``[[federation]]``, ``[federations]``, or ``[study] federated``: a simulation config), once per
+seed and mode, with the study's emulator, seed and evaluation items.
 
-Rows (in the task's row cache): ``federated/seed{s}/{emulator_finetune,plug_in}`` and
-``centralised/seed{s}/{emulator_finetune,plug_in}`` in the study's first mode, and
-``federated:<mode>/...``, ``centralised:<mode>/...`` in each other mode of ``[study] modes``
-(the simulation's ``[finetune]`` mode and rate replaced by the study's); the simulation's own
-run folder is ``<out>/<task>/federated/seed{s}`` (``federated/<mode>/seed{s}`` in other modes),
-resumed after a stop, like the study. The study
-(:mod:`recipes.study`) does not import this program: the ``study`` command hands it over.
+Rows, in each of the federation's tasks' row caches (``<name>:<mode>`` in a mode after the first):
+
+* ``<name>/seed{s}/{emulator_finetune,plug_in}``: the aggregate in the emulator and plugged into
+  the full model, scored on the study's evaluation items (paired item by item with every other
+  row). The plug-in row also keeps each data owner's held-out items scored (``owners``, the rows
+  ``<name>/worst_owner`` and ``<name>/owner_mean``) and the run's rounds (``rounds``: losses,
+  bytes, seconds) for the report's convergence curves.
+* ``<centralised>/seed{s}/...`` with ``centralised``: the same owners' pooled data trained
+  centrally for as many steps (``[study] federated``'s twin is ``centralised``).
+
+A federation on one task runs once per task (its ``[run] task`` replaced); one on a mixture
+(``"arc_easy+piqa"``, owners holding different tasks) runs once, is scored by the simulation on its
+first task (with the per-owner items) and by the study on the others, from the saved aggregate.
+The simulation's run folder is ``<out>/<task>/<folder>/[<mode>/]seed{s}``, resumed after a stop.
+The study (:mod:`recipes.study`) does not import this program: the ``study`` command hands it over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaleot_fed.errors import ConfigError
-from scaleot_fed.rundir import RowCache
-from simulations.checkpoint import has_checkpoint
-from simulations.config import FedConfig, load_fed_config
+import torch
+from safetensors.torch import load_file
 
-from .config import FEDERATED_SIDES, StudyConfig
+from scaleot_fed.errors import ConfigError
+from scaleot_fed.finetune import make_trainable
+from scaleot_fed.plugin import plugged_for_scoring
+from scaleot_fed.rundir import RowCache
+from scaleot_fed.tasks import MIXTURE_SEPARATOR
+from simulations.checkpoint import has_checkpoint
+from simulations.config import FedConfig, fed_config_from_dict
+from simulations.resume import in_todays_keys
+
+from .config import FederationConfig, StudyConfig, merge_tables, task_folder
 
 ROWS = ("emulator_finetune", "plug_in")
+ROUND_KEYS = ("round", "train_loss", "client_val_loss", "bytes_up", "bytes_down", "seconds", "successful")
+"""What the plug-in row keeps of each round (the report's convergence curves and costs)."""
 
 
 @dataclass
 class StudyFederation:
-    """The simulation config a study's federated rows come from, checked against the grid."""
+    """One federation of the study: its simulation config (with ``set`` applied), checked against
+    the grid before any work."""
 
     config: StudyConfig
+    spec: FederationConfig
     fed: FedConfig
 
     @property
-    def task(self) -> str:
-        return self.fed.run.task
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def emulator(self) -> str:
         return self.fed.emulator.name
 
+    @property
+    def mixture(self) -> bool:
+        return MIXTURE_SEPARATOR in self.fed.run.task
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks it is scored on (a mixture's: in its order; the simulation scores the first)."""
+        return self.spec.tasks or self.fed.run.task.split(MIXTURE_SEPARATOR)
+
+    def runs(self) -> list[tuple[str, list[str]]]:
+        """``(task, tasks scored)`` per simulation at a seed: one per task, or a mixture's one run
+        (held by its first task's units) scored on each of its tasks."""
+        return [(self.tasks[0], self.tasks)] if self.mixture else [(t, [t]) for t in self.tasks]
+
+    def folder(self, out: Path, task: str, mode: str, seed: int) -> Path:
+        """Where the simulation of ``task`` (a mixture: its first task) at ``seed`` in ``mode`` runs."""
+        base = self.spec.folder or f"federations/{self.name}"
+        return out / task_folder(task) / base / ("" if mode == self.config.study.modes[0] else mode) / f"seed{seed}"
+
     @classmethod
-    def load(cls, config: StudyConfig, where: str) -> StudyFederation:
-        """Read ``[study] federated`` and refuse one that does not fit the grid (before any work)."""
-        path = config.study.federated
-        fed = load_fed_config(path)
-        names, problems = [e.name for e in config.emulators], []
+    def load(cls, config: StudyConfig, spec: FederationConfig, where: str) -> StudyFederation:
+        """Read ``spec``'s simulation config, apply its ``set``, and refuse one that does not fit the
+        grid (one line, before any work)."""
+        from scaleot_fed.config import load_toml
+
+        try:
+            fed = fed_config_from_dict(merge_tables(in_todays_keys(load_toml(spec.config)), spec.set), spec.config)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: federation {spec.name!r}: {exc}") from exc
+        self = cls(config, spec, fed)
+        study, names, problems = config.study, [e.name for e in config.emulators], []
         if fed.emulator.name not in names:
             problems.append(f"its [emulator] name {fed.emulator.name!r} is not one of the [[emulator]] names {names}")
-        if fed.run.task not in config.study.tasks:
-            problems.append(f"its task {fed.run.task!r} is not one of study.tasks {config.study.tasks}")
-        if fed.run.task in config.study.random_subsets and config.study.eval_limit_of(fed.run.task) is not None:
-            problems.append(f"its task {fed.run.task!r} is in study.random_subsets with an eval limit, but a "
-                            "simulation scores the task's first items: take it out of random_subsets, or score it whole")
-        if fed.run.model != config.study.model:
-            problems.append(f"its model {fed.run.model!r} is not study.model {config.study.model!r}")
+        if [t for t in self.tasks if t not in study.tasks]:
+            problems.append(f"its tasks {self.tasks} are not all study.tasks {study.tasks}")
+        if self.mixture and [t for t in self.tasks if t not in fed.run.task.split(MIXTURE_SEPARATOR)]:
+            problems.append(f"its tasks {self.tasks} are not all in its mixture {fed.run.task!r}")
+        if self.mixture and spec.centralised:
+            problems.append("a mixture federation has no centralised twin yet (its twin would be scored on the first "
+                            "task only); leave centralised unset")
+        for task in self.tasks:
+            if task in study.random_subsets and study.eval_limit_of(task) is not None:
+                problems.append(f"its task {task!r} is in study.random_subsets with an eval limit, but a simulation "
+                                "scores the task's first items: take it out of random_subsets, or score it whole")
+        if fed.run.model != study.model:
+            problems.append(f"its model {fed.run.model!r} is not study.model {study.model!r}")
         if problems:
-            raise ConfigError(f"{where}: study.federated = {path!r}: {'; '.join(problems)}")
-        return cls(config, fed)
+            raise ConfigError(f"{where}: federation {spec.name!r} ({spec.config}): {'; '.join(problems)}")
+        return self
 
-    def run(self, task: str, seed: int, emulator_dir: Path, folder: Path, rows: RowCache,
-            full_zero_shot: dict | None, mode: str | None = None, lr: float | None = None) -> dict:
-        """Run (or resume) the seed's federation with its centralised twin in ``folder`` and copy
-        their rows into ``rows``; ``mode`` and ``lr``: the data owners' fine-tuning, the study's
-        (its rows in the first mode are named as before modes were federated). Returns the
-        federated plug-in row."""
+    def simulation(self, task: str, seed: int, emulator_dir: Path, folder: Path, mode: str, lr: float) -> FedConfig:
+        """The simulation config of one run: the study's seed, items, emulator, mode and rate; every
+        owner's held-out items scored (the per-owner rows) and, with a twin, the pooled data."""
+        study, run = self.config.study, self.fed.run
+        section = next(e for e in self.config.emulators if e.name == self.emulator)
+        first = self.tasks[0] if self.mixture else task
+        runs = {"out": str(folder), "seed": seed, "eval_limit": study.eval_limit_of(first),
+                "eval_split": study.eval_split_of(first), "final_table": True, "per_owner_eval": True,
+                "centralised_offsite": bool(self.spec.centralised)}
+        runs |= {"eval_task": first} if self.mixture else {"task": task}
+        return dataclasses.replace(
+            self.fed, run=dataclasses.replace(run, **runs),
+            finetune=dataclasses.replace(self.fed.finetune, mode=mode, lr=lr, seed=seed),
+            emulator=dataclasses.replace(section, path=str(emulator_dir)))
+
+    def run(self, task: str, seed: int, emulator_dir: Path, out: Path, rows_of, owner_of, emulator, mode: str,
+            lr: float) -> dict:
+        """Run (or resume) the simulation of ``task`` (one of :meth:`runs`) at ``seed`` in ``mode`` at
+        ``lr`` and put its rows into the tasks' row caches (``rows_of(task)``); a mixture's other
+        tasks are scored from the saved aggregate (:func:`aggregate_rows`) by their data owner
+        ``owner_of(task)`` (the grid's, with the study's items) in ``emulator()`` (a fresh copy).
+        Returns ``task``'s plug-in row."""
         from simulations.runner import simulate
 
-        study = self.config.study
-        first = mode is None or mode == study.modes[0]
-        overrides = {k: v for k, v in (("finetune.mode", mode), ("finetune.lr", lr)) if v is not None}
-        fed = load_fed_config(study.federated, {
-            "run.out": str(folder), "run.seed": seed, "finetune.seed": seed, "run.eval_limit": study.eval_limit_of(task),
-            "run.eval_split": study.eval_split_of(task),
-            "run.final_table": True, "run.centralised_offsite": True} | overrides)
-        section = next(e for e in self.config.emulators if e.name == fed.emulator.name)
-        fed = dataclasses.replace(fed, emulator=dataclasses.replace(section, path=str(emulator_dir)))
+        suffix = "" if mode == self.config.study.modes[0] else f":{mode}"
+        folder = self.folder(out, task, mode, seed)
+        fed = self.simulation(task, seed, emulator_dir, folder, mode, lr)
         if not (folder / "DONE").exists():
             started = has_checkpoint(folder)  # a stopped run resumes; one stopped before round 1 starts again
             simulate(fed, resume=started, overwrite=not started)
-        done = RowCache(folder)
-        suffix = "" if first else f":{mode}"
-        for side, prefix in zip(FEDERATED_SIDES, (f"{section.name}/federated", section.name)):
+        self._copy_rows(folder, task, seed, suffix, rows_of(task))
+        for other in dict(self.runs())[task][1:]:  # a mixture's other tasks (cached in their rows as they finish)
+            aggregate_rows(owner_of(other), emulator(), folder, fed, f"{self.name}{suffix}/seed{seed}")
+        return rows_of(task).get(f"{self.name}{suffix}/seed{seed}/plug_in")
+
+    def done(self, task: str, seed: int, mode: str, rows_of) -> bool:
+        """Whether the simulation of ``task`` at ``seed`` in ``mode`` has its rows in every task it scores."""
+        suffix = "" if mode == self.config.study.modes[0] else f":{mode}"
+        sides = [self.name] + ([self.spec.centralised] if self.spec.centralised else [])
+        return all(rows_of(t).get(f"{side}{suffix}/seed{seed}/plug_in") is not None
+                   for t in dict(self.runs())[task] for side in sides)
+
+    def _copy_rows(self, folder: Path, task: str, seed: int, suffix: str, rows: RowCache) -> None:
+        """The finished simulation's rows into the study's (checked to be on the study's items)."""
+        done, section = RowCache(folder), self.emulator
+        full = rows.get("full_zero_shot")
+        sides = [(self.name, f"{section}/federated")] + ([(self.spec.centralised, section)] if self.spec.centralised else [])
+        rounds = json.loads((folder / "metrics.json").read_text())
+        for side, prefix in sides:
             for row in ROWS:
                 found = done.get(f"{prefix}/{row}")
                 if found is None:
                     raise ConfigError(f"{folder} finished without its {prefix}/{row} row; delete the folder and rerun")
-                if full_zero_shot is not None and found["items"]["gold"] != full_zero_shot["items"]["gold"]:
+                if full is not None and found["items"]["gold"] != full["items"]["gold"]:
                     raise ConfigError(f"{folder} scored other items than the study's {task} rows; delete the folder "
                                       "and rerun (the study sets the simulation's evaluation items)")
+                if side == self.name and row == "plug_in":
+                    found = found | {"rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in rounds["rounds"]],
+                                     "bytes_up_total": rounds.get("bytes_up_total"),
+                                     "bytes_down_total": rounds.get("bytes_down_total")}
                 rows.put(f"{side}{suffix}/seed{seed}/{row}", found)
-        return rows.get(f"federated{suffix}/seed{seed}/plug_in")
+
+
+def load_federations(config: StudyConfig, where: str) -> list[StudyFederation]:
+    """Every federation of the study, each checked (:meth:`StudyFederation.load`)."""
+    return [StudyFederation.load(config, spec, where) for spec in config.federations]
+
+
+def aggregate_rows(owner, emulator, folder: Path, fed: FedConfig, key: str) -> dict:
+    """A finished federation's aggregate (``folder/aggregate.safetensors``) in ``emulator`` and
+    plugged into ``owner``'s full model, scored on ``owner``'s evaluation items: the rows
+    ``emulator_finetune`` and ``plug_in`` (cached by ``owner`` under ``key/...``)."""
+    path = folder / "aggregate.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no aggregate.safetensors; delete the folder and rerun")
+    torch.manual_seed(fed.run.seed)
+    trainable = make_trainable(emulator.model, list(emulator.adapter_positions()), fed.finetune)
+    params, state = dict(trainable.named_parameters()), load_file(str(path))
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+    def plugged() -> dict:
+        with plugged_for_scoring(owner.full, trainable, emulator, owner.eval_placement) as model:
+            return owner.evaluate(model, f"{key}/plug_in")
+
+    return {"emulator_finetune": owner.cache(f"{key}/emulator_finetune",
+                                             lambda: owner.evaluate(trainable, f"{key}/emulator_finetune")),
+            "plug_in": owner.cache(f"{key}/plug_in", plugged)}
+
+

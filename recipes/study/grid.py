@@ -18,8 +18,9 @@ Rows, per task (keys of the task's row cache):
 * ``sweep/<mode>/lr<lr>/seed<s>/row`` (``[study] mode_sweeps``, on the sweep task only): a mode's
   learning rates tried on the sweep emulator, judged by dev loss alone (no item is scored); the
   mode's cells wait until ``[study] mode_lrs`` declares the rate;
-* ``federated/seed<s>/...`` and ``centralised/seed<s>/...`` with ``[study] federated``
-  (:mod:`recipes.study.federated`, given to :func:`recipes.study.run.run_study` by the CLI).
+* ``<federation>/seed<s>/...`` (and its twin's) per ``[[federation]]`` / ``[federations]``,
+  ``federated/...`` and ``centralised/...`` for ``[study] federated`` (:mod:`recipes.study.federated`,
+  given to :func:`recipes.study.run.run_study` by the CLI).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from scaleot_fed.artifact import load_artifact, save_artifact
 from scaleot_fed.emulator import load_emulator
@@ -72,10 +75,10 @@ class Grid:
     in a seed the units of one emulator together, across tasks. A session without the run folder
     rebuilds a seed's stage 1 and emulators once for all the tasks it reaches, and reaches few seeds."""
 
-    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federation=None,
+    def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federations=(),
                  records: Path | None = None) -> None:
         self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
-        self.federation, self.records = federation, records
+        self.federations, self.records = list(federations or ()), records
         self.layers = int(full.config.num_hidden_layers)
         self._pristine: dict[Path, object] = {}
         self._costed: set[Path] = set()  # emulators, stage-1 runs whose build an earlier unit's cost holds
@@ -134,9 +137,12 @@ class Grid:
 
     def made_from(self, sections: list[NamedEmulatorConfig], seed: int) -> str:
         """What the study made from these emulators at ``seed``: their folders, ledger records and rows."""
-        fed, records = getattr(self.federation, "emulator", None), self.records or Path("<results>/ledger")
+        records = self.records or Path("<results>/ledger")
+        def sides(e: NamedEmulatorConfig) -> list[str]:  # the federations' rows made with it
+            return [n for f in self.federations if f.emulator == e.name for n in (f.name, f.spec.centralised) if n]
+
         return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}"
-                         f", {ledger.row_files(e.name, seed if seeded(e) else None, e.name == fed)}" for e in sections)
+                         f", {ledger.row_files(e.name, seed if seeded(e) else None, sides(e))}" for e in sections)
 
     def stage1_text(self, stage1_cfg: LayerReplaceConfig):
         return token_blocks(self.tokenizer, lambada_passages(), stage1_cfg.block_size, max_blocks=stage1_cfg.blocks_needed())
@@ -258,7 +264,7 @@ class Grid:
 
     def task_units(self, task: str) -> list[Unit]:
         """``task``'s units as they are laid out: seed by seed, emulator by emulator (each cell of a
-        mode that runs on the task: ``[study] mode_tasks``), the sweeps, the federation last."""
+        mode that runs on the task: ``[study] mode_tasks``), the sweeps, the federations last."""
         study, ctx = self.config.study, TaskUnits(self, task)
         ctx.add("full zero-shot", "full_zero_shot", ctx.evaluation * self.layers, lambda: ctx.owner().full_zero_shot())
         for mode in {m for _, m in self.config.cells()}:
@@ -268,8 +274,10 @@ class Grid:
                 if task in study.tasks_of(mode):
                     self.cell_units(ctx, emulator, mode, seed)
             self.swept_units(ctx, seed)
-        if self.federation is not None and task == self.federation.task:
-            ctx.units += self.federated_units(ctx)
+        for federation in self.federations:
+            for held, scored in federation.runs():
+                if held == task:
+                    ctx.units += self.federated_units(ctx, federation, scored)
         for u in ctx.units:
             u.resumed = ctx.rows.take_resumed_seconds  # (units run one at a time)
         return ctx.units
@@ -298,25 +306,37 @@ class Grid:
             groups.setdefault(key, []).append(u)
         return [u for group in groups.values() for u in group]
 
-    def federated_units(self, ctx: TaskUnits) -> list[Unit]:
-        """Per seed and mode, the federation and its centralised twin (trained with the same steps
-        in all); in a mode other than the first, at the mode's rate, waiting for it like its cells."""
-        name = next(e for e in self.config.emulators if e.name == self.federation.emulator)
-        modes, task, rows, evaluation, train = self.config.study.modes, ctx.task, ctx.rows, ctx.evaluation, ctx.train
-        first = modes[0]
+    def federated_units(self, ctx: TaskUnits, federation, scored: list[str]) -> list[Unit]:
+        """Per seed and mode (of the modes that run on its tasks), the federation's simulation of
+        ``ctx.task`` (scored on ``scored``: the task, or a mixture's tasks) and its twin (the pooled
+        data trained with the same steps in all); in a mode other than the first, at the mode's
+        rate, waiting for it like its cells."""
+        section = next(e for e in self.config.emulators if e.name == federation.emulator)
+        study, blocks, task = self.config.study, emulator_blocks(self.layers, section), ctx.task
+        modes = [m for m in study.modes if set(federation.tasks) <= set(study.tasks_of(m))]
+        rows_of = {t: RowCache(self.out / task_folder(t)) for t in federation.tasks}
+        twin = 2 if federation.spec.centralised else 1
+        # training (the federation's, the twin's: the same steps whatever the data, at the scored
+        # tasks' mean tokens per step); the emulator and the plug-in scored on each scored task (twice
+        # with a twin); the plug-in on every owner's held-out items (at the tasks' tokens per item)
+        tokens = [ctx if t == task else TaskUnits(self, t) for t in scored]
+        per_item = np.mean([t.evaluation / max(1, len(self.items(t.task)[2])) for t in tokens])
+        run = federation.fed.run
+        owners = run.num_clients * (run.per_owner_items or 50) * per_item * self.layers
+        cost = twin * 2 * np.mean([t.train for t in tokens]) * blocks + owners + \
+            sum(t.evaluation * (blocks + self.layers) * twin for t in tokens)
 
         def run(seed: int, mode: str) -> dict:
-            self.emulator(name, seed)  # built if needed
-            folder = self.out / task_folder(task) / "federated" / ("" if mode == first else mode) / f"seed{seed}"
-            return self.federation.run(task, seed, self.emulator_dir(name, seed), folder, rows,
-                                       rows.get("full_zero_shot"), mode, self.mode_rate(mode))
+            self.emulator(section, seed)  # built if needed
+            return federation.run(task, seed, self.emulator_dir(section, seed), self.out, rows_of.__getitem__,
+                                  lambda t: self.owner(t, rows_of[t]), lambda: self.emulator(section, seed),
+                                  mode, self.mode_rate(mode))
 
-        cost = 2 * (2 * train * emulator_blocks(self.layers, name)) + evaluation * (4 * emulator_blocks(self.layers, name) + 2 * self.layers)
-        suffix = {m: "" if m == first else f":{m}" for m in modes}
-        return [Unit(f"{task}: federated and centralised{suffix[m].replace(':', ' ')} seed {s}", cost,
-                     lambda s=s, m=m: rows.get(f"centralised{suffix[m]}/seed{s}/plug_in") is not None,
-                     lambda s=s, m=m: run(s, m), (name, s), waits=lambda m=m: self.mode_waits(m), seed=s)
-                for s in self.config.study.seeds for m in modes if task in self.config.study.tasks_of(m)]
+        suffix = {m: "" if m == study.modes[0] else f" {m}" for m in modes}
+        return [Unit(f"{task}: federation {federation.name}{suffix[m]} seed {s}", cost,
+                     lambda s=s, m=m: federation.done(task, s, m, rows_of.__getitem__),
+                     lambda s=s, m=m: run(s, m), (section, s), waits=lambda m=m: self.mode_waits(m), seed=s)
+                for s in study.seeds for m in modes]
 
     def cell_units(self, ctx: TaskUnits, emulator: NamedEmulatorConfig, mode: str, seed: int) -> None:
         """An emulator's zero-shot (once where no seed changes it) and its fine-tune + plug-in in ``mode``."""
@@ -428,11 +448,11 @@ class TaskUnits:
                                    needs, waits=waits, seed=seed))
 
 
-def open_grid(config: StudyConfig, out: Path, results: Path, log, federation=None) -> tuple[list[Unit], list[bool], dict]:
+def open_grid(config: StudyConfig, out: Path, results: Path, log, federations=()) -> tuple[list[Unit], list[bool], dict]:
     """The grid over the loaded model, in run order: its units, whether each is done (logged with
     the ETA) and the model's facts (for the budgets). What a run and a plan start from."""
     loaded = load_model(config.study.model)
-    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federation, ledger.ledger_dir(results))
+    grid = Grid(config, out, loaded.model, loaded.tokenizer, log, federations, ledger.ledger_dir(results))
     units = grid.all_units()
     done = [u.done() for u in units]
     log(f"study: {len(units)} units, {sum(done)} done")

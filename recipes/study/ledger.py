@@ -205,12 +205,12 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.get("weights_sha256") == b.get("weights_sha256")
 
 
-def row_files(emulator: str, seed: int | None, federated: bool) -> str:
+def row_files(emulator: str, seed: int | None, federated: list[str] = ()) -> str:
     """The per-item files of the rows made from ``emulator`` at ``seed`` (None: a shared emulator,
-    every seed), as globs under the results folder: its cells, variant cells, attack, federation."""
+    every seed), as globs under the results folder: its cells, variant cells, attack, and the rows
+    ``federated`` names (the federations trained on it, their twins)."""
     tail = f"*seed{seed}/*" if seed is not None else "*"
-    keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}/{tail}" for side in ("federated", "centralised")
-                                                           if federated]
+    keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}/{tail}" for side in federated]
     return ", ".join(f"items/*/{item_file(key)}" for key in keys)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .federation_report import federation_markdown
+
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
@@ -36,7 +38,7 @@ def report_markdown(summary: dict) -> str:
     """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
     stability and the budgets; every number from ``summary``."""
     parts = [_head(summary), _glance(summary), _claims(summary), _sensitivity(summary), _rows(summary),
-             _sweeps(summary), _stage1(summary), _budgets(summary)]
+             federation_markdown(summary), _sweeps(summary), _stage1(summary), _budgets(summary)]
     return "\n".join(line for part in parts for line in part) + "\n"
 
 

@@ -28,7 +28,7 @@ from .data import TASK_DATA
 from .grid import open_grid
 
 
-def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[str, float]]:
+def plan_study(config: StudyConfig, log=print, federations=()) -> list[tuple[str, float]]:
     """Log the ETA line of the study ``config``, then its pending units in run order with their
     estimated cost (million block-token passes) and time at the measured rate.
 
@@ -44,7 +44,7 @@ def plan_study(config: StudyConfig, log=print, federation=None) -> list[tuple[st
     with tempfile.TemporaryDirectory(prefix="scaleot-study-plan-") as scratch:
         view = mirror(out, Path(scratch))
         ledger.restore(view, results, as_dict(config), study.tasks, may_change, lambda *_: None)
-        units, done, _ = open_grid(config, view, results, log, federation)
+        units, done, _ = open_grid(config, view, results, log, federations)
         why = [None if d else u.waits() for u, d in zip(units, done)]  # (read while the view exists)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]

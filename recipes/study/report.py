@@ -18,7 +18,8 @@ from scaleot_fed.rundir import write_json
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
 from . import ledger
-from .config import METRICS, StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, task_folder
+from .config import METRICS, OWNER_ROWS, StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, task_folder
+from .federation_report import federation_table, owner_comparison, owner_entry
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
 POOLED = "all (mean over tasks)"
@@ -72,9 +73,22 @@ class _Resolver:
                 section = next(e for e in self.config.emulators if e.name == name)
                 keys = ([(s, f"{name}/seed{s}/emulator_zero_shot") for s in self.seeds] if seeded(section)
                         else [(None, f"{name}/emulator_zero_shot")])
+            elif row in OWNER_ROWS:  # from the plug-in rows' per-owner items
+                keys = [(s, f"{cell}/seed{s}/plug_in") for s in self.seeds]
             else:
                 keys = [(s, f"{cell}/seed{s}/{row}") for s in self.seeds]
         return keys
+
+    def groups(self, family: str) -> tuple[list[list[np.ndarray]], list, list] | None:
+        """An owner row's per-item scores in the task's metric, per seed and owner (each owner's
+        held-out items), its seeds, and per seed the owners' gold answers (two sides compared on the
+        same owners' items must have the same); ``None`` while no seed has them."""
+        found = {s: self.rows[k]["owners"] for s, k in self.seeded_keys(family) if self.rows[k].get("owners")}
+        if not found:
+            return None
+        owners = {s: sorted(o, key=int) for s, o in found.items()}
+        return ([[self._scores(found[s][o]) for o in owners[s]] for s in found], list(found),
+                [[found[s][o]["gold"] for o in owners[s]] for s in found])
 
     def matrix(self, family: str) -> tuple[np.ndarray, list] | None:
         """``(seeds, items)`` per-item scores of the family in the task's metric (``gap``: plug-in
@@ -89,12 +103,13 @@ class _Resolver:
             found = {s: self._correct(k) for s, k in self.seeded_keys(family)}
         return (np.stack(list(found.values())), list(found)) if found else None
 
-    def _correct(self, key: str, metric: str | None = None) -> np.ndarray | None:
+    def _correct(self, key: str) -> np.ndarray | None:
         row = self.rows.get(key)
-        if row is None or "items" not in row:
-            return None
-        items = row["items"]
-        lengths = items["choice_chars"] if (metric or self.metric) == "acc_norm" else None
+        return None if row is None or "items" not in row else self._scores(row["items"])
+
+    def _scores(self, items: dict) -> np.ndarray:
+        """Per item, 1.0 where right in the task's metric (an item record: ``loglik``, ``gold``, ...)."""
+        lengths = items["choice_chars"] if self.metric == "acc_norm" else None
         return correct_from_scores(items["loglik"], items["gold"], lengths)
 
     def sources(self, family: str, seeds: list) -> list[str]:
@@ -143,6 +158,10 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         n_eval[task] = next((r["n"] for r in rows_by_task[task].values() if "n" in r), 0)
         items_files[task] = ledger.write_items(rows_by_task[task], results / "items" / task_folder(task))
         for family in families(config):
+            if family.rsplit("/", 1)[-1] in OWNER_ROWS:
+                if (entry := owner_entry(family, resolver, study.resamples)) is not None:
+                    table.setdefault(family, {})[task] = entry | {"metric": study.metric_of(task)}
+                continue
             found = resolver.matrix(family)
             if found is None:
                 continue
@@ -168,16 +187,20 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         **({"mode_tasks": study.mode_tasks} if study.mode_tasks else {}),
         "mode_lrs": {m: study.mode_lrs.get(m, config.finetune.lr) for m in study.modes + study.variant_modes},
         "rows": table, "claims": claims, "claims_other_metric": sensitivity, "pending_claims": pending,
+        **({"federations": federation_table(config, resolvers)} if config.federations else {}),
         "sweeps": _sweeps(config, rows_by_task),
         "stage1_stability": stage1_stability(records), "budgets": budgets(records, facts or {}),
         "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
+    from .federation_report import plot_convergence
     from .markdown import plot_claims, plot_rows, report_markdown
 
     write_json(results / "summary.json", summary)
     write_atomic(results / "REPORT.md", report_markdown(summary))
     plot_rows(summary, results / "rows.png")
     plot_claims(summary, results / "claims.png")
+    if config.federations:
+        plot_convergence(summary, results / "federations.png")
     return summary
 
 
@@ -197,6 +220,9 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     Sides made at the same seeds are paired by seed in the bootstrap (:func:`paired_bootstrap`)."""
     found, sides = [], {}
     resolvers = {t: r for t, r in resolvers.items() if t in study.tasks_of(claim.mode)}  # (the mode's tasks)
+    if claim.a.rsplit("/", 1)[-1] in OWNER_ROWS:  # per owner: per task, on the same owners' items
+        return [_entry(claim, t, c, True) | {"seeds_expected": [r.expected_seeds(claim.a), r.expected_seeds(claim.b)]}
+                for t, r in resolvers.items() if (c := owner_comparison(claim, r, study.resamples)) is not None]
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
         if a is None or b is None:
@@ -228,7 +254,11 @@ def _paired(a_seeds: list, b_seeds: list) -> bool:
 
 def _decide(claim, task: str, a: np.ndarray, b: np.ndarray, resamples: int, strata: list[int] | None = None,
             pair: bool = False) -> dict:
-    c = bootstrap(a, b, resamples, strata, pair)
+    return _entry(claim, task, bootstrap(a, b, resamples, strata, pair), pair)
+
+
+def _entry(claim, task: str, c: Comparison, pair: bool) -> dict:
+    """A claim's line: its comparison on ``task`` (a task, or a pool of tasks) and the verdict."""
     return {"claim": claim.claim, "mode": claim.mode, "task": task, "a": claim.a, "b": claim.b, "kind": claim.kind,
             "margin": claim.margin, "difference": c.difference, "ci95": list(c.ci95), "n": c.n,
             "seeds": list(c.seeds), "paired_seeds": pair, "verdict": c.verdict(claim.kind, claim.margin)}

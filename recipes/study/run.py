@@ -21,16 +21,16 @@ REPORT_EVERY = 120.0
 
 
 def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite: bool = False,
-              federation=None) -> dict:
+              federations=()) -> dict:
     """Run (or resume) the grid; after every unit, rewrite the summary and the report
-    (:mod:`recipes.study.report`). ``federation`` runs the ``[study] federated`` rows (a
+    (:mod:`recipes.study.report`). ``federations`` run the federated rows (each a
     :class:`recipes.study.federated.StudyFederation`, which the ``study`` command passes). Returns
     the summary."""
     from .report import write_report
 
     study = config.study
-    if study.federated and federation is None:
-        raise ConfigError("study.federated runs Flower simulations: start the study with `scaleot-fed study`")
+    if config.federations and len(federations) != len(config.federations):
+        raise ConfigError("the study's federations run Flower simulations: start the study with `scaleot-fed study`")
     results = Path(study.results or study.out)
     if not overwrite:
         ledger.check_resume(Path(study.out), results, config)
@@ -38,7 +38,7 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     if overwrite and results.resolve() != out.resolve():
         ledger.clear(results)
     ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
-    units, done, facts = open_grid(config, out, results, log, federation)
+    units, done, facts = open_grid(config, out, results, log, federations)
     pending = [u for u, d in zip(units, done) if not d]
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
     tracking = Tracking(config.tracking, out, resume=True)  # one tracked run per run folder, step = units done

@@ -14,7 +14,6 @@ from pathlib import Path
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.files import write_atomic
 
-from .config import FEDERATED_SIDES
 from .markdown import MARKS, interval
 from .report import POOLED
 
@@ -32,11 +31,11 @@ def read_summary(folder: str | Path) -> dict:
 
 def headline(summary: dict, claim: str, mode: str) -> dict | None:
     """The claim's line a study's verdict rests on: its mean over tasks, or, for a claim whose rows
-    exist on one task only (the federated rows), that task's line."""
+    exist on one task only (a federation's, say), that task's line."""
     lines = [c for c in summary["claims"] if c["claim"] == claim and (c.get("mode") or _modes(summary)[0]) == mode]
     pooled = [c for c in lines if c["task"] == POOLED]
-    federated = bool(lines) and lines[0]["a"].split("/")[0].split(":")[0] in FEDERATED_SIDES  # (on its task only)
-    single = len(lines) == 1 and (len(summary["tasks"]) == 1 or federated)
+    one_task = bool(lines) and len(summary.get("rows", {}).get(lines[0]["a"], {})) == 1  # (its rows on one task only)
+    single = len(lines) == 1 and (len(summary["tasks"]) == 1 or one_task)
     return pooled[0] if pooled else (lines[0] if single else None)
 
 

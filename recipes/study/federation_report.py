@@ -1,0 +1,135 @@
+"""The report's federated part: each federation's per-owner rows (its worst data owner and the
+owners' mean, each owner scored on its own held-out items), decided with a two-level bootstrap
+(:func:`scaleot_fed.stats.group_bootstrap`), and per federated row what it cost and how it
+converged: accuracy, worst owner and spread, bytes up and down, seconds per round, and the
+rounds' losses with a band over seeds (``federations.png``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scaleot_fed.stats import Comparison, group_bootstrap
+
+CURVES = ("client_val_loss", "train_loss")
+"""The per-round losses drawn (the owners' validation loss after local training, their training loss)."""
+
+
+def statistic(family: str) -> str:
+    """The group statistic an owner row stands for (``.../worst_owner``: worst; ``.../owner_mean``: mean)."""
+    return "worst" if family.endswith("/worst_owner") else "mean"
+
+
+def owner_entry(family: str, resolver, resamples: int) -> dict | None:
+    """An owner row of one task as the rows table holds it: the statistic's mean over seeds with
+    its 95 % interval, per seed, and the owners per seed; ``None`` while no seed has owners."""
+    found = resolver.groups(family)
+    if found is None:
+        return None
+    groups, seeds, _ = found
+    reduce = np.min if statistic(family) == "worst" else np.mean
+    c = group_bootstrap(groups, [[np.zeros_like(g) for g in owners] for owners in groups], statistic(family), resamples)
+    return {"mean": c.difference, "ci95": list(c.ci95), "seeds": len(seeds), "other_metric_mean": None,
+            "per_seed": [float(reduce([g.mean() for g in owners])) for owners in groups], "per_seed_seeds": seeds,
+            "owners": [len(owners) for owners in groups], "rows": resolver.sources(family, seeds)}
+
+
+def owner_comparison(claim, resolver, resamples: int) -> Comparison | None:
+    """A claim over owner rows on one task: both sides at the same seeds on the same owners' items
+    (the same partition), else ``None`` (not decided)."""
+    a, b = resolver.groups(claim.a), resolver.groups(claim.b)
+    if a is None or b is None or a[1] != b[1] or a[2] != b[2]:
+        return None
+    return group_bootstrap(a[0], b[0], statistic(claim.a), resamples)
+
+
+def federation_table(config, resolvers: dict) -> dict:
+    """Per federated row (``<federation>[:<mode>]``) and task: seeds, the worst owner and the
+    owners' spread (best - worst, in the task's metric, means over seeds), MB up and down per run
+    and seconds per round (means over seeds), and the rounds' losses: mean, low and high over
+    seeds, round by round."""
+    study, out = config.study, {}
+    for federation in config.federations:
+        for mode in study.modes:
+            name = federation.name + ("" if mode == study.modes[0] else f":{mode}")
+            for task, resolver in resolvers.items():
+                rows = [resolver.rows[k] for _, k in resolver.seeded_keys(f"{name}/plug_in")]
+                if rows:
+                    out.setdefault(name, {})[task] = _costs(rows, resolver.groups(f"{name}/worst_owner"))
+    return out
+
+
+def _costs(rows: list[dict], groups) -> dict:
+    entry: dict = {"seeds": len(rows)}
+    if groups is not None:
+        means = [[float(g.mean()) for g in owners] for owners in groups[0]]
+        entry |= {"worst_owner": float(np.mean([min(m) for m in means])),
+                  "owner_spread": float(np.mean([max(m) - min(m) for m in means])), "owners": len(means[0])}
+    rounds = [r["rounds"] for r in rows if r.get("rounds")]
+    if rounds:
+        entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None])) / 1e6
+        entry["mb_down"] = float(np.mean([r["bytes_down_total"] for r in rows if r.get("bytes_down_total") is not None])) / 1e6
+        entry["seconds_per_round"] = float(np.mean([x["seconds"] for run in rounds for x in run]))
+        length = min(len(run) for run in rounds)  # (every seed runs the same rounds)
+        entry["curves"] = {"round": [run["round"] for run in rounds[0][:length]]}
+        for key in CURVES:
+            values = np.array([[x.get(key) if x.get(key) is not None else np.nan for x in run[:length]] for run in rounds])
+            if not np.isnan(values).all():
+                entry["curves"][key] = {"mean": np.nanmean(values, axis=0).tolist(),
+                                        "low": np.nanmin(values, axis=0).tolist(), "high": np.nanmax(values, axis=0).tolist()}
+    return entry
+
+
+def federation_markdown(summary: dict) -> list[str]:
+    """REPORT.md's section on the federated rows (none without federations)."""
+    table = summary.get("federations")
+    if not table:
+        return []
+    lines = ["## Federations", "",
+             "The plug-in's accuracy (%) with its 95 % interval and seeds; each data owner's held-out items scored "
+             "after the last round: the worst owner and the spread (best - worst), means over seeds; what a run "
+             "moved (MB up, MB down, the emulator's delivery included) and its seconds per round (2 CPU cores, "
+             "simulated owners); the losses per round are in federations.png (mean over seeds, band: low to high).",
+             "", "| federated row | task | accuracy | worst owner | spread | MB up | MB down | s/round |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per_task in table.items():
+        for task, e in per_task.items():
+            row = summary["rows"].get(f"{name}/plug_in", {}).get(task)
+            acc = "" if row is None else (f"{100 * row['mean']:.1f} [{100 * row['ci95'][0]:.1f}, "
+                                          f"{100 * row['ci95'][1]:.1f}] x{row['seeds']}")
+            cells = [acc] + [f"{100 * e[k]:.1f}" if k in e else "" for k in ("worst_owner", "owner_spread")] + \
+                [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "seconds_per_round")]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    curves = any("curves" in e for per_task in table.values() for e in per_task.values())
+    return lines + ["", "![federations](federations.png)" if curves else "(no per-round record in these rows)", ""]
+
+
+def plot_convergence(summary: dict, path: Path) -> None:
+    """One panel per task and loss: each federated row's loss per round, mean over seeds with a
+    band from the lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary.get("federations") or {}
+    panels = [(task, key) for task in summary["tasks"] for key in CURVES
+              if any(key in e.get(task, {}).get("curves", {}) for e in table.values())]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (task, key) in zip(axes[0], panels):
+        for name, per_task in table.items():
+            curves = per_task.get(task, {}).get("curves", {})
+            if key in curves:
+                line, = ax.plot(curves["round"], curves[key]["mean"], label=name, linewidth=1)
+                ax.fill_between(curves["round"], curves[key]["low"], curves[key]["high"], alpha=0.2,
+                                color=line.get_color())
+        ax.set_title(f"{task}: {key}", fontsize=8)
+        ax.set_xlabel("round", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
