@@ -350,8 +350,9 @@ class FederatedRun:
     def tracked_rounds(self, grid: Grid) -> None:
         """Delivery, the rounds, the final table; each round's row also to the tracker."""
         self.tracking.params(as_dict(self.config))
+        missed = set(self.tracking.missed([row["round"] for row in self.metrics]))
         for row in self.metrics:  # a resume: the rounds the tracked run missed (stopped before tracking them)
-            if row["round"] in self.tracking.missed([row["round"]]):
+            if row["round"] in missed:
                 self.tracking.metrics(tracked_row(row), row["round"])
         self.deliver(grid)
         for round_ in range(self.start_round, self.config.run.num_rounds + 1):
