@@ -189,3 +189,17 @@ def test_mixed_rank_ffa_lora_aggregation_is_the_exact_mean_of_the_owners_updates
     np.testing.assert_allclose(out["l.lora_B.weight"] @ out["l.lora_A.weight"], target, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not a rank slice"):
         pad_rank({"l.lora_B.weight": np.zeros((d_out + 1, 2))}, sent)
+
+
+def test_the_federated_studys_own_strategy_clips_every_update_to_the_rounds_median_norm():
+    """configs/study_federated_strategies.py, named by its path as the study names it: updates of
+    norm 1, 2 and 10 become 1, 2 and 2 before FedAvg weighs them."""
+    from strategies import resolve_strategy
+    from strategies.registry import TAKE_ALL
+
+    strategy = resolve_strategy("configs/study_federated_strategies.py:MedianClippedFedAvg")(**TAKE_ALL)
+    start = torch.zeros(4)
+    list(strategy.configure_train(1, ArrayRecord(torch_state_dict={"w": start}), ConfigRecord(), _Grid()))
+    directions = [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 2.0, 0, 0]), torch.tensor([0, 0, 10.0, 0])]
+    agg, _ = strategy.aggregate_train(1, [_reply({"w": d}, 1) for d in directions])
+    np.testing.assert_allclose(_arrays(agg)["w"], [1 / 3, 2 / 3, 2 / 3, 0], rtol=1e-6)
