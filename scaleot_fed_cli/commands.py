@@ -334,6 +334,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
     config = load_study_config(args.config)
     config.study.out = args.out or config.study.out
+    if args.rate_from and not args.plan:
+        raise ConfigError("--rate-from prices a --plan; add --plan, or drop it")
     _use_all_cores()
     # the federated rows come from the simulations package, a program beside the study
     federations = load_federations(config, args.config)
@@ -342,7 +344,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
-        plan_study(config, federations=federations)
+        plan_study(config, federations=federations, rate_from=args.rate_from)
         return
     summary = report_study(config) if args.report_only else run_study(
         config, not args.no_progress, overwrite=args.overwrite, federations=federations)

@@ -182,6 +182,9 @@ def _pipeline_parsers(sub) -> None:
                            help="rewrite REPORT.md and summary.json from the finished rows; run nothing")
             p.add_argument("--plan", action="store_true",
                            help="list the units left, their cost and time, and the ETA; run, lock and write nothing")
+            p.add_argument("--rate-from", metavar="RESULTS",
+                           help="with --plan, before this study has timed a unit: price it at the rate another "
+                                "study's compute log measured (its results folder; same model and machine)")
 
 
 def _verdicts_parser(sub) -> None:

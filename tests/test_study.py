@@ -1036,3 +1036,23 @@ def test_federation_tables_are_checked_before_any_work(tmp_path, capsys):
         assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2, message
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_before_any_timed_unit_is_priced_at_another_studys_rate(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    head, _, _ = MODES.partition("[[emulator]]")
+    text = head.replace('modes = ["full", "lora"]\nmode_sweeps = {{ full = [1e-4, 1e-2] }}\n{declared}\n', 'modes = ["lora"]\n')
+    text = text.format(out=tmp_path / "study", results=tmp_path / "results", model=tmp_path / "model")
+    (tmp_path / "study.toml").write_text(text + '[[emulator]]\nname = "u"\nmethod = "uniform-drop"\nnum_adapter_layers = 2\n')
+    other = tmp_path / "other" / "ledger"
+    other.mkdir(parents=True)
+    (other / "units.jsonl").write_text(json.dumps({"unit": "x", "seconds": 30.0, "cost": 1e6}) + "\n")
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--plan", "--rate-from", str(tmp_path / "other")]) == 0
+    out = capsys.readouterr().out
+    assert f"priced at {tmp_path / 'other'}'s rate: left at the rate of 1 timed units (median) (30.0 s per M" in out
+    assert "piqa: full zero-shot:" in out and " min" in out.split("piqa: full zero-shot:")[1].splitlines()[0]
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--plan", "--rate-from", str(tmp_path)]) == 2
+    assert "no timed unit in a compute log there" in capsys.readouterr().err
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--rate-from", str(tmp_path / "other")]) == 2
+    assert "--rate-from prices a --plan" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()

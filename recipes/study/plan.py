@@ -18,19 +18,21 @@ import time
 from pathlib import Path
 
 from scaleot_fed.config import as_dict
+from scaleot_fed.errors import ConfigError
 from scaleot_fed.rundir import LOCK, RUNNING, RowCache, check_run_dir, running_unit
 from scaleot_fed.train_state import Checkpoint
 
 from . import ledger
 from .config import GRID_EXTENT, StudyConfig, task_folder
-from .costs import unit_rate
+from .costs import eta_line, unit_rate
 from .data import TASK_DATA
 from .grid import open_grid
 
 
-def plan_study(config: StudyConfig, log=print, federations=()) -> list[tuple[str, float]]:
+def plan_study(config: StudyConfig, log=print, federations=(), rate_from: str | Path | None = None) -> list[tuple[str, float]]:
     """Log the ETA line of the study ``config``, then its pending units in run order with their
-    estimated cost (million block-token passes) and time at the measured rate.
+    estimated cost (million block-token passes) and time at the measured rate; before the study
+    has timed a unit, at the rate of the study whose results folder ``rate_from`` names.
 
     Raises :class:`scaleot_fed.errors.ConfigError` where a resume would refuse (another config in
     the run folder or the ledger, changed task items). Returns the pending ``(label, cost)`` pairs.
@@ -48,6 +50,13 @@ def plan_study(config: StudyConfig, log=print, federations=()) -> list[tuple[str
         why = [None if d else u.waits() for u, d in zip(units, done)]  # (read while the view exists)
     rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
     pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
+    if rate <= 0 and rate_from is not None and pending:
+        borrowed = ledger.compute_log(Path(rate_from))
+        if (line := eta_line(borrowed, 0.0, pending)) is None:
+            raise ConfigError(f"--rate-from {rate_from}: no timed unit in a compute log there (ledger/units.jsonl); "
+                              "name the results folder of a study that has run")
+        rate, _ = unit_rate(borrowed, 0.0)
+        log(f"study: no unit of this study is timed yet; priced at {rate_from}'s rate: {line.removeprefix('study: ')}")
     waits: dict[str, int] = {}
     for u, d, reason in zip(units, done, why):
         if not d:
