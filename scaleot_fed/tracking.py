@@ -208,14 +208,14 @@ class Tracking:
         The run folder.
     resume:
         Continue the tracked run this folder's ``tracking.json`` names (a new one when it names
-        none, or another backend).
+        none, or another backend, store or experiment: then every step is sent again).
     """
 
     def __init__(self, config: TrackingConfig, out: Path, resume: bool = False) -> None:
         self.config, self.out = config, Path(out)
         self.broken: set[str] = set()
         state = self._state() if resume else {}
-        same = state.get("backend") == config.backend
+        same = all(state.get(k) == v for k, v in self._where().items())
         self.last_step: int | None = state.get("last_step") if same else None
         self.tracker: Tracker = Tracker(config, self.out, None)
         if config.backend != "none":
@@ -273,9 +273,15 @@ class Tracking:
         except (OSError, ValueError):
             return {}
 
+    def _where(self) -> dict:
+        """What a tracked run is found by: its backend, store and experiment."""
+        return {"backend": self.config.backend, "uri": self.config.uri, "experiment": self.config.experiment}
+
     def _save(self) -> None:
-        state = {"backend": self.config.backend, "run_id": self.tracker.run_id, "last_step": self.last_step}
-        (self.out / STATE).write_text(json.dumps(state, indent=1) + "\n")
+        from .files import write_atomic
+
+        state = self._where() | {"run_id": self.tracker.run_id, "last_step": self.last_step}
+        self._guard("state", lambda: write_atomic(self.out / STATE, json.dumps(state, indent=1) + "\n"))
 
 
 def track_once(config: TrackingConfig, out: Path, params: dict[str, Any], results: dict[str, Any],

@@ -23,6 +23,12 @@ def backend_config(config: FedConfig) -> dict:
     init_args: dict = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     if run.ray_address:
         init_args["address"] = run.ray_address
+        # a cluster's workers do not inherit this process's environment: the client mods go with the job
+        from .client_app import CLIENT_MODS
+
+        forwarded = {k: os.environ[k] for k in (CLIENT_MODS, "PYTHONPATH") if os.environ.get(k) and os.environ.get(CLIENT_MODS)}
+        if forwarded:
+            init_args["runtime_env"] = {"env_vars": forwarded}
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     return {

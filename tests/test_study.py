@@ -1056,3 +1056,27 @@ def test_a_plan_before_any_timed_unit_is_priced_at_another_studys_rate(tmp_path,
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--rate-from", str(tmp_path / "other")]) == 2
     assert "--rate-from prices a --plan" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_federation_changed_under_its_name_or_owner_rows_of_other_owners_are_refused(tmp_path, capsys):
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model="smollm2-135m"))
+    head = (f'[study]\ntasks = ["piqa"]\nout = "{tmp_path / "out"}"\nresults = "{tmp_path / "res"}"\n'
+            '[[emulator]]\nname = "uniform"\nmethod = "uniform-drop"\n')
+    fed = f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\n'
+    # rows made with FedAvg (the ledger records it); the same name now with FedProx: refused
+    from recipes.study import ledger, load_study_config
+    from recipes.study.federated import load_federations
+
+    (tmp_path / "s.toml").write_text(head + fed)
+    ledger.record_federations(tmp_path / "res", {f.name: f.resolved() for f in
+                                                 load_federations(load_study_config(tmp_path / "s.toml"), "s.toml")})
+    assert json.loads((tmp_path / "res" / "ledger" / "federations.json").read_text())["f"]["strategy"]["name"] == "fedavg"
+    (tmp_path / "s.toml").write_text(head + fed + 'set = { strategy = { name = "fedprox" } }\n')
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2
+    assert "federation 'f' changed since its rows were made (strategy.name)" in capsys.readouterr().err
+    # worst owners of an iid and a label-skewed federation are not the same owners
+    other = f'[[federation]]\nname = "g"\nconfig = "{tmp_path / "fed.toml"}"\nset = {{ partition = {{ kind = "label-skew" }} }}\n'
+    claim = '[[claim]]\nclaim = "x"\na = "f/worst_owner"\nb = "g/worst_owner"\n'
+    (tmp_path / "s.toml").write_text(head + fed + other + claim)
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2
+    assert "f and g do not have the same owners" in capsys.readouterr().err

@@ -118,3 +118,23 @@ def test_a_backend_or_its_package_missing_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs the wandb package: pip install 'scaleot-fed\[wandb\]'"):
         TrackingConfig(backend="wandb").check_installed()
     TrackingConfig(backend="mlflow").check_installed()
+
+
+def test_a_resume_into_another_store_or_experiment_is_a_new_tracked_run(tmp_path):
+    first = Tracking(TrackingConfig(backend="mlflow"), tmp_path)
+    first.metrics({"acc": 0.5}, 1)
+    first.close()
+    moved = Tracking(TrackingConfig(backend="mlflow", experiment="other"), tmp_path, resume=True)
+    assert moved.tracker.run_id != first.tracker.run_id and moved.missed([1, 2]) == [1, 2]  # every step again
+    moved.close()
+
+
+def test_client_mods_travel_to_an_existing_ray_cluster(monkeypatch):
+    from simulations.client_app import CLIENT_MODS
+    from simulations.config import fed_config_from_dict
+    from simulations.runner import backend_config
+
+    config = fed_config_from_dict({"run": {"ray_address": "10.0.0.1:6379"}})
+    assert "runtime_env" not in backend_config(config)["init_args"]
+    monkeypatch.setenv(CLIENT_MODS, "tests.faults:client_fault")
+    assert backend_config(config)["init_args"]["runtime_env"]["env_vars"][CLIENT_MODS] == "tests.faults:client_fault"

@@ -29,16 +29,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from scaleot_fed.config import as_dict
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import make_trainable
 from scaleot_fed.plugin import plugged_for_scoring
-from scaleot_fed.rundir import RowCache
+from scaleot_fed.rundir import RowCache, changed_keys
 from scaleot_fed.tasks import MIXTURE_SEPARATOR
 from simulations.checkpoint import has_checkpoint
 from simulations.config import FedConfig, fed_config_from_dict
 from simulations.resume import in_todays_keys
 
-from .config import FederationConfig, StudyConfig, merge_tables, task_folder
+from . import ledger
+from .config import OWNER_ROWS, FederationConfig, StudyConfig, merge_tables, task_folder
 
 ROWS = ("emulator_finetune", "plug_in")
 ROUND_KEYS = ("round", "train_loss", "client_val_loss", "bytes_up", "bytes_down", "seconds", "successful")
@@ -70,6 +72,10 @@ class StudyFederation:
     def tasks(self) -> list[str]:
         """The tasks it is scored on (a mixture's: in its order; the simulation scores the first)."""
         return self.spec.tasks or self.fed.run.task.split(MIXTURE_SEPARATOR)
+
+    def resolved(self) -> dict:
+        """Its simulation config as the ledger records it (the file with ``set`` applied)."""
+        return json.loads(json.dumps(as_dict(self.fed)))
 
     def runs(self) -> list[tuple[str, list[str]]]:
         """``(task, tasks scored)`` per simulation at a seed: one per task, or a mixture's one run
@@ -110,6 +116,12 @@ class StudyFederation:
             problems.append(f"its model {fed.run.model!r} is not study.model {study.model!r}")
         if problems:
             raise ConfigError(f"{where}: federation {spec.name!r} ({spec.config}): {'; '.join(problems)}")
+        from strategies import resolve_strategy
+
+        try:  # a user's strategy file: imported now, not hours into the study
+            resolve_strategy(fed.strategy.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: federation {spec.name!r}: {exc}") from exc
         return self
 
     def simulation(self, task: str, seed: int, emulator_dir: Path, folder: Path, mode: str, lr: float) -> FedConfig:
@@ -175,9 +187,39 @@ class StudyFederation:
                 rows.put(f"{side}{suffix}/seed{seed}/{row}", found)
 
 
-def load_federations(config: StudyConfig, where: str) -> list[StudyFederation]:
-    """Every federation of the study, each checked (:meth:`StudyFederation.load`)."""
-    return [StudyFederation.load(config, spec, where) for spec in config.federations]
+def load_federations(config: StudyConfig, where: str, check: bool = True) -> list[StudyFederation]:
+    """Every federation of the study, each checked (:meth:`StudyFederation.load`), and (with
+    ``check``: not for a study started over) against the simulation config each one's rows were
+    made with (:func:`check_recorded`)."""
+    federations = [StudyFederation.load(config, spec, where) for spec in config.federations]
+    by_name = {f.name: f for f in federations}
+    for claim in config.claims:  # an owner row is compared with the same owners only
+        sides = [by_name.get(side.rsplit("/", 1)[0].split(":")[0]) for side in (claim.a, claim.b)]
+        if None not in sides and claim.a.rsplit("/", 1)[-1] in OWNER_ROWS and not same_owners(*sides):
+            raise ConfigError(f"{where}: [[claim]] {claim.claim!r}: {sides[0].name} and {sides[1].name} do not have the "
+                              "same owners (partition, number, task, items per owner), so their owners cannot be paired")
+    if check:
+        check_recorded(federations, Path(config.study.results or config.study.out))
+    return federations
+
+
+def same_owners(a: StudyFederation, b: StudyFederation) -> bool:
+    """Whether two federations' data owners hold the same items (their per-owner rows pair up)."""
+    keys = ("task", "train_limit", "num_clients", "client_val_fraction", "per_owner_items", "seed")
+    return a.fed.partition == b.fed.partition and all(getattr(a.fed.run, k) == getattr(b.fed.run, k) for k in keys)
+
+
+def check_recorded(federations: list[StudyFederation], results: Path) -> None:
+    """Refuse a federation whose simulation config (its file with ``set`` applied) differs from the
+    one its rows were made with (the ledger's ``federations.json``, which the study writes when it
+    runs): its seeds would mix two federations under one name."""
+    recorded = ledger.federations_record(results)
+    for f in federations:
+        now = f.resolved()
+        if f.name in recorded and recorded[f.name] != now:
+            changed = ", ".join(changed_keys(recorded[f.name], now))
+            raise ConfigError(f"federation {f.name!r} changed since its rows were made ({changed}); restore its config, "
+                              f"or give it another name (its rows are {f.name}/... in {results})")
 
 
 def aggregate_rows(owner, emulator, folder: Path, fed: FedConfig, key: str) -> dict:

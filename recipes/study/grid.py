@@ -313,7 +313,7 @@ class Grid:
         rate, waiting for it like its cells."""
         section = next(e for e in self.config.emulators if e.name == federation.emulator)
         study, blocks, task = self.config.study, emulator_blocks(self.layers, section), ctx.task
-        modes = [m for m in study.modes if set(federation.tasks) <= set(study.tasks_of(m))]
+        modes = [m for m in study.modes if set(scored) <= set(study.tasks_of(m))]  # (the modes run on its tasks)
         rows_of = {t: RowCache(self.out / task_folder(t)) for t in federation.tasks}
         twin = 2 if federation.spec.centralised else 1
         # training (the federation's, the twin's: the same steps whatever the data, at the scored

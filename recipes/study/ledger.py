@@ -255,6 +255,21 @@ def log_unit(results: Path, label: str, seconds: float, cost: float, resumed: fl
         handle.write(json.dumps(entry) + "\n")
 
 
+def federations_record(results: Path) -> dict[str, dict]:
+    """The simulation config each federation's rows were made with, by name (``federations.json``)."""
+    path = ledger_dir(results) / "federations.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_federations(results: Path, configs: dict[str, dict]) -> None:
+    """Add the federations not recorded yet (a recorded one is never rewritten: see
+    :func:`recipes.study.federated.check_recorded`)."""
+    recorded = federations_record(results)
+    if new := {k: v for k, v in configs.items() if k not in recorded}:
+        ledger_dir(results).mkdir(parents=True, exist_ok=True)
+        write_json(ledger_dir(results) / "federations.json", recorded | new)
+
+
 def compute_log(results: Path) -> list[dict]:
     """The compute log's entries: ``unit``, ``seconds`` and (logged since 2026-11-30) ``cost``."""
     path = ledger_dir(results) / "units.jsonl"

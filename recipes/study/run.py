@@ -38,14 +38,16 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     if overwrite and results.resolve() != out.resolve():
         ledger.clear(results)
     ledger.restore(out, results, as_dict(config), study.tasks, GRID_EXTENT + TASK_DATA, log)
+    ledger.record_federations(results, {f.name: f.resolved() for f in federations})  # (checked when loaded)
     units, done, facts = open_grid(config, out, results, log, federations)
     pending = [u for u, d in zip(units, done) if not d]
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
     tracking = Tracking(config.tracking, out, resume=True)  # one tracked run per run folder, step = units done
     try:
         tracking.params(as_dict(config))
-        summary = _run_units(config, out, results, facts, pending, sum(done), tracking, progress, log) or summary
-        tracking.metrics({"claims": claim_metrics(summary)}, sum(done) + len(pending))
+        finished, last = _run_units(config, out, results, facts, pending, sum(done), tracking, progress, log)
+        summary = last or summary
+        tracking.metrics({"claims": claim_metrics(summary)}, finished)
         tracking.artifacts(sorted(p for p in results.iterdir() if p.suffix in (".md", ".json", ".png")))
     finally:
         tracking.close()
@@ -53,9 +55,10 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
 
 
 def _run_units(config: StudyConfig, out: Path, results: Path, facts: dict, pending: list, finished: int,
-               tracking: Tracking, progress: bool, log) -> dict | None:
+               tracking: Tracking, progress: bool, log) -> tuple[int, dict | None]:
     """The pending units, one by one (a unit whose decision is not declared yet waits); the
-    report rewritten every :data:`REPORT_EVERY` seconds and at the end (the last summary)."""
+    report rewritten every :data:`REPORT_EVERY` seconds and at the end. Returns the units done
+    (the tracker's step) and the last summary."""
     from tqdm.auto import tqdm
 
     from .report import write_report
@@ -85,7 +88,7 @@ def _run_units(config: StudyConfig, out: Path, results: Path, facts: dict, pendi
     mark_running(out, None)
     for why, count in waited.items():
         log(f"study: {count} units wait: {why}")
-    return summary
+    return finished, summary
 
 
 def claim_metrics(summary: dict) -> dict:
