@@ -887,9 +887,11 @@ def test_a_modes_claims_pool_only_the_tasks_it_runs_on(tmp_path):
                                             mode_tasks={"full": ["piqa", "arc_challenge"]}),
                          emulators=[NamedEmulatorConfig(name="u", method="uniform-drop")])
     config.claims = per_mode(config, ClaimConfig("plug-in beats the emulator", "u/plug_in", "u/emulator_finetune"))
+    config.claims.append(ClaimConfig("full's plug-in beats LoRA's", "u:full/plug_in", "u/plug_in"))  # names a mode itself
     summary = write_report(config, tmp_path / "run", tmp_path / "results")
     pooled = {c["mode"]: c for c in summary["claims"] if c["task"] == "all (mean over tasks)"}
     assert pooled["lora"]["tasks"] == tasks and pooled["full"]["tasks"] == ["piqa", "arc_challenge"]
+    assert pooled[None]["tasks"] == ["piqa", "arc_challenge"]  # the tasks both its rows run on
     assert pooled["full"]["n"] == 80 and not summary["pending_claims"]
     assert summary["mode_tasks"] == {"full": ["piqa", "arc_challenge"]}
 

@@ -219,7 +219,8 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     differences, items drawn within each task) once every task has both sides from the same seeds.
     Sides made at the same seeds are paired by seed in the bootstrap (:func:`paired_bootstrap`)."""
     found, sides = [], {}
-    resolvers = {t: r for t, r in resolvers.items() if t in study.tasks_of(claim.mode)}  # (the mode's tasks)
+    modes = {claim.mode} | {side.rsplit("/", 1)[0].partition(":")[2] for side in (claim.a, claim.b)} - {None, ""}
+    resolvers = {t: r for t, r in resolvers.items() if all(t in study.tasks_of(m) for m in modes)}  # (its modes' tasks)
     if claim.a.rsplit("/", 1)[-1] in OWNER_ROWS:  # per owner: per task, on the same owners' items
         return [_entry(claim, t, c, True) | {"seeds_expected": [r.expected_seeds(claim.a), r.expected_seeds(claim.b)]}
                 for t, r in resolvers.items() if (c := owner_comparison(claim, r, study.resamples)) is not None]
