@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/federated.py --scale-only --clients 10 100 1000 --per-round 4 \
 		--out benchmarks/results/population.json
 	$(OFFLINE) $(PY) benchmarks/streaming.py
+	$(PY) benchmarks/owner_intervals.py
 	$(OFFLINE) $(PY) benchmarks/summary.py
 
 clean:

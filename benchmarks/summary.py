@@ -61,6 +61,11 @@ def rows() -> list[tuple[str, str, str, str]]:
     for check in _load("estimate_check") or []:
         out.append((f"estimate / measured owner memory, {check['batch_size']} x {check['seq_len']}",
                     f"{check['ratio']:.2f}x", "1.00x", "within 25 %"))
+    owners = _load("owner_intervals")
+    if owners:
+        lowest = {k: min(line["coverage"][k] for line in owners["lines"]) for k in ("percentile", "study")}
+        out.append(("worst-owner interval, lowest coverage over scenarios", f"{lowest['study']:.2f}",
+                    "0.95", f"nominal (percentiles alone: {lowest['percentile']:.2f})"))
     return out
 
 
@@ -74,7 +79,7 @@ def main() -> None:
     for line in (header, *table):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
     missing = [n for n in ("finetune_cost", "evaluate_speed", "federated", "precision", "estimate_check", "population",
-                           "streaming")
+                           "streaming", "owner_intervals")
                if _load(n) is None]
     if missing:
         print(f"not run yet: {', '.join(missing)}")

@@ -1007,10 +1007,12 @@ def test_a_grid_of_federations_is_scored_per_task_and_per_owner(tmp_path, tiny_m
     owner_claim = claims["FedProx's worst owner beats FedAvg's under label skew"]
     assert owner_claim["task"] == "piqa" and owner_claim["ci95"][0] <= owner_claim["difference"] <= owner_claim["ci95"][1]
     assert owner_claim["difference"] == pytest.approx(worst["mean"] - rows["fedavg-label/worst_owner"]["piqa"]["mean"])
+    assert owner_claim["interval"] in {"percentile", "simultaneous"} and worst["interval"] in {"percentile", "simultaneous"}
     table = summary["federations"]["prox-label"]["piqa"]
     assert table["mb_up"] > 0 and table["seconds_per_round"] > 0 and table["curves"]["round"] == [1]
     report = (tmp_path / "study" / "REPORT.md").read_text()
     assert "## Federations" in report and "| prox-label | piqa |" in report
+    assert "where the worst owner is identified" in report  # how a worst owner's interval is made
     assert (tmp_path / "study" / "federations.png").is_file()
     capsys.readouterr()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0

@@ -29,8 +29,8 @@ def owner_entry(family: str, resolver, resamples: int) -> dict | None:
         return None
     groups, seeds, _ = found
     reduce = np.min if statistic(family) == "worst" else np.mean
-    c = group_bootstrap(groups, [[np.zeros_like(g) for g in owners] for owners in groups], statistic(family), resamples)
-    return {"mean": c.difference, "ci95": list(c.ci95), "seeds": len(seeds), "other_metric_mean": None,
+    c = group_bootstrap(groups, None, statistic(family), resamples)
+    return {"mean": c.difference, "ci95": list(c.ci95), "interval": c.interval, "seeds": len(seeds), "other_metric_mean": None,
             "per_seed": [float(reduce([g.mean() for g in owners])) for owners in groups], "per_seed_seeds": seeds,
             "owners": [len(owners) for owners in groups], "rows": resolver.sources(family, seeds)}
 

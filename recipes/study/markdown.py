@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaleot_fed.stats import SEPARATED
+
 from .federation_report import federation_markdown
 
 
@@ -16,7 +18,8 @@ def interval(claim: dict) -> str:
     """A claim's 95 % interval in points. One decimal, or as many more as it takes to keep a bound
     off a boundary it is not on (0; +-margin): a lower bound of +0.04 printed as ``+0.0`` would hide
     that the interval lies above 0. A bound exactly on a boundary prints bare (``0.0``, ``-2.0``),
-    so the printed interval shows why the verdict is what it is."""
+    so the printed interval shows why the verdict is what it is. A worst owner's interval made
+    simultaneous (the worst owner not identified: :func:`scaleot_fed.stats.group_bootstrap`) says so."""
     marks = (0.0,) + ((100 * claim["margin"], -100 * claim["margin"]) if claim["kind"] == "close" else ())
 
     def bound(x: float) -> str:
@@ -26,7 +29,8 @@ def interval(claim: dict) -> str:
         digits = next((d for d in range(1, 7) if all(round(points, d) != m for m in marks)), 7)
         return f"{points:+.{digits}f}"
 
-    return f"[{bound(claim['ci95'][0])}, {bound(claim['ci95'][1])}]"
+    made = " (simultaneous)" if claim.get("interval") == "simultaneous" else ""
+    return f"[{bound(claim['ci95'][0])}, {bound(claim['ci95'][1])}]{made}"
 
 
 def label(claim: dict) -> str:
@@ -78,6 +82,14 @@ def _glance(summary: dict) -> list[str]:
             *(f"| {claim} | " + " | ".join(row.get(t, "") for t in columns) + " |" for claim, row in cells.items()), ""]
 
 
+OWNER_NOTE = ("A worst owner's line draws items within each (seed, owner), the same draw on both sides. Its "
+              "percentile interval is used only where the worst owner is identified: at every seed and on both "
+              f"sides, the lowest owner lies more than {SEPARATED:g} standard errors below the second lowest. Otherwise the "
+              "minimum's bootstrap is biased (the sample minimum of tied owners sits below the true one), and "
+              "the interval is marked (simultaneous): bands that hold for every owner at once, valid whichever "
+              "owner is worst, and wide.")
+
+
 def _claims(summary: dict) -> list[str]:
     lines = ["## Claims", "",
              f"Paired bootstrap over items and seeds ({summary['resamples']:,} resamples; where both sides come from "
@@ -89,6 +101,7 @@ def _claims(summary: dict) -> list[str]:
              "A verdict is provisional while either side has fewer seeds than it will have: the seeds still to "
              f"come can move it. Each interval is 95 % for its own line, not adjusted for the {len(summary['claims'])} "
              "lines here: where a true difference is 0, about 1 line in 20 still reads as decided by chance.",
+             *(["", OWNER_NOTE] if any("interval" in c for c in summary["claims"]) else []),
              "", "| claim | task | a - b (points) | 95 % CI | n | seeds (a, b) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         margin = f" (margin {100 * c['margin']:.1f})" if c["kind"] == "close" else ""
@@ -135,13 +148,15 @@ def _n(claim: dict, summary: dict) -> str:
 def _rows(summary: dict) -> list[str]:
     tasks = summary["tasks"]
     lines = ["", "## Rows", "", "Mean over seeds of the primary metric (%), its 95 % interval, seeds, and the "
-             "other metric's mean in brackets. `gap` = plug-in minus emulator fine-tuned.", "",
+             "other metric's mean in brackets. `gap` = plug-in minus emulator fine-tuned. An interval marked `s` is "
+             "simultaneous (a worst owner not identified: see Claims).", "",
              "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for family, per_task in summary["rows"].items():
         cells = []
         for t in tasks:
             r = per_task.get(t)
-            cells.append("" if r is None else f"{_pct(r['mean'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] "
+            made = "s" if r is not None and r.get("interval") == "simultaneous" else ""  # (simultaneous)
+            cells.append("" if r is None else f"{_pct(r['mean'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]{made} "
                          f"x{r['seeds']}" + (f" ({_pct(r['other_metric_mean'])})" if r["other_metric_mean"] is not None else ""))
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     return lines + ["", "![rows](rows.png)", "", "![claims](claims.png)", ""]

@@ -222,7 +222,8 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     modes = {claim.mode} | {side.rsplit("/", 1)[0].partition(":")[2] for side in (claim.a, claim.b)} - {None, ""}
     resolvers = {t: r for t, r in resolvers.items() if all(t in study.tasks_of(m) for m in modes)}  # (its modes' tasks)
     if claim.a.rsplit("/", 1)[-1] in OWNER_ROWS:  # per owner: per task, on the same owners' items
-        return [_entry(claim, t, c, True) | {"seeds_expected": [r.expected_seeds(claim.a), r.expected_seeds(claim.b)]}
+        return [_entry(claim, t, c, True) | {"seeds_expected": [r.expected_seeds(claim.a), r.expected_seeds(claim.b)],
+                                             "interval": c.interval}
                 for t, r in resolvers.items() if (c := owner_comparison(claim, r, study.resamples)) is not None]
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
