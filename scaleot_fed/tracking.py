@@ -85,8 +85,8 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         """A file the run wrote (a table, a plot)."""
 
-    def close(self) -> None:
-        """Flush and end the tracked run (a resume opens it again)."""
+    def close(self, status: str = "finished") -> None:
+        """Flush and end the tracked run as ``status`` (:data:`END_STATUSES`; a resume opens it again)."""
 
 
 class TensorBoardTracker(Tracker):
@@ -119,7 +119,7 @@ class TensorBoardTracker(Tracker):
             self.writer.add_text(path.name, text if path.suffix == ".md" else f"```\n{text}\n```")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:  # (event files have no run status)
         self.writer.close()
 
 
@@ -160,8 +160,8 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=status.upper())
 
 
 class WandbTracker(Tracker):
@@ -183,9 +183,12 @@ class WandbTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         self.run.save(str(path), base_path=str(path.parent), policy="now")
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)  # (non-zero: W&B shows it failed)
 
+
+END_STATUSES = ("finished", "failed", "killed")
+"""How a tracked run ended: completed, stopped by an error, stopped by the user (Ctrl-C)."""
 
 BACKENDS: dict[str, type[Tracker]] = {
     "none": Tracker,
@@ -209,6 +212,10 @@ class Tracking:
     resume:
         Continue the tracked run this folder's ``tracking.json`` names (a new one when it names
         none, or another backend, store or experiment: then every step is sent again).
+
+    Used as a context manager, the tracked run ends when the block does: ``finished``, or
+    ``failed`` / ``killed`` (Ctrl-C) when the block raised, so a store never shows a crashed run
+    as complete.
     """
 
     def __init__(self, config: TrackingConfig, out: Path, resume: bool = False) -> None:
@@ -253,9 +260,17 @@ class Tracking:
             if self.active and Path(path).is_file():
                 self._guard("artifacts", lambda p=Path(path): self.tracker.log_artifact(p))
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        if status not in END_STATUSES:
+            raise ValueError(f"a tracked run ends as one of {END_STATUSES}, got {status!r}")
         if self.active:
-            self._guard("close", self.tracker.close)
+            self._guard("close", lambda: self.tracker.close(status))
+
+    def __enter__(self) -> Tracking:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close("finished" if kind is None else "killed" if issubclass(kind, KeyboardInterrupt) else "failed")
 
     def _guard(self, what: str, call) -> None:
         if what in self.broken:
@@ -290,15 +305,12 @@ def track_once(config: TrackingConfig, out: Path, params: dict[str, Any], result
     ``history`` record at its ``step``, the numbers of ``results`` (at the last step), the files."""
     if config.backend == "none":
         return
-    tracking = Tracking(config, out)
-    try:
+    with Tracking(config, out) as tracking:
         tracking.params(params)
         for record in history or []:
             tracking.metrics({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
         tracking.metrics(results, int(history[-1]["step"]) if history else 0)
         tracking.artifacts(list(artifacts))
-    finally:
-        tracking.close()
 
 
 def flatten(values: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:

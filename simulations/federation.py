@@ -341,11 +341,8 @@ class FederatedRun:
 
     def run(self, grid: Grid) -> None:
         self.setup()
-        self.tracking = Tracking(self.config.tracking, self.out, resume=self.resume)
-        try:
+        with Tracking(self.config.tracking, self.out, resume=self.resume) as self.tracking:
             self.tracked_rounds(grid)
-        finally:
-            self.tracking.close()
 
     def tracked_rounds(self, grid: Grid) -> None:
         """Delivery, the rounds, the final table; each round's row also to the tracker."""

@@ -83,6 +83,20 @@ def test_mlflow_local_store_reads_back_and_a_resume_continues_the_same_run(tmp_p
     assert len(client.search_runs([run.info.experiment_id])) == 2
 
 
+def test_a_run_that_raised_ends_failed_or_killed_in_the_store(tmp_path):
+    for error, status in ((RuntimeError("out of memory"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        out = tmp_path / status
+        with pytest.raises(type(error)), Tracking(TrackingConfig(backend="mlflow"), out) as tracking:
+            tracking.metrics({"acc": 0.5}, 1)
+            raise error
+        assert mlflow_run(out)[1].info.status == status
+    with Tracking(TrackingConfig(backend="mlflow"), tmp_path / "ok"):
+        pass
+    assert mlflow_run(tmp_path / "ok")[1].info.status == "FINISHED"
+    with pytest.raises(ValueError, match="ends as one of"):
+        Tracking(TrackingConfig(backend="none"), tmp_path).close("crashed")
+
+
 def test_a_failing_tracker_warns_once_and_never_stops_the_run(tmp_path, monkeypatch, caplog):
     class Broken(Tracker):
         def log_metrics(self, metrics, step):

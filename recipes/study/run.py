@@ -42,15 +42,12 @@ def run_study(config: StudyConfig, progress: bool = False, log=print, overwrite:
     units, done, facts = open_grid(config, out, results, log, federations)
     pending = [u for u, d in zip(units, done) if not d]
     summary = write_report(config, out, results, facts, merge_ledger=False)  # (restored above)
-    tracking = Tracking(config.tracking, out, resume=True)  # one tracked run per run folder, step = units done
-    try:
+    with Tracking(config.tracking, out, resume=True) as tracking:  # one tracked run per run folder, step = units done
         tracking.params(as_dict(config))
         finished, last = _run_units(config, out, results, facts, pending, sum(done), tracking, progress, log)
         summary = last or summary
         tracking.metrics({"claims": claim_metrics(summary)}, finished)
         tracking.artifacts(sorted(p for p in results.iterdir() if p.suffix in (".md", ".json", ".png")))
-    finally:
-        tracking.close()
     return summary
 
 
