@@ -111,12 +111,16 @@ lowest for the worst group to count as identified (see :func:`group_bootstrap`).
 
 
 def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None, statistic: str = "worst",
-                    resamples: int = 10_000, seed: int = 0) -> Comparison:
+                    resamples: int = 10_000, seed: int = 0, tasks: int = 1) -> Comparison:
     """Compare a statistic over groups of items (``worst``: the lowest group's mean, e.g. the worst
     data owner's accuracy on its own held-out items; ``mean``: the mean of the groups' means) between
     two sides scored at the same seeds on the same groups: ``a[s][g]`` is the per-item result of
     group ``g`` at the ``s``-th seed (groups may differ from seed to seed: a seed draws its own
     owners), ``b[s][g]`` the other side's on the same items; ``b=None``: the statistic of ``a`` alone.
+
+    With ``tasks`` > 1, ``a`` holds ``tasks`` consecutive runs of the same seeds (task by task, the
+    seeds in the same order) and the difference is the mean over tasks, each task weighing the
+    same; the seeds are drawn jointly across tasks, as :func:`paired_bootstrap` draws them over strata.
 
     The difference is the mean over seeds of ``statistic(a's groups) - statistic(b's groups)``. Its
     interval: two-level bootstrap percentiles: items drawn with replacement within every (seed,
@@ -134,8 +138,8 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     in 95 % of the draws (the largest studentized deviation's 95th percentile). The statistic's
     bounds follow from the bands' ends (the minimum is monotone in each group's mean; the
     difference of two minima lies between the lowest and the highest paired group difference),
-    widened by the seeds' spread. That interval holds
-    whichever group is truly the lowest, and is wide: a tie for the worst owner is rarely decided.
+    widened by the seeds' spread. That interval holds whichever group is truly the lowest, and is
+    wide: a tie for the worst owner is rarely decided.
     """
     if statistic not in GROUP_STATISTICS:
         raise ConfigError(f"group statistic must be one of {GROUP_STATISTICS}, got {statistic!r}")
@@ -146,18 +150,22 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     if not a or sizes != [[np.asarray(g).size for g in groups] for groups in b] or min(min(x) for x in sizes) < 1:
         raise ConfigError(f"a group comparison needs both sides on the same non-empty groups at the same seeds, got "
                           f"{sizes} and {[[np.asarray(g).size for g in groups] for groups in b]}")
+    if tasks < 1 or len(a) % tasks:
+        raise ConfigError(f"{len(a)} runs of groups cannot be {tasks} tasks at the same seeds")
     sides = [[[np.asarray(g, dtype=float) for g in groups] for groups in side] for side in (a, b)]  # [side][seed][group]
     sides.append([[x - y for x, y in zip(ga, gb)] for ga, gb in zip(*sides)])  # [2]: the paired differences
     mu = [[np.array([g.mean() for g in groups]) for groups in side] for side in sides]  # [side][seed] (groups,)
     se = [[np.array([g.std() / np.sqrt(g.size) for g in groups]) for groups in side] for side in sides]
     reduce = np.min if statistic == "worst" else np.mean
-    point = np.array([reduce(ma) - reduce(mb) for ma, mb in zip(mu[0], mu[1])])  # (seeds,)
-    rng, seeds = np.random.default_rng(seed), len(a)
+    cells, seeds = len(a), len(a) // tasks  # a cell: one (task, seed)
+    # (cells,) -> (seeds,): each seed's difference, the mean over tasks (every task has every seed)
+    point = np.array([reduce(ma) - reduce(mb) for ma, mb in zip(mu[0], mu[1])]).reshape(tasks, seeds).mean(axis=0)
+    rng = np.random.default_rng(seed)
     values, deviation = np.zeros(resamples), np.zeros(resamples)
     for start in range(0, resamples, CHUNK):
         m = min(CHUNK, resamples - start)
-        per_seed = np.empty((seeds, m))  # each seed's resampled difference of the statistic
-        for s in range(seeds):
+        per_cell = np.empty((cells, m))  # each (task, seed)'s resampled difference of the statistic
+        for s in range(cells):
             drawn_means = [[], []]  # [side] -> per group (m,)
             for g, x in enumerate(sides[0][s]):
                 drawn = rng.integers(0, x.size, size=(m, x.size))  # (m, items): one draw for both sides
@@ -168,7 +176,8 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
                 for side, means in enumerate(ends):
                     t = np.abs(means - mu[side][s][g]) / max(se[side][s][g], 1e-12)
                     deviation[start : start + m] = np.maximum(deviation[start : start + m], t)
-            per_seed[s] = reduce(np.stack(drawn_means[0]), axis=0) - reduce(np.stack(drawn_means[1]), axis=0)
+            per_cell[s] = reduce(np.stack(drawn_means[0]), axis=0) - reduce(np.stack(drawn_means[1]), axis=0)
+        per_seed = per_cell.reshape(tasks, seeds, m).mean(axis=0)  # (seeds, m)
         centre = per_seed.mean(axis=0)  # (m,)
         if seeds > 1:
             picks = rng.integers(0, seeds, size=(m, seeds))
@@ -177,7 +186,7 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
         values[start : start + m] = centre
     n = sum(sum(x) for x in sizes)
     checked = (0,) if alone else (0, 1)  # a side of zeros is tied throughout but has no minimum to find
-    if statistic == "mean" or all(_separated(mu[k][s], se[k][s]) for k in checked for s in range(seeds)):
+    if statistic == "mean" or all(_separated(mu[k][s], se[k][s]) for k in checked for s in range(cells)):
         lo, hi = np.percentile(_exact(values), [2.5, 97.5])
         return Comparison(float(_exact(point.mean())), (float(lo), float(hi)), n, (seeds, seeds))
     c = np.percentile(deviation, 95)  # every group's band holds at once in 95 % of the draws
@@ -185,8 +194,9 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     # min(a) - min(b) lies between the bands' ends, and (for any a, b) between the lowest and the
     # highest paired difference a_g - b_g: both hold where every band does, so their intersection
     # too; the paired bound is the tight one where the two sides get the same items right
-    lo = np.mean([max(band[0][s][0].min() - band[1][s][1].min(), band[2][s][0].min()) for s in range(seeds)])
-    hi = np.mean([min(band[0][s][1].min() - band[1][s][0].min(), band[2][s][1].max()) for s in range(seeds)])
+    # (the mean over cells: every task has the same seeds, so it is the mean over tasks of each task's)
+    lo = np.mean([max(band[0][s][0].min() - band[1][s][1].min(), band[2][s][0].min()) for s in range(cells)])
+    hi = np.mean([min(band[0][s][1].min() - band[1][s][0].min(), band[2][s][1].max()) for s in range(cells)])
     spread = np.percentile(_seed_shift(point, resamples, rng), [2.5, 97.5])  # zeros for one seed
     return Comparison(float(_exact(point.mean())), (float(_exact(lo + spread[0])), float(_exact(hi + spread[1]))), n,
                       (seeds, seeds), interval="simultaneous")

@@ -5,7 +5,7 @@ import pytest
 
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.evaluate import accuracy_from_scores
-from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap
+from scaleot_fed.stats import Comparison, correct_from_scores, group_bootstrap, paired_bootstrap
 from scaleot_fed.tasks import MCItem
 
 
@@ -159,10 +159,6 @@ def test_a_worst_owner_comparison_draws_items_within_owners_and_seeds_jointly():
 
 
 def test_a_worst_owner_not_identified_gets_a_simultaneous_interval_that_covers_the_true_minimum():
-    import numpy as np
-
-    from scaleot_fed.stats import group_bootstrap
-
     rng = np.random.default_rng(0)
     # 8 owners tied at 0.6, 50 items each: the sample minimum sits well below 0.6, and so does the
     # bootstrap's percentile interval of it ([0.368, 0.540] on such a draw)
@@ -177,10 +173,6 @@ def test_a_worst_owner_not_identified_gets_a_simultaneous_interval_that_covers_t
 
 
 def test_worst_owner_differences_keep_their_coverage_where_one_side_is_tied():
-    import numpy as np
-
-    from scaleot_fed.stats import group_bootstrap
-
     # side a: one owner at 0.5, seven at 0.7; side b: eight tied at 0.6 (71 items each, as ARC-Easy's
     # 570 items over 8 owners): the true difference of the minima is -0.1. Percentiles alone cover it
     # in about 60-70 % of such draws (b's sample minimum sits ~8 points low); the procedure keeps 95 %.
@@ -191,3 +183,22 @@ def test_worst_owner_differences_keep_their_coverage_where_one_side_is_tied():
         lo, hi = group_bootstrap(a, b, "worst", resamples=500, seed=int(rng.integers(1 << 30))).ci95
         covered += lo <= truth <= hi
     assert covered >= 90
+
+
+def test_a_worst_owner_comparison_over_tasks_weighs_each_task_the_same():
+    rng = np.random.default_rng(2)
+
+    def task(owners: int, items: int, lift: float):  # two seeds; side a lifts the clearly weakest owner
+        b = [[(rng.random(items) < p).astype(float) for p in [0.3] + [0.9] * (owners - 1)] for _ in range(2)]
+        a = [[np.where(rng.random(items) < lift, 1.0, g) if i == 0 else g for i, g in enumerate(o)] for o in b]
+        return a, b
+
+    (a1, b1), (a2, b2) = task(3, 300, 0.3), task(5, 100, 0.0)  # task 2: no change at all
+    one = group_bootstrap(a1, b1, "worst", resamples=1000)
+    two = group_bootstrap(a2, b2, "worst", resamples=1000)
+    pooled = group_bootstrap(a1 + a2, b1 + b2, "worst", resamples=1000, tasks=2)
+    assert pooled.difference == pytest.approx((one.difference + two.difference) / 2)  # not weighted by items
+    assert two.difference == 0.0 and pooled.seeds == (2, 2) and pooled.n == 2 * (900 + 500)
+    assert pooled.ci95[0] <= pooled.difference <= pooled.ci95[1] and pooled.interval == "percentile"
+    with pytest.raises(ConfigError, match="cannot be 3 tasks"):
+        group_bootstrap(a1 + a2, b1 + b2, "worst", tasks=3)

@@ -1084,3 +1084,44 @@ def test_a_federation_changed_under_its_name_or_owner_rows_of_other_owners_are_r
     (tmp_path / "s.toml").write_text(head + fed + other + claim)
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2
     assert "f and g do not have the same owners" in capsys.readouterr().err
+
+
+def test_an_owner_claim_is_decided_per_task_and_over_the_tasks(tmp_path):
+    """Per-owner rows as a federation writes them on two tasks: the worst-owner claim gets a line
+    per task and one over both (the mean of the tasks' differences), with how its interval was made."""
+    import numpy as np
+
+    from recipes.study import load_study_config
+    from recipes.study.report import write_report
+    from scaleot_fed.rundir import RowCache
+
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model"))
+    (tmp_path / "study.toml").write_text(FEDERATIONS_STUDY.format(out=tmp_path / "run", model=tmp_path / "model",
+                                                                  fed=tmp_path / "fed.toml")
+                                         .replace('tasks = ["piqa"]\nstrategies', 'tasks = ["piqa", "arc_easy"]\nstrategies')
+                                         .replace("seeds = [3]", "seeds = [0, 1]").replace("resamples = 200", "resamples = 300"))
+    config = load_study_config(tmp_path / "study.toml")
+
+    def items(correct: np.ndarray) -> dict:
+        return {"loglik": [[0.0, -1.0] if c else [-1.0, 0.0] for c in correct], "gold": [0] * len(correct),
+                "choice_chars": [[5, 5]] * len(correct)}
+
+    rng = np.random.default_rng(0)
+    lifts = {"piqa": 0.2, "arc_easy": 0.0}  # FedProx lifts the weakest owner on PIQA only
+    for task, lift in lifts.items():
+        rows = RowCache(tmp_path / "run" / task)
+        for seed in (0, 1):
+            owners = [rng.random(200) < p for p in (0.3, 0.8, 0.9)]  # FedAvg's owners: the first clearly worst
+            for name, lifted in (("fedavg-label", owners), ("prox-label", [owners[0] | (rng.random(200) < lift)] + owners[1:])):
+                every = np.concatenate(lifted)
+                rows.put(f"{name}/seed{seed}/plug_in", {"acc": float(every.mean()), "acc_norm": float(every.mean()),
+                                                        "n": every.size, "items": items(every),
+                                                        "owners": {str(o): items(c) for o, c in enumerate(lifted)}})
+    summary = write_report(config, tmp_path / "run", tmp_path / "results")
+    lines = {c["task"]: c for c in summary["claims"] if c["a"] == "prox-label/worst_owner"}
+    assert set(lines) == {"piqa", "arc_easy", "all (mean over tasks)"}
+    pooled = lines["all (mean over tasks)"]
+    assert pooled["difference"] == pytest.approx((lines["piqa"]["difference"] + lines["arc_easy"]["difference"]) / 2)
+    assert lines["arc_easy"]["difference"] == 0.0 and lines["piqa"]["verdict"] == "holds"
+    assert pooled["tasks"] == ["piqa", "arc_easy"] and pooled["n"] == 2 * 2 * 600 and pooled["seeds"] == [2, 2]
+    assert all(c["interval"] == "percentile" for c in lines.values())  # the worst owner stands out everywhere

@@ -35,13 +35,16 @@ def owner_entry(family: str, resolver, resamples: int) -> dict | None:
             "owners": [len(owners) for owners in groups], "rows": resolver.sources(family, seeds)}
 
 
-def owner_comparison(claim, resolver, resamples: int) -> Comparison | None:
-    """A claim over owner rows on one task: both sides at the same seeds on the same owners' items
-    (the same partition), else ``None`` (not decided)."""
-    a, b = resolver.groups(claim.a), resolver.groups(claim.b)
-    if a is None or b is None or a[1] != b[1] or a[2] != b[2]:
+def owner_comparison(claim, resolvers: list, resamples: int) -> Comparison | None:
+    """A claim over owner rows on one task, or over several (the mean of the tasks' differences,
+    each task weighing the same): on every task both sides at the same seeds on the same owners'
+    items (the same partition), and the same seeds on every task; else ``None`` (not decided)."""
+    found = [(r.groups(claim.a), r.groups(claim.b)) for r in resolvers]
+    if any(a is None or b is None or a[1] != b[1] or a[2] != b[2] for a, b in found) or \
+            len({tuple(a[1]) for a, _ in found}) != 1:
         return None
-    return group_bootstrap(a[0], b[0], statistic(claim.a), resamples)
+    return group_bootstrap([g for a, _ in found for g in a[0]], [g for _, b in found for g in b[0]],
+                           statistic(claim.a), resamples, tasks=len(found))
 
 
 def federation_table(config, resolvers: dict) -> dict:

@@ -221,10 +221,8 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     found, sides = [], {}
     modes = {claim.mode} | {side.rsplit("/", 1)[0].partition(":")[2] for side in (claim.a, claim.b)} - {None, ""}
     resolvers = {t: r for t, r in resolvers.items() if all(t in study.tasks_of(m) for m in modes)}  # (its modes' tasks)
-    if claim.a.rsplit("/", 1)[-1] in OWNER_ROWS:  # per owner: per task, on the same owners' items
-        return [_entry(claim, t, c, True) | {"seeds_expected": [r.expected_seeds(claim.a), r.expected_seeds(claim.b)],
-                                             "interval": c.interval}
-                for t, r in resolvers.items() if (c := owner_comparison(claim, r, study.resamples)) is not None]
+    if claim.a.rsplit("/", 1)[-1] in OWNER_ROWS:  # per owner: on the same owners' items
+        return _owner_claim(claim, resolvers, study)
     for task, resolver in resolvers.items():
         a, b = resolver.matrix(claim.a), resolver.matrix(claim.b)
         if a is None or b is None:
@@ -236,16 +234,38 @@ def _claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
     seeds = {(tuple(a[1]), tuple(b[1])) for a, b in sides.values()}
     if len(sides) == len(resolvers) > 1 and len(seeds) == 1:
         (sa, sb), = seeds
-        pools = {POOLED: list(sides)}
-        first = [t for t in sides if t not in study.added_tasks]
-        if study.added_tasks and len(first) > 1:  # a task added after the first row: the verdict without it too
-            pools[f"all but {', '.join(study.added_tasks)} (mean over tasks)"] = first
-        for name, tasks in pools.items():
+        for name, tasks in _pools(list(sides), study).items():
             a = np.concatenate([sides[t][0][0] for t in tasks], axis=1)
             b = np.concatenate([sides[t][1][0] for t in tasks], axis=1)
             strata = [sides[t][0][0].shape[1] for t in tasks]
             found.append(_decide(claim, name, a, b, study.resamples, strata, _paired(list(sa), list(sb)))
                          | {"seeds_expected": found[-1]["seeds_expected"], "tasks": tasks})
+    return found
+
+
+def _pools(tasks: list[str], study) -> dict[str, list[str]]:
+    """The pools of tasks a claim is decided over besides each task: all of them and, where tasks
+    were added after the first row, all but those."""
+    pools = {POOLED: tasks}
+    first = [t for t in tasks if t not in study.added_tasks]
+    if study.added_tasks and len(first) > 1:  # a task added after the first row: the verdict without it too
+        pools[f"all but {', '.join(study.added_tasks)} (mean over tasks)"] = first
+    return pools
+
+
+def _owner_claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
+    """An owner claim per task and, once every task has both sides at the same seeds, over the
+    tasks (each weighing the same, :func:`owner_comparison`)."""
+    found = []
+    for task, resolver in resolvers.items():
+        if (c := owner_comparison(claim, [resolver], study.resamples)) is not None:
+            found.append(_entry(claim, task, c, True) | {"interval": c.interval, "seeds_expected": [
+                resolver.expected_seeds(claim.a), resolver.expected_seeds(claim.b)]})
+    if len(found) == len(resolvers) > 1:
+        for name, tasks in _pools(list(resolvers), study).items():
+            if (c := owner_comparison(claim, [resolvers[t] for t in tasks], study.resamples)) is not None:
+                found.append(_entry(claim, name, c, True) | {"interval": c.interval, "tasks": tasks,
+                                                             "seeds_expected": found[-1]["seeds_expected"]})
     return found
 
 
