@@ -105,6 +105,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
 GROUP_STATISTICS = ("worst", "mean")
 """Over a row's groups of items (a federation's owners): the lowest group mean, the mean of them."""
 
+Z95 = 1.959964
+"""The standard normal's 97.5th percentile: a single two-sided 95 % band's half-width in standard errors."""
+
 SEPARATED = 2.0
 """How many standard errors of their difference the lowest group mean must lie below the second
 lowest for the worst group to count as identified (see :func:`group_bootstrap`)."""
@@ -138,8 +141,11 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     in 95 % of the draws (the largest studentized deviation's 95th percentile). The statistic's
     bounds follow from the bands' ends (the minimum is monotone in each group's mean; the
     difference of two minima lies between the lowest and the highest paired group difference),
-    widened by the seeds' spread. That interval holds whichever group is truly the lowest, and is
-    wide: a tie for the worst owner is rarely decided.
+    widened by the seeds' spread (in quadrature). That interval is valid, up to the bootstrap's
+    approximation, whichever group is truly the lowest, and wide: a tie for the worst owner is
+    rarely decided, and more seeds do not narrow it (each seed's minimum is bounded on its own).
+
+    ``n`` counts each item once (one seed's groups per task), as :func:`paired_bootstrap`'s does.
     """
     if statistic not in GROUP_STATISTICS:
         raise ConfigError(f"group statistic must be one of {GROUP_STATISTICS}, got {statistic!r}")
@@ -155,7 +161,7 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     sides = [[[np.asarray(g, dtype=float) for g in groups] for groups in side] for side in (a, b)]  # [side][seed][group]
     sides.append([[x - y for x, y in zip(ga, gb)] for ga, gb in zip(*sides)])  # [2]: the paired differences
     mu = [[np.array([g.mean() for g in groups]) for groups in side] for side in sides]  # [side][seed] (groups,)
-    se = [[np.array([g.std() / np.sqrt(g.size) for g in groups]) for groups in side] for side in sides]
+    se = [[np.array([_standard_error(g) for g in groups]) for groups in side] for side in sides]
     reduce = np.min if statistic == "worst" else np.mean
     cells, seeds = len(a), len(a) // tasks  # a cell: one (task, seed)
     # (cells,) -> (seeds,): each seed's difference, the mean over tasks (every task has every seed)
@@ -184,12 +190,14 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
             drawn_seeds = np.take_along_axis(per_seed.T, picks, axis=1).mean(axis=1)
             centre = centre + (drawn_seeds - centre) * np.sqrt(seeds / (seeds - 1))
         values[start : start + m] = centre
-    n = sum(sum(x) for x in sizes)
+    n = sum(sum(sizes[t * seeds]) for t in range(tasks))  # items, each counted once (as paired_bootstrap's n)
     checked = (0,) if alone else (0, 1)  # a side of zeros is tied throughout but has no minimum to find
     if statistic == "mean" or all(_separated(mu[k][s], se[k][s]) for k in checked for s in range(cells)):
         lo, hi = np.percentile(_exact(values), [2.5, 97.5])
         return Comparison(float(_exact(point.mean())), (float(lo), float(hi)), n, (seeds, seeds))
-    c = np.percentile(deviation, 95)  # every group's band holds at once in 95 % of the draws
+    # every group's band holds at once in 95 % of the draws; never narrower than one band alone
+    # (where no item varies, no draw deviates, and the floored standard errors still need a width)
+    c = max(float(np.percentile(deviation, 95)), Z95)
     band = [[(m_ - c * s_, m_ + c * s_) for m_, s_ in zip(ms, ss)] for ms, ss in zip(mu, se)]  # [side][seed]
     # min(a) - min(b) lies between the bands' ends, and (for any a, b) between the lowest and the
     # highest paired difference a_g - b_g: both hold where every band does, so their intersection
@@ -197,9 +205,24 @@ def group_bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None,
     # (the mean over cells: every task has the same seeds, so it is the mean over tasks of each task's)
     lo = np.mean([max(band[0][s][0].min() - band[1][s][1].min(), band[2][s][0].min()) for s in range(cells)])
     hi = np.mean([min(band[0][s][1].min() - band[1][s][0].min(), band[2][s][1].max()) for s in range(cells)])
+    # the seeds' spread joins each side's margin in quadrature (independent parts of the error; a
+    # plain sum would count the items' noise, which the seeds' points carry too, twice over)
     spread = np.percentile(_seed_shift(point, resamples, rng), [2.5, 97.5])  # zeros for one seed
-    return Comparison(float(_exact(point.mean())), (float(_exact(lo + spread[0])), float(_exact(hi + spread[1]))), n,
-                      (seeds, seeds), interval="simultaneous")
+    centre = point.mean()
+    lo, hi = centre - np.hypot(centre - lo, spread[0]), centre + np.hypot(hi - centre, spread[1])
+    return Comparison(float(_exact(centre)), (float(_exact(lo)), float(_exact(hi))), n, (seeds, seeds),
+                      interval="simultaneous")
+
+
+def _standard_error(x: np.ndarray) -> float:
+    """The standard error of ``x``'s mean, at least that of a 0/1 result with half an item
+    disagreeing (``sqrt(p (1 - p) / n)`` at ``p = 0.5 / (n + 1)``): an owner with every item right
+    (or two sides agreeing on every item) would otherwise get a band of zero width, though its true
+    rate may well be below 1."""
+    n = x.size
+    spread = x.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+    p = 0.5 / (n + 1)
+    return float(max(spread, np.sqrt(p * (1 - p) / n)))
 
 
 def _separated(means: np.ndarray, errors: np.ndarray) -> bool:

@@ -1110,18 +1110,23 @@ def test_an_owner_claim_is_decided_per_task_and_over_the_tasks(tmp_path):
     lifts = {"piqa": 0.2, "arc_easy": 0.0}  # FedProx lifts the weakest owner on PIQA only
     for task, lift in lifts.items():
         rows = RowCache(tmp_path / "run" / task)
-        for seed in (0, 1):
+        for seed in (0, 1) if task == "piqa" else (0,):
             owners = [rng.random(200) < p for p in (0.3, 0.8, 0.9)]  # FedAvg's owners: the first clearly worst
             for name, lifted in (("fedavg-label", owners), ("prox-label", [owners[0] | (rng.random(200) < lift)] + owners[1:])):
                 every = np.concatenate(lifted)
                 rows.put(f"{name}/seed{seed}/plug_in", {"acc": float(every.mean()), "acc_norm": float(every.mean()),
                                                         "n": every.size, "items": items(every),
                                                         "owners": {str(o): items(c) for o, c in enumerate(lifted)}})
+            if task == "arc_easy" and seed == 0:  # not pooled while ARC-Easy lacks a seed PIQA has
+                partial = write_report(config, tmp_path / "run", tmp_path / "results")
+                assert {c["task"] for c in partial["claims"] if c["a"] == "prox-label/worst_owner"} == {"piqa", "arc_easy"}
+                for name in ("fedavg-label", "prox-label"):  # then its seed 1 (the same rows again)
+                    rows.put(f"{name}/seed1/plug_in", rows.get(f"{name}/seed0/plug_in"))
     summary = write_report(config, tmp_path / "run", tmp_path / "results")
     lines = {c["task"]: c for c in summary["claims"] if c["a"] == "prox-label/worst_owner"}
     assert set(lines) == {"piqa", "arc_easy", "all (mean over tasks)"}
     pooled = lines["all (mean over tasks)"]
     assert pooled["difference"] == pytest.approx((lines["piqa"]["difference"] + lines["arc_easy"]["difference"]) / 2)
     assert lines["arc_easy"]["difference"] == 0.0 and lines["piqa"]["verdict"] == "holds"
-    assert pooled["tasks"] == ["piqa", "arc_easy"] and pooled["n"] == 2 * 2 * 600 and pooled["seeds"] == [2, 2]
+    assert pooled["tasks"] == ["piqa", "arc_easy"] and pooled["n"] == 2 * 600 and pooled["seeds"] == [2, 2]
     assert all(c["interval"] == "percentile" for c in lines.values())  # the worst owner stands out everywhere

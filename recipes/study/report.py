@@ -261,11 +261,13 @@ def _owner_claim(claim, resolvers: dict[str, _Resolver], study) -> list[dict]:
         if (c := owner_comparison(claim, [resolver], study.resamples)) is not None:
             found.append(_entry(claim, task, c, True) | {"interval": c.interval, "seeds_expected": [
                 resolver.expected_seeds(claim.a), resolver.expected_seeds(claim.b)]})
-    if len(found) == len(resolvers) > 1:
-        for name, tasks in _pools(list(resolvers), study).items():
-            if (c := owner_comparison(claim, [resolvers[t] for t in tasks], study.resamples)) is not None:
-                found.append(_entry(claim, name, c, True) | {"interval": c.interval, "tasks": tasks,
-                                                             "seeds_expected": found[-1]["seeds_expected"]})
+    pools = _pools(list(resolvers), study) if len(found) == len(resolvers) > 1 else {}
+    for name, tasks in pools.items():  # (none unless every task pools: the same seeds on all of them)
+        c = owner_comparison(claim, [resolvers[t] for t in tasks], study.resamples)
+        if c is None:
+            break
+        found.append(_entry(claim, name, c, True) | {"interval": c.interval, "tasks": tasks,
+                                                     "seeds_expected": found[-1]["seeds_expected"]})
     return found
 
 
