@@ -8,12 +8,24 @@ unreadable to the group. Every weight file we write gets the usual ``0o666 & ~um
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+
+def file_name(text: str, fallback: str = "file") -> str:
+    """``text`` (a task, a strategy named by path, ...) made one safe file name: every run of
+    characters other than letters, digits and ``_.+-`` becomes ``_`` (``data/mine.jsonl`` ->
+    ``data_mine.jsonl``, ``configs/x.py:Mine`` -> ``configs_x.py_Mine``), so it stays one name inside
+    its folder; a long one keeps its end and a hash of the whole (a file name has at most 255
+    bytes); ``fallback`` where nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_.") or fallback
+    return name if len(name) <= 96 else f"{name[-80:].lstrip('_.')}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
 def _umask() -> int:

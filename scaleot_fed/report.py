@@ -19,6 +19,7 @@ import gzip
 import json
 from pathlib import Path
 
+from .files import file_name
 from .rundir import write_json
 
 ROWS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in", "emulator_attack")
@@ -49,7 +50,8 @@ def emulator_entry(rows: dict[str, dict], manifest: dict, config: dict) -> dict:
 def write_results(out: Path, results: dict) -> None:
     """``results.json``, ``results.md`` and ``results.png`` in ``out``; every row's per-item
     record (``items``, see :meth:`scaleot_fed.single_owner.SingleOwner.evaluate`) moves to
-    ``items/<entry>__<row>.loglik.json.gz`` and the row keeps its path as ``items_file``."""
+    ``items/<entry>__<row>.loglik.json.gz`` (the entry's name made a file name:
+    :func:`scaleot_fed.files.file_name`) and the row keeps its path as ``items_file``."""
     written: dict[int, dict] = {}  # a row shared by entries (the full model's) gets one file
     for name, entry in results.get("emulators", {}).items():
         for row, values in entry["rows"].items():
@@ -57,7 +59,7 @@ def write_results(out: Path, results: dict) -> None:
                 entry["rows"][row] = written[id(values)]
             elif "items" in values:
                 moved = dict(values)  # (the caller's row is left as it was)
-                path = Path("items") / f"{name}__{row}.loglik.json.gz"
+                path = Path("items") / f"{file_name(name, 'emulator')}__{row}.loglik.json.gz"  # (a strategy by path)
                 (out / "items").mkdir(exist_ok=True)
                 with gzip.open(out / path, "wt") as handle:
                     json.dump(moved.pop("items"), handle)

@@ -399,6 +399,26 @@ def test_a_users_own_strategy_from_a_file_runs_a_real_round(fed):
     assert max(float(plain[k].abs().max()) for k in b) > 1e-4
 
 
+def test_per_item_files_of_a_strategy_named_by_path_stay_in_the_items_folder(tmp_path):
+    """A federated entry is named after its strategy (``federated-configs/x.py:Mine``): its rows'
+    per-item files get one safe file name each, inside ``items/``."""
+    import gzip
+    import json
+
+    from scaleot_fed.report import write_results
+
+    row = {"acc": 0.5, "acc_norm": 0.5, "n": 2, "items": {"loglik": [[0.0, -1.0]] * 2, "gold": [0, 1]}}
+    results = {"model": "m", "task": "piqa", "n_train": 4, "n_eval": 2, "finetune": {"mode": "lora", "steps": 1},
+               "emulators": {"federated-configs/x.py:Mine": {"rows": {"plug_in": dict(row)}, "gap": 0.0,
+                                                             "gap_acc_norm": 0.0, "num_params": 1, "source_num_params": 2}}}
+    write_results(tmp_path, results)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    path = saved["emulators"]["federated-configs/x.py:Mine"]["rows"]["plug_in"]["items_file"]
+    assert path == "items/federated-configs_x.py_Mine__plug_in.loglik.json.gz"
+    with gzip.open(tmp_path / path, "rt") as handle:
+        assert json.load(handle)["gold"] == [0, 1]
+
+
 @pytest.mark.parametrize("name,match", [
     ("no_such_strategy", "unknown strategy 'no_such_strategy'; name a built-in"),
     ("docs/examples/missing.py:X", "no file"),

@@ -4,7 +4,6 @@ the row families a claim may name (see :mod:`recipes.study` for the rows themsel
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 
 from scaleot_fed.config import from_dict, load_toml
 from scaleot_fed.errors import ConfigError
+from scaleot_fed.files import file_name
 from scaleot_fed.finetune import MODES
 from scaleot_fed.single_owner import NamedEmulatorConfig
 from scaleot_fed.tasks import ANCHOR_SPLITS, SPLITS
@@ -424,9 +424,8 @@ def task_folder(task: str) -> str:
     """The folder name of a task's rows and items (in the run folder and in ``items/``): a built-in
     task's (or mixture's) name as it is; a file given by path, that path made one name
     (``data/mine.jsonl`` -> ``data_mine.jsonl``), so it stays inside the study's folders; a long
-    one, its end and a hash of the whole (a file name has at most 255 bytes)."""
-    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", task).strip("_.") or "task"
-    return name if len(name) <= 96 else f"{name[-80:].lstrip('_.')}-{hashlib.sha1(task.encode()).hexdigest()[:10]}"
+    one, its end and a hash of the whole (:func:`scaleot_fed.files.file_name`)."""
+    return file_name(task, "task")
 
 
 def seeded(section: NamedEmulatorConfig) -> bool:
