@@ -1,6 +1,6 @@
 """Coverage of the worst data owner's 95 % interval (``scaleot_fed.stats.group_bootstrap``).
 
-    python benchmarks/owner_intervals.py [--replicates 400 --resamples 1000 --items 71]
+    python benchmarks/owner_intervals.py [--replicates 400 --resamples 1000 --items 50]
 
 The worst owner's accuracy is the minimum of the owners' means, a statistic the bootstrap does
 not reproduce where owners are nearly tied (the sample minimum of tied owners sits below the true
@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicates", type=int, default=400)
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--items", type=int, default=71, help="items per owner (ARC-Easy's 570 over 8: 71)")
+    parser.add_argument("--items", type=int, default=50, help="held-out items per owner (the federated study's per_owner_items: 50)")
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.8])
     args = parser.parse_args()
     rng, out, start = np.random.default_rng(0), [], time.perf_counter()
