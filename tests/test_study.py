@@ -1010,6 +1010,7 @@ def test_a_grid_of_federations_is_scored_per_task_and_per_owner(tmp_path, tiny_m
     assert owner_claim["interval"] in {"percentile", "simultaneous"} and worst["interval"] in {"percentile", "simultaneous"}
     table = summary["federations"]["prox-label"]["piqa"]
     assert table["mb_up"] > 0 and table["seconds_per_round"] > 0 and table["curves"]["round"] == [1]
+    assert 1 <= table["owner_items"][0] <= table["owner_items"][1]  # the fewest and most items an owner held
     report = (tmp_path / "study" / "REPORT.md").read_text()
     assert "## Federations" in report and "| prox-label | piqa |" in report
     assert "where the worst owner is identified" in report  # how a worst owner's interval is made

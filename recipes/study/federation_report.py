@@ -67,8 +67,10 @@ def _costs(rows: list[dict], groups) -> dict:
     entry: dict = {"seeds": len(rows)}
     if groups is not None:
         means = [[float(g.mean()) for g in owners] for owners in groups[0]]
+        sizes = [g.size for owners in groups[0] for g in owners]  # (an owner's worst is as sure as its items)
         entry |= {"worst_owner": float(np.mean([min(m) for m in means])),
-                  "owner_spread": float(np.mean([max(m) - min(m) for m in means])), "owners": len(means[0])}
+                  "owner_spread": float(np.mean([max(m) - min(m) for m in means])), "owners": len(means[0]),
+                  "owner_items": [min(sizes), max(sizes)]}
     rounds = [r["rounds"] for r in rows if r.get("rounds")]
     if rounds:
         entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None])) / 1e6
@@ -91,17 +93,19 @@ def federation_markdown(summary: dict) -> list[str]:
         return []
     lines = ["## Federations", "",
              "The plug-in's accuracy (%) with its 95 % interval and seeds; each data owner's held-out items scored "
-             "after the last round: the worst owner and the spread (best - worst), means over seeds; what a run "
+             "after the last round: the worst owner and the spread (best - worst), means over seeds, and the fewest and "
+             "most held-out items an owner had (a skewed partition leaves some owners few); what a run "
              "moved (MB up, MB down, the emulator's delivery included) and its seconds per round (2 CPU cores, "
              "simulated owners); the losses per round are in federations.png (mean over seeds, band: low to high).",
-             "", "| federated row | task | accuracy | worst owner | spread | MB up | MB down | s/round |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | s/round |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, per_task in table.items():
         for task, e in per_task.items():
             row = summary["rows"].get(f"{name}/plug_in", {}).get(task)
             acc = "" if row is None else (f"{100 * row['mean']:.1f} [{100 * row['ci95'][0]:.1f}, "
                                           f"{100 * row['ci95'][1]:.1f}] x{row['seeds']}")
-            cells = [acc] + [f"{100 * e[k]:.1f}" if k in e else "" for k in ("worst_owner", "owner_spread")] + \
+            items = "-".join(str(n) for n in dict.fromkeys(e["owner_items"])) if "owner_items" in e else ""
+            cells = [acc] + [f"{100 * e[k]:.1f}" if k in e else "" for k in ("worst_owner", "owner_spread")] + [items] + \
                 [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "seconds_per_round")]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     curves = any("curves" in e for per_task in table.values() for e in per_task.values())
