@@ -123,6 +123,13 @@ def read_state(out: Path) -> tuple[Path, dict]:
     raise ConfigError(f"{out} has no usable checkpoint to resume from ({'; '.join(problems)})")
 
 
+def checkpointed_seconds(out: Path) -> float:
+    """The training seconds of the rounds ``out``'s newest usable checkpoint holds (what a resumed
+    run's earlier processes spent on them)."""
+    ckpt, _ = read_state(out)
+    return float(sum(row.get("seconds") or 0.0 for row in json.loads((ckpt / "metrics.json").read_text())))
+
+
 def load_checkpoint(out: Path, sha: str) -> RoundState:
     """Read the newest usable checkpoint of ``out`` and restore the global RNG states it saved.
 

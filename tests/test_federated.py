@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
 from scaleot_fed.errors import ConfigError, ScaleOTError
+from simulations.checkpoint import checkpointed_seconds
 from simulations.config import fed_config_from_dict
 from simulations.resume import load_run_config
 from simulations.runner import simulate, validate
@@ -126,6 +127,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(fed, monkeypatch):
     out = fed / "c"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 1
     assert not (out / "DONE").exists()
+    assert checkpointed_seconds(out) > 0  # round 1's training: counted in a study's compute on resume
     simulate(load_run_config(out), resume=True)
     a, c = _plain(fed), _aggregate(out)
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from scaleot_fed.finetune import make_trainable
 from scaleot_fed.plugin import plugged_for_scoring
 from scaleot_fed.rundir import RowCache, changed_keys
 from scaleot_fed.tasks import MIXTURE_SEPARATOR
-from simulations.checkpoint import has_checkpoint
+from simulations.checkpoint import checkpointed_seconds, has_checkpoint
 from simulations.config import FedConfig, fed_config_from_dict
 from simulations.resume import in_todays_keys
 
@@ -55,6 +55,7 @@ class StudyFederation:
     config: StudyConfig
     spec: FederationConfig
     fed: FedConfig
+    _resumed: float = field(default=0.0, init=False, repr=False)  # (see take_resumed_seconds)
 
     @property
     def name(self) -> str:
@@ -153,11 +154,19 @@ class StudyFederation:
         fed = self.simulation(task, seed, emulator_dir, folder, mode, lr)
         if not (folder / "DONE").exists():
             started = has_checkpoint(folder)  # a stopped run resumes; one stopped before round 1 starts again
+            if started:  # the rounds an earlier process trained count in the study's compute
+                self._resumed += checkpointed_seconds(folder)
             simulate(fed, resume=started, overwrite=not started)
         self._copy_rows(folder, task, seed, suffix, rows_of(task))
         for other in dict(self.runs())[task][1:]:  # a mixture's other tasks (cached in their rows as they finish)
             aggregate_rows(owner_of(other), emulator(), folder, fed, f"{self.name}{suffix}/seed{seed}")
         return rows_of(task).get(f"{self.name}{suffix}/seed{seed}/plug_in")
+
+    def take_resumed_seconds(self) -> float:
+        """The training seconds that earlier processes spent on the simulations resumed since the
+        last call (their checkpointed rounds), for the study's compute log."""
+        seconds, self._resumed = self._resumed, 0.0
+        return seconds
 
     def done(self, task: str, seed: int, mode: str, rows_of) -> bool:
         """Whether the simulation of ``task`` at ``seed`` in ``mode`` has its rows in every task it scores."""

@@ -278,8 +278,8 @@ class Grid:
             for held, scored in federation.runs():
                 if held == task:
                     ctx.units += self.federated_units(ctx, federation, scored)
-        for u in ctx.units:
-            u.resumed = ctx.rows.take_resumed_seconds  # (units run one at a time)
+        for u in ctx.units:  # (units run one at a time) the rows' resumed seconds and the unit's own
+            u.resumed = lambda own=u.resumed: ctx.rows.take_resumed_seconds() + own()
         return ctx.units
 
     def swept_units(self, ctx: TaskUnits, seed: int) -> None:
@@ -335,7 +335,8 @@ class Grid:
         suffix = {m: "" if m == study.modes[0] else f" {m}" for m in modes}
         return [Unit(f"{task}: federation {federation.name}{suffix[m]} seed {s}", cost,
                      lambda s=s, m=m: federation.done(task, s, m, rows_of.__getitem__),
-                     lambda s=s, m=m: run(s, m), (section, s), waits=lambda m=m: self.mode_waits(m), seed=s)
+                     lambda s=s, m=m: run(s, m), (section, s), resumed=federation.take_resumed_seconds,
+                     waits=lambda m=m: self.mode_waits(m), seed=s)
                 for s in study.seeds for m in modes]
 
     def cell_units(self, ctx: TaskUnits, emulator: NamedEmulatorConfig, mode: str, seed: int) -> None:
