@@ -258,6 +258,8 @@ def test_report_decides_claims_from_per_item_rows_seed_by_seed(tmp_path):
     plug, emu = (np.mean(summary["rows"][f"u/{r}"]["piqa"]["per_seed"]) for r in ("plug_in", "emulator_finetune"))
     assert gap["mean"] == pytest.approx(plug - emu) and gap["seeds"] == 2
     assert summary["n_eval"] == {"piqa": 300} and len(summary["items_files"]["piqa"]) == 6
+    # no emulator of this study is built from stage 1: no section about it
+    assert "stage1_stability" not in summary and "Stage 1" not in (tmp_path / "results" / "REPORT.md").read_text()
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "**holds** |" in report  # both sides have every seed they will have: not provisional
     glance = report.split("## Verdicts at a glance")[1].split("## Claims")[0]

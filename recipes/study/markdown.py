@@ -184,6 +184,8 @@ def _sweeps(summary: dict) -> list[str]:
 
 
 def _stage1(summary: dict) -> list[str]:
+    if "stage1_stability" not in summary:  # (no emulator of the study is built from stage 1)
+        return []
     lines = ["## Stage 1 across seeds", ""]
     for s in summary["stage1_stability"]:
         lines += [f"Setting {s['setting']}, seeds {', '.join(s['seeds'])}: the replaced set is the alpha = {s['alpha']} "

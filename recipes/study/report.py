@@ -189,7 +189,8 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "rows": table, "claims": claims, "claims_other_metric": sensitivity, "pending_claims": pending,
         **({"federations": federation_table(config, resolvers)} if config.federations else {}),
         "sweeps": _sweeps(config, rows_by_task),
-        "stage1_stability": stage1_stability(records), "budgets": budgets(records, facts or {}),
+        **({"stage1_stability": stage1_stability(records)} if any(e.needs_importance for e in config.emulators) else {}),
+        "budgets": budgets(records, facts or {}),
         "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
     from .federation_report import plot_convergence
