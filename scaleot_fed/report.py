@@ -16,6 +16,7 @@ way of training it: federated, centralised); each entry's rows map a row name to
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,13 +54,17 @@ def write_results(out: Path, results: dict) -> None:
     ``items/<entry>__<row>.loglik.json.gz`` (the entry's name made a file name:
     :func:`scaleot_fed.files.file_name`) and the row keeps its path as ``items_file``."""
     written: dict[int, dict] = {}  # a row shared by entries (the full model's) gets one file
+    stems: dict[str, str] = {}  # file name -> entry: two names made the same file name stay apart
     for name, entry in results.get("emulators", {}).items():
+        stem = file_name(name, "emulator")
+        if stems.setdefault(stem, name) != name:
+            stem = f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
         for row, values in entry["rows"].items():
             if id(values) in written:
                 entry["rows"][row] = written[id(values)]
             elif "items" in values:
                 moved = dict(values)  # (the caller's row is left as it was)
-                path = Path("items") / f"{file_name(name, 'emulator')}__{row}.loglik.json.gz"  # (a strategy by path)
+                path = Path("items") / f"{stem}__{row}.loglik.json.gz"  # (a strategy named by path)
                 (out / "items").mkdir(exist_ok=True)
                 with gzip.open(out / path, "wt") as handle:
                     json.dump(moved.pop("items"), handle)

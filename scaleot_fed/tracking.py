@@ -213,9 +213,10 @@ class Tracking:
         Continue the tracked run this folder's ``tracking.json`` names (a new one when it names
         none, or another backend, store or experiment: then every step is sent again).
 
-    Used as a context manager, the tracked run ends when the block does: ``finished``, or
-    ``failed`` / ``killed`` (Ctrl-C) when the block raised, so a store never shows a crashed run
-    as complete.
+    Used as a context manager, the tracked run ends when the block does: ``finished`` (a clean
+    ``sys.exit`` too), ``killed`` on Ctrl-C, ``failed`` on any other error, so a store never shows
+    a crashed run as complete. A process about to end at once (a simulation's signal handler)
+    ends every run still open as ``killed`` first (:func:`close_open`).
     """
 
     def __init__(self, config: TrackingConfig, out: Path, resume: bool = False) -> None:
@@ -232,6 +233,7 @@ class Tracking:
         self.out.mkdir(parents=True, exist_ok=True)
         self.tracker = BACKENDS[self.config.backend](self.config, self.out, run_id)
         self._save()
+        OPEN.append(self)
 
     @property
     def active(self) -> bool:
@@ -263,14 +265,17 @@ class Tracking:
     def close(self, status: str = "finished") -> None:
         if status not in END_STATUSES:
             raise ValueError(f"a tracked run ends as one of {END_STATUSES}, got {status!r}")
-        if self.active:
+        if self in OPEN:  # (ended once: a run closed by close_open is not closed again by its block)
+            OPEN.remove(self)
             self._guard("close", lambda: self.tracker.close(status))
 
     def __enter__(self) -> Tracking:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        self.close("finished" if kind is None else "killed" if issubclass(kind, KeyboardInterrupt) else "failed")
+        clean = kind is None or (issubclass(kind, SystemExit) and error.code in (0, None))
+        self.close("finished" if clean else "killed" if issubclass(kind, KeyboardInterrupt) else "failed")
+
 
     def _guard(self, what: str, call) -> None:
         if what in self.broken:
@@ -298,6 +303,16 @@ class Tracking:
         state = self._where() | {"run_id": self.tracker.run_id, "last_step": self.last_step}
         self._guard("state", lambda: write_atomic(self.out / STATE, json.dumps(state, indent=1) + "\n"))
 
+
+OPEN: list[Tracking] = []
+"""The tracked runs open in this process (:func:`close_open` ends them)."""
+
+
+def close_open(status: str = "killed") -> None:
+    """End every tracked run still open as ``status``: for a process that is about to exit without
+    unwinding (``os._exit`` in a signal handler), so none is left shown as running."""
+    for tracking in list(OPEN):
+        tracking.close(status)
 
 def track_once(config: TrackingConfig, out: Path, params: dict[str, Any], results: dict[str, Any],
                history: list[dict] | None = None, artifacts: list[Path] = ()) -> None:

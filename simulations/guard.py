@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from scaleot_fed.procs import descendants, terminate
+from scaleot_fed.tracking import close_open
 
 from .checkpoint import CHECKPOINT_LOCK
 
@@ -42,6 +43,7 @@ def _stop_now(signum: int, out: Path) -> None:
           f"(continue with: scaleot-fed simulate --resume {out})", file=sys.stderr, flush=True)
     if CHECKPOINT_LOCK.acquire(timeout=10):  # a checkpoint being written is finished first
         pass
+    close_open("killed")  # (os._exit below unwinds nothing: no tracked run is left shown as running)
     terminate(descendants(os.getpid()))
     sys.stdout.flush()
     os._exit(128 + signum)

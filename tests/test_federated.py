@@ -419,6 +419,13 @@ def test_per_item_files_of_a_strategy_named_by_path_stay_in_the_items_folder(tmp
     assert path == "items/federated-configs_x.py_Mine__plug_in.loglik.json.gz"
     with gzip.open(tmp_path / path, "rt") as handle:
         assert json.load(handle)["gold"] == [0, 1]
+    # two names that make the same file name keep a file each
+    twin = results["emulators"]["federated-configs/x.py:Mine"]
+    results["emulators"] = {"drop 0.5": twin | {"rows": {"plug_in": dict(row)}},
+                            "drop_0.5": twin | {"rows": {"plug_in": dict(row, n=3)}}}
+    write_results(tmp_path, results)
+    files = [e["rows"]["plug_in"]["items_file"] for e in json.loads((tmp_path / "results.json").read_text())["emulators"].values()]
+    assert len(set(files)) == 2 and all((tmp_path / f).is_file() for f in files)
 
 
 @pytest.mark.parametrize("name,match", [

@@ -7,7 +7,17 @@ import logging
 import pytest
 
 from scaleot_fed.errors import ConfigError
-from scaleot_fed.tracking import BACKENDS, STATE, Tracker, Tracking, TrackingConfig, flatten, scalars
+from scaleot_fed.tracking import (
+    BACKENDS,
+    STATE,
+    Tracker,
+    Tracking,
+    TrackingConfig,
+    WandbTracker,
+    close_open,
+    flatten,
+    scalars,
+)
 
 
 def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -90,11 +100,30 @@ def test_a_run_that_raised_ends_failed_or_killed_in_the_store(tmp_path):
             tracking.metrics({"acc": 0.5}, 1)
             raise error
         assert mlflow_run(out)[1].info.status == status
-    with Tracking(TrackingConfig(backend="mlflow"), tmp_path / "ok"):
-        pass
+    with pytest.raises(SystemExit), Tracking(TrackingConfig(backend="mlflow"), tmp_path / "ok"):
+        raise SystemExit(0)  # a clean exit
     assert mlflow_run(tmp_path / "ok")[1].info.status == "FINISHED"
+    # a process about to end without unwinding (a simulation's signal handler) ends its open runs first
+    with Tracking(TrackingConfig(backend="mlflow"), tmp_path / "signalled"):
+        close_open("killed")
+        assert mlflow_run(tmp_path / "signalled")[1].info.status == "KILLED"
+    assert mlflow_run(tmp_path / "signalled")[1].info.status == "KILLED"  # (not ended twice)
     with pytest.raises(ValueError, match="ends as one of"):
         Tracking(TrackingConfig(backend="none"), tmp_path).close("crashed")
+
+
+def test_wandb_marks_a_run_that_did_not_finish_as_failed():
+    finished = []
+
+    class Run:  # (W&B itself is an optional extra, not installed here: its run object stands in)
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
+
+    tracker = object.__new__(WandbTracker)
+    tracker.run = Run()
+    for status in ("finished", "failed", "killed"):
+        tracker.close(status)
+    assert finished == [0, 1, 1]  # W&B: 0 is finished, anything else failed
 
 
 def test_a_failing_tracker_warns_once_and_never_stops_the_run(tmp_path, monkeypatch, caplog):

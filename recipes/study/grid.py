@@ -332,10 +332,13 @@ class Grid:
                                   lambda t: self.owner(t, rows_of[t]), lambda: self.emulator(section, seed),
                                   mode, self.mode_rate(mode))
 
+        def resumed() -> float:  # the simulation's checkpointed rounds, a mixture's other tasks' scorings
+            return federation.take_resumed_seconds() + sum(r.take_resumed_seconds() for r in rows_of.values())
+
         suffix = {m: "" if m == study.modes[0] else f" {m}" for m in modes}
         return [Unit(f"{task}: federation {federation.name}{suffix[m]} seed {s}", cost,
                      lambda s=s, m=m: federation.done(task, s, m, rows_of.__getitem__),
-                     lambda s=s, m=m: run(s, m), (section, s), resumed=federation.take_resumed_seconds,
+                     lambda s=s, m=m: run(s, m), (section, s), resumed=resumed,
                      waits=lambda m=m: self.mode_waits(m), seed=s)
                 for s in study.seeds for m in modes]
 
