@@ -571,6 +571,40 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
     assert "computing" not in capsys.readouterr().out
 
 
+def test_a_study_cut_inside_a_federation_resumes_it_and_counts_its_earlier_rounds(tmp_path, tiny_model_dir, capsys,
+                                                                                  monkeypatch):
+    """A study stopped after a federation's first round (its checkpoint on disk) continues that
+    simulation from round 2 on the next start, and the unit's logged seconds include round 1's,
+    trained by the process that stopped (what the checkpoint records)."""
+    import time
+
+    from simulations.checkpoint import checkpointed_seconds
+
+    from . import faults
+
+    monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model").replace("num_rounds = 1", "num_rounds = 2"))
+    (tmp_path / "study.toml").write_text(FEDERATED_STUDY.format(out=tmp_path / "study", model=tmp_path / "model",
+                                                                fed=tmp_path / "fed.toml").replace("seeds = [3, 4]", "seeds = [3]"))
+    faults.stop_after_round(monkeypatch, 1)
+    with pytest.raises(faults.Killed):
+        main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"])
+    monkeypatch.undo()
+    monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
+    fed_run = tmp_path / "study" / "piqa" / "federated" / "seed3"
+    units = tmp_path / "study" / "ledger" / "units.jsonl"
+    assert checkpointed_seconds(fed_run) > 0 and "federation" not in units.read_text()
+    # (round 1's recorded seconds made large, so that the logged unit shows whether they were added)
+    monkeypatch.setattr("recipes.study.federated.checkpointed_seconds", lambda folder: 1000.0)
+    start = time.perf_counter()
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    took = time.perf_counter() - start
+    assert [r["round"] for r in json.loads((fed_run / "metrics.json").read_text())["rounds"]] == [1, 2]
+    (logged,) = [json.loads(line) for line in units.read_text().splitlines() if "federation" in json.loads(line)["unit"]]
+    assert 1000.0 <= logged["seconds"] <= 1000.0 + took  # counted once, beside this process's own time
+
+
 def test_study_federated_config_must_fit_the_grid(tmp_path, capsys):
     from recipes.study import load_study_config
     from recipes.study.run import run_study
