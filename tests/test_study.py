@@ -1167,3 +1167,21 @@ def test_an_owner_claim_is_decided_per_task_and_over_the_tasks(tmp_path):
     assert lines["arc_easy"]["difference"] == 0.0 and lines["piqa"]["verdict"] == "holds"
     assert pooled["tasks"] == ["piqa", "arc_easy"] and pooled["n"] == 2 * 600 and pooled["seeds"] == [2, 2]
     assert all(c["interval"] == "percentile" for c in lines.values())  # the worst owner stands out everywhere
+
+
+def test_a_worst_owner_row_of_owners_with_few_items_stays_within_what_an_accuracy_can_be():
+    import numpy as np
+
+    from recipes.study.federation_report import owner_entry
+
+    class Resolver:  # a label-skewed seed: owners holding 2 to 4 held-out items
+        def groups(self, family):
+            owners = [np.array([1.0, 0.0]), np.array([0.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0, 1.0])]
+            return [owners], [0], [[[0, 1], [0, 1, 1], [0, 1, 1, 0]]]
+
+        def sources(self, family, seeds):
+            return []
+
+    entry = owner_entry("f/worst_owner", Resolver(), 300)
+    assert entry["interval"] == "simultaneous" and entry["mean"] == 0.5
+    assert entry["ci95"][0] == 0.0 and entry["ci95"][1] == 1.0  # the bands reach past both ends; cut there

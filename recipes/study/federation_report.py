@@ -6,6 +6,7 @@ rounds' losses with a band over seeds (``federations.png``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def owner_entry(family: str, resolver, resamples: int) -> dict | None:
         return None
     groups, seeds, _ = found
     reduce = np.min if statistic(family) == "worst" else np.mean
-    c = group_bootstrap(groups, None, statistic(family), resamples)
+    c = _within(group_bootstrap(groups, None, statistic(family), resamples), 0.0)
     return {"mean": c.difference, "ci95": list(c.ci95), "interval": c.interval, "seeds": len(seeds), "other_metric_mean": None,
             "per_seed": [float(reduce([g.mean() for g in owners])) for owners in groups], "per_seed_seeds": seeds,
             "owners": [len(owners) for owners in groups], "rows": resolver.sources(family, seeds)}
@@ -43,8 +44,14 @@ def owner_comparison(claim, resolvers: list, resamples: int) -> Comparison | Non
     if any(a is None or b is None or a[1] != b[1] or a[2] != b[2] for a, b in found) or \
             len({tuple(a[1]) for a, _ in found}) != 1:
         return None
-    return group_bootstrap([g for a, _ in found for g in a[0]], [g for _, b in found for g in b[0]],
-                           statistic(claim.a), resamples, tasks=len(found))
+    return _within(group_bootstrap([g for a, _ in found for g in a[0]], [g for _, b in found for g in b[0]],
+                                   statistic(claim.a), resamples, tasks=len(found)), -1.0)
+
+
+def _within(c: Comparison, low: float) -> Comparison:
+    """``c`` with its interval cut to what an accuracy (``low`` 0) or a difference of two (``low``
+    -1) can be: simultaneous bands around an owner of a few items reach past 0 and 1."""
+    return dataclasses.replace(c, ci95=(max(c.ci95[0], low), min(c.ci95[1], 1.0)))
 
 
 def federation_table(config, resolvers: dict) -> dict:
