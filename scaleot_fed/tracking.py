@@ -276,7 +276,6 @@ class Tracking:
         clean = kind is None or (issubclass(kind, SystemExit) and error.code in (0, None))
         self.close("finished" if clean else "killed" if issubclass(kind, KeyboardInterrupt) else "failed")
 
-
     def _guard(self, what: str, call) -> None:
         if what in self.broken:
             return
@@ -313,6 +312,7 @@ def close_open(status: str = "killed") -> None:
     unwinding (``os._exit`` in a signal handler), so none is left shown as running."""
     for tracking in list(OPEN):
         tracking.close(status)
+
 
 def track_once(config: TrackingConfig, out: Path, params: dict[str, Any], results: dict[str, Any],
                history: list[dict] | None = None, artifacts: list[Path] = ()) -> None:

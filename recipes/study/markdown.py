@@ -84,8 +84,8 @@ def _glance(summary: dict) -> list[str]:
 
 OWNER_NOTE = ("A worst owner's line draws items within each (seed, owner), the same draw on both sides. Its "
               "percentile interval is used only where the worst owner is identified: at every seed and on both "
-              f"sides, the lowest owner lies more than {SEPARATED:g} standard errors of their difference below the second lowest. Otherwise the "
-              "minimum's bootstrap is biased (the sample minimum of tied owners sits below the true one), and "
+              f"sides, the lowest owner lies more than {SEPARATED:g} standard errors of their difference below "
+              "the second lowest. Otherwise the minimum's bootstrap is biased (the sample minimum of tied owners sits below the true one), and "
               "the interval is marked (simultaneous): bands that hold for every owner at once, valid (up to the "
               "bootstrap's approximation) whichever owner is worst, and wide.")
 
