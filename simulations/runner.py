@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from scaleot_fed.env import configure_environment
@@ -10,7 +11,7 @@ from scaleot_fed.env import configure_environment
 configure_environment()
 
 from scaleot_fed.errors import ConfigError, RunError, ScaleOTError  # noqa: E402
-from scaleot_fed.rundir import check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
+from scaleot_fed.rundir import RowCache, check_output, clear_output, lock_run_dir, unlock_run_dir  # noqa: E402
 
 from .config import FedConfig, check_secure_strategy  # noqa: E402
 from .guard import stop_cleanly  # noqa: E402
@@ -94,8 +95,17 @@ def validate(config: FedConfig) -> None:
                            "use fewer clients, more train items or a milder partition")
 
 
-def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False,
+             rows: Mapping[str, dict] | None = None) -> Path:
     """Run (or resume) a federated simulation; returns the run folder.
+
+    Parameters
+    ----------
+    rows
+        Rows of the final table already scored on this run's evaluation items (key -> row, e.g.
+        ``full_zero_shot``: a study's, identical for every federation of a seed), kept in the run
+        folder's row cache so that the final table reads them instead of scoring them again. A row
+        the folder holds already is left as it is.
 
     Raises
     ------
@@ -115,6 +125,10 @@ def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False) -
         check_output(out, overwrite)  # a new run: a non-empty folder only with --overwrite
         clear_output(out)
     lock_run_dir(out)  # a second run (or resume) on this folder fails at once, naming our PID
+    cache = RowCache(out)
+    for key, row in (rows or {}).items():
+        if cache.get(key) is None:
+            cache.put(key, row)
     errors: list[BaseException] = []
     if not config.run.ray_address:
         os.environ.pop("RAY_ADDRESS", None)  # else ray.init attaches to whatever cluster it names

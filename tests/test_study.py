@@ -1,5 +1,6 @@
 import gzip
 import json
+import logging
 import shutil
 
 import pytest
@@ -539,10 +540,13 @@ name = "uniform"
 """
 
 
-def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, tiny_model_dir, capsys, monkeypatch,
+                                                                     caplog):
     """The federation runs once per seed on the study's items and emulator (Ray started and shut
     down once per seed in the one study process); its rows and the pooled-data twin's join the
-    grid, and a claim between them is decided item by item."""
+    grid, and a claim between them is decided item by item. The simulation's final table reads
+    the study's zero-shot rows instead of scoring them again."""
+    caplog.set_level(logging.INFO, logger="scaleot_fed.federation")
     monkeypatch.setenv("SCALEOT_FED_CACHE", str(tmp_path / "cache"))
     (tmp_path / "model").symlink_to(tiny_model_dir)
     (tmp_path / "fed.toml").write_text(FEDERATION.format(model=tmp_path / "model"))
@@ -566,6 +570,10 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
     # the last round's plug-in scoring is the final table's row (one scoring, not two)
     rounds = json.loads((fed_run / "metrics.json").read_text())["rounds"]
     assert rounds[-1]["plug_in_acc"] == items["federated/seed3/plug_in"]["acc"]
+    scored = [r.getMessage() for r in caplog.records if "computing" in r.getMessage()]
+    assert scored and not [m for m in scored if "zero_shot" in m], scored  # (the twin's rows are scored)
+    for key in ("full_zero_shot", "uniform__emulator_zero_shot"):
+        assert (fed_run / "rows" / f"{key}.json").read_text() == (tmp_path / "study" / "piqa" / "rows" / f"{key}.json").read_text()
     capsys.readouterr()
     assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
     assert "computing" not in capsys.readouterr().out
