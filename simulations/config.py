@@ -60,6 +60,10 @@ class RunConfig(TaskRunConfig):
     the bytes sent down); off: report the clients' own post-training validation loss instead."""
     final_table: bool = True
     """At the end: the five-row table (full / emulator zero-shot, emulator FT, plug-in)."""
+    save_plugged: bool = True
+    """With the final table, write the plugged-in model to ``plugged/`` (a full copy of the model:
+    0.5 GB for SmolLM2-135M). A study's federations turn it off: they keep rows and the aggregate,
+    and a sweep of dozens of runs would otherwise fill the disk with models no one loads."""
     centralised_full_finetune: bool = False
     """Also fine-tune the full model centrally on the pooled client data (the Full FT row)."""
     attack: bool = False

@@ -188,7 +188,8 @@ def final_table(fed: FederatedRun) -> dict:
         central = owner.emulator_finetune_and_plug_in(name, load_emulator(fed.emulator_path),
                                                       trained_path(fed.out / "centralised", config.finetune.mode))
     plugged = fed.plugged_model()
-    save_plugged(plugged, fed.tokenizer, fed.out / "plugged")
+    if run.save_plugged:
+        save_plugged(plugged, fed.tokenizer, fed.out / "plugged")
     last = fed.last_plug_in  # the last round scored this aggregate's plug-in already: not twice
     tuned, plug = f"{name}/federated/emulator_finetune", f"{name}/federated/plug_in"
     federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)),

@@ -25,7 +25,7 @@ from .config import FedConfig, apply_overrides, fed_config_from_dict, load_fed_c
 
 log = logging.getLogger("scaleot_fed.federation")
 
-SAFE_ON_RESUME = ("run.num_rounds", "run.eval_every", "run.eval_batch_size", "run.final_table",
+SAFE_ON_RESUME = ("run.num_rounds", "run.eval_every", "run.eval_batch_size", "run.final_table", "run.save_plugged",
                   *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)))
 """Keys a resumed run may change: they do not alter what the completed rounds did (a resume with
 another tracking backend starts a new tracked run with every round so far)."""

@@ -22,6 +22,7 @@ import pytest
 
 from scaleot_fed.rundir import lock_run_dir, unlock_run_dir
 from scaleot_fed_cli.main import main
+from simulations.resume import check_resume, load_run_config
 
 from . import faults
 from .conftest import write_items
@@ -185,6 +186,8 @@ def test_resume_refuses_changed_keys_and_applies_safe_ones(interrupted, capsys):
 
     code, err = _main("simulate", "--resume", str(out), "--set", "run.num_rounds=1", capsys=capsys)
     assert code == 2 and "already done" in err
+    # whether the plugged-in model is written changes nothing the rounds did (a study turns it off)
+    check_resume(load_run_config(out, {"run.save_plugged": False}), out)
 
 
 def test_a_corrupt_checkpoint_and_a_corrupt_owner_cache_are_recovered_on_resume(ws, interrupted):

@@ -563,6 +563,7 @@ def test_study_federated_rows_are_paired_with_their_centralised_twin(tmp_path, t
     assert config["emulator"]["path"].endswith("emulators/shared/uniform/emulator")
     results = json.loads((fed_run / "results.json").read_text())
     assert results["emulators"]["centralised"]["steps"] == 4  # 1 round x 2 owners x 2 steps
+    assert (fed_run / "aggregate.safetensors").is_file() and not (fed_run / "plugged").exists()  # rows, not models
     rows = summary["rows"]
     assert {"federated/plug_in", "federated/gap", "centralised/plug_in"} <= set(rows)
     items = {k: json.loads(gzip.open(tmp_path / "study" / v, "rt").read()) for k, v in summary["items_files"]["piqa"].items()}

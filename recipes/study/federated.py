@@ -132,7 +132,7 @@ class StudyFederation:
         section = next(e for e in self.config.emulators if e.name == self.emulator)
         first = self.tasks[0] if self.mixture else task
         runs = {"out": str(folder), "seed": seed, "eval_limit": study.eval_limit_of(first),
-                "eval_split": study.eval_split_of(first), "final_table": True, "per_owner_eval": True,
+                "eval_split": study.eval_split_of(first), "final_table": True, "save_plugged": False, "per_owner_eval": True,
                 "centralised_offsite": bool(self.spec.centralised)}
         runs |= {"eval_task": first} if self.mixture else {"task": task}
         return dataclasses.replace(
