@@ -58,6 +58,20 @@ def in_todays_keys(snapshot: dict) -> dict:
     return data
 
 
+def saved_in_todays_keys(snapshot: dict) -> dict:
+    """A whole saved config (a checkpoint's, a study ledger's record) as today's code would save
+    it: :func:`in_todays_keys`, plus the keys added since, at their defaults. A key is added with
+    the default that keeps the old behaviour, so a run saved before it existed did not differ in
+    it (a config file, which may leave keys out, is read by :func:`in_todays_keys` alone)."""
+    data = in_todays_keys(snapshot)
+    for section, defaults in json.loads(json.dumps(as_dict(FedConfig()))).items():
+        if section not in data:
+            data[section] = defaults
+        elif isinstance(data[section], dict) and isinstance(defaults, dict):
+            data[section] = defaults | data[section]
+    return data
+
+
 def _value(config: dict, dotted: str) -> Any:
     for key in dotted.split("."):
         config = config.get(key, {}) if isinstance(config, dict) else None
@@ -72,7 +86,7 @@ def check_resume(config: FedConfig, out: Path) -> None:
         log.warning("the checkpoint in %s predates config checks on resume: changes are not verified", out)
         return
     new = json.loads(json.dumps(as_dict(config)))
-    recorded = in_todays_keys(recorded)  # (a checkpoint written before a key was renamed or removed)
+    recorded = saved_in_todays_keys(recorded)  # (a checkpoint written before a key was renamed, removed or added)
     changed = [k for k in changed_keys(recorded, new) if k not in IGNORED_ON_RESUME]
     unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
     if unsafe:

@@ -37,7 +37,7 @@ from scaleot_fed.rundir import RowCache, changed_keys
 from scaleot_fed.tasks import MIXTURE_SEPARATOR
 from simulations.checkpoint import checkpointed_seconds, has_checkpoint
 from simulations.config import FedConfig, fed_config_from_dict
-from simulations.resume import in_todays_keys
+from simulations.resume import in_todays_keys, saved_in_todays_keys
 
 from . import ledger
 from .config import OWNER_ROWS, FederationConfig, StudyConfig, merge_tables, seeded, task_folder
@@ -236,9 +236,8 @@ def check_recorded(federations: list[StudyFederation], results: Path) -> None:
     runs): its seeds would mix two federations under one name."""
     recorded = ledger.federations_record(results)
     for f in federations:
-        now = f.resolved()
-        if f.name in recorded and recorded[f.name] != now:
-            changed = ", ".join(changed_keys(recorded[f.name], now))
+        if f.name in recorded and (changed := ", ".join(changed_keys(saved_in_todays_keys(recorded[f.name]),
+                                                                      f.resolved()))):
             raise ConfigError(f"federation {f.name!r} changed since its rows were made ({changed}); restore its config, "
                               f"or give it another name (its rows are {f.name}/... in {results})")
 
