@@ -230,6 +230,13 @@ def check_secure_strategy(name: str, strategy) -> None:
 
 @dataclass
 class FedConfig:
+    """A simulation's whole config, one section per concern.
+
+    A key added to a section gets the default that keeps what runs did before it existed: saved
+    configs (checkpoints, a study's federation records) are compared with today's after filling
+    the keys they lack with these defaults (:func:`simulations.resume.saved_in_todays_keys`).
+    """
+
     run: RunConfig = field(default_factory=RunConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

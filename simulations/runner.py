@@ -95,6 +95,20 @@ def validate(config: FedConfig) -> None:
                            "use fewer clients, more train items or a milder partition")
 
 
+def _check_rows(rows: Mapping[str, dict], config: FedConfig) -> None:
+    """Refuse rows given to :func:`simulate` that were not scored on the run's evaluation items."""
+    from scaleot_fed.evaluate import item_record
+
+    items = config.run.evaluation_items()
+    expected = item_record(items, [[] for _ in items])  # (the items' gold answers and choice lengths)
+    for key, row in rows.items():
+        scored = row.get("items", {})
+        if any(scored.get(k) != expected[k] for k in ("gold", "choice_chars")):
+            raise ConfigError(f"the given row {key!r} was scored on other items than this run's {len(items)} "
+                              f"({config.run.eval_task or config.run.task}, eval_limit {config.run.eval_limit}, "
+                              f"{config.run.eval_split}); score it on those, or leave it out")
+
+
 def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False,
              rows: Mapping[str, dict] | None = None) -> Path:
     """Run (or resume) a federated simulation; returns the run folder.
@@ -119,6 +133,8 @@ def simulate(config: FedConfig, resume: bool = False, overwrite: bool = False,
 
     out = Path(config.run.out)
     validate(config)  # everything that needs no Ray, before Ray starts and before anything is written
+    if rows:
+        _check_rows(rows, config)
     if resume:
         check_resume(config, out)
     else:

@@ -119,6 +119,16 @@ def test_same_seed_same_result_and_no_second_delivery(fed):
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["emulator_bytes_down"] == 0  # cached
 
 
+def test_rows_given_to_a_simulation_must_be_on_its_items(fed):
+    """A row scored elsewhere (a study's zero-shot) is taken only if it is on the run's items:
+    one on other items is refused before anything is written."""
+    config = fed_config_from_dict(_config(fed, "given"))
+    row = {"acc": 1.0, "acc_norm": 1.0, "n": 1, "items": {"loglik": [[0.0, -1.0]], "gold": [0], "choice_chars": [[3, 3]]}}
+    with pytest.raises(ConfigError, match="'full_zero_shot' was scored on other items than this run's 8"):
+        simulate(config, rows={"full_zero_shot": row})
+    assert not (fed / "given").exists()
+
+
 def test_kill_and_resume_gives_the_uninterrupted_result(fed, monkeypatch):
     faults.stop_after_round(monkeypatch, 1)
     with pytest.raises(faults.Killed, match="stopped after round 1"):

@@ -1043,6 +1043,9 @@ def test_a_grid_of_federations_is_scored_per_task_and_per_owner(tmp_path, tiny_m
     assert runs == ["piqa/federations/fedavg-label/seed3", "piqa/federations/prox-label/seed3",
                     "piqa/federations/tasks/seed3"]
     fed_config = json.loads((tmp_path / "study" / "piqa" / "federations" / "prox-label" / "seed3" / "config.json").read_text())
+    # the mixture's simulation scores its first task with that task's zero-shot rows, not its own
+    mixture = tmp_path / "study" / "piqa" / "federations" / "tasks" / "seed3" / "rows"
+    assert (mixture / "full_zero_shot.json").read_text() == (tmp_path / "study" / "piqa" / "rows" / "full_zero_shot.json").read_text()
     assert fed_config["strategy"] == {"name": "fedprox", "params": {"proximal_mu": 0.5}}
     assert fed_config["partition"]["kind"] == "label-skew" and fed_config["run"]["per_owner_eval"]
     # the worst owner: each owner's held-out items, the same owners on both sides
@@ -1126,6 +1129,9 @@ def test_a_federation_changed_under_its_name_or_owner_rows_of_other_owners_are_r
     older = json.loads(record.read_text())
     del older["f"]["run"]["save_plugged"]
     record.write_text(json.dumps(older))
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 0, capsys.readouterr().err
+    # keys the study sets in every simulation itself (items, seed, scoring precision) change no row
+    (tmp_path / "s.toml").write_text(head + fed + 'set = { run = { eval_limit = 3, eval_dtype = "bfloat16" } }\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 0, capsys.readouterr().err
     (tmp_path / "s.toml").write_text(head + fed + 'set = { strategy = { name = "fedprox" } }\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2

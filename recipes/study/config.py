@@ -431,3 +431,9 @@ def task_folder(task: str) -> str:
 def seeded(section: NamedEmulatorConfig) -> bool:
     """Whether building the emulator draws random numbers (stage 1, distillation)."""
     return section.needs_importance or section.distill
+
+
+def zero_shot_key(section: NamedEmulatorConfig, seed: int) -> str:
+    """The row of the emulator's zero-shot at ``seed``: one per seed where building it draws
+    random numbers, else one for every seed."""
+    return f"{section.name}/seed{seed}/emulator_zero_shot" if seeded(section) else f"{section.name}/emulator_zero_shot"

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaleot_fed.config import as_dict
+from scaleot_fed.devices import Placement
 from scaleot_fed.errors import ConfigError
 from scaleot_fed.finetune import make_trainable
 from scaleot_fed.plugin import plugged_for_scoring
@@ -40,9 +41,18 @@ from simulations.config import FedConfig, fed_config_from_dict
 from simulations.resume import in_todays_keys, saved_in_todays_keys
 
 from . import ledger
-from .config import OWNER_ROWS, FederationConfig, StudyConfig, merge_tables, seeded, task_folder
+from .config import OWNER_ROWS, FederationConfig, StudyConfig, merge_tables, task_folder, zero_shot_key
 
 ROWS = ("emulator_finetune", "plug_in")
+_PLACEMENT = Placement()  # (the study's data owner scores every other row so: SingleOwner's default)
+STUDY_SCORING = {"final_table": True, "save_plugged": False, "per_owner_eval": True,
+                 "eval_device": _PLACEMENT.device, "eval_dtype": _PLACEMENT.dtype}
+"""``[run]`` keys the study sets in every simulation, whatever its file says: the rows pair item by
+item with the study's others (same placement and precision), per owner, without a model copy."""
+SET_BY_STUDY = ("run.out", "run.seed", "run.eval_limit", "run.eval_split", "run.centralised_offsite",
+                *(f"run.{key}" for key in STUDY_SCORING), "finetune.mode", "finetune.lr", "finetune.seed")
+"""Keys of a federation's file that no row depends on: the study replaces them in each simulation
+(:meth:`StudyFederation.simulation`), so a change to them is not a change of the federation."""
 ROUND_KEYS = ("round", "train_loss", "client_val_loss", "bytes_up", "bytes_down", "seconds", "successful")
 """What the plug-in row keeps of each round (the report's convergence curves and costs)."""
 
@@ -126,14 +136,15 @@ class StudyFederation:
         return self
 
     def simulation(self, task: str, seed: int, emulator_dir: Path, folder: Path, mode: str, lr: float) -> FedConfig:
-        """The simulation config of one run: the study's seed, items, emulator, mode and rate; every
-        owner's held-out items scored (the per-owner rows) and, with a twin, the pooled data."""
+        """The simulation config of one run: the study's seed, items, emulator, mode and rate, scored
+        as the study scores every row (:data:`STUDY_SCORING`); every owner's held-out items scored
+        (the per-owner rows) and, with a twin, the pooled data."""
         study, run = self.config.study, self.fed.run
         section = next(e for e in self.config.emulators if e.name == self.emulator)
         first = self.tasks[0] if self.mixture else task
         runs = {"out": str(folder), "seed": seed, "eval_limit": study.eval_limit_of(first),
-                "eval_split": study.eval_split_of(first), "final_table": True, "save_plugged": False, "per_owner_eval": True,
-                "centralised_offsite": bool(self.spec.centralised)}
+                "eval_split": study.eval_split_of(first), "centralised_offsite": bool(self.spec.centralised)}
+        runs |= STUDY_SCORING
         runs |= {"eval_task": first} if self.mixture else {"task": task}
         return dataclasses.replace(
             self.fed, run=dataclasses.replace(run, **runs),
@@ -168,10 +179,9 @@ class StudyFederation:
         of a seed, on the same items (the study sets them), so its final table does not score them
         again (on PIQA that was about a third of a federation's time)."""
         section = next(e for e in self.config.emulators if e.name == self.emulator)
-        prefix = f"{section.name}/seed{seed}" if seeded(section) else section.name
         rows = rows_of(self.tasks[0] if self.mixture else task)
         found = {"full_zero_shot": rows.get("full_zero_shot"),
-                 f"{self.emulator}/emulator_zero_shot": rows.get(f"{prefix}/emulator_zero_shot")}
+                 f"{self.emulator}/emulator_zero_shot": rows.get(zero_shot_key(section, seed))}
         return {key: row for key, row in found.items() if row is not None}
 
     def take_resumed_seconds(self) -> float:
@@ -236,10 +246,13 @@ def check_recorded(federations: list[StudyFederation], results: Path) -> None:
     runs): its seeds would mix two federations under one name."""
     recorded = ledger.federations_record(results)
     for f in federations:
-        if f.name in recorded and (changed := ", ".join(changed_keys(saved_in_todays_keys(recorded[f.name]),
-                                                                      f.resolved()))):
-            raise ConfigError(f"federation {f.name!r} changed since its rows were made ({changed}); restore its config, "
-                              f"or give it another name (its rows are {f.name}/... in {results})")
+        if f.name not in recorded:
+            continue
+        changed = [k for k in changed_keys(saved_in_todays_keys(recorded[f.name]), f.resolved())
+                   if k not in SET_BY_STUDY]
+        if changed:
+            raise ConfigError(f"federation {f.name!r} changed since its rows were made ({', '.join(changed)}); restore "
+                              f"its config, or give it another name (its rows are {f.name}/... in {results})")
 
 
 def aggregate_rows(owner, emulator, folder: Path, fed: FedConfig, key: str) -> dict:

@@ -45,7 +45,16 @@ from scaleot_fed.single_owner import NamedEmulatorConfig, SingleOwner, prepare_e
 from scaleot_fed.text import lambada_passages, token_blocks
 
 from . import ledger
-from .config import StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, sweep_key, task_folder
+from .config import (
+    StudyConfig,
+    chosen_rate,
+    lowest_dev_loss,
+    mode_sweep_rows,
+    seeded,
+    sweep_key,
+    task_folder,
+    zero_shot_key,
+)
 from .costs import emulator_blocks, eta_line, model_facts, task_tokens
 from .data import task_items
 
@@ -347,7 +356,7 @@ class Grid:
         cell = self.config.cell_name(emulator, mode)
         prefix = f"{emulator.name}/seed{seed}" if seeded(emulator) else emulator.name
         blocks = emulator_blocks(self.layers, emulator)
-        ctx.add(f"{prefix} zero-shot", f"{prefix}/emulator_zero_shot", ctx.evaluation * blocks,
+        ctx.add(f"{prefix} zero-shot", zero_shot_key(emulator, seed), ctx.evaluation * blocks,
                 lambda: ctx.owner().emulator_zero_shot(prefix, self.emulator(emulator, seed)), needs=(emulator, seed),
                 seed=seed)
         folder = self.out / task_folder(ctx.task) / "trained" / cell / f"seed{seed}"

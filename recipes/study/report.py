@@ -18,7 +18,17 @@ from scaleot_fed.rundir import write_json
 from scaleot_fed.stats import Comparison, correct_from_scores, paired_bootstrap, spearman
 
 from . import ledger
-from .config import METRICS, OWNER_ROWS, StudyConfig, chosen_rate, lowest_dev_loss, mode_sweep_rows, seeded, task_folder
+from .config import (
+    METRICS,
+    OWNER_ROWS,
+    StudyConfig,
+    chosen_rate,
+    lowest_dev_loss,
+    mode_sweep_rows,
+    seeded,
+    task_folder,
+    zero_shot_key,
+)
 from .federation_report import federation_table, owner_comparison, owner_entry
 
 FAMILY_ORDER = ("full_zero_shot", "full_finetune")
@@ -71,8 +81,8 @@ class _Resolver:
                                                 for s in self.seeds]
             elif row == "emulator_zero_shot":
                 section = next(e for e in self.config.emulators if e.name == name)
-                keys = ([(s, f"{name}/seed{s}/emulator_zero_shot") for s in self.seeds] if seeded(section)
-                        else [(None, f"{name}/emulator_zero_shot")])
+                keys = ([(s, zero_shot_key(section, s)) for s in self.seeds] if seeded(section)
+                        else [(None, zero_shot_key(section, self.seeds[0]))])
             elif row in OWNER_ROWS:  # from the plug-in rows' per-owner items
                 keys = [(s, f"{cell}/seed{s}/plug_in") for s in self.seeds]
             else:
