@@ -31,7 +31,7 @@ from scaleot_fed.plugin import plug_in_trained, plugged_for_scoring
 from scaleot_fed.rundir import lock_run_dir, write_json
 from scaleot_fed.single_owner import prepare_emulator
 from scaleot_fed.tracking import STATE, Tracking
-from strategies.replies import pad_replies, reply_problem
+from strategies.replies import in_sent_dtypes, pad_replies, reply_problem
 
 from .checkpoint import RoundState, has_checkpoint, load_checkpoint, save_aggregate, save_checkpoint, to_torch
 from .config import FedConfig
@@ -147,7 +147,7 @@ class FederatedRun:
         view = _SelectedGrid(grid, nodes)
         train = self._train_secure if self.config.secure_aggregation.enabled else self._train_plain
         new_arrays, train_metrics, row = train(grid, view, nodes, partitions, round_)
-        self.arrays = new_arrays
+        self.arrays = in_sent_dtypes(new_arrays, self.arrays)
         bytes_down = row.pop("bytes_down")
         realigned = self.realigner.run(self) if self.realigner.due(round_, self.config.run.num_rounds) else None
         owners = {p: {"train_loss": float(m["train-loss"]), "steps": int(m["train-steps"])}

@@ -4,7 +4,8 @@ A reply is refused (its owner counted as failed for the round) when it cannot be
 average: an error, missing or extra tensors, a shape other than the one sent, NaN/Inf, or training
 on another version of a re-aligned emulator. Owners that train a lower LoRA rank (HetLoRA) send
 their factors at that rank; :func:`pad_replies` zero-pads them to the server's, so that every
-strategy averages tensors of one shape.
+strategy averages tensors of one shape. An aggregate keeps the dtypes the arrays were sent in
+(:func:`in_sent_dtypes`).
 """
 
 from __future__ import annotations
@@ -46,3 +47,17 @@ def pad_replies(replies: list[Message], sent: ArrayRecord) -> None:
     for msg in replies:
         padded = pad_rank({n: a.numpy() for n, a in msg.content["arrays"].items()}, state)
         msg.content["arrays"] = ArrayRecord({n: Array(v) for n, v in padded.items()})
+
+
+def in_sent_dtypes(aggregate: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """``aggregate`` with each array in the dtype it was sent to the owners in.
+
+    Flower's FedOpt strategies (FedAdam, FedYogi, FedAdagrad) scale their step by a NumPy float64
+    scalar, and NumPy 2 promotes float32 arrays times that scalar to float64: without the cast every
+    later round sends twice the bytes down (the federated study measured 35.3 MB for FedAdam's run
+    against FedAvg's 19.7) and checkpoints and the plugged-in adapters change precision.
+    """
+    if all(aggregate[name].dtype == sent[name].dtype for name in aggregate.keys() if name in sent):
+        return aggregate
+    return ArrayRecord({name: Array(array.numpy().astype(sent[name].dtype, copy=False)) if name in sent else array
+                        for name, array in aggregate.items()})

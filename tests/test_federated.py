@@ -312,6 +312,8 @@ def test_server_optimisers_and_robust_aggregation_run_a_real_round(fed, name, pa
     fed_config = fed_config_from_dict(config)
     out = simulate(fed_config)
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["successful"] == 3
+    # the aggregate stays in the dtype it was sent in (FedOpt's float64 step made it float64: twice the bytes)
+    assert {v.dtype for v in _aggregate(out).values()} == {torch.float32}
     new = {k: v.double() for k, v in _aggregate(out).items()}
     start = {k: v.double() for k, v in _initial_state(out, fed_config).items()}
     assert new.keys() == start.keys()
