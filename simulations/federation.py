@@ -286,7 +286,8 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _load_into_trainable(self) -> None:
+    def load_aggregate(self) -> None:
+        """Put the current aggregate into the trainable emulator (what its rows score)."""
         params = dict(self.trainable.named_parameters())
         with torch.no_grad():
             for name, value in to_torch(self.arrays).items():
@@ -294,12 +295,12 @@ class FederatedRun:
 
     def plugged_model(self):
         """The full model with the current aggregate plugged in."""
-        self._load_into_trainable()
+        self.load_aggregate()
         return plug_in_trained(self.full, self.trainable, self.emulator)
 
     def plug_in_eval(self) -> tuple[dict, dict[int, dict]]:
         """The plug-in's scores on the evaluation items, and per owner on its held-out items."""
-        self._load_into_trainable()
+        self.load_aggregate()
         with plugged_for_scoring(self.full, self.trainable, self.emulator, self.config.run.eval_placement()) as model:
             return score_with_owners(model, self.tokenizer, self.eval_items, owner_eval_items(self.config),
                                      self.config.run.eval_batch_size)

@@ -187,15 +187,15 @@ def final_table(fed: FederatedRun) -> dict:
     if run.centralised_offsite:
         central = owner.emulator_finetune_and_plug_in(name, load_emulator(fed.emulator_path),
                                                       trained_path(fed.out / "centralised", config.finetune.mode))
-    plugged = fed.plugged_model()
+    fed.load_aggregate()  # (the emulator fine-tuned row scores it)
     if run.save_plugged:
-        save_plugged(plugged, fed.tokenizer, fed.out / "plugged")
+        save_plugged(fed.plugged_model(), fed.tokenizer, fed.out / "plugged")
     last = fed.last_plug_in  # the last round scored this aggregate's plug-in already: not twice
     tuned, plug = f"{name}/federated/emulator_finetune", f"{name}/federated/plug_in"
     federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)),
                  "plug_in": owner.cache(plug, lambda: last[1] if last and last[0] is fed.arrays
                                         else fed.plug_in_eval()[0] if run.per_owner_eval  # (with each owner's items)
-                                        else owner.evaluate(plugged, plug))}
+                                        else owner.evaluate(fed.plugged_model(), plug))}  # (a full copy: built only here)
     entry_config = as_dict(config.emulator)
     emulators = {f"federated-{config.strategy.name}": emulator_entry(rows | federated, fed.emulator.manifest,
                                                                      entry_config)}

@@ -85,7 +85,7 @@ def _initial_state(out, fed_config) -> dict:
 
 def test_simulation_delivers_the_emulator_once_and_reports(fed):
     out = simulate(fed_config_from_dict(_config(fed, "a", final_table=True, centralised_offsite=True,
-                                                 centralised_full_finetune=True, attack=True)))
+                                                 centralised_full_finetune=True, attack=True, save_plugged=False)))
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["successful"] == 2 for r in rounds)
@@ -107,8 +107,15 @@ def test_simulation_delivers_the_emulator_once_and_reports(fed):
     central = results["emulators"]["centralised"]
     assert central["steps"] == 8 and central["rows"]["full_zero_shot"] == rows["full_zero_shot"]
     assert central["rows"]["plug_in"] != rows["plug_in"] or central["rows"]["emulator_finetune"] != rows["emulator_finetune"]
-    for name in ("metrics.csv", "rounds.png", "partitions.png", "results.md", "plugged/config.json", "DONE"):
+    for name in ("metrics.csv", "rounds.png", "partitions.png", "results.md", "DONE"):
         assert (out / name).exists(), name
+    assert not (out / "plugged").exists()  # (save_plugged = false: no model copy)
+    # the emulator fine-tuned row scores the aggregate, with no plugged-in model built (LoRA's B
+    # starts at zero: the initial state would score as the zero-shot)
+    name = fed_config_from_dict(_config(fed, "a")).emulator.name
+    scored = {k: json.loads((out / "rows" / f"{name}__{k}.json").read_text())["items"]["loglik"]
+              for k in ("emulator_zero_shot", "federated__emulator_finetune")}
+    assert scored["emulator_zero_shot"] != scored["federated__emulator_finetune"]
 
 
 def test_same_seed_same_result_and_no_second_delivery(fed):
@@ -363,6 +370,7 @@ def test_a_task_skewed_federation_of_unequal_owners_reports_every_owner(fed):
     config["owners"] = {"lora_r": [2, 4, 8], "steps": [1, 2, 3], "batch_size": [2, 4, 4]}
     fed_config = fed_config_from_dict(config)
     out = simulate(fed_config)
+    assert (out / "plugged" / "config.json").is_file()  # the plugged-in model (save_plugged's default)
 
     parts = json.loads((out / "partitions.json").read_text())
     assert parts["field"] == "task" and parts["values"] == ["t0", "t1", "t2"]
