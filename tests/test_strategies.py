@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from scaleot_fed.errors import ConfigError
 from strategies import BUILTIN as STRATEGIES
 from strategies import build_strategy
+from strategies.replies import in_sent_dtypes
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +140,12 @@ def test_fedadam_first_round_is_the_adam_step_on_the_weighted_mean_update():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     fedavg_mean = x0_64 + delta
     assert not np.allclose(out, fedavg_mean, atol=1e-3)  # a server optimiser, not the plain average
+    # Flower's step (a NumPy float64 scalar) makes it float64; the server loop casts it back to
+    # what it sent, values kept to float32's precision
+    sent = ArrayRecord(torch_state_dict=_state(x0))
+    assert out.dtype == np.float64 and in_sent_dtypes(agg, sent)["w"].dtype == "float32"
+    np.testing.assert_array_equal(in_sent_dtypes(agg, sent)["w"].numpy(), out.astype(np.float32))
+    assert in_sent_dtypes(sent, sent) is sent  # nothing to cast: the record itself
 
 
 def test_trimmed_mean_drops_the_extremes_per_coordinate():
