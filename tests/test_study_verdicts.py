@@ -32,7 +32,11 @@ def test_replicated_means_the_same_decided_verdict_on_every_model():
     assert table["beats/lora"].endswith("| no |")
     assert "(p)" in table["close/full"] and table["close/full"].endswith("| pending |")  # m2's side is provisional
     assert table["close/lora"].endswith("| pending |")
+    b["mode_tasks"] = {"full": ["arc_easy"]}
     text = "\n".join(verdict_table([a, b]))
+    # what each cell pools: every model's own tasks and splits, a mode's subset named
+    assert "m1: arc_easy (test, n = 50), piqa (validation, n = -); m2: arc_easy (test, n = 50), piqa (validation, " \
+           "n = -) (full: arc_easy only)." in text
     assert "**Reproduced** (holds on every model): beats (full)." in text
     assert "**Cannot tell** (decided on no model, or differently per model): beats (lora)" in text
 

@@ -82,11 +82,13 @@ def verdict_table(summaries: list[dict]) -> list[str]:
             told["cannot tell"].append(f"{claim} ({mode})")
     tasks = "; ".join(f"{s['model']}: " + ", ".join(f"{t} ({s.get('eval_split', {}).get(t, 'validation')}, "
                                                        f"n = {s['n_eval'].get(t) or '-'})" for t in s["tasks"])
+                      + "".join(f" ({mode}: {', '.join(only)} only)" for mode, only in s.get("mode_tasks", {}).items())
                       for s in summaries)
-    lines += ["", "Each cell: a - b in points over the study's tasks (each task weighing the same), its 95 % "
-              "interval and verdict (**holds**, **fails**: does not hold, ?: inconclusive; (p): provisional, a side "
-              "has fewer seeds than it will have; pending: a side not scored yet). Replicated: the same decided "
-              f"verdict on every model. Tasks: {tasks}.", "",
+    lines += ["", "Each cell: a - b in points over that study's tasks in that mode (each task weighing the same), its "
+              "95 % interval and verdict (**holds**, **fails**: does not hold, ?: inconclusive; (p): provisional, a "
+              "side has fewer seeds than it will have; pending: a side not scored yet). Replicated: the same decided "
+              "verdict on every model, each on its own study's tasks and splits (below), not on the same items. "
+              f"Tasks: {tasks}.", "",
               "- **Reproduced** (holds on every model): " + ("; ".join(told["reproduced"]) or "none yet") + ".",
               "- **Refuted** (does not hold on every model): " + ("; ".join(told["refuted"]) or "none yet") + ".",
               "- **Cannot tell** (decided on no model, or differently per model): "
