@@ -314,7 +314,7 @@ class FederatedRun:
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.out, self.sha)
-        self.arrays = ckpt.arrays
+        self.arrays = in_sent_dtypes(ckpt.arrays, self.arrays)  # (the trainable's: a checkpoint may predate the cast)
         self.base_strategy.__dict__.update(ckpt.strategy_state)
         accountant = getattr(self.strategy, "accountant", None)
         if accountant is not None and ckpt.round > 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from scaleot_fed.errors import ConfigError, ScaleOTError
 from simulations.checkpoint import checkpointed_seconds
@@ -110,12 +110,6 @@ def test_simulation_delivers_the_emulator_once_and_reports(fed):
     for name in ("metrics.csv", "rounds.png", "partitions.png", "results.md", "DONE"):
         assert (out / name).exists(), name
     assert not (out / "plugged").exists()  # (save_plugged = false: no model copy)
-    # the emulator fine-tuned row scores the aggregate, with no plugged-in model built (LoRA's B
-    # starts at zero: the initial state would score as the zero-shot)
-    name = fed_config_from_dict(_config(fed, "a")).emulator.name
-    scored = {k: json.loads((out / "rows" / f"{name}__{k}.json").read_text())["items"]["loglik"]
-              for k in ("emulator_zero_shot", "federated__emulator_finetune")}
-    assert scored["emulator_zero_shot"] != scored["federated__emulator_finetune"]
 
 
 def test_same_seed_same_result_and_no_second_delivery(fed):
@@ -134,6 +128,25 @@ def test_rows_given_to_a_simulation_must_be_on_its_items(fed):
     with pytest.raises(ConfigError, match="'full_zero_shot' was scored on other items than this run's 8"):
         simulate(config, rows={"full_zero_shot": row})
     assert not (fed / "given").exists()
+
+
+def test_a_run_stopped_after_its_last_round_resumes_into_its_final_table(fed, monkeypatch):
+    """No round is left to score the aggregate: the final table loads it itself. The checkpoint is
+    made float64 first, as FedAdam's were before aggregates kept their dtypes: the resumed run is
+    back in float32, and equal to the uninterrupted run."""
+    faults.stop_after_round(monkeypatch, 2)
+    with pytest.raises(faults.Killed, match="stopped after round 2"):
+        simulate(fed_config_from_dict(_config(fed, "last", final_table=True, save_plugged=False)))
+    monkeypatch.undo()
+    ckpt = fed / "last" / "checkpoint" / "aggregate.safetensors"
+    save_file({k: v.double() for k, v in load_file(str(ckpt)).items()}, str(ckpt))
+    out = simulate(load_run_config(fed / "last"), resume=True)
+    resumed, plain = _aggregate(out), _plain(fed)
+    assert all(v.dtype == torch.float32 and torch.equal(v, plain[k]) for k, v in resumed.items())
+    name = fed_config_from_dict(_config(fed, "last")).emulator.name
+    scored = {k: json.loads((out / "rows" / f"{name}__{k}.json").read_text())["items"]["loglik"]
+              for k in ("emulator_zero_shot", "federated__emulator_finetune")}
+    assert scored["emulator_zero_shot"] != scored["federated__emulator_finetune"]  # (LoRA's B starts at zero)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_result(fed, monkeypatch):

@@ -1130,9 +1130,13 @@ def test_a_federation_changed_under_its_name_or_owner_rows_of_other_owners_are_r
     del older["f"]["run"]["save_plugged"]
     record.write_text(json.dumps(older))
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 0, capsys.readouterr().err
-    # keys the study sets in every simulation itself (items, seed, scoring precision) change no row
-    (tmp_path / "s.toml").write_text(head + fed + 'set = { run = { eval_limit = 3, eval_dtype = "bfloat16" } }\n')
+    # keys the study sets in every simulation itself (items, seed, the final table) change no row
+    (tmp_path / "s.toml").write_text(head + fed + 'set = { run = { eval_limit = 3, save_plugged = true } }\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 0, capsys.readouterr().err
+    # a federation scored in another precision than the study's rows would not pair with them
+    (tmp_path / "s.toml").write_text(head + fed + 'set = { run = { eval_dtype = "bfloat16" } }\n')
+    assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2
+    assert "but the study scores every row on 'auto' in 'float32'" in capsys.readouterr().err
     (tmp_path / "s.toml").write_text(head + fed + 'set = { strategy = { name = "fedprox" } }\n')
     assert main(["study", "--config", str(tmp_path / "s.toml"), "--plan"]) == 2
     assert "federation 'f' changed since its rows were made (strategy.name)" in capsys.readouterr().err

@@ -44,11 +44,12 @@ from . import ledger
 from .config import OWNER_ROWS, FederationConfig, StudyConfig, merge_tables, task_folder, zero_shot_key
 
 ROWS = ("emulator_finetune", "plug_in")
-_PLACEMENT = Placement()  # (the study's data owner scores every other row so: SingleOwner's default)
-STUDY_SCORING = {"final_table": True, "save_plugged": False, "per_owner_eval": True,
-                 "eval_device": _PLACEMENT.device, "eval_dtype": _PLACEMENT.dtype}
-"""``[run]`` keys the study sets in every simulation, whatever its file says: the rows pair item by
-item with the study's others (same placement and precision), per owner, without a model copy."""
+STUDY_SCORING = {"final_table": True, "save_plugged": False, "per_owner_eval": True}
+"""``[run]`` keys the study sets in every simulation, whatever its file says: the final table's
+rows, per owner, without a model copy."""
+STUDY_PLACEMENT = Placement()
+"""Where and in which precision the study's data owner scores every row (SingleOwner's default): a
+federation's rows pair item by item with them only if its file scores the same way."""
 SET_BY_STUDY = ("run.out", "run.seed", "run.eval_limit", "run.eval_split", "run.centralised_offsite",
                 *(f"run.{key}" for key in STUDY_SCORING), "finetune.mode", "finetune.lr", "finetune.seed")
 """Keys of a federation's file that no row depends on: the study replaces them in each simulation
@@ -123,6 +124,10 @@ class StudyFederation:
             if task in study.random_subsets and study.eval_limit_of(task) is not None:
                 problems.append(f"its task {task!r} is in study.random_subsets with an eval limit, but a simulation "
                                 "scores the task's first items: take it out of random_subsets, or score it whole")
+        if fed.run.eval_placement() != STUDY_PLACEMENT:  # (checked, not set: rows made before would not say)
+            problems.append(f"it scores on eval_device {fed.run.eval_device!r} in eval_dtype {fed.run.eval_dtype!r}, but "
+                            f"the study scores every row on {STUDY_PLACEMENT.device!r} in {STUDY_PLACEMENT.dtype!r} "
+                            "(its rows pair item by item): leave both out of its file")
         if fed.run.model != study.model:
             problems.append(f"its model {fed.run.model!r} is not study.model {study.model!r}")
         if problems:
@@ -137,8 +142,8 @@ class StudyFederation:
 
     def simulation(self, task: str, seed: int, emulator_dir: Path, folder: Path, mode: str, lr: float) -> FedConfig:
         """The simulation config of one run: the study's seed, items, emulator, mode and rate, scored
-        as the study scores every row (:data:`STUDY_SCORING`); every owner's held-out items scored
-        (the per-owner rows) and, with a twin, the pooled data."""
+        with the final table the study reads (:data:`STUDY_SCORING`): every owner's held-out items
+        scored (the per-owner rows) and, with a twin, the pooled data."""
         study, run = self.config.study, self.fed.run
         section = next(e for e in self.config.emulators if e.name == self.emulator)
         first = self.tasks[0] if self.mixture else task
