@@ -192,10 +192,11 @@ def final_table(fed: FederatedRun) -> dict:
         save_plugged(fed.plugged_model(), fed.tokenizer, fed.out / "plugged")
     last = fed.last_plug_in  # the last round scored this aggregate's plug-in already: not twice
     tuned, plug = f"{name}/federated/emulator_finetune", f"{name}/federated/plug_in"
-    federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)),
-                 "plug_in": owner.cache(plug, lambda: last[1] if last and last[0] is fed.arrays
-                                        else fed.plug_in_eval()[0] if run.per_owner_eval  # (with each owner's items)
-                                        else owner.evaluate(fed.plugged_model(), plug))}  # (a full copy: built only here)
+    # the plug-in first: scoring the emulator places the trainable in the scoring dtype, in place
+    plug_in = owner.cache(plug, lambda: last[1] if last and last[0] is fed.arrays
+                          else fed.plug_in_eval()[0] if run.per_owner_eval  # (with each owner's items)
+                          else owner.evaluate(fed.plugged_model(), plug))  # (a full copy: built only here)
+    federated = {"emulator_finetune": owner.cache(tuned, lambda: owner.evaluate(fed.trainable, tuned)), "plug_in": plug_in}
     entry_config = as_dict(config.emulator)
     emulators = {f"federated-{config.strategy.name}": emulator_entry(rows | federated, fed.emulator.manifest,
                                                                      entry_config)}
