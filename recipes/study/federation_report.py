@@ -132,18 +132,28 @@ def plot_convergence(summary: dict, path: Path) -> None:
               if any(key in e.get(task, {}).get("curves", {}) for e in table.values())]
     if not panels:
         return
+    from matplotlib.ticker import MaxNLocator
+
+    # one look per federation in every panel (colour, and a marker: rows that coincide, as
+    # strategies that do not differ at these settings, stay visible), one legend for all
+    markers = "osD^v<>xP*"
+    style = {name: {"color": f"C{i % 10}", "marker": markers[(i + i // 10) % len(markers)], "markersize": 3}
+             for i, name in enumerate(table)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
     for ax, (task, key) in zip(axes[0], panels):
         for name, per_task in table.items():
             curves = per_task.get(task, {}).get("curves", {})
             if key in curves:
-                line, = ax.plot(curves["round"], curves[key]["mean"], label=name, linewidth=1)
+                ax.plot(curves["round"], curves[key]["mean"], label=name, linewidth=1, **style[name])
                 ax.fill_between(curves["round"], curves[key]["low"], curves[key]["high"], alpha=0.2,
-                                color=line.get_color())
+                                color=style[name]["color"])
         ax.set_title(f"{task}: {key}", fontsize=8)
         ax.set_xlabel("round", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend([handles[n] for n in table if n in handles], [n for n in table if n in handles], fontsize=7,
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(handles)), frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
