@@ -138,7 +138,23 @@ class StudyFederation:
             resolve_strategy(fed.strategy.name)
         except ConfigError as exc:
             raise ConfigError(f"{where}: federation {spec.name!r}: {exc}") from exc
+        self.check_owners(where)
         return self
+
+    def check_owners(self, where: str) -> None:
+        """Draw every seed's data owners now: a partition that cannot split a task at some seed
+        (a Dirichlet no draw of which gives each owner its minimum) fails before any unit runs,
+        not when the study reaches that seed hours later."""
+        from simulations.partition import partition_indices
+
+        run = self.fed.run
+        for task, _ in self.runs():
+            for seed in self.config.study.seeds:
+                try:
+                    partition_indices(run.task if self.mixture else task, run.train_limit, self.fed.partition,
+                                      run.num_clients, seed)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: federation {self.name!r} on {task} at seed {seed}: {exc}") from exc
 
     def simulation(self, task: str, seed: int, emulator_dir: Path, folder: Path, mode: str, lr: float) -> FedConfig:
         """The simulation config of one run: the study's seed, items, emulator, mode and rate, scored
