@@ -11,7 +11,9 @@ client actor given ``num_gpus`` sees only its GPU(s) (``CUDA_VISIBLE_DEVICES``),
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,15 +55,45 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+CPU_UNITS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+"""The x86 instructions that multiply a half-precision dtype natively (without them it is emulated)."""
+
+
+def cpu_multiplies_natively(dtype: torch.dtype) -> bool | None:
+    """Whether this CPU has matrix instructions for ``dtype`` (:data:`CPU_UNITS`); None where torch
+    cannot tell (an older torch, a non-x86 CPU). float32 is always native."""
+    if dtype == torch.float32:
+        return True
+    get = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = get() if get is not None else {}
+    if capabilities.get("architecture") != "x86_64" or dtype not in CPU_UNITS:
+        return None
+    return any(capabilities.get(unit) for unit in CPU_UNITS[dtype])
+
+
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype, training: bool = True) -> nn.Module:
     """Move ``model`` to ``device``; frozen parameters in ``dtype``, parameters that train in
-    float32 (with ``training=False``, for scoring: every parameter in ``dtype``)."""
+    float32 (with ``training=False``, for scoring: every parameter in ``dtype``).
+
+    Warns (once per process and dtype) where ``dtype`` is half precision on a CPU that has no
+    instructions for it: there the matmuls are emulated, measured 12x slower than float32
+    (``benchmarks/precision.py``), where a CPU with AVX512-BF16 ran bf16 LoRA training 2x faster."""
+    if device.type == "cpu" and cpu_multiplies_natively(dtype) is False:
+        _warn_emulated(dtype)
     model.to(device)
     for param in model.parameters():
         wanted = torch.float32 if param.requires_grad and training else dtype
         if param.is_floating_point() and param.dtype != wanted:
             param.data = param.data.to(wanted)
     return model
+
+
+@functools.cache
+def _warn_emulated(dtype: torch.dtype) -> None:
+    name = next(n for n, d in DTYPES.items() if d == dtype)
+    warnings.warn(f"dtype {name} on this CPU, which has no {' or '.join(CPU_UNITS[dtype])} instructions: its matmuls "
+                  "are emulated, about 12x slower than float32 (benchmarks/precision.py); use dtype = \"float32\" here",
+                  RuntimeWarning, stacklevel=3)
 
 
 @dataclass

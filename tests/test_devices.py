@@ -1,5 +1,8 @@
 """Devices and precision: spelled devices are checked, bf16 runs on CPU close to float32."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -28,6 +31,34 @@ def test_device_spellings_and_availability():
         resolve_device(f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     with pytest.raises(ConfigError, match="dtype must be one of"):
         FinetuneConfig(dtype="float8")
+
+
+@pytest.mark.parametrize("capabilities,dtype,native", [
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": False}, torch.bfloat16, False),
+    ({"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}, torch.bfloat16, True),
+    ({"architecture": "x86_64", "amx_fp16": True}, torch.float16, True),
+    ({"architecture": "aarch64"}, torch.bfloat16, None),  # cannot tell: no warning
+    ({"architecture": "x86_64"}, torch.float32, True),
+])
+def test_half_precision_on_a_cpu_without_its_instructions_warns_once(monkeypatch, capabilities, dtype, native):
+    import scaleot_fed.devices as devices
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    devices._warn_emulated.cache_clear()
+    assert devices.cpu_multiplies_natively(dtype) is native
+    with pytest.warns(RuntimeWarning, match="emulated, about 12x slower") if native is False else _no_warning():
+        place(torch.nn.Linear(2, 2), torch.device("cpu"), dtype)
+    if native is False:  # once per process and dtype
+        with _no_warning():
+            place(torch.nn.Linear(2, 2), torch.device("cpu"), dtype)
+    devices._warn_emulated.cache_clear()
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
 
 
 def _train(gpt2_tokenizer, dtype: str):
