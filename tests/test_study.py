@@ -1058,6 +1058,7 @@ def test_a_grid_of_federations_is_scored_per_task_and_per_owner(tmp_path, tiny_m
     assert owner_claim["interval"] in {"percentile", "simultaneous"} and worst["interval"] in {"percentile", "simultaneous"}
     table = summary["federations"]["prox-label"]["piqa"]
     assert table["mb_up"] > 0 and table["seconds_per_round"] > 0 and table["curves"]["round"] == [1]
+    assert table["emulator_mb"] > 0  # the emulator each owner receives, beside the rounds' bytes
     assert 1 <= table["owner_items"][0] <= table["owner_items"][1]  # the fewest and most items an owner held
     report = (tmp_path / "study" / "REPORT.md").read_text()
     assert "## Federations" in report and "| prox-label | piqa |" in report
@@ -1214,3 +1215,21 @@ def test_a_worst_owner_row_of_owners_with_few_items_stays_within_what_an_accurac
     entry = owner_entry("f/worst_owner", Resolver(), 300)
     assert entry["interval"] == "simultaneous" and entry["mean"] == 0.5
     assert entry["ci95"][0] == 0.0 and entry["ci95"][1] == 1.0  # the bands reach past both ends; cut there
+
+
+def test_a_federations_mb_down_leaves_the_emulators_delivery_apart():
+    """Two seeds of one federation move the same adapters; only the first found the owners' cache
+    empty and paid the emulator's delivery in its first round. Their MB down must agree (before,
+    the table mixed 361 MB of delivery into one seed: 198.5 MB against 19.7)."""
+    from recipes.study.federation_report import federated_costs
+
+    def seed(delivered: int) -> dict:
+        rounds = [{"round": r, "bytes_up": 4_000_000, "bytes_down": 4_000_000 + (delivered if r == 1 else 0),
+                   "emulator_bytes_down": delivered if r == 1 else 0, "seconds": 30.0, "train_loss": 1.0 / r}
+                  for r in (1, 2)]
+        return {"rounds": rounds, "bytes_up_total": 8_000_000, "bytes_down_total": 8_000_000 + delivered,
+                "emulator_bytes": 360_000_000}
+
+    entry = federated_costs([seed(361_000_000), seed(0)], None)
+    assert entry["mb_down"] == pytest.approx(8.0) and entry["mb_up"] == pytest.approx(8.0)
+    assert entry["emulator_mb"] == pytest.approx(360.0)  # what each owner receives once, beside the rounds

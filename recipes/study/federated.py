@@ -54,7 +54,8 @@ SET_BY_STUDY = ("run.out", "run.seed", "run.eval_limit", "run.eval_split", "run.
                 *(f"run.{key}" for key in STUDY_SCORING), "finetune.mode", "finetune.lr", "finetune.seed")
 """Keys of a federation's file that no row depends on: the study replaces them in each simulation
 (:meth:`StudyFederation.simulation`), so a change to them is not a change of the federation."""
-ROUND_KEYS = ("round", "train_loss", "client_val_loss", "bytes_up", "bytes_down", "seconds", "successful")
+ROUND_KEYS = ("round", "train_loss", "client_val_loss", "bytes_up", "bytes_down", "emulator_bytes_down", "seconds",
+              "successful")
 """What the plug-in row keeps of each round (the report's convergence curves and costs)."""
 
 
@@ -235,7 +236,8 @@ class StudyFederation:
                 if side == self.name and row == "plug_in":
                     found = found | {"rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in rounds["rounds"]],
                                      "bytes_up_total": rounds.get("bytes_up_total"),
-                                     "bytes_down_total": rounds.get("bytes_down_total")}
+                                     "bytes_down_total": rounds.get("bytes_down_total"),
+                                     "emulator_bytes": rounds.get("emulator_bytes")}
                 rows.put(f"{side}{suffix}/seed{seed}/{row}", found)
 
 

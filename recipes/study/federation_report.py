@@ -66,11 +66,13 @@ def federation_table(config, resolvers: dict) -> dict:
             for task, resolver in resolvers.items():
                 rows = [resolver.rows[k] for _, k in resolver.seeded_keys(f"{name}/plug_in")]
                 if rows:
-                    out.setdefault(name, {})[task] = _costs(rows, resolver.groups(f"{name}/worst_owner"))
+                    out.setdefault(name, {})[task] = federated_costs(rows, resolver.groups(f"{name}/worst_owner"))
     return out
 
 
-def _costs(rows: list[dict], groups) -> dict:
+def federated_costs(rows: list[dict], groups) -> dict:
+    """One federated row's entry of :func:`federation_table` from its plug-in rows (one per seed)
+    and its per-owner groups (``resolver.groups``; ``None``: no owners scored)."""
     entry: dict = {"seeds": len(rows)}
     if groups is not None:
         means = [[float(g.mean()) for g in owners] for owners in groups[0]]
@@ -81,7 +83,13 @@ def _costs(rows: list[dict], groups) -> dict:
     rounds = [r["rounds"] for r in rows if r.get("rounds")]
     if rounds:
         entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None])) / 1e6
-        entry["mb_down"] = float(np.mean([r["bytes_down_total"] for r in rows if r.get("bytes_down_total") is not None])) / 1e6
+        # the emulator's delivery apart: it crosses once per disk that lacks it, so whether a run paid
+        # it depends on what the owners' caches held before (in a simulation: the study's run order)
+        entry["mb_down"] = float(np.mean([r["bytes_down_total"] - sum(x.get("emulator_bytes_down") or 0 for x in r["rounds"])
+                                          for r in rows if r.get("bytes_down_total") is not None and r.get("rounds")])) / 1e6
+        sizes = [r["emulator_bytes"] for r in rows if r.get("emulator_bytes")]
+        if sizes:
+            entry["emulator_mb"] = float(np.mean(sizes)) / 1e6
         entry["seconds_per_round"] = float(np.mean([x["seconds"] for run in rounds for x in run]))
         length = min(len(run) for run in rounds)  # (every seed runs the same rounds)
         entry["curves"] = {"round": [run["round"] for run in rounds[0][:length]]}
@@ -101,11 +109,13 @@ def federation_markdown(summary: dict) -> list[str]:
     lines = ["## Federations", "",
              "The plug-in's accuracy (%) with its 95 % interval and seeds; each data owner's held-out items scored "
              "after the last round: the worst owner and the spread (best - worst), means over seeds, and the fewest and "
-             "most held-out items an owner had (a skewed partition leaves some owners few); what a run "
-             "moved (MB up, MB down, the emulator's delivery included) and its seconds per round (2 CPU cores, "
-             "simulated owners); the losses per round are in federations.png (mean over seeds, band: low to high).",
-             "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | s/round |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "most held-out items an owner had (a skewed partition leaves some owners few); what a run's rounds "
+             "moved (MB up, MB down) and, apart, the emulator each owner receives once before them (MB; it crosses "
+             "once per disk that lacks it: in a simulation, whether a run paid it depends on the owners' cache); its "
+             "seconds per round (2 CPU cores, simulated owners); the losses per round are in federations.png (mean "
+             "over seeds, band: low to high).",
+             "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | "
+             "emulator MB | s/round |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, per_task in table.items():
         for task, e in per_task.items():
             row = summary["rows"].get(f"{name}/plug_in", {}).get(task)
@@ -113,7 +123,7 @@ def federation_markdown(summary: dict) -> list[str]:
                                           f"{100 * row['ci95'][1]:.1f}] x{row['seeds']}")
             items = "-".join(str(n) for n in dict.fromkeys(e["owner_items"])) if "owner_items" in e else ""
             cells = [acc] + [f"{100 * e[k]:.1f}" if k in e else "" for k in ("worst_owner", "owner_spread")] + [items] + \
-                [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "seconds_per_round")]
+                [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "emulator_mb", "seconds_per_round")]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     curves = any("curves" in e for per_task in table.values() for e in per_task.values())
     return lines + ["", "![federations](federations.png)" if curves else "(no per-round record in these rows)", ""]
