@@ -73,13 +73,7 @@ def cpu_multiplies_natively(dtype: torch.dtype) -> bool | None:
 
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype, training: bool = True) -> nn.Module:
     """Move ``model`` to ``device``; frozen parameters in ``dtype``, parameters that train in
-    float32 (with ``training=False``, for scoring: every parameter in ``dtype``).
-
-    Warns (once per process and dtype) where ``dtype`` is half precision on a CPU that has no
-    instructions for it: there the matmuls are emulated, measured 12x slower than float32
-    (``benchmarks/precision.py``), where a CPU with AVX512-BF16 ran bf16 LoRA training 2x faster."""
-    if device.type == "cpu" and cpu_multiplies_natively(dtype) is False:
-        _warn_emulated(dtype)
+    float32 (with ``training=False``, for scoring: every parameter in ``dtype``)."""
     model.to(device)
     for param in model.parameters():
         wanted = torch.float32 if param.requires_grad and training else dtype
@@ -113,8 +107,16 @@ class Placement:
 
     def apply(self, model: nn.Module, training: bool = True) -> nn.Module:
         """:func:`place` ``model`` on this device, frozen weights (with ``training=False``: all
-        weights) in this dtype."""
-        return place(model, resolve_device(self.device), resolve_dtype(self.dtype), training)
+        weights) in this dtype, to run there.
+
+        Warns (once per process and dtype) where that is half precision on a CPU with no
+        instructions for it: its matmuls are emulated, measured 12x slower than float32
+        (``benchmarks/precision.py``), where a CPU with AVX512-BF16 trained bf16 LoRA 2x faster.
+        (Not in :func:`place`, which also only stores weights in a dtype.)"""
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        if device.type == "cpu" and cpu_multiplies_natively(dtype) is False:
+            _warn_emulated(dtype)
+        return place(model, device, dtype, training)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

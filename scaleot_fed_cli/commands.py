@@ -338,7 +338,7 @@ def cmd_study(args: argparse.Namespace) -> None:
         raise ConfigError("--rate-from prices a --plan; add --plan, or drop it")
     _use_all_cores()
     # the federated rows come from the simulations package, a program beside the study
-    federations = load_federations(config, args.config, check=not args.overwrite)
+    federations = load_federations(config, args.config, check=not args.overwrite, owners=not args.report_only)
     if args.plan:
         from recipes.study.plan import plan_study
 

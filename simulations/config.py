@@ -165,7 +165,7 @@ class PartitionConfig:
     """task only: each owner's tasks (one list per owner); a task's items are split evenly among the
     owners that hold it. Empty: a Dirichlet over tasks with ``alpha``."""
     min_partition_size: int = 2
-    """Dirichlet kinds: draws are repeated (up to 100) until every owner holds this many items."""
+    """Dirichlet kinds: draws are repeated (up to 110) until every owner holds this many items."""
 
     def __post_init__(self) -> None:
         if self.kind in RENAMED_PARTITIONERS:

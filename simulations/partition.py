@@ -84,38 +84,40 @@ def partition_indices(task: str, train_limit: int | None, config: PartitionConfi
 
 
 DIRICHLET_RESTARTS = 10
-"""How many times a Dirichlet partitioner that gave up is started again (each tries 10 draws)."""
+"""How many times a Dirichlet partitioner that gave up is started again."""
+FLOWER_DRAWS = 11
+"""The draws Flower's ``DirichletPartitioner`` makes before it gives up (flwr-datasets 0.6)."""
 
 
 def _flower_split(table: dict[str, list], config: PartitionConfig, num_partitions: int, seed: int, task: str) -> list[list[int]]:
     """The partitioner's split of ``table`` into item indices per owner.
 
     A Dirichlet split rejects draws that leave an owner below ``min_partition_size`` and Flower's
-    partitioner gives up after 10 of them: with 2 answer values, 8 owners and alpha 0.1 (PIQA) that
-    is 9 of 30 seeds. Started again with seeds derived from ``seed`` (up to
+    partitioner gives up after :data:`FLOWER_DRAWS` of them: with 2 answer values, 8 owners and
+    alpha 0.1 (PIQA) that is 9 of 30 seeds. Started again with seeds derived from ``seed`` (up to
     :data:`DIRICHLET_RESTARTS` times) it keeps sampling the same law, draws conditioned on every
     owner's minimum, and a seed Flower could split gives the same owners as before.
     """
     import datasets
 
     dataset = datasets.Dataset.from_dict(table)
-    restarts = DIRICHLET_RESTARTS if config.classes_per_client is None and config.kind not in ("iid", "natural") else 1
-    for restart in range(restarts):
+    dirichlet = config.classes_per_client is None and config.kind not in ("iid", "natural")
+    for restart in range(DIRICHLET_RESTARTS if dirichlet else 1):
         partitioner = build_partitioner(config, num_partitions,
                                         seed if restart == 0 else int(np.random.SeedSequence([seed, restart]).generate_state(1)[0]))
         partitioner.dataset = dataset
         try:
-            with warnings.catch_warnings():  # (a warning per rejected draw; the error below says it once)
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings():  # (one per rejected draw; the error below says it once)
+                warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
                 return [list(partitioner.load_partition(p)["idx"]) for p in range(num_partitions)]
         except ValueError as exc:  # e.g. a pathological split with fewer values than needed
+            if not (dirichlet and "max number of attempts" in str(exc)):
+                raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: {exc}") from exc
             error = exc
-    if restarts > 1:
-        raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: none of "
-                          f"{restarts * 10} Dirichlet draws (alpha {config.alpha}) left each of {num_partitions} owners "
-                          f"{config.min_partition_size} items; raise alpha, lower min_partition_size or use fewer "
-                          "owners") from error
-    raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: {error}") from error
+    raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: none of "
+                      f"{DIRICHLET_RESTARTS * FLOWER_DRAWS} Dirichlet draws (alpha {config.alpha}) left each of "
+                      f"{num_partitions} owners {config.min_partition_size} items; raise alpha, lower "
+                      "min_partition_size or use fewer owners") from error
 
 
 @functools.lru_cache(maxsize=4)

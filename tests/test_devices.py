@@ -46,11 +46,14 @@ def test_half_precision_on_a_cpu_without_its_instructions_warns_once(monkeypatch
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
     devices._warn_emulated.cache_clear()
     assert devices.cpu_multiplies_natively(dtype) is native
+    placement = devices.Placement(device="cpu", dtype=next(k for k, v in devices.DTYPES.items() if v == dtype))
     with pytest.warns(RuntimeWarning, match="emulated, about 12x slower") if native is False else _no_warning():
-        place(torch.nn.Linear(2, 2), torch.device("cpu"), dtype)
+        placement.apply(torch.nn.Linear(2, 2))
     if native is False:  # once per process and dtype
         with _no_warning():
-            place(torch.nn.Linear(2, 2), torch.device("cpu"), dtype)
+            placement.apply(torch.nn.Linear(2, 2))
+    with _no_warning():  # only stored in the dtype (an emulator saved, shipped): no matmul, no warning
+        place(torch.nn.Linear(2, 2), torch.device("cpu"), dtype)
     devices._warn_emulated.cache_clear()
 
 

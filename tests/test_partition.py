@@ -91,12 +91,12 @@ def _dirichlet_by_hand(golds, num, alpha, min_size, seed):
     """Flower Datasets' DirichletPartitioner (self_balancing=True, shuffle=True), re-derived:
     per class in sorted order, draw proportions ~ Dir(alpha); owners already above the average
     size get none of it; cut the class's indices at ``floor(cumsum * n_class)``; redraw everything
-    while an owner has fewer than ``min_size`` items (the generator keeps its state), 10 draws at
+    while an owner has fewer than ``min_size`` items (the generator keeps its state), 11 draws at
     most (None after that: Flower's partitioner gives up)."""
     rng = np.random.default_rng(seed)
     targets = np.array(golds)
     average = len(golds) / num
-    for _ in range(10):
+    for _ in range(11):
         owners = [[] for _ in range(num)]
         for label in sorted(set(golds)):
             members = np.flatnonzero(targets == label)
@@ -141,7 +141,7 @@ def test_a_dirichlet_split_flower_gives_up_on_is_drawn_again_from_seeds_derived_
 
 def test_a_dirichlet_minimum_no_draw_can_meet_is_one_line_saying_what_to_change(tmp_path):
     golds = [i % 2 for i in range(40)]  # 8 owners of 40 items: none can hold 6 each
-    with pytest.raises(ConfigError, match=r"none of 100 Dirichlet draws .*raise alpha, lower min_partition_size"):
+    with pytest.raises(ConfigError, match=r"none of 110 Dirichlet draws .*raise alpha, lower min_partition_size"):
         _partition(_task(tmp_path / "t.jsonl", golds), golds, 8, kind="label-skew", alpha=0.1, min_partition_size=6)
 
 

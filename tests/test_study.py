@@ -1084,7 +1084,7 @@ def test_federation_tables_are_checked_before_any_work(tmp_path, capsys):
         # every seed's owners are drawn at load: 24 items cannot give 2 owners 13 each
         (f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\n'
          'set = { partition = { kind = "label-skew", alpha = 0.1, min_partition_size = 13 } }\n',
-         "federation 'f' on piqa at seed 0: partition label-skew by 'gold' cannot split piqa: none of 100"),
+         "federation 'f' on piqa at seed 0: partition label-skew by 'gold' cannot split piqa: none of 110"),
         (f'[[federation]]\nname = "f"\nconfig = "{tmp_path / "fed.toml"}"\n[[federation]]\nname = "g"\n'
          f'config = "{tmp_path / "fed.toml"}"\n[[claim]]\nclaim = "x"\na = "f/worst_owner"\nb = "g/plug_in"\n',
          "an owner row (worst_owner, owner_mean) is compared with the same owner row"),

@@ -139,7 +139,6 @@ class StudyFederation:
             resolve_strategy(fed.strategy.name)
         except ConfigError as exc:
             raise ConfigError(f"{where}: federation {spec.name!r}: {exc}") from exc
-        self.check_owners(where)
         return self
 
     def check_owners(self, where: str) -> None:
@@ -241,11 +240,14 @@ class StudyFederation:
                 rows.put(f"{side}{suffix}/seed{seed}/{row}", found)
 
 
-def load_federations(config: StudyConfig, where: str, check: bool = True) -> list[StudyFederation]:
-    """Every federation of the study, each checked (:meth:`StudyFederation.load`), and (with
-    ``check``: not for a study started over) against the simulation config each one's rows were
-    made with (:func:`check_recorded`)."""
+def load_federations(config: StudyConfig, where: str, check: bool = True, owners: bool = True) -> list[StudyFederation]:
+    """Every federation of the study, each checked (:meth:`StudyFederation.load`), with ``owners``
+    (for a run or a plan; a report needs no train data) its owners drawn at every seed
+    (:meth:`StudyFederation.check_owners`), and (with ``check``: not for a study started over)
+    against the simulation config each one's rows were made with (:func:`check_recorded`)."""
     federations = [StudyFederation.load(config, spec, where) for spec in config.federations]
+    for federation in federations if owners else ():
+        federation.check_owners(where)
     by_name = {f.name: f for f in federations}
     for claim in config.claims:  # an owner row is compared with the same owners only
         sides = [by_name.get(side.rsplit("/", 1)[0].split(":")[0]) for side in (claim.a, claim.b)]

@@ -82,7 +82,8 @@ def federated_costs(rows: list[dict], groups) -> dict:
                   "owner_items": [min(sizes), max(sizes)]}
     rounds = [r["rounds"] for r in rows if r.get("rounds")]
     if rounds:
-        entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None])) / 1e6
+        entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None
+                                        and r.get("rounds")])) / 1e6
         # the emulator's delivery apart: it crosses once per disk that lacks it, so whether a run paid
         # it depends on what the owners' caches held before (in a simulation: the study's run order)
         entry["mb_down"] = float(np.mean([r["bytes_down_total"] - sum(x.get("emulator_bytes_down") or 0 for x in r["rounds"])
