@@ -83,9 +83,8 @@ def place(model: nn.Module, device: torch.device, dtype: torch.dtype, training: 
 
 
 @functools.cache
-def _warn_emulated(dtype: torch.dtype) -> None:
-    name = next(n for n, d in DTYPES.items() if d == dtype)
-    warnings.warn(f"dtype {name} on this CPU, which has no {' or '.join(CPU_UNITS[dtype])} instructions: its matmuls "
+def _warn_emulated(name: str) -> None:
+    warnings.warn(f"dtype {name} on this CPU, which has no {' or '.join(CPU_UNITS[DTYPES[name]])} instructions: its matmuls "
                   "are emulated, about 12x slower than float32 (benchmarks/precision.py); use dtype = \"float32\" here",
                   RuntimeWarning, stacklevel=3)
 
@@ -115,7 +114,7 @@ class Placement:
         (Not in :func:`place`, which also only stores weights in a dtype.)"""
         device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
         if device.type == "cpu" and cpu_multiplies_natively(dtype) is False:
-            _warn_emulated(dtype)
+            _warn_emulated(self.dtype)
         return place(model, device, dtype, training)
 
 

@@ -99,10 +99,10 @@ def _flower_split(table: dict[str, list], config: PartitionConfig, num_partition
     owner's minimum, and a seed Flower could split gives the same owners as before.
     """
     import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     dataset = datasets.Dataset.from_dict(table)
-    dirichlet = config.classes_per_client is None and config.kind not in ("iid", "natural")
-    for restart in range(DIRICHLET_RESTARTS if dirichlet else 1):
+    for restart in range(DIRICHLET_RESTARTS):
         partitioner = build_partitioner(config, num_partitions,
                                         seed if restart == 0 else int(np.random.SeedSequence([seed, restart]).generate_state(1)[0]))
         partitioner.dataset = dataset
@@ -111,7 +111,7 @@ def _flower_split(table: dict[str, list], config: PartitionConfig, num_partition
                 warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
                 return [list(partitioner.load_partition(p)["idx"]) for p in range(num_partitions)]
         except ValueError as exc:  # e.g. a pathological split with fewer values than needed
-            if not (dirichlet and "max number of attempts" in str(exc)):
+            if not (isinstance(partitioner, DirichletPartitioner) and "max number of attempts" in str(exc)):
                 raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: {exc}") from exc
             error = exc
     raise ConfigError(f"partition {config.kind} by {config.split_field!r} cannot split {task}: none of "

@@ -80,14 +80,14 @@ def federated_costs(rows: list[dict], groups) -> dict:
         entry |= {"worst_owner": float(np.mean([min(m) for m in means])),
                   "owner_spread": float(np.mean([max(m) - min(m) for m in means])), "owners": len(means[0]),
                   "owner_items": [min(sizes), max(sizes)]}
-    rounds = [r["rounds"] for r in rows if r.get("rounds")]
+    recorded = [r for r in rows if r.get("rounds")]  # (rows made before rounds were kept have none)
+    rounds = [r["rounds"] for r in recorded]
     if rounds:
-        entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in rows if r.get("bytes_up_total") is not None
-                                        and r.get("rounds")])) / 1e6
+        entry["mb_up"] = float(np.mean([r["bytes_up_total"] for r in recorded])) / 1e6
         # the emulator's delivery apart: it crosses once per disk that lacks it, so whether a run paid
         # it depends on what the owners' caches held before (in a simulation: the study's run order)
         entry["mb_down"] = float(np.mean([r["bytes_down_total"] - sum(x.get("emulator_bytes_down") or 0 for x in r["rounds"])
-                                          for r in rows if r.get("bytes_down_total") is not None and r.get("rounds")])) / 1e6
+                                          for r in recorded])) / 1e6
         sizes = [r["emulator_bytes"] for r in rows if r.get("emulator_bytes")]
         if sizes:
             entry["emulator_mb"] = float(np.mean(sizes)) / 1e6
