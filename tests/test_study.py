@@ -1233,3 +1233,23 @@ def test_a_federations_mb_down_leaves_the_emulators_delivery_apart():
     entry = federated_costs([seed(361_000_000), seed(0)], None)
     assert entry["mb_down"] == pytest.approx(8.0) and entry["mb_up"] == pytest.approx(8.0)
     assert entry["emulator_mb"] == pytest.approx(360.0)  # what each owner receives once, beside the rounds
+
+
+def test_a_federations_last_validation_loss_is_where_its_curve_ends():
+    """The table's last val loss is the mean over seeds of the owners' validation loss after the
+    final round (not the first round, not the training loss): two seeds ending at 6.0 and 7.0 read 6.5."""
+    from recipes.study.federation_report import federated_costs, federation_markdown
+
+    def seed(end: float) -> dict:
+        rounds = [{"round": r, "bytes_up": 1, "bytes_down": 1, "seconds": 1.0, "train_loss": 9.0,
+                   "client_val_loss": {1: 10.0, 2: 8.0, 3: end}[r]} for r in (1, 2, 3)]
+        return {"rounds": rounds, "bytes_up_total": 3, "bytes_down_total": 3}
+
+    entry = federated_costs([seed(6.0), seed(7.0)], None)
+    assert entry["last_val_loss"] == pytest.approx(6.5)
+    no_owner_eval = seed(6.0)
+    for x in no_owner_eval["rounds"]:
+        del x["client_val_loss"]
+    assert "last_val_loss" not in federated_costs([no_owner_eval], None)  # a blank cell, not a made-up number
+    summary = {"federations": {"f": {"piqa": entry}}, "rows": {}}
+    assert federation_markdown(summary)[6].endswith("| 6.50 |")

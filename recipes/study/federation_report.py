@@ -58,7 +58,7 @@ def federation_table(config, resolvers: dict) -> dict:
     """Per federated row (``<federation>[:<mode>]``) and task: seeds, the worst owner and the
     owners' spread (best - worst, in the task's metric, means over seeds), MB up and down per run
     and seconds per round (means over seeds), and the rounds' losses: mean, low and high over
-    seeds, round by round."""
+    seeds, round by round, and the owners' validation loss after the last round."""
     study, out = config.study, {}
     for federation in config.federations:
         for mode in study.modes:
@@ -99,6 +99,10 @@ def federated_costs(rows: list[dict], groups) -> dict:
             if not np.isnan(values).all():
                 entry["curves"][key] = {"mean": np.nanmean(values, axis=0).tolist(),
                                         "low": np.nanmin(values, axis=0).tolist(), "high": np.nanmax(values, axis=0).tolist()}
+        if "client_val_loss" in entry["curves"]:
+            # where the curves end: strategies whose plug-in scores tie can still differ in how far
+            # the owners' adapters got, and this is the number that says so
+            entry["last_val_loss"] = entry["curves"]["client_val_loss"]["mean"][-1]
     return entry
 
 
@@ -113,10 +117,13 @@ def federation_markdown(summary: dict) -> list[str]:
              "most held-out items an owner had (a skewed partition leaves some owners few); what a run's rounds "
              "moved (MB up, MB down) and, apart, the emulator each owner receives once before them (MB; it crosses "
              "once per disk that lacks it: in a simulation, whether a run paid it depends on the owners' cache); its "
-             "seconds per round (2 CPU cores, simulated owners); the losses per round are in federations.png (mean "
-             "over seeds, band: low to high).",
+             "seconds per round (2 CPU cores, simulated owners); the owners' validation loss after the last round "
+             "(nats, mean over owners and seeds: how far the adapters got, where accuracies tie); the losses per "
+             "round are in federations.png (mean over seeds, band: low to high). A federation over a mixture "
+             "of tasks is one run scored on each: its owners (each on its own task's items), bytes, seconds and "
+             "losses are on its first task's line.",
              "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | "
-             "emulator MB | s/round |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "emulator MB | s/round | last val loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, per_task in table.items():
         for task, e in per_task.items():
             row = summary["rows"].get(f"{name}/plug_in", {}).get(task)
@@ -124,7 +131,8 @@ def federation_markdown(summary: dict) -> list[str]:
                                           f"{100 * row['ci95'][1]:.1f}] x{row['seeds']}")
             items = "-".join(str(n) for n in dict.fromkeys(e["owner_items"])) if "owner_items" in e else ""
             cells = [acc] + [f"{100 * e[k]:.1f}" if k in e else "" for k in ("worst_owner", "owner_spread")] + [items] + \
-                [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "emulator_mb", "seconds_per_round")]
+                [f"{e[k]:.1f}" if k in e else "" for k in ("mb_up", "mb_down", "emulator_mb", "seconds_per_round")] + \
+                [f"{e['last_val_loss']:.2f}" if "last_val_loss" in e else ""]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     curves = any("curves" in e for per_task in table.values() for e in per_task.values())
     return lines + ["", "![federations](federations.png)" if curves else "(no per-round record in these rows)", ""]
