@@ -253,3 +253,21 @@ def test_old_kind_names_say_their_new_spelling():
         fed_config_from_dict({"partition": {"kind": "dirichlet"}})
     with pytest.raises(ConfigError, match="classes_per_client"):
         fed_config_from_dict({"partition": {"kind": "pathological"}})
+
+
+def test_label_skew_by_gold_warns_where_gold_is_only_the_answers_position(tmp_path):
+    """Where every item has its own choices (ARC, PIQA), the model is trained and scored on the
+    answer's text, never its index: a Dirichlet over ``gold`` skews nothing it sees, and says so.
+    Where the choices are one fixed label set (the helper's a-d), gold is a class: no warning."""
+    import warnings
+
+    golds = GOLDS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails here
+        _partition(_task(tmp_path / "fixed.jsonl", golds), golds, 2, 0, kind="label-skew", alpha=1.0)
+    varied = tmp_path / "varied.jsonl"
+    with open(varied, "w") as handle:
+        for i, gold in enumerate(golds):
+            handle.write(json.dumps({"context": f"Q{i}?", "choices": [f"x{i}", f"y{i}", f"z{i}"], "gold": int(gold)}) + "\n")
+    with pytest.warns(UserWarning, match="never shows the model.*kind = \"topic\""):
+        _partition(str(varied), golds, 2, 0, kind="label-skew", alpha=1.0)
