@@ -120,6 +120,10 @@ def _flower_split(table: dict[str, list], config: PartitionConfig, num_partition
                       "min_partition_size or use fewer owners") from error
 
 
+_WARNED: set[str] = set()
+"""The tasks whose label skew by answer position was already warned about."""
+
+
 @functools.lru_cache(maxsize=4)
 def _partition_indices(task, train_limit, config_json, num_partitions, seed):
     config = PartitionConfig(**json.loads(config_json))
@@ -130,11 +134,12 @@ def _partition_indices(task, train_limit, config_json, num_partitions, seed):
     by = config.split_field
     if config.kind != "iid" and by not in table:
         raise ConfigError(f"partition.by={by!r} is not a field of {task}'s items; use one of {', '.join(table)}")
-    if config.kind == "label-skew" and by == "gold" and len({i.choices for i in items}) > 1:
+    if config.kind == "label-skew" and by == "gold" and len({i.choices for i in items}) > 1 and task not in _WARNED:
+        _WARNED.add(task)  # (once per task and process: each seed's draw would repeat it)
         warnings.warn(f"partition label-skew by 'gold' on {task}: its items' choices differ, so gold is the correct "
                       "answer's position, which continuation scoring never shows the model; owners differ in how many "
                       "and which questions they hold, not in what they learn. For content skew use kind = \"topic\" "
-                      "(a content field) or \"task\"", UserWarning, stacklevel=2)
+                      "(a content field) or \"task\"", UserWarning)
     if config.kind == "task" and config.tasks:
         parts = assigned_tasks(table["task"], config.tasks, seed)
     else:
