@@ -139,7 +139,7 @@ def _partition_indices(task, train_limit, config_json, num_partitions, seed):
         warnings.warn(f"partition label-skew by 'gold' on {task}: its items' choices differ, so gold is the correct "
                       "answer's position, which continuation scoring never shows the model; owners differ in how many "
                       "and which questions they hold, not in what they learn. For content skew use kind = \"topic\" "
-                      "(a content field) or \"task\"", UserWarning)
+                      "(a content field) or \"task\"", UserWarning, stacklevel=1)
     if config.kind == "task" and config.tasks:
         parts = assigned_tasks(table["task"], config.tasks, seed)
     else:
