@@ -121,7 +121,27 @@ def _flower_split(table: dict[str, list], config: PartitionConfig, num_partition
 
 
 _WARNED: set[str] = set()
-"""The tasks whose label skew by answer position was already warned about."""
+"""The tasks whose skew by answer position was already warned about."""
+
+
+def warn_if_position_skew(task: str, train_limit: int | None, config: PartitionConfig) -> None:
+    """Warn, once per task and process, where a partition over ``gold`` skews only the correct
+    answer's position: every item has its own choices and most contexts do not list them, so
+    neither training (``context + choices[gold]``) nor continuation scoring shows the model an
+    index, and the owners differ in how many and which questions they hold, not in what they see.
+    Called where a run or study is checked, before any owner starts (not in each owner's process)."""
+    if config.kind in ("iid", "task") or config.split_field != "gold" or task in _WARNED:
+        return
+    items = train_items(task, train_limit)
+    listed = sum(all(c in i.context for c in i.choices) for i in items)  # a context such as "(A) x (B) y"
+    if len({tuple(i.choices) for i in items}) == 1 or 2 * listed > len(items):
+        return  # gold is a class (one label set), or the prompt shows the positions
+    _WARNED.add(task)
+    warnings.warn(f"partition {config.kind} by 'gold' on {task}: each item has its own choices and its context does "
+                  "not list them, so gold is only the correct answer's position, which the model never sees; owners "
+                  "differ in how many and which questions they hold, not in their content. For content skew use "
+                  "kind = \"topic\" over a content field (where the task has one) or \"task\" (a mixture).",
+                  UserWarning, stacklevel=1)
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,12 +154,6 @@ def _partition_indices(task, train_limit, config_json, num_partitions, seed):
     by = config.split_field
     if config.kind != "iid" and by not in table:
         raise ConfigError(f"partition.by={by!r} is not a field of {task}'s items; use one of {', '.join(table)}")
-    if config.kind == "label-skew" and by == "gold" and len({i.choices for i in items}) > 1 and task not in _WARNED:
-        _WARNED.add(task)  # (once per task and process: each seed's draw would repeat it)
-        warnings.warn(f"partition label-skew by 'gold' on {task}: its items' choices differ, so gold is the correct "
-                      "answer's position, which continuation scoring never shows the model; owners differ in how many "
-                      "and which questions they hold, not in what they learn. For content skew use kind = \"topic\" "
-                      "(a content field) or \"task\"", UserWarning, stacklevel=1)
     if config.kind == "task" and config.tasks:
         parts = assigned_tasks(table["task"], config.tasks, seed)
     else:

@@ -68,7 +68,7 @@ def validate(config: FedConfig) -> None:
     from strategies import check_requirements, resolve_strategy
 
     from .client_app import client_mods
-    from .partition import partition_indices
+    from .partition import partition_indices, warn_if_position_skew
     from .privacy import make_strategy
 
     run = config.run
@@ -89,6 +89,7 @@ def validate(config: FedConfig) -> None:
     config.tracking.check_installed()
     client_mods()  # $SCALEOT_FED_CLIENT_MODS: a bad name is one line here, not a failure in every owner
     partition_indices(run.task, run.train_limit, config.partition, run.num_clients, run.seed)  # (refuses owners < 2 items)
+    warn_if_position_skew(run.task, run.train_limit, config.partition)
 
 
 def _check_rows(rows: Mapping[str, dict], config: FedConfig) -> None:

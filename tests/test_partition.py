@@ -1,6 +1,7 @@
 """Data owners' partitions ([partition] in a run file) against expectations derived by hand."""
 
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -255,22 +256,36 @@ def test_old_kind_names_say_their_new_spelling():
         fed_config_from_dict({"partition": {"kind": "pathological"}})
 
 
-def test_label_skew_by_gold_warns_where_gold_is_only_the_answers_position(tmp_path):
-    """Where every item has its own choices (ARC, PIQA), the model is trained and scored on the
-    answer's text, never its index: a Dirichlet over ``gold`` skews nothing it sees, and says so.
-    Where the choices are one fixed label set (the helper's a-d), gold is a class: no warning."""
-    import warnings
+def test_a_skew_by_gold_warns_where_gold_is_only_the_answers_position(tmp_path):
+    """Where every item has its own choices (ARC, PIQA) and the context does not list them, the
+    model is trained and scored on the answer's text, never its index: a Dirichlet over ``gold``
+    skews nothing it sees, and says so, once. Where the choices are one fixed label set (the
+    helper's a-d) gold is a class, and where contexts list the choices the position is shown:
+    no warning either way."""
+    from simulations.partition import warn_if_position_skew
 
-    golds = GOLDS
+    def write(name, context, choices) -> str:
+        with open(tmp_path / name, "w") as handle:
+            for i, gold in enumerate(GOLDS):
+                handle.write(json.dumps({"context": context(i), "choices": choices(i), "gold": int(gold)}) + "\n")
+        return str(tmp_path / name)
+
+    def skew(**section):
+        return fed_config_from_dict({"partition": section}).partition
+
+    label_skew = skew(kind="label-skew", alpha=1.0)
+    varied = write("varied.jsonl", lambda i: f"Q{i}?", lambda i: [f"x{i}", f"y{i}", f"z{i}"])
+    listed = write("listed.jsonl", lambda i: f"Q{i}? (A) x{i} (B) y{i} (C) z{i}", lambda i: [f"x{i}", f"y{i}", f"z{i}"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # any warning fails here
-        _partition(_task(tmp_path / "fixed.jsonl", golds), golds, 2, 0, kind="label-skew", alpha=1.0)
-    varied = tmp_path / "varied.jsonl"
-    with open(varied, "w") as handle:
-        for i, gold in enumerate(golds):
-            handle.write(json.dumps({"context": f"Q{i}?", "choices": [f"x{i}", f"y{i}", f"z{i}"], "gold": int(gold)}) + "\n")
-    with pytest.warns(UserWarning, match="never shows the model.*kind = \"topic\""):
-        _partition(str(varied), golds, 2, 0, kind="label-skew", alpha=1.0)
+        warnings.simplefilter("error", UserWarning)  # any of ours fails here
+        warn_if_position_skew(_task(tmp_path / "fixed.jsonl", GOLDS), None, label_skew)
+        warn_if_position_skew(listed, None, label_skew)
+        warn_if_position_skew(varied, None, skew(kind="iid"))
+    with pytest.warns(UserWarning, match="never sees.*kind = \"topic\""):
+        warn_if_position_skew(varied, None, label_skew)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _partition(str(varied), golds, 2, 1, kind="label-skew", alpha=1.0)  # another seed: said once is enough
+        warnings.simplefilter("error", UserWarning)
+        warn_if_position_skew(varied, None, label_skew)  # said once per task is enough
+    topic_on_gold = write("varied2.jsonl", lambda i: f"Q{i}?", lambda i: [f"u{i}", f"v{i}", f"w{i}"])
+    with pytest.warns(UserWarning, match="partition topic by 'gold'"):  # any Dirichlet over gold, not only label-skew
+        warn_if_position_skew(topic_on_gold, None, skew(kind="topic", by="gold", alpha=1.0))

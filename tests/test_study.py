@@ -1,6 +1,7 @@
 import gzip
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -1253,3 +1254,8 @@ def test_a_federations_last_validation_loss_is_where_its_curve_ends():
     assert "last_val_loss" not in federated_costs([no_owner_eval], None)  # a blank cell, not a made-up number
     summary = {"federations": {"f": {"piqa": entry}}, "rows": {}}
     assert federation_markdown(summary)[6].endswith("| 6.50 |")
+    diverged = seed(float("nan"))
+    assert math.isnan(federated_costs([seed(6.0), diverged], None)["last_val_loss"])  # shown, not dropped
+    shorter = seed(7.0)
+    shorter["rounds"] = shorter["rounds"][:2]  # a seed resumed with fewer rounds: its own last round (8.0)
+    assert federated_costs([seed(6.0), shorter], None)["last_val_loss"] == pytest.approx(7.0)

@@ -145,10 +145,11 @@ class StudyFederation:
         """Draw every seed's data owners now: a partition that cannot split a task at some seed
         (a Dirichlet no draw of which gives each owner its minimum) fails before any unit runs,
         not when the study reaches that seed hours later."""
-        from simulations.partition import partition_indices
+        from simulations.partition import partition_indices, warn_if_position_skew
 
         run = self.fed.run
         for task, _ in self.runs():
+            warn_if_position_skew(run.task if self.mixture else task, run.train_limit, self.fed.partition)
             for seed in self.config.study.seeds:
                 try:
                     partition_indices(run.task if self.mixture else task, run.train_limit, self.fed.partition,

@@ -1,8 +1,8 @@
 """The report's federated part: each federation's per-owner rows (its worst data owner and the
 owners' mean, each owner scored on its own held-out items), decided with a two-level bootstrap
 (:func:`scaleot_fed.stats.group_bootstrap`), and per federated row what it cost and how it
-converged: accuracy, worst owner and spread, bytes up and down, seconds per round, and the
-rounds' losses with a band over seeds (``federations.png``)."""
+converged: accuracy, worst owner and spread, bytes up and down, seconds per round, the last
+round's validation loss, and the rounds' losses with a band over seeds (``federations.png``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 from scaleot_fed.stats import Comparison, group_bootstrap
 
 CURVES = ("client_val_loss", "train_loss")
-"""The per-round losses drawn (the owners' validation loss after local training, their training loss)."""
+"""The per-round losses drawn: the owners' validation loss (with client evaluation, the aggregate's on
+their validation items; without, each sampled owner's after its local training) and training loss."""
 
 
 def statistic(family: str) -> str:
@@ -99,10 +100,11 @@ def federated_costs(rows: list[dict], groups) -> dict:
             if not np.isnan(values).all():
                 entry["curves"][key] = {"mean": np.nanmean(values, axis=0).tolist(),
                                         "low": np.nanmin(values, axis=0).tolist(), "high": np.nanmax(values, axis=0).tolist()}
-        if "client_val_loss" in entry["curves"]:
+        last = [run[-1].get("client_val_loss") for run in rounds]  # (each seed's own last round)
+        if all(x is not None for x in last):
             # where the curves end: strategies whose plug-in scores tie can still differ in how far
-            # the owners' adapters got, and this is the number that says so
-            entry["last_val_loss"] = entry["curves"]["client_val_loss"]["mean"][-1]
+            # the owners' adapters got (a seed that diverged reads nan here, not dropped)
+            entry["last_val_loss"] = float(np.mean(last))
     return entry
 
 
@@ -117,9 +119,10 @@ def federation_markdown(summary: dict) -> list[str]:
              "most held-out items an owner had (a skewed partition leaves some owners few); what a run's rounds "
              "moved (MB up, MB down) and, apart, the emulator each owner receives once before them (MB; it crosses "
              "once per disk that lacks it: in a simulation, whether a run paid it depends on the owners' cache); its "
-             "seconds per round (2 CPU cores, simulated owners); the owners' validation loss after the last round "
-             "(nats, mean over owners and seeds: how far the adapters got, where accuracies tie); the losses per "
-             "round are in federations.png (mean over seeds, band: low to high). A federation over a mixture "
+             "seconds per round (2 CPU cores, simulated owners); the validation loss of the last round (nats per "
+             "answer token on the emulator, weighted by the owners' items, mean over seeds; without client "
+             "evaluation: the round's sampled owners after their local training, before aggregation): how far the "
+             "adapters got, where accuracies tie; the losses per round are in federations.png (mean over seeds, band: low to high). A federation over a mixture "
              "of tasks is one run scored on each: its owners (each on its own task's items), bytes, seconds and "
              "losses are on its first task's line.",
              "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | "
