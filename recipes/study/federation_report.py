@@ -59,7 +59,7 @@ def federation_table(config, resolvers: dict) -> dict:
     """Per federated row (``<federation>[:<mode>]``) and task: seeds, the worst owner and the
     owners' spread (best - worst, in the task's metric, means over seeds), MB up and down per run
     and seconds per round (means over seeds), and the rounds' losses: mean, low and high over
-    seeds, round by round, and the owners' validation loss after the last round."""
+    seeds, round by round, and the last round's validation loss (see :data:`CURVES`)."""
     study, out = config.study, {}
     for federation in config.federations:
         for mode in study.modes:
@@ -122,7 +122,8 @@ def federation_markdown(summary: dict) -> list[str]:
              "seconds per round (2 CPU cores, simulated owners); the validation loss of the last round (nats per "
              "answer token on the emulator, weighted by the owners' items, mean over seeds; without client "
              "evaluation: the round's sampled owners after their local training, before aggregation): how far the "
-             "adapters got, where accuracies tie; the losses per round are in federations.png (mean over seeds, band: low to high). A federation over a mixture "
+             "adapters got, where accuracies tie; the losses per round are in federations.png (mean over seeds, "
+             "band: low to high). A federation over a mixture "
              "of tasks is one run scored on each: its owners (each on its own task's items), bytes, seconds and "
              "losses are on its first task's line.",
              "", "| federated row | task | accuracy | worst owner | spread | items per owner | MB up | MB down | "
