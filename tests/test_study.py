@@ -894,6 +894,32 @@ def test_a_study_runs_seed_by_seed_across_tasks_and_a_mode_only_on_its_tasks(tmp
     assert builds[0].cost > builds[1].cost
 
 
+def test_each_seeds_stage1_runs_just_before_the_first_unit_built_from_it(tmp_path, tiny_model_dir, gpt2_tokenizer,
+                                                                         monkeypatch):
+    """Not every seed's stage 1 up front: a run folder lost between sessions would take the later
+    seeds' stage 1 with it before any unit had used them."""
+    from recipes.study import Grid, StudyConfig, StudyGridConfig
+    from scaleot_fed.models import load_model
+    from scaleot_fed.single_owner import NamedEmulatorConfig
+
+    write_items(tmp_path / "a.jsonl", 20, 0)
+    monkeypatch.chdir(tmp_path)
+    sections = [NamedEmulatorConfig(name="u", method="uniform-drop", num_adapter_layers=2, alpha=0.5),
+                NamedEmulatorConfig(name="s", method="scaleot", num_adapter_layers=2, alpha=0.5),
+                NamedEmulatorConfig(name="t", method="scaleot", num_adapter_layers=2, alpha=0.5, rank_keep_ratio=0.5)]
+    config = StudyConfig(study=StudyGridConfig(tasks=["a.jsonl"], seeds=[0, 1], train_limit=None, dev_items=4),
+                         emulators=sections)
+    grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
+    labels = [u.label for u in grid.all_units()]
+    assert labels == ["a.jsonl: full zero-shot", "a.jsonl: u zero-shot", "a.jsonl: u seed 0 fine-tune + plug-in",
+                      "stage 1 na2-a0.5 seed 0", "a.jsonl: s/seed0 zero-shot", "a.jsonl: s seed 0 fine-tune + plug-in",
+                      "a.jsonl: t/seed0 zero-shot", "a.jsonl: t seed 0 fine-tune + plug-in",
+                      "a.jsonl: u seed 1 fine-tune + plug-in",
+                      "stage 1 na2-a0.5 seed 1", "a.jsonl: s/seed1 zero-shot", "a.jsonl: s seed 1 fine-tune + plug-in",
+                      "a.jsonl: t/seed1 zero-shot", "a.jsonl: t seed 1 fine-tune + plug-in"]
+    assert len(grid.stage1_units()) == 2  # one per seed, shared by both emulators built from it
+
+
 def test_mode_tasks_name_later_modes_and_tasks_of_the_study(tmp_path):
     from recipes.study import StudyGridConfig
     from scaleot_fed.errors import ConfigError

@@ -81,8 +81,10 @@ class Unit:
 class Grid:
     """The study's units over one loaded full model, in the order they run (:meth:`ordered`): seed
     by seed, so every comparison exists on every task at the first seed before the next starts, and
-    in a seed the units of one emulator together, across tasks. A session without the run folder
-    rebuilds a seed's stage 1 and emulators once for all the tasks it reaches, and reaches few seeds."""
+    in a seed the units of one emulator together, across tasks; a seed's stage 1 runs just before
+    the first unit built from it. A session without the run folder rebuilds a seed's stage 1 and
+    emulators once for all the tasks it reaches, reaches few seeds, and loses no stage 1 it has not
+    used yet."""
 
     def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federations=(),
                  records: Path | None = None) -> None:
@@ -237,24 +239,35 @@ class Grid:
         return None
 
     def stage1_units(self) -> list[Unit]:
-        """Stage 1 for every seed first: shared by the tasks, and its stability across seeds is
-        one of the study's results (a seed the ledger records is rebuilt when an emulator needs it)."""
-        units, seen = [], set()
+        """Stage 1 per seed (and per emulator shape), shared by the tasks (a seed the ledger records
+        is rebuilt when an emulator needs it)."""
+        return list(self._stage1_units().values())
+
+    def _stage1_units(self) -> dict[Path, Unit]:
+        units: dict[Path, Unit] = {}
         for section in self.config.emulators:
             for seed in self.config.study.seeds:
                 path = self.stage1_dir(section, seed)
-                if section.needs_importance and path not in seen:
-                    seen.add(path)
-                    units.append(Unit(f"stage 1 {path.parent.name} seed {seed}", self.stage1_cost(),
-                                      lambda s=section, k=seed: self.stage1_current(s, k),
-                                      lambda s=section, k=seed: self.stage1(s, k), seed=seed))
+                if section.needs_importance and path not in units:
+                    units[path] = Unit(f"stage 1 {path.parent.name} seed {seed}", self.stage1_cost(),
+                                       lambda s=section, k=seed: self.stage1_current(s, k),
+                                       lambda s=section, k=seed: self.stage1(s, k), seed=seed)
         return units
 
     # -- the units of the tasks ---------------------------------------------------------------
     def all_units(self) -> list[Unit]:
-        """Every unit, in run order: the mode sweeps, stage 1, then every task's units (:meth:`ordered`)."""
-        tasks = [u for task in self.config.study.tasks for u in self.task_units(task)]
-        return self.sweep_units() + self.stage1_units() + self.ordered(tasks)
+        """Every unit, in run order: the mode sweeps, then every task's units (:meth:`ordered`), each
+        stage 1 just before the first of them built from it. (Not all seeds' stage 1 first: a run
+        folder lost between sessions would take the later seeds' with it, an hour each on a larger
+        model, before any unit had used them.)"""
+        tasks = self.ordered([u for task in self.config.study.tasks for u in self.task_units(task)])
+        pending, units = self._stage1_units(), self.sweep_units()
+        for u in tasks:
+            if u.needs is not None and u.needs[0].needs_importance:
+                if (stage1 := pending.pop(self.stage1_dir(*u.needs), None)) is not None:
+                    units.append(stage1)
+            units.append(u)
+        return units + list(pending.values())  # (a stage 1 no unit is built from: last)
 
     def units(self, task: str) -> list[Unit]:
         """``task``'s units alone, in run order (:meth:`ordered`)."""
