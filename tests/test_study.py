@@ -193,6 +193,29 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
         new = json.loads(gzip.open(results / files[f"scaleot/seed1/{row}"], "rt").read())
         assert new["acc"] == old["acc"] and new["gold"] == old["gold"]
         assert sum(new["loglik"], []) == pytest.approx(sum(old["loglik"], []), abs=1e-3)
+    # the same on another machine, where stage 1 comes out different (its RL run diverged):
+    # refused by default, naming the way on; with rebuilt_differently = "accept", the unit runs on
+    # the new build, the old build's record is set aside with the rows made from it, the report says so
+    record = results / "ledger" / "stage1" / "na2-a0.5" / "seed1.json"
+    old_build = json.loads(record.read_text())
+    record.write_text(json.dumps(old_build | {"rl_scores": {k: v + 1.0 for k, v in old_build["rl_scores"].items()}}))
+    lost.unlink()
+    shutil.rmtree(tmp_path / "study")
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 2
+    assert 'rebuilt_differently = "accept"' in capsys.readouterr().err and lost.exists() is False
+    (tmp_path / "study.toml").write_text(STUDY.format(out=tmp_path / "study", results=results, model=tmp_path / "model")
+                                         .replace("eval_limit = 6", 'eval_limit = 6\nrebuilt_differently = "accept"'))
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert "came out different when rebuilt" in log and log.count("computing") == 2 and lost.exists()
+    kept = json.loads((results / "ledger" / "earlier_builds" / "stage1" / "na2-a0.5" / "seed1.build1.json").read_text())
+    assert kept["rl_scores"] != old_build["rl_scores"]  # the (tampered) earlier build's record
+    assert "items/piqa/scaleot__seed1__emulator_zero_shot.loglik.json.gz" in kept["rows_made"]
+    assert not any("seed0" in r for r in kept["rows_made"])
+    assert json.loads(record.read_text())["rl_scores"] == old_build["rl_scores"]  # the new build, recorded
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["earlier_builds"][0]["record"] == "earlier_builds/stage1/na2-a0.5/seed1.build1.json"
+    assert "## Builds rebuilt differently" in (results / "REPORT.md").read_text()
 
 
 def test_study_variant_emulator_must_exist(tmp_path):
@@ -932,6 +955,15 @@ def test_mode_tasks_name_later_modes_and_tasks_of_the_study(tmp_path):
                         mode_tasks={"full": ["piqa"]})
     study = StudyGridConfig(tasks=["piqa", "arc_easy"], modes=["lora", "full"], mode_tasks={"full": ["piqa"]})
     assert study.tasks_of("full") == ["piqa"] and study.tasks_of("lora") == study.tasks_of(None) == ["piqa", "arc_easy"]
+
+
+def test_rebuilt_differently_is_refuse_or_accept():
+    from recipes.study import StudyGridConfig
+    from scaleot_fed.errors import ConfigError
+
+    assert StudyGridConfig().rebuilt_differently == "refuse"  # a study never mixes builds unless told to
+    with pytest.raises(ConfigError, match='study.rebuilt_differently is "refuse" or "accept"'):
+        StudyGridConfig(rebuilt_differently="yes")
 
 
 def test_a_modes_claims_pool_only_the_tasks_it_runs_on(tmp_path):

@@ -138,10 +138,10 @@ def test_the_rows_made_from_an_emulator_are_named_by_globs_that_match_them():
             "ot__attack__lr0.0002__seed1__emulator_attack", "federated__seed1__plug_in", "centralised__seed1__gap"]
     other = ["ot__seed2__plug_in", "otx__seed1__plug_in", "full_finetune__lr0.0001__seed1__row", "federated__seed2__gap"]
     rows, other = ([r + ledger.ITEMS_SUFFIX for r in names] for names in (rows, other))
-    globs = [g.removeprefix("items/*/") for g in ledger.row_files("ot", 1, ["federated", "centralised"]).split(", ")]
+    globs = [g.removeprefix("items/*/") for g in ledger.row_globs("ot", 1, ["federated", "centralised"])]
     assert all(any(fnmatch(r, g) for g in globs) for r in rows)
     assert not any(fnmatch(r, g) for r in other for g in globs)
-    shared = [g.removeprefix("items/*/") for g in ledger.row_files("u", None).split(", ")]
+    shared = [g.removeprefix("items/*/") for g in ledger.row_globs("u", None)]
     assert all(any(fnmatch(r + ledger.ITEMS_SUFFIX, g) for g in shared)
                for r in ("u__emulator_zero_shot", "u__seed2__plug_in", "u:lora__seed0__gap"))
     assert not any(fnmatch("federated__seed1__plug_in" + ledger.ITEMS_SUFFIX, g) for g in shared)

@@ -96,6 +96,13 @@ class StudyGridConfig:
     same owners' pooled data trained centrally, ``centralised/...`` (:mod:`recipes.study.federated`)."""
     resamples: int = 10_000
     """Bootstrap resamples per confidence interval."""
+    rebuilt_differently: str = "refuse"
+    """What a resumed study does when a build it lost with the run folder (a seed's stage 1, a trained
+    emulator) comes out different when rebuilt from its seed (another CPU, torch or code):
+    ``refuse`` (the error names what to delete to make it all again), or ``accept``: the units still
+    to run use the new build, and the ledger keeps the old build's record with the rows made from
+    it (``ledger/earlier_builds/``, listed in the report). Seeds stay paired: within a seed, sides
+    from two builds are independent draws, for which the seed-paired interval is the unpaired one."""
 
     def __post_init__(self) -> None:
         self._check_grid()
@@ -121,6 +128,8 @@ class StudyGridConfig:
         if len(set(folders)) != len(folders) or set(folders) & set(RUN_FOLDER_NAMES):
             raise ConfigError(f"study.tasks {self.tasks} would share a folder, or take one the run folder uses "
                               f"({', '.join(RUN_FOLDER_NAMES)}), as {folders}; name each task's file differently")
+        if self.rebuilt_differently not in ("refuse", "accept"):
+            raise ConfigError(f"study.rebuilt_differently is \"refuse\" or \"accept\", got {self.rebuilt_differently!r}")
         if bool(self.variant_emulator) != bool(self.variant_modes):
             raise ConfigError("study.variant_emulator and study.variant_modes go together: name the emulator "
                               "and the extra fine-tuning modes to train it with")
@@ -411,7 +420,8 @@ GRID_EXTENT = ("emulators", "claims", "federations", "study.out", "study.results
                "study.variant_emulator", "study.variant_modes", "study.metric", "study.metrics",
                "study.mode_lrs", "study.mode_sweeps", "study.mode_tasks", "study.sweep_task", "study.sweep_emulator", "study.added_tasks",
                "study.full_finetune_lrs", "study.attack_emulator", "study.attack_lrs", "study.federated",
-               "layer_replace.ranking_candidates", "layer_replace.ranking_batches", "tracking")
+               "layer_replace.ranking_candidates", "layer_replace.ranking_batches", "tracking",
+               "study.rebuilt_differently")
 """Config keys a resumed study may change: they add or relabel cells, never change a finished one
 (the ranking's settings re-rank saved stage-1 runs, refused once emulators were built from them)."""
 

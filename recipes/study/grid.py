@@ -138,22 +138,42 @@ class Grid:
         return changes
 
     def check_rebuild(self, path: Path, seed: int) -> bool:
-        """Whether the ledger records the stage-1 run at ``path`` (:func:`recipes.study.ledger.check_rebuild`)."""
+        """Whether the ledger records the stage-1 run at ``path`` (:meth:`checked_rebuild`)."""
         meta = path / "layer_replace.json"
-        return bool(self.records) and ledger.check_rebuild(ledger.stage1_record(self.records, meta), meta,
-                                                            ledger.same_stage1, self.made_from(self.users(path, seed), seed))
+        return bool(self.records) and self.checked_rebuild(ledger.stage1_record(self.records, meta), meta,
+                                                           ledger.same_stage1, self.users(path, seed), seed)
+
+    def checked_rebuild(self, record: Path, current: Path, same, sections: list[NamedEmulatorConfig], seed: int) -> bool:
+        """:func:`recipes.study.ledger.check_rebuild` of the build ``current`` that ``sections`` at
+        ``seed`` are made from; a build that came out different is refused, or (``[study]
+        rebuilt_differently = "accept"``) used from here on, its predecessor's record set aside with
+        the rows made from it (False: the ledger records it no longer)."""
+        try:
+            return ledger.check_rebuild(record, current, same, self.made_from(sections, seed))
+        except ledger.RebuildDiffers:
+            if self.config.study.rebuilt_differently != "accept":
+                raise
+        rows = sorted(str(p.relative_to(self.records.parent)) for e in sections
+                      for g in ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))
+                      for p in self.records.parent.glob(g))
+        kept = ledger.set_aside(record, rows)
+        self.log(f"study: {current.parent} came out different when rebuilt from its seed (another torch, CPU or "
+                 f"code); [study] rebuilt_differently = \"accept\": the units still to run use the new build, the "
+                 f"{len(rows)} rows made from the old one keep it ({kept})")
+        return False
 
     def users(self, path: Path, seed: int) -> list[NamedEmulatorConfig]:  # the emulators built from that stage 1
         return [e for e in self.config.emulators if e.needs_importance and self.stage1_dir(e, seed) == path]
 
+    def sides(self, section: NamedEmulatorConfig) -> list[str]:
+        """The federations' rows made with ``section``'s emulator (each federation's, its twin's)."""
+        return [n for f in self.federations if f.emulator == section.name for n in (f.name, f.spec.centralised) if n]
+
     def made_from(self, sections: list[NamedEmulatorConfig], seed: int) -> str:
         """What the study made from these emulators at ``seed``: their folders, ledger records and rows."""
         records = self.records or Path("<results>/ledger")
-        def sides(e: NamedEmulatorConfig) -> list[str]:  # the federations' rows made with it
-            return [n for f in self.federations if f.emulator == e.name for n in (f.name, f.spec.centralised) if n]
-
-        return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}"
-                         f", {ledger.row_files(e.name, seed if seeded(e) else None, sides(e))}" for e in sections)
+        return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}, "
+                         + ", ".join(ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))) for e in sections)
 
     def stage1_text(self, stage1_cfg: LayerReplaceConfig):
         return token_blocks(self.tokenizer, lambada_passages(), stage1_cfg.block_size, max_blocks=stage1_cfg.blocks_needed())
@@ -181,8 +201,8 @@ class Grid:
                                  self.config.layer_replace, self.config.study.model, edir.parent.parent, self.log,
                                  dataclasses.replace(self.config.distill, seed=seed))
             manifest = edir / "manifest.json"
-            if self.records and ledger.check_rebuild(ledger.emulator_record(self.records, manifest), manifest,
-                                                     ledger.same_weights, self.made_from([section], seed)) and built:
+            if self.records and self.checked_rebuild(ledger.emulator_record(self.records, manifest), manifest,
+                                                     ledger.same_weights, [section], seed) and built:
                 self.log(f"study: {edir.parent.name} ({edir.parent.parent.name}) rebuilt: the same weights as the "
                          "build the study's rows were made with")
             self._pristine = dict(list(self._pristine.items())[-1:]) | {edir: load_emulator(edir)}

@@ -13,7 +13,9 @@ and lives beside the report:
 * ``ledger/units.jsonl``: the wall seconds and estimated cost of every unit the study ran (the
   compute-used line; the ETA's rate);
 * ``ledger/stage1/<setting>/seed<s>.json`` and ``ledger/emulators/<seed>/<name>.json``: stage 1's
-  record and each emulator's manifest without their weights (stability, budgets).
+  record and each emulator's manifest without their weights (stability, budgets);
+* ``ledger/earlier_builds/<the same path>.build<k>.json``: the record of a build that was lost and
+  rebuilt differently (``[study] rebuilt_differently = "accept"``), with the rows made from it.
 """
 
 from __future__ import annotations
@@ -205,29 +207,58 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.get("weights_sha256") == b.get("weights_sha256")
 
 
-def row_files(emulator: str, seed: int | None, federated: list[str] = ()) -> str:
+def row_globs(emulator: str, seed: int | None, federated: list[str] = ()) -> list[str]:
     """The per-item files of the rows made from ``emulator`` at ``seed`` (None: a shared emulator,
     every seed), as globs under the results folder: its cells, variant cells, attack, and the rows
     ``federated`` names (the federations trained on it, their twins)."""
     tail = f"*seed{seed}/*" if seed is not None else "*"
     keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}/{tail}" for side in federated]
-    return ", ".join(f"items/*/{item_file(key)}" for key in keys)
+    return [f"items/*/{item_file(key)}" for key in keys]
+
+
+class RebuildDiffers(ConfigError):
+    """A lost build, rebuilt from its seed, is not the one the ledger records."""
 
 
 def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool], made: str) -> bool:
     """Whether the ledger's ``record`` of the build ``current`` (a stage-1 record or an emulator
-    manifest) exists (False: nothing to compare); raises :class:`ConfigError` when it records
+    manifest) exists (False: nothing to compare); raises :class:`RebuildDiffers` when it records
     another build: the run folder was lost and the rebuild from the same seed differs (another
     torch, CPU or code), so rows made from it would not be those of the recorded rows' build.
     ``made``: what was made from the build (folders, records, row files), named in the error."""
     if not record.is_file():
         return False
     if not same(json.loads(record.read_text()), json.loads(current.read_text())):
-        raise ConfigError(f"{current.parent} is not the build the study's rows were made with ({record}): rebuilt "
-                          "from its seed, it came out different (another torch, CPU or code); rebuild it where "
-                          f"that was built, or delete that record, {current.parent} and what was made from it "
-                          f"({made}) to make them all again")
+        raise RebuildDiffers(f"{current.parent} is not the build the study's rows were made with ({record}): rebuilt "
+                             "from its seed, it came out different (another torch, CPU or code); rebuild it where "
+                             f"that was built, or delete that record, {current.parent} and what was made from it "
+                             f"({made}) to make them all again, or set [study] rebuilt_differently = \"accept\" "
+                             "to go on with the new build")
     return True
+
+
+EARLIER = "earlier_builds"
+
+
+def set_aside(record: Path, rows: list[str]) -> Path:
+    """Move the ledger's ``record`` of a build that was lost and rebuilt differently to
+    ``ledger/earlier_builds/<its path>.build<k>.json`` (k: the first free), with ``rows``, the row
+    files made from it; the new build is then recorded in its place. Returns the new path."""
+    ledger = record.parents[2]  # (ledger/stage1/<setting>/seed<s>.json, ledger/emulators/<seed>/<name>.json)
+    relative = record.relative_to(ledger)
+    k = 1
+    while (target := ledger / EARLIER / relative.parent / f"{record.stem}.build{k}.json").exists():
+        k += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, json.dumps(json.loads(record.read_text()) | {"rows_made": rows}, indent=1))
+    record.unlink()
+    return target
+
+
+def earlier_builds(ledger: Path) -> list[dict]:
+    """The builds set aside (:func:`set_aside`): each record's path under the ledger and its rows."""
+    return [{"record": str(p.relative_to(ledger)), "rows_made": json.loads(p.read_text()).get("rows_made", [])}
+            for p in sorted((Path(ledger) / EARLIER).rglob("*.json"))]
 
 
 def _keep(source: Path, target: Path, merge: Callable[[dict, dict], dict | None]) -> None:

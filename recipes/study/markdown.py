@@ -42,7 +42,7 @@ def report_markdown(summary: dict) -> str:
     """REPORT.md: the claims with their verdicts, every row per task, the sweeps, stage 1's
     stability and the budgets; every number from ``summary``."""
     parts = [_head(summary), _glance(summary), _claims(summary), _sensitivity(summary), _rows(summary),
-             federation_markdown(summary), _sweeps(summary), _stage1(summary), _budgets(summary)]
+             federation_markdown(summary), _sweeps(summary), _stage1(summary), _budgets(summary), _earlier_builds(summary)]
     return "\n".join(line for part in parts for line in part) + "\n"
 
 
@@ -219,6 +219,24 @@ def _budgets(summary: dict) -> list[str]:
     for kind in ("stage1", "distillation"):
         for name, v in b.get(kind, {}).items():
             lines.append(f"| {kind} {name} | {v['seconds']:.0f} | {v['flops'] / 1e12:.1f} |")
+    return lines + [""]
+
+
+def _earlier_builds(summary: dict) -> list[str]:
+    builds = summary.get("earlier_builds") or []
+    if not builds:
+        return []
+    lines = ["## Builds rebuilt differently", "",
+             "Lost with the run folder and rebuilt from the same seed on another CPU, torch or code, these came out "
+             "different (`[study] rebuilt_differently = \"accept\"`): the rows below were made from the earlier "
+             "build (its record kept in the ledger), the rows after them from the new one (the stage-1 table above "
+             "shows the new one). Within such a seed, a claim's two sides may come from different builds: "
+             "independent draws, for which the seed-paired interval is the unpaired one.", "",
+             "| earlier build (ledger) | rows made from it |", "|---|---|"]
+    for b in builds:
+        rows = [Path(r).name.removesuffix(".loglik.json.gz").replace("__", "/") for r in b["rows_made"]]
+        tasks = sorted({Path(r).parent.name for r in b["rows_made"]})
+        lines.append(f"| {b['record']} | {len(rows)} on {', '.join(tasks) or 'no task'}: {', '.join(sorted(set(rows)))} |")
     return lines + [""]
 
 

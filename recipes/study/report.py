@@ -201,6 +201,7 @@ def write_report(config: StudyConfig, out: Path, results: Path, facts: dict | No
         "sweeps": _sweeps(config, rows_by_task),
         **({"stage1_stability": stage1_stability(records)} if any(e.needs_importance for e in config.emulators) else {}),
         "budgets": budgets(records, facts or {}),
+        **({"earlier_builds": found} if (found := ledger.earlier_builds(records)) else {}),
         "compute_seconds": ledger.compute_seconds(results), "items_files": items_files, "resamples": study.resamples,
     }
     from .federation_report import plot_convergence
