@@ -211,7 +211,7 @@ def test_study_grid_over_seeds_with_sweeps_claims_and_per_item_files_resumes(tmp
     kept = json.loads((results / "ledger" / "earlier_builds" / "stage1" / "na2-a0.5" / "seed1.build1.json").read_text())
     assert kept["rl_scores"] != old_build["rl_scores"]  # the (tampered) earlier build's record
     assert "items/piqa/scaleot__seed1__emulator_zero_shot.loglik.json.gz" in kept["rows_made"]
-    assert not any("seed0" in r for r in kept["rows_made"])
+    assert not any("seed0" in r for r in kept["rows_made"]) and str(lost.relative_to(results)) not in kept["rows_made"]
     assert json.loads(record.read_text())["rl_scores"] == old_build["rl_scores"]  # the new build, recorded
     summary = json.loads((results / "summary.json").read_text())
     assert summary["earlier_builds"][0]["record"] == "earlier_builds/stage1/na2-a0.5/seed1.build1.json"

@@ -135,7 +135,8 @@ def test_the_rows_made_from_an_emulator_are_named_by_globs_that_match_them():
     from fnmatch import fnmatch
 
     rows = ["ot__seed1__emulator_zero_shot", "ot__seed1__plug_in", "ot:full__seed1__plug_in",
-            "ot__attack__lr0.0002__seed1__emulator_attack", "federated__seed1__plug_in", "centralised__seed1__gap"]
+            "ot__attack__lr0.0002__seed1__emulator_attack", "federated__seed1__plug_in", "centralised__seed1__gap",
+            "federated:full__seed1__plug_in", "centralised:full__seed1__emulator_finetune"]
     other = ["ot__seed2__plug_in", "otx__seed1__plug_in", "full_finetune__lr0.0001__seed1__row", "federated__seed2__gap"]
     rows, other = ([r + ledger.ITEMS_SUFFIX for r in names] for names in (rows, other))
     globs = [g.removeprefix("items/*/") for g in ledger.row_globs("ot", 1, ["federated", "centralised"])]
@@ -145,3 +146,34 @@ def test_the_rows_made_from_an_emulator_are_named_by_globs_that_match_them():
     assert all(any(fnmatch(r + ledger.ITEMS_SUFFIX, g) for g in shared)
                for r in ("u__emulator_zero_shot", "u__seed2__plug_in", "u:lora__seed0__gap"))
     assert not any(fnmatch("federated__seed1__plug_in" + ledger.ITEMS_SUFFIX, g) for g in shared)
+
+
+def test_a_build_set_aside_keeps_the_rows_made_from_it_while_they_are_unchanged(tmp_path):
+    results = tmp_path / "results"
+    records = results / "ledger"
+    record = records / "emulators" / "seed1" / "ot.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"weights_sha256": "old"}))
+    rows = [results / "items" / "piqa" / f"ot__seed1__{r}{ledger.ITEMS_SUFFIX}" for r in ("plug_in", "emulator_zero_shot")]
+    rows[0].parent.mkdir(parents=True)
+    for path in rows:
+        path.write_bytes(b"a row")
+    current = tmp_path / "manifest.json"
+    current.write_text(json.dumps({"weights_sha256": "new"}))
+    kept = ledger.set_aside(records, record, current, rows)
+    assert kept == records / "earlier_builds" / "emulators" / "seed1" / "ot.build1.json"
+    assert json.loads(kept.read_text())["weights_sha256"] == "old" and record.read_text() == current.read_text()
+    rows[0].write_bytes(b"the row computed again, on the new build")
+    (found,) = ledger.earlier_builds(records)
+    assert found == {"record": "earlier_builds/emulators/seed1/ot.build1.json",
+                     "rows_made": ["items/piqa/ot__seed1__emulator_zero_shot" + ledger.ITEMS_SUFFIX]}
+    # the study moves again, the new build rebuilt differently too: the rows the first build
+    # holds are not the second's
+    newer = tmp_path / "manifest2.json"
+    newer.write_text(json.dumps({"weights_sha256": "newer"}))
+    second = ledger.set_aside(records, record, newer, rows)
+    assert second.name == "ot.build2.json" and json.loads(second.read_text())["weights_sha256"] == "new"
+    assert list(json.loads(second.read_text())["rows_made"]) == ["items/piqa/ot__seed1__plug_in" + ledger.ITEMS_SUFFIX]
+    # a record set aside once (a kill before its replacement was written) is not set aside twice
+    record.write_text(json.dumps({"weights_sha256": "new"}))
+    assert ledger.set_aside(records, record, newer, rows) == second and len(ledger.earlier_builds(records)) == 2

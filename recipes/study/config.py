@@ -101,8 +101,9 @@ class StudyGridConfig:
     emulator) comes out different when rebuilt from its seed (another CPU, torch or code):
     ``refuse`` (the error names what to delete to make it all again), or ``accept``: the units still
     to run use the new build, and the ledger keeps the old build's record with the rows made from
-    it (``ledger/earlier_builds/``, listed in the report). Seeds stay paired: within a seed, sides
-    from two builds are independent draws, for which the seed-paired interval is the unpaired one."""
+    it (``ledger/earlier_builds/``, listed in the report). Seeds stay paired: where a seed's two
+    sides come from two builds, pairing by seed stays valid (for independent sides it targets the
+    variance the unpaired interval does), only less tight."""
 
     def __post_init__(self) -> None:
         self._check_grid()

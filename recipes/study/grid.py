@@ -153,13 +153,12 @@ class Grid:
         except ledger.RebuildDiffers:
             if self.config.study.rebuilt_differently != "accept":
                 raise
-        rows = sorted(str(p.relative_to(self.records.parent)) for e in sections
-                      for g in ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))
-                      for p in self.records.parent.glob(g))
-        kept = ledger.set_aside(record, rows)
+        rows = [p for e in sections for g in ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))
+                for p in sorted(self.records.parent.glob(g))]
+        kept = ledger.set_aside(self.records, record, current, rows)
         self.log(f"study: {current.parent} came out different when rebuilt from its seed (another torch, CPU or "
                  f"code); [study] rebuilt_differently = \"accept\": the units still to run use the new build, the "
-                 f"{len(rows)} rows made from the old one keep it ({kept})")
+                 f"rows made from the old one keep it ({kept})")
         return False
 
     def users(self, path: Path, seed: int) -> list[NamedEmulatorConfig]:  # the emulators built from that stage 1
@@ -281,8 +280,8 @@ class Grid:
         folder lost between sessions would take the later seeds' with it, an hour each on a larger
         model, before any unit had used them.)"""
         tasks = self.ordered([u for task in self.config.study.tasks for u in self.task_units(task)])
-        pending, units = self._stage1_units(), self.sweep_units()
-        for u in tasks:
+        pending, units = self._stage1_units(), []
+        for u in self.sweep_units() + tasks:
             if u.needs is not None and u.needs[0].needs_importance:
                 if (stage1 := pending.pop(self.stage1_dir(*u.needs), None)) is not None:
                     units.append(stage1)

@@ -21,6 +21,7 @@ and lives beside the report:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -212,7 +213,7 @@ def row_globs(emulator: str, seed: int | None, federated: list[str] = ()) -> lis
     every seed), as globs under the results folder: its cells, variant cells, attack, and the rows
     ``federated`` names (the federations trained on it, their twins)."""
     tail = f"*seed{seed}/*" if seed is not None else "*"
-    keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}/{tail}" for side in federated]
+    keys = [f"{emulator}/{tail}", f"{emulator}:{tail}"] + [f"{side}{sep}{tail}" for side in federated for sep in "/:"]
     return [f"items/*/{item_file(key)}" for key in keys]
 
 
@@ -240,25 +241,42 @@ def check_rebuild(record: Path, current: Path, same: Callable[[dict, dict], bool
 EARLIER = "earlier_builds"
 
 
-def set_aside(record: Path, rows: list[str]) -> Path:
-    """Move the ledger's ``record`` of a build that was lost and rebuilt differently to
-    ``ledger/earlier_builds/<its path>.build<k>.json`` (k: the first free), with ``rows``, the row
-    files made from it; the new build is then recorded in its place. Returns the new path."""
-    ledger = record.parents[2]  # (ledger/stage1/<setting>/seed<s>.json, ledger/emulators/<seed>/<name>.json)
-    relative = record.relative_to(ledger)
-    k = 1
-    while (target := ledger / EARLIER / relative.parent / f"{record.stem}.build{k}.json").exists():
-        k += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, json.dumps(json.loads(record.read_text()) | {"rows_made": rows}, indent=1))
-    record.unlink()
+def set_aside(ledger: Path, record: Path, current: Path, rows: list[Path]) -> Path:
+    """Replace the ledger's ``record`` of a build that was lost and rebuilt differently by the new
+    build's (``current``, as :func:`record` would copy it), after moving it to
+    ``ledger/earlier_builds/<its path>.build<k>.json`` (k: the first free) with the row files made
+    from it: of ``rows`` (files under the results folder), those an earlier build of the same
+    record does not hold, each with its sha256 (a row computed again later is no longer the old
+    build's: :func:`earlier_builds`). Returns the path it was moved to."""
+    relative, results = record.relative_to(ledger), ledger.parent
+    folder = ledger / EARLIER / relative.parent
+    earlier = sorted(folder.glob(f"{record.stem}.build*.json"))
+    held = {r for p in earlier for r in json.loads(p.read_text()).get("rows_made", {}).items()}
+    made = {str(p.relative_to(results)): _sha256(p) for p in rows}
+    old = json.loads(record.read_text())
+    target = next((p for p in earlier if {k: v for k, v in json.loads(p.read_text()).items() if k != "rows_made"} == old),
+                  folder / f"{record.stem}.build{len(earlier) + 1}.json")  # (set aside before a kill: once)
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, json.dumps(old | {"rows_made": dict(sorted(set(made.items()) - held))}, indent=1))
+    write_atomic(record, current.read_text())  # (at once: a kill before the next record() loses no record)
     return target
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def earlier_builds(ledger: Path) -> list[dict]:
-    """The builds set aside (:func:`set_aside`): each record's path under the ledger and its rows."""
-    return [{"record": str(p.relative_to(ledger)), "rows_made": json.loads(p.read_text()).get("rows_made", [])}
-            for p in sorted((Path(ledger) / EARLIER).rglob("*.json"))]
+    """The builds set aside (:func:`set_aside`): each record's path under the ledger and the rows
+    made from it that are still its (the file unchanged since; a row computed again is the new
+    build's)."""
+    results, found = Path(ledger).parent, []
+    for p in sorted((Path(ledger) / EARLIER).rglob("*.json")):
+        rows = json.loads(p.read_text()).get("rows_made", {})
+        found.append({"record": str(p.relative_to(ledger)),
+                      "rows_made": [r for r, sha in rows.items() if (results / r).is_file() and _sha256(results / r) == sha]})
+    return found
 
 
 def _keep(source: Path, target: Path, merge: Callable[[dict, dict], dict | None]) -> None:

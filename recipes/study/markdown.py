@@ -231,7 +231,8 @@ def _earlier_builds(summary: dict) -> list[str]:
              "different (`[study] rebuilt_differently = \"accept\"`): the rows below were made from the earlier "
              "build (its record kept in the ledger), the rows after them from the new one (the stage-1 table above "
              "shows the new one). Within such a seed, a claim's two sides may come from different builds: "
-             "independent draws, for which the seed-paired interval is the unpaired one.", "",
+             "pairing by seed stays valid (for independent sides it targets the variance the unpaired interval "
+             "does), only less tight.", "",
              "| earlier build (ledger) | rows made from it |", "|---|---|"]
     for b in builds:
         rows = [Path(r).name.removesuffix(".loglik.json.gz").replace("__", "/") for r in b["rows_made"]]
