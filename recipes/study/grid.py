@@ -153,8 +153,7 @@ class Grid:
         except ledger.RebuildDiffers:
             if self.config.study.rebuilt_differently != "accept":
                 raise
-        rows = [p for e in sections for g in ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))
-                for p in sorted(self.records.parent.glob(g))]
+        rows = [p for e in sections for g in self.row_globs(e, seed) for p in sorted(self.records.parent.glob(g))]
         kept = ledger.set_aside(self.records, record, current, rows)
         self.log(f"study: {current.parent} came out different when rebuilt from its seed (another torch, CPU or "
                  f"code); [study] rebuilt_differently = \"accept\": the units still to run use the new build, the "
@@ -164,15 +163,17 @@ class Grid:
     def users(self, path: Path, seed: int) -> list[NamedEmulatorConfig]:  # the emulators built from that stage 1
         return [e for e in self.config.emulators if e.needs_importance and self.stage1_dir(e, seed) == path]
 
-    def sides(self, section: NamedEmulatorConfig) -> list[str]:
-        """The federations' rows made with ``section``'s emulator (each federation's, its twin's)."""
-        return [n for f in self.federations if f.emulator == section.name for n in (f.name, f.spec.centralised) if n]
+    def row_globs(self, section: NamedEmulatorConfig, seed: int) -> list[str]:
+        """The rows made from ``section``'s emulator at ``seed`` (:func:`recipes.study.ledger.row_globs`),
+        the federations' trained on it (each federation's, its twin's) included."""
+        sides = [n for f in self.federations if f.emulator == section.name for n in (f.name, f.spec.centralised) if n]
+        return ledger.row_globs(section.name, seed if seeded(section) else None, sides)
 
     def made_from(self, sections: list[NamedEmulatorConfig], seed: int) -> str:
         """What the study made from these emulators at ``seed``: their folders, ledger records and rows."""
         records = self.records or Path("<results>/ledger")
         return "; ".join(f"{(d := self.emulator_dir(e, seed)).parent}, {ledger.emulator_record(records, d / 'manifest.json')}, "
-                         + ", ".join(ledger.row_globs(e.name, seed if seeded(e) else None, self.sides(e))) for e in sections)
+                         + ", ".join(self.row_globs(e, seed)) for e in sections)
 
     def stage1_text(self, stage1_cfg: LayerReplaceConfig):
         return token_blocks(self.tokenizer, lambada_passages(), stage1_cfg.block_size, max_blocks=stage1_cfg.blocks_needed())
