@@ -138,3 +138,16 @@ def autocast_for(model: nn.Module) -> Iterator[None]:
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type=device_type, dtype=dtype):
         yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global random state (dropout masks, new parameters' initialisation) drawn from ``seed``
+    inside, and restored after: what runs inside computes the same whatever ran before it in the
+    process. Forks ``device``'s CUDA state too, and never initialises CUDA for a CPU model."""
+    gpus = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(seed)
+        if gpus:
+            torch.cuda.manual_seed(seed)
+        yield

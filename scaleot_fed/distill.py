@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .arch import get_layers
-from .devices import Placement
+from .devices import Placement, seeded
 from .errors import ConfigError
 from .heads import hidden_states, lm_loss
 
@@ -107,23 +107,24 @@ def distill_emulator(full: nn.Module, emulator, token_ids: torch.Tensor, config:
     history = {"lm_loss": [], "kd_loss": []}
     tokens_fb = tokens_f = 0
     start = time.perf_counter()
-    student_model.train()
+    student_model.train()  # (dropout, where the family has one, drawn from the seed: not from what ran before)
     full.eval()
     try:
-        for _ in range(config.steps):
-            x = token_ids[torch.randint(len(token_ids), (min(config.batch_size, len(token_ids)),), generator=generator)]
-            with torch.no_grad():
-                hidden_states(full, x)  # the teacher's block output reaches its hook; no LM head needed
-            lm = lm_loss(student_model, x)
-            kd = normalised_mse(student_hook.output, teacher_hook.output)
-            loss = lm + config.kd_weight * kd
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            tokens_fb += x.numel()
-            tokens_f += x.numel()
-            history["lm_loss"].append(lm.item())
-            history["kd_loss"].append(kd.item())
+        with seeded(config.seed, token_ids.device):
+            for _ in range(config.steps):
+                x = token_ids[torch.randint(len(token_ids), (min(config.batch_size, len(token_ids)),), generator=generator)]
+                with torch.no_grad():
+                    hidden_states(full, x)  # the teacher's block output reaches its hook; no LM head needed
+                lm = lm_loss(student_model, x)
+                kd = normalised_mse(student_hook.output, teacher_hook.output)
+                loss = lm + config.kd_weight * kd
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tokens_fb += x.numel()
+                tokens_f += x.numel()
+                history["lm_loss"].append(lm.item())
+                history["kd_loss"].append(kd.item())
     finally:
         teacher_hook.handle.remove()
         student_hook.handle.remove()

@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import Architecture, architecture_of, get_layers
 from .batching import LengthBatches
-from .devices import Placement
+from .devices import Placement, seeded
 from .errors import ConfigError
 from .evaluate import TARGET_DELIMITER, encode_pair
 from .heads import answer_token_loss
@@ -135,12 +135,7 @@ def make_trainable(model: nn.Module, positions: list[int], config: FinetuneConfi
     touching the global random state: the same config starts from the same weights.
     Returns the model to train (a ``PeftModel`` for LoRA, else ``model`` itself).
     """
-    device = next(model.parameters()).device
-    gpus = [device.index or 0] if device.type == "cuda" else []  # never initialise CUDA for a CPU model
-    with torch.random.fork_rng(devices=gpus):
-        torch.random.default_generator.manual_seed(config.seed)
-        if gpus:
-            torch.cuda.manual_seed(config.seed)
+    with seeded(config.seed, next(model.parameters()).device):
         return _open_parameters(model, positions, config)
 
 

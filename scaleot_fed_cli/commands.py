@@ -331,8 +331,12 @@ def cmd_study(args: argparse.Namespace) -> None:
     from recipes.study.markdown import closing_text
     from recipes.study.report import report_study
     from recipes.study.run import run_study
+    from recipes.study.schedule import Schedule, parse_until
 
     config = load_study_config(args.config)
+    schedule = Schedule(builds_last=args.builds_last, until=parse_until(args.until) if args.until else None)
+    if args.report_only and (args.until or args.builds_last):
+        raise ConfigError("--report-only runs no unit: drop --until and --builds-last")
     config.study.out = args.out or config.study.out
     if args.rate_from and not args.plan:
         raise ConfigError("--rate-from prices a --plan; add --plan, or drop it")
@@ -344,10 +348,10 @@ def cmd_study(args: argparse.Namespace) -> None:
 
         if args.overwrite or args.report_only:
             raise ConfigError("--plan shows what a resume would run: drop --overwrite and --report-only")
-        plan_study(config, federations=federations, rate_from=args.rate_from)
+        plan_study(config, federations=federations, rate_from=args.rate_from, schedule=schedule)
         return
     summary = report_study(config) if args.report_only else run_study(
-        config, not args.no_progress, overwrite=args.overwrite, federations=federations)
+        config, not args.no_progress, overwrite=args.overwrite, federations=federations, schedule=schedule)
     print(closing_text(summary, config))
 
 

@@ -182,6 +182,12 @@ def _pipeline_parsers(sub) -> None:
                            help="rewrite REPORT.md and summary.json from the finished rows; run nothing")
             p.add_argument("--plan", action="store_true",
                            help="list the units left, their cost and time, and the ETA; run, lock and write nothing")
+            p.add_argument("--builds-last", action="store_true",
+                           help="run the units that need no stage 1 or distillation built first: for machines "
+                                "whose run folder does not outlive the run (the builds are lost with it)")
+            p.add_argument("--until", metavar="HH:MM",
+                           help="start only the units that finish before this local time (or ISO date and time) "
+                                "at the measured rate, a build with a unit that uses it; leave the rest")
             p.add_argument("--rate-from", metavar="RESULTS",
                            help="with --plan, before this study has timed a unit: price it at the rate another "
                                 "study's compute log measured (its results folder; same model and machine)")

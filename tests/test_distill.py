@@ -40,3 +40,23 @@ def test_distillation_refuses_harmonized_emulators(tokens, tmp_path):
     emulator = build_emulator(full, EmulatorConfig("scaleot", 2, alpha=0.5), load_artifact(save_artifact(result, tmp_path)))
     with pytest.raises(ConfigError, match="uniform-drop"):
         distill_emulator(full, emulator, tokens, DistillConfig(steps=1))
+
+
+def test_a_distillation_is_its_seeds_whatever_ran_before_it(tokens):
+    """GPT-2's dropout draws from the global random state: seeded by the distillation itself, a
+    study builds the same emulator in any order (and the state around it is left as it was)."""
+    full = tiny_model("gpt2")
+    assert full.config.resid_pdrop > 0
+    weights = []
+    for before in (0, 1):
+        emulator = build_emulator(full, EmulatorConfig("uniform-drop", 2, alpha=0.5))
+        torch.manual_seed(before)  # whatever the process ran before
+        outside = torch.rand(1)
+        torch.manual_seed(before)
+        distill_emulator(full, emulator, tokens, DistillConfig(steps=3, batch_size=4, lr=3e-3))
+        assert torch.equal(torch.rand(1), outside)  # the global state around it untouched
+        weights.append(emulator.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    emulator = build_emulator(full, EmulatorConfig("uniform-drop", 2, alpha=0.5))
+    distill_emulator(full, emulator, tokens, DistillConfig(steps=3, batch_size=4, lr=3e-3, seed=1))
+    assert not all(torch.equal(weights[0][k], v) for k, v in emulator.model.state_dict().items())

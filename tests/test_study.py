@@ -371,6 +371,7 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     import dataclasses
 
     from recipes.study import Grid, StudyConfig, StudyGridConfig, task_folder
+    from recipes.study.costs import model_facts
     from scaleot_fed.config import as_dict
     from scaleot_fed.models import load_model
     from scaleot_fed.single_owner import NamedEmulatorConfig
@@ -385,7 +386,15 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     grid = Grid(config, tmp_path / "run", load_model(str(tiny_model_dir)).model, gpt2_tokenizer, print)
     first, second = ({u.label.split(": ", 1)[1]: u.cost for u in grid.units(t)} for t in tasks)
     d = config.distill
-    assert first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"] == d.steps * d.batch_size * d.block_size * (6 + 3 * 4)
+    # the teacher's 6 blocks, the student's 4 and its LM head (in blocks: vocabulary x width over a block's parameters)
+    facts = model_facts(grid.full)
+    assert grid.head_blocks == facts["head_params"] / facts["block_params"] > 1
+    assert first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"] == pytest.approx(
+        d.steps * d.batch_size * d.block_size * (6 + 3 * (4 + grid.head_blocks)))
+    # what a schedule weighs: the build missing now, whichever unit pays it in the ETA
+    (ot,) = config.emulators
+    assert grid.missing_build(ot, 0) == first["ot/seed0 zero-shot"] - second["ot/seed0 zero-shot"]
+    assert [u.build() for u in grid.units(tasks[1])][1:3] == [grid.missing_build(ot, 0)] * 2
     assert {k: v for k, v in first.items() if "zero-shot" not in k} == {k: v for k, v in second.items() if "zero-shot" not in k}
     # the weights are gone but the first task's zero-shot row is kept (a lost run folder): the
     # build goes to the next unit that will run, the cell's fine-tuning
@@ -403,6 +412,12 @@ def test_a_distillation_is_costed_once_in_the_first_pending_unit_that_needs_it(t
     grid = Grid(config, tmp_path / "run", grid.full, gpt2_tokenizer, print)
     (stage1,) = grid.stage1_units()
     assert not stage1.done() and grid.units(tasks[0])[1].cost == second["ot/seed0 zero-shot"]  # its own unit pays
+    assert stage1.makes == grid.stage1_dir(scaleot, 0) == grid.units(tasks[0])[1].uses
+    assert grid.units(tasks[0])[1].build() == stage1.cost == grid.stage1_cost()  # (not on disk: a unit would build it)
+    grid.stage1_dir(scaleot, 0).mkdir(parents=True)
+    (grid.stage1_dir(scaleot, 0) / "layer_replace.json").write_text("{}")
+    assert grid.missing_build(scaleot, 0) == 0.0
+    (grid.stage1_dir(scaleot, 0) / "layer_replace.json").unlink()
     record = tmp_path / "ledger" / "stage1" / "na2-a0.5" / "seed0.json"
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"config": as_dict(grid.stage1_config(scaleot, 0))}))
@@ -1317,3 +1332,63 @@ def test_a_federations_last_validation_loss_is_where_its_curve_ends():
     shorter = seed(7.0)
     shorter["rounds"] = shorter["rounds"][:2]  # a seed resumed with fewer rounds: its own last round (8.0)
     assert federated_costs([seed(6.0), shorter], None)["last_val_loss"] == pytest.approx(7.0)
+
+
+def test_a_plan_shows_the_order_builds_last_runs_and_what_a_deadline_leaves(tmp_path, tiny_model_dir, capsys):
+    """`--builds-last` and `--until` on a plan: the units that build nothing first, and the units
+    that would not start before the deadline at the measured rate marked."""
+    import datetime as dt
+
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY.format(out=tmp_path / "study", results=tmp_path / "results", model=tmp_path / "model"))
+    other = tmp_path / "other" / "ledger"
+    other.mkdir(parents=True)
+    (other / "units.jsonl").write_text(json.dumps({"unit": "x", "seconds": 3.0, "cost": 1e6}) + "\n")
+    plan = ["study", "--config", str(config), "--plan", "--rate-from", str(tmp_path / "other")]
+
+    def lines(*extra: str) -> list[str]:
+        assert main(plan + list(extra)) == 0
+        return [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  piqa: ")
+                or line.startswith("  stage 1")]
+
+    grid_order = lines()
+    assert [line.split(":")[1].strip() for line in grid_order][:2] == ["full zero-shot", "ot-distilled/seed0 zero-shot"]
+    builds_last = lines("--builds-last")
+    assert sorted(builds_last) == sorted(grid_order) and builds_last != grid_order
+    built = [any(name in line for name in ("ot-distilled", "scaleot", "stage 1")) for line in builds_last]
+    assert built == sorted(built) and 0 < sum(built) < len(built)  # (the attack is on ScaleOT's emulator)
+    far = (dt.datetime.now() + dt.timedelta(days=2)).isoformat(timespec="minutes")
+    assert not any(line.endswith("after the deadline") for line in lines("--until", far))
+    # at a day per M block-token passes, no unit fits in the next two minutes
+    (other / "units.jsonl").write_text(json.dumps({"unit": "x", "seconds": 86400.0, "cost": 1e6}) + "\n")
+    soon = (dt.datetime.now() + dt.timedelta(minutes=2)).strftime("%H:%M")
+    assert all(line.endswith("; after the deadline") for line in lines("--until", soon))
+    assert main(["study", "--config", str(config), "--report-only", "--until", soon]) == 2
+    assert "--report-only runs no unit" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_builds_last_runs_the_same_rows_in_another_order(tmp_path, tiny_model_dir, capsys):
+    """The schedule changes when a unit runs, never what it computes: each unit is seeded by its own
+    seed, so a study run builds-last scores every item as one run in the grid's order."""
+    from recipes.study.ledger import compute_log
+
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    text = STUDY.replace("seeds = [0, 1]", "seeds = [0]").replace("full_finetune_lrs = [1e-4, 1e-3]\n", "")
+    text = text.replace('attack_emulator = "scaleot"\nattack_lrs = [1e-5, 1e-3]\n', "")
+    text = text[:text.index("[[claim]]", text.index("[[claim]]") + 1)]  # (the claim on full fine-tuning: none here)
+    scores = {}
+    for name, flags in (("grid", []), ("builds-last", ["--builds-last"])):
+        config = tmp_path / f"{name}.toml"
+        results = tmp_path / name / "results"
+        config.write_text(text.format(out=tmp_path / name / "run", results=results, model=tmp_path / "model"))
+        assert main(["study", "--config", str(config), "--no-progress"] + flags) == 0
+        log = [e["unit"] for e in compute_log(results)]
+        files = json.loads((results / "summary.json").read_text())["items_files"]["piqa"]
+        scores[name] = (log, {row: json.loads(gzip.open(results / f, "rt").read())["loglik"] for row, f in files.items()})
+    (grid_log, grid_scores), (last_log, last_scores) = scores["grid"], scores["builds-last"]
+    assert sorted(grid_log) == sorted(last_log) and grid_log != last_log
+    assert last_log.index("piqa: uniform seed 0 fine-tune + plug-in") < last_log.index("piqa: ot-distilled/seed0 zero-shot")
+    assert grid_scores == last_scores and len(grid_scores) >= 6
+    capsys.readouterr()

@@ -5,7 +5,8 @@ One module per concept: :mod:`.config` (``[study]``, the claims, the row familie
 (each task's items), :mod:`.costs` (what a unit costs, the ETA), :mod:`.grid` (the units and how
 each is made), :mod:`.federated` (the federated rows, from :mod:`simulations`), :mod:`.ledger`
 (what is committed: records, per-item files, the compute log), :mod:`.run` (run or resume),
-:mod:`.plan` (what is left), :mod:`.report` and :mod:`.markdown` (summary, REPORT.md, plots) and
+:mod:`.plan` (what is left), :mod:`.schedule` (which pending units run first, and before a
+deadline), :mod:`.report` and :mod:`.markdown` (summary, REPORT.md, plots) and
 :mod:`.verdicts` (the claims across studies).
 """
 

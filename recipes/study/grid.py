@@ -76,6 +76,15 @@ class Unit:
     """Why it cannot run yet (a decision the config must declare first), or None: it can."""
     seed: int | None = None
     """The seed it runs at (None: a row no seed changes, the full model's zero-shot)."""
+    charged: float = 0.0
+    """The part of ``cost`` that is a build it pays for the ETA (charged once per build)."""
+    build: Callable[[], float] = lambda: 0.0
+    """What it must build first, now (a distillation, a stage 1 not on disk), in block-token passes;
+    0 once its builds are on disk (:class:`recipes.study.schedule.Schedule` weighs it)."""
+    makes: Path | None = None
+    """The stage-1 folder this unit builds (a stage-1 unit), else None."""
+    uses: Path | None = None
+    """The stage-1 folder the emulator it runs on is built from, else None."""
 
 
 class Grid:
@@ -84,13 +93,15 @@ class Grid:
     in a seed the units of one emulator together, across tasks; a seed's stage 1 runs just before
     the first unit built from it. A session without the run folder rebuilds a seed's stage 1 and
     emulators once for all the tasks it reaches, reaches few seeds, and loses no stage 1 it has not
-    used yet."""
+    used yet. A run may take the pending units in another order (:mod:`recipes.study.schedule`)."""
 
     def __init__(self, config: StudyConfig, out: Path, full, tokenizer, log, federations=(),
                  records: Path | None = None) -> None:
         self.config, self.out, self.full, self.tokenizer, self.log = config, out, full, tokenizer, log
         self.federations, self.records = list(federations or ()), records
         self.layers = int(full.config.num_hidden_layers)
+        facts = model_facts(full)  # the LM head in blocks: a 262k-token head costs Gemma-3-270M 30 of them
+        self.head_blocks = facts["head_params"] / facts["block_params"]
         self._pristine: dict[Path, object] = {}
         self._costed: set[Path] = set()  # emulators, stage-1 runs whose build an earlier unit's cost holds
         self._items: dict[str, tuple] = {}  # (train, dev, evaluation) per task, read once
@@ -271,7 +282,7 @@ class Grid:
                 if section.needs_importance and path not in units:
                     units[path] = Unit(f"stage 1 {path.parent.name} seed {seed}", self.stage1_cost(),
                                        lambda s=section, k=seed: self.stage1_current(s, k),
-                                       lambda s=section, k=seed: self.stage1(s, k), seed=seed)
+                                       lambda s=section, k=seed: self.stage1(s, k), seed=seed, makes=path)
         return units
 
     # -- the units of the tasks ---------------------------------------------------------------
@@ -300,8 +311,13 @@ class Grid:
         rank = {seed: i for i, seed in enumerate(self.config.study.seeds)}
         units = self.by_emulator(sorted(units, key=lambda u: -1 if u.seed is None else rank[u.seed]))
         for u in units:
-            if u.needs is not None and not u.done():
-                u.cost += self.build_cost(*u.needs)
+            if u.needs is not None:
+                section, seed = u.needs
+                u.build = lambda s=section, k=seed: self.missing_build(s, k)
+                u.uses = self.stage1_dir(section, seed) if section.needs_importance else None
+                if not u.done():
+                    u.charged = self.build_cost(section, seed)
+                    u.cost += u.charged
         return units
 
     def task_units(self, task: str) -> list[Unit]:
@@ -405,19 +421,37 @@ class Grid:
                 2 * ctx.train * blocks + ctx.evaluation * (blocks + self.layers), train_and_plug, needs=(emulator, seed),
                 waits=lambda: self.mode_waits(mode), seed=seed)
 
-    def stage1_cost(self) -> float:  # a forward and backward through every block, per token
-        return (stage1_cfg := self.config.layer_replace).steps * stage1_cfg.batch_size * stage1_cfg.block_size * 6 * self.layers
+    def stage1_cost(self) -> float:
+        """Stage 1's block-token passes: per token, a forward and backward through every block and
+        the LM head, three times over (the candidates, the harmonizers' step, the ranking)."""
+        stage1_cfg = self.config.layer_replace
+        return stage1_cfg.steps * stage1_cfg.batch_size * stage1_cfg.block_size * 6 * (self.layers + self.head_blocks)
+
+    def distill_cost(self, section: NamedEmulatorConfig) -> float:
+        """A distillation's block-token passes: the teacher forward (no head), the student forward
+        and backward with its LM head."""
+        d = self.config.distill
+        return d.steps * d.batch_size * d.block_size * (
+            self.layers + 3 * (emulator_blocks(self.layers, section) + self.head_blocks))
+
+    def missing_build(self, section: NamedEmulatorConfig, seed: int) -> float:
+        """What building the emulator costs now: 0 when it is on disk, else its distillation and
+        its stage 1 where that is not on disk either."""
+        if (self.emulator_dir(section, seed) / "manifest.json").exists():
+            return 0.0
+        stage1 = self.stage1_dir(section, seed) / "layer_replace.json"
+        return (self.distill_cost(section) if section.distill else 0.0) + (
+            self.stage1_cost() if section.needs_importance and not stage1.exists() else 0.0)
 
     def build_cost(self, section: NamedEmulatorConfig, seed: int) -> float:
-        """What building the emulator costs while it is not on disk: its distillation, and its
-        stage 1 where only the ledger's record of it is left; charged once (then 0), to the first
-        unit that asks, whichever task's unit that is."""
-        edir, stage1, d = self.emulator_dir(section, seed), self.stage1_dir(section, seed), self.config.distill
+        """What building the emulator costs while it is not on disk, for the ETA: its distillation,
+        and its stage 1 where only the ledger's record of it is left; charged once (then 0), to the
+        first unit that asks, whichever task's unit that is."""
+        edir, stage1 = self.emulator_dir(section, seed), self.stage1_dir(section, seed)
         if edir in self._costed or (edir / "manifest.json").exists():
             return 0.0
         self._costed.add(edir)
-        cost = d.steps * d.batch_size * d.block_size * (self.layers + 3 * emulator_blocks(self.layers, section)) \
-            if section.distill else 0.0
+        cost = self.distill_cost(section) if section.distill else 0.0
         if section.needs_importance and stage1 not in self._costed and not (stage1 / "layer_replace.json").exists() \
                 and self.stage1_current(section, seed):  # (else its own pending unit holds the cost)
             self._costed.add(stage1)

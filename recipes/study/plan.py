@@ -27,17 +27,20 @@ from .config import GRID_EXTENT, StudyConfig, task_folder
 from .costs import eta_line, unit_rate
 from .data import TASK_DATA
 from .grid import open_grid
+from .schedule import Schedule
 
 
-def plan_study(config: StudyConfig, log=print, federations=(), rate_from: str | Path | None = None) -> list[tuple[str, float]]:
-    """Log the ETA line of the study ``config``, then its pending units in run order with their
-    estimated cost (million block-token passes) and time at the measured rate; before the study
-    has timed a unit, at the rate of the study whose results folder ``rate_from`` names.
+def plan_study(config: StudyConfig, log=print, federations=(), rate_from: str | Path | None = None,
+               schedule: Schedule | None = None) -> list[tuple[str, float]]:
+    """Log the ETA line of the study ``config``, then its pending units in the order a resume with
+    ``schedule`` runs them, with their estimated cost (million block-token passes) and time at the
+    measured rate (before the study has timed a unit, at the rate of the study whose results folder
+    ``rate_from`` names); with a deadline, which of them would be left for a later run.
 
     Raises :class:`scaleot_fed.errors.ConfigError` where a resume would refuse (another config in
     the run folder or the ledger, changed task items). Returns the pending ``(label, cost)`` pairs.
     """
-    study = config.study
+    study, schedule = config.study, schedule or Schedule()
     out, results, may_change = Path(study.out), Path(study.results or study.out), GRID_EXTENT + TASK_DATA
     ledger.check_resume(out, results, config)
     check_run_dir(out, as_dict(config), may_change)
@@ -47,9 +50,11 @@ def plan_study(config: StudyConfig, log=print, federations=(), rate_from: str | 
         view = mirror(out, Path(scratch))
         ledger.restore(view, results, as_dict(config), study.tasks, may_change, lambda *_: None)
         units, done, _ = open_grid(config, view, results, log, federations)
-        why = [None if d else u.waits() for u, d in zip(units, done)]  # (read while the view exists)
-    rate, _ = unit_rate(ledger.compute_log(results), sum(u.cost for u, d in zip(units, done) if d))
-    pending = [(u.label, u.cost) for u, d in zip(units, done) if not d]
+        finished = sum(u.cost for u, d in zip(units, done) if d)
+        units = schedule.order([u for u, d in zip(units, done) if not d])  # (read while the view exists)
+        why = [u.waits() for u in units]
+    rate, _ = unit_rate(ledger.compute_log(results), finished)
+    pending = [(u.label, u.cost) for u in units]
     if rate <= 0 and rate_from is not None and pending:
         borrowed = ledger.compute_log(Path(rate_from))
         if (line := eta_line(borrowed, 0.0, pending)) is None:
@@ -58,13 +63,18 @@ def plan_study(config: StudyConfig, log=print, federations=(), rate_from: str | 
         rate, _ = unit_rate(borrowed, 0.0)
         log(f"study: no unit of this study is timed yet; priced at {rate_from}'s rate: {line.removeprefix('study: ')}")
     waits: dict[str, int] = {}
-    for u, d, reason in zip(units, done, why):
-        if not d:
-            log(plan_line(u.label, u.cost, rate, now) + ("; waits" if reason else ""))
-            if reason:
-                waits[reason] = waits.get(reason, 0) + 1
+    starts = schedule.forecast([u for u, reason in zip(units, why) if not reason], rate, now["at"])
+    runnable = iter(starts)
+    for u, reason in zip(units, why):
+        late = not reason and not next(runnable)
+        log(plan_line(u.label, u.cost, rate, now) + ("; waits" if reason else "") + ("; after the deadline" if late else ""))
+        if reason:
+            waits[reason] = waits.get(reason, 0) + 1
     for why, count in waits.items():
         log(f"study: {count} units wait: {why}")
+    if schedule.until is not None:
+        log(f"study: {sum(starts)} of {len(starts)} runnable units would start before "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(schedule.until))} at this rate")
     for task in study.tasks:
         for key, kind, path in RowCache(out / task_folder(task)).saved():
             log(f"  saved: {task}: {key}: {saved_state(kind, path)}")
