@@ -177,3 +177,27 @@ def test_a_build_set_aside_keeps_the_rows_made_from_it_while_they_are_unchanged(
     # a record set aside once (a kill before its replacement was written) is not set aside twice
     record.write_text(json.dumps({"weights_sha256": "new"}))
     assert ledger.set_aside(records, record, newer, rows) == second and len(ledger.earlier_builds(records)) == 2
+
+
+def test_a_row_of_an_emulator_set_aside_with_its_stage1_is_listed_once_with_the_emulator(tmp_path):
+    results = tmp_path / "results"
+    records = results / "ledger"
+    rows = [results / "items" / "piqa" / f"{e}__seed1__plug_in{ledger.ITEMS_SUFFIX}" for e in ("s", "t")]
+    rows[0].parent.mkdir(parents=True)
+    for path in rows:
+        path.write_bytes(path.name.encode())
+    for record, made in ((records / "stage1" / "na4-a0.5" / "seed1.json", rows), (records / "emulators" / "seed1" / "s.json", rows[:1])):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"build": "old"}))
+        current = tmp_path / f"{record.stem}-new.json"
+        current.write_text(json.dumps({"build": "new"}))
+        ledger.set_aside(records, record, current, made)
+    emulator, stage1 = ledger.earlier_builds(records)
+    assert emulator == {"record": "earlier_builds/emulators/seed1/s.build1.json", "rows_made": [str(rows[0].relative_to(results))]}
+    # the stage 1 keeps the row of the emulator that was not set aside (its rebuild matched)
+    assert stage1 == {"record": "earlier_builds/stage1/na4-a0.5/seed1.build1.json",
+                      "rows_made": [str(rows[1].relative_to(results))], "listed_with_emulators": 1}
+    from recipes.study.markdown import _earlier_builds
+
+    (line,) = [x for x in _earlier_builds({"earlier_builds": [emulator, stage1]}) if x.startswith("| earlier_builds/stage1")]
+    assert "1 on piqa: t/seed1/plug_in; 1 more listed with the emulators built from it" in line

@@ -270,12 +270,15 @@ def _sha256(path: Path) -> str:
 def earlier_builds(ledger: Path) -> list[dict]:
     """The builds set aside (:func:`set_aside`): each record's path under the ledger and the rows
     made from it that are still its (the file unchanged since; a row computed again is the new
-    build's)."""
-    results, found = Path(ledger).parent, []
-    for p in sorted((Path(ledger) / EARLIER).rglob("*.json")):
+    build's). A row made from an emulator set aside with the stage 1 it was built from is listed
+    once, with the emulator (``listed_with_emulators`` counts it on the stage 1's entry)."""
+    results, found, seen = Path(ledger).parent, [], set()
+    for p in sorted((Path(ledger) / EARLIER).rglob("*.json")):  # (emulators/ sorts before stage1/)
         rows = json.loads(p.read_text()).get("rows_made", {})
-        found.append({"record": str(p.relative_to(ledger)),
-                      "rows_made": [r for r, sha in rows.items() if (results / r).is_file() and _sha256(results / r) == sha]})
+        still = [r for r, sha in rows.items() if (results / r).is_file() and _sha256(results / r) == sha]
+        found.append({"record": str(p.relative_to(ledger)), "rows_made": [r for r in still if r not in seen]}
+                     | ({"listed_with_emulators": n} if (n := len(set(still) & seen)) else {}))
+        seen.update(still)
     return found
 
 

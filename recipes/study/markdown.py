@@ -237,7 +237,9 @@ def _earlier_builds(summary: dict) -> list[str]:
     for b in builds:
         rows = [Path(r).name.removesuffix(".loglik.json.gz").replace("__", "/") for r in b["rows_made"]]
         tasks = sorted({Path(r).parent.name for r in b["rows_made"]})
-        lines.append(f"| {b['record']} | {len(rows)} on {', '.join(tasks) or 'no task'}: {', '.join(sorted(set(rows)))} |")
+        listed = f"; {n} more listed with the emulators built from it" if (n := b.get("listed_with_emulators")) else ""
+        lines.append(f"| {b['record']} | {len(rows)} on {', '.join(tasks) or 'no task'}: {', '.join(sorted(set(rows)))}"
+                     f"{listed} |")
     return lines + [""]
 
 
