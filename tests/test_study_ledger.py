@@ -186,14 +186,16 @@ def test_a_row_of_an_emulator_set_aside_with_its_stage1_is_listed_once_with_the_
     rows[0].parent.mkdir(parents=True)
     for path in rows:
         path.write_bytes(path.name.encode())
-    for record, made in ((records / "stage1" / "na4-a0.5" / "seed1.json", rows), (records / "emulators" / "seed1" / "s.json", rows[:1])):
+    stage1, emulator = records / "stage1" / "na4-a0.5" / "seed1.json", records / "emulators" / "seed1" / "s.json"
+    for record, made in ((stage1, rows), (emulator, rows[:1])):  # t's emulator rebuilt the same: not set aside
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"build": "old"}))
         current = tmp_path / f"{record.stem}-new.json"
         current.write_text(json.dumps({"build": "new"}))
         ledger.set_aside(records, record, current, made)
     emulator, stage1 = ledger.earlier_builds(records)
-    assert emulator == {"record": "earlier_builds/emulators/seed1/s.build1.json", "rows_made": [str(rows[0].relative_to(results))]}
+    assert emulator == {"record": "earlier_builds/emulators/seed1/s.build1.json",
+                        "rows_made": [str(rows[0].relative_to(results))]}
     # the stage 1 keeps the row of the emulator that was not set aside (its rebuild matched)
     assert stage1 == {"record": "earlier_builds/stage1/na4-a0.5/seed1.build1.json",
                       "rows_made": [str(rows[1].relative_to(results))], "listed_with_emulators": 1}
