@@ -58,7 +58,6 @@ class Schedule:
         any unit is timed, ``rate`` is 0 and only a deadline already past stops it)."""
         return self.needs(unit, later, rate) <= self.left(now)
 
-
     def forecast(self, units: Sequence[Unit], rate: float, now: float | None = None) -> list[bool]:
         """For a plan: whether each of ``units`` (in run order, none done) would start before the
         deadline, on a clock that each started unit moves by its ETA cost; a build whose unit is
